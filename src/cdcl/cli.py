@@ -1,0 +1,44 @@
+"""The `cdcl` command line: parses arguments and hands each subcommand to the library.
+
+Every subcommand lives in ``cdcl/commands/<name>.py`` with ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``; those modules import heavy libraries (torch, umap) inside ``run`` so
+that ``cdcl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cdcl.errors import CdclError
+
+COMMANDS = ("synth", "build", "info", "train", "embed", "evaluate", "compare", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with one subparser per command."""
+    parser = argparse.ArgumentParser(
+        prog="cdcl",
+        description="Batch-robust representation learning and evaluation for high-content screens.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"cdcl.commands.{name}")
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except CdclError as e:
+        print(f"cdcl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cdcl {args.command}: interrupted", file=sys.stderr)
+        return 130

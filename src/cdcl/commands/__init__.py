@@ -1,0 +1,1 @@
+"""Subcommands of the `cdcl` command line, one module each."""

@@ -1,0 +1,76 @@
+"""`cdcl info DIR`: a readable summary of a dataset directory and its validation result."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Summarise a dataset directory (design, channels, store size) and validate it."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `cdcl info`."""
+    parser.add_argument("data", type=Path, help="dataset directory")
+    parser.add_argument("--deep", action="store_true", help="also decode every image chunk")
+
+
+def _store_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def summarize(path: Path, deep: bool = False) -> str:
+    """The text `cdcl info` prints; raises DatasetError when the directory is invalid."""
+    from cdcl.data.dataset_dir import IMAGES_DIR, open_dataset, validate
+
+    info = validate(path, deep=deep)
+    ds = open_dataset(path, validate_on_open=False)
+    s = ds.samples
+    ctrl = s[s["is_control"]]
+    lines = [
+        f"dataset     {info.name}  (source: {info.source}, {path})",
+        f"images      {len(s)}  ({info.image_size[0]}x{info.image_size[1]} px, {info.dtype})",
+        f"channels    {len(info.channels)}: {', '.join(info.channels)}",
+        f"batches     {s['batch'].nunique()}",
+        f"plates      {s['plate'].nunique()}",
+        f"wells       {s.groupby(['plate', 'well']).ngroups}",
+        f"sites/well  {s.groupby(['plate', 'well']).size().median():g} (median)",
+        f"treatments  {s.loc[~s['is_control'], 'treatment'].nunique()} (+ {ctrl['treatment'].nunique()} control)",
+    ]
+    if "moa" in s.columns and s["moa"].notna().any():
+        lines.append(f"MoAs        {s.loc[~s['is_control'], 'moa'].dropna().nunique()}")
+    per_plate = (
+        ctrl.groupby("plate")["well"].nunique().reindex(sorted(s["plate"].unique()), fill_value=0)
+    )
+    lines.append(
+        f"controls    {per_plate.min()}-{per_plate.max()} control wells per plate"
+        + (
+            ""
+            if per_plate.min() > 0
+            else f"  (plates without controls: {', '.join(per_plate[per_plate == 0].index)})"
+        )
+    )
+    if "split" in s.columns:
+        parts = s.groupby("split")["batch"].unique()
+        lines.append(
+            "split       " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in parts.items())
+        )
+    lines.append(f"store       {_store_bytes(path / IMAGES_DIR) / 2**20:.1f} MiB in {IMAGES_DIR}")
+    try:
+        from cdcl.data.design import design_summary
+    except ImportError:  # the design table arrives with the real-data adapters
+        design_summary = None
+    if design_summary is not None:
+        lines.append("")
+        lines.append(design_summary(ds))
+    lines.append("")
+    lines.append(
+        "validation  OK"
+        + (" (every image decoded)" if deep else " (use --deep to decode every image)")
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the summary."""
+    print(summarize(args.data, deep=args.deep))
+    return 0

@@ -1,0 +1,1 @@
+"""Data: the canonical dataset directory, adapters, the simulated screen, splits, views."""
