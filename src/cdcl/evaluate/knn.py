@@ -1,0 +1,193 @@
+"""Exact, memory-bounded k-nearest-neighbour search in blocks (no n x n matrix is ever built).
+
+Queries are processed in chunks of ``chunk_size`` rows and the reference set in column blocks
+sized so that one similarity block holds about ``BLOCK_ELEMS`` numbers; a running top-k is
+merged block by block. Peak extra memory is therefore O(chunk_size x (block + k)), whatever
+the number of reference points (1e5-1e6 profiles fit in a few hundred MiB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+__all__ = ["BLOCK_ELEMS", "iter_blocks", "knn_indices", "row_norms"]
+
+# About 8 M numbers per similarity block: 32 MiB in float32 (64 MiB for argpartition indices).
+BLOCK_ELEMS = 1 << 23
+
+_METRICS = ("cosine", "euclidean")
+
+
+def iter_blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, stop)`` pairs covering ``range(n)`` in steps of ``size``."""
+    size = max(1, int(size))
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def row_norms(x: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Euclidean norm of each row, computed in float64 chunks (no full float64 copy)."""
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for a, b in iter_blocks(x.shape[0], chunk):
+        blk = np.asarray(x[a:b], dtype=np.float64)
+        out[a:b] = np.sqrt(np.einsum("ij,ij->i", blk, blk))
+    return out
+
+
+def _as_2d_float(x: np.ndarray, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, d), got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    return arr
+
+
+def _check_finite(x: np.ndarray, name: str, chunk: int = 65536) -> None:
+    for a, b in iter_blocks(x.shape[0], chunk):
+        if not np.isfinite(x[a:b]).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _prepare(x: np.ndarray, norms: np.ndarray, metric: str) -> np.ndarray:
+    """Block of rows ready for a dot product: unit rows for cosine, raw rows otherwise."""
+    blk = np.asarray(x, dtype=np.float32)
+    if metric == "cosine":
+        # Zero rows stay zero (similarity 0 to everything) instead of dividing by 0.
+        blk = blk / np.maximum(norms, 1e-12).astype(np.float32)[:, None]
+    return blk
+
+
+def _select_topk(scores: np.ndarray, col_offset: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of each row of a block: by score desc, then by lowest column index."""
+    q, r = scores.shape
+    if r <= k:
+        idx = np.broadcast_to(np.arange(r, dtype=np.int64), (q, r)).copy()
+        return idx + col_offset, scores.copy()
+    part = np.argpartition(scores, r - k, axis=1)[:, r - k :]
+    top = np.take_along_axis(scores, part, axis=1)
+    kth = top.min(axis=1)
+    # argpartition picks an arbitrary member among values tied with the k-th largest; rows
+    # with such boundary ties are redone exactly so that the lowest indices win.
+    n_ge = np.count_nonzero(scores >= kth[:, None], axis=1)
+    for row in np.flatnonzero(n_ge > k):
+        cand = np.flatnonzero(scores[row] >= kth[row])
+        order = np.lexsort((cand, -scores[row, cand]))[:k]
+        part[row] = cand[order]
+        top[row] = scores[row, part[row]]
+    return part.astype(np.int64) + col_offset, top
+
+
+def _merge(
+    best_idx: np.ndarray, best_val: np.ndarray, idx: np.ndarray, val: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two candidate lists per row keeping the k best (score desc, index asc)."""
+    all_idx = np.concatenate([best_idx, idx], axis=1)
+    all_val = np.concatenate([best_val, val], axis=1)
+    order = np.lexsort((all_idx, -all_val), axis=1)[:, :k]
+    return np.take_along_axis(all_idx, order, axis=1), np.take_along_axis(all_val, order, axis=1)
+
+
+def knn_indices(
+    features: np.ndarray,
+    k: int,
+    *,
+    query: np.ndarray | None = None,
+    exclude_self: bool = True,
+    chunk_size: int = 2048,
+    query_indices: np.ndarray | None = None,
+    metric: str = "cosine",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours of query rows among ``features``, computed in blocks.
+
+    Definition: for ``metric="cosine"`` neighbours maximise the cosine similarity
+    ``<x/|x|, y/|y|>`` (normalised dot products, float32); for ``metric="euclidean"`` they
+    minimise the Euclidean distance. Results are sorted by decreasing similarity, ties broken
+    deterministically by the lowest reference index. No n x n matrix is built: queries go in
+    chunks of ``chunk_size`` rows, the reference set in column blocks, and a running top-k is
+    merged with ``np.argpartition`` (exact search, as in DINO's ``eval_knn``).
+
+    Args:
+        features: reference set, shape (n, d).
+        k: number of neighbours (``k <= n - 1`` when self-matches are excluded).
+        query: separate query rows (nq, d); when given, ``exclude_self`` has no effect.
+        exclude_self: with queries taken from ``features``, never return a row as its own
+            neighbour.
+        chunk_size: query rows per chunk.
+        query_indices: rows of ``features`` to use as queries (default: all rows); their own
+            index is excluded when ``exclude_self``.
+        metric: ``"cosine"`` or ``"euclidean"``.
+
+    Returns:
+        ``(indices, similarities)``: int64 (nq, k) reference indices and float32 (nq, k)
+        scores; cosine similarities, or *negative* Euclidean distances for
+        ``metric="euclidean"`` (so that they decrease along each row either way).
+    """
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    ref = _as_2d_float(features, "features")
+    n = ref.shape[0]
+    k = int(k)
+    if query is not None and query_indices is not None:
+        raise ValueError("pass either query or query_indices, not both")
+    self_mode = query is None
+    if self_mode:
+        qidx = (
+            np.arange(n, dtype=np.int64)
+            if query_indices is None
+            else np.asarray(query_indices, dtype=np.int64).ravel()
+        )
+        if qidx.size and (qidx.min() < 0 or qidx.max() >= n):
+            raise ValueError("query_indices out of range")
+        qsrc = ref
+    else:
+        qsrc = _as_2d_float(query, "query")
+        if qsrc.shape[1] != ref.shape[1]:
+            raise ValueError(f"query has {qsrc.shape[1]} columns, features {ref.shape[1]}")
+        qidx = np.arange(qsrc.shape[0], dtype=np.int64)
+    excl = self_mode and exclude_self
+    max_k = n - 1 if excl else n
+    if k < 1 or k > max_k:
+        raise ValueError(f"k must be in [1, {max_k}] for {n} reference rows, got {k}")
+    _check_finite(ref, "features")
+    if not self_mode:
+        _check_finite(qsrc, "query")
+
+    nq = qidx.size
+    out_idx = np.empty((nq, k), dtype=np.int64)
+    out_val = np.empty((nq, k), dtype=np.float32)
+    if nq == 0:
+        return out_idx, out_val
+
+    ref_norm = row_norms(ref)
+    ref_sq = (ref_norm**2).astype(np.float32)
+    q_chunk = max(1, int(chunk_size))
+    r_block = max(k, BLOCK_ELEMS // min(q_chunk, nq))
+
+    for qa, qb in iter_blocks(nq, q_chunk):
+        rows = qidx[qa:qb]
+        qx = qsrc[rows]
+        q_norm = row_norms(qx)
+        qv = _prepare(qx, q_norm, metric)
+        best_idx = np.full((qb - qa, 0), 0, dtype=np.int64)
+        best_val = np.full((qb - qa, 0), 0, dtype=np.float32)
+        for ra, rb in iter_blocks(n, r_block):
+            rv = _prepare(ref[ra:rb], ref_norm[ra:rb], metric)
+            scores = qv @ rv.T
+            if metric == "euclidean":
+                # Rank by 2 q.x - |x|^2 (= |q|^2 - |q - x|^2): same order as -distance.
+                scores *= 2.0
+                scores -= ref_sq[ra:rb][None, :]
+            if excl:
+                inside = np.flatnonzero((rows >= ra) & (rows < rb))
+                scores[inside, rows[inside] - ra] = -np.inf
+            idx, val = _select_topk(scores, ra, k)
+            best_idx, best_val = _merge(best_idx, best_val, idx, val, k)
+        if metric == "euclidean":
+            d2 = (q_norm**2).astype(np.float32)[:, None] - best_val
+            best_val = -np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
+        out_idx[qa:qb] = best_idx
+        out_val[qa:qb] = best_val
+    return out_idx, out_val
