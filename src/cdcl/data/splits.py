@@ -79,26 +79,65 @@ def _half_of_treatments(samples: pd.DataFrame, seed: int) -> set[str]:
     return {treatments[i] for i in chosen}
 
 
+def _control_like(samples: pd.DataFrame) -> np.ndarray:
+    """Control wells as the seed counts them: negative and positive controls (RxRx1 ids >= 1108).
+
+    Datasets with a ``well_type`` column (RxRx1) use it; others use ``is_control``.
+    """
+    if "well_type" in samples.columns:
+        return (samples["well_type"].astype(str) != "treatment").to_numpy()
+    return samples["is_control"].to_numpy(bool)
+
+
+def _first_per_treatment_plate(samples: pd.DataFrame, treated: np.ndarray) -> np.ndarray:
+    """True on the first image (by well, site) of every (treatment, plate) among treated rows.
+
+    The seed's ``drop_duplicates(["label", "plate"])``: with one well per siRNA and plate and
+    two sites per well (RxRx1) this is one of the two sites, i.e. half of the images.
+    """
+    order_cols = [
+        c for c in ("plate", "treatment", "well", "site", "image") if c in samples.columns
+    ]
+    sub = samples.loc[treated, order_cols].sort_values(order_cols, kind="stable")
+    first = ~sub.duplicated(["treatment", "plate"], keep="first")
+    out = np.zeros(len(samples), dtype=bool)
+    out[samples.index.get_indexer(sub.index[first.to_numpy()])] = True
+    return out
+
+
+def _treatment_ids(samples: pd.DataFrame) -> np.ndarray:
+    """Integer id per row: RxRx1's ``sirna_id`` when present, else the rank of the sorted name."""
+    if "sirna_id" in samples.columns and samples["sirna_id"].notna().all():
+        return samples["sirna_id"].to_numpy(np.int64)
+    names = sorted(samples["treatment"].astype(str).unique())
+    rank = {t: i for i, t in enumerate(names)}
+    return samples["treatment"].astype(str).map(rank).to_numpy(np.int64)
+
+
 def _subset_mask(samples: pd.DataFrame, strategy: str, seed: int) -> np.ndarray:
-    ctrl = samples["is_control"].to_numpy(bool)
+    ctrl = _control_like(samples)
     if strategy == "only_controls":
         return ctrl
     if strategy == "only_treatments":
         return ~ctrl
+    if strategy == "only_treatments_half_as_many":
+        # Treatments only, one image per (treatment, plate).
+        return _first_per_treatment_plate(samples, ~ctrl)
+    if strategy == "only_treatments_half_as_many_with_controls":
+        # All controls, plus the treatment images left after dropping the first image of every
+        # (treatment, plate): the seed's strategy (half the treatment images, every control).
+        return ctrl | (~ctrl & ~_first_per_treatment_plate(samples, ~ctrl))
+    if strategy == "only_half_as_many_treatments_with_controls":
+        # The seed drops the treatments with an even label id and keeps every control.
+        return ctrl | (_treatment_ids(samples) % 2 == 1)
     if strategy == "half_treatments":
         keep = _half_of_treatments(samples, seed)
         return samples["treatment"].astype(str).isin(keep).to_numpy()
     if strategy == "half_treatments_with_controls":
         keep = _half_of_treatments(samples, seed)
-        return samples["treatment"].astype(str).isin(keep).to_numpy() | ctrl
-    if strategy == "only_treatments_half_as_many_with_controls":
-        # Treatments only, plus controls amounting to half as many images as the treatments.
-        rng = np.random.default_rng(seed)
-        ctrl_idx = np.flatnonzero(ctrl)
-        n_keep = min(len(ctrl_idx), int((~ctrl).sum()) // 2)
-        mask = ~ctrl
-        mask[rng.choice(ctrl_idx, size=n_keep, replace=False)] = True
-        return mask
+        return samples["treatment"].astype(str).isin(keep).to_numpy() | samples[
+            "is_control"
+        ].to_numpy(bool)
     raise CdclError(
         f"--subset {strategy}: unknown strategy; choose one of {', '.join(SUBSET_STRATEGIES)}"
     )
@@ -108,9 +147,96 @@ SUBSET_STRATEGIES = (
     "only_controls",
     "only_treatments",
     "only_treatments_half_as_many_with_controls",
+    "only_treatments_half_as_many",
+    "only_half_as_many_treatments_with_controls",
     "half_treatments",
     "half_treatments_with_controls",
 )
+
+
+# --------------------------------------------------------------------------- seed split schemes
+
+RXRX1_FOLDS = 6
+CPG0004_FOLDS = 5
+
+
+def _check_no_straddle(samples: pd.DataFrame, split: pd.Series, scheme: str) -> None:
+    """A batch must sit in one part only, or evaluation would see training batches."""
+    parts = pd.DataFrame(
+        {"batch": samples["batch"].astype(str).to_numpy(), "split": split.to_numpy()}
+    )
+    n = parts.groupby("batch")["split"].nunique()
+    if (n > 1).any():
+        b = n.index[n > 1][0]
+        raise CdclError(
+            f"{scheme} split: batch {b} falls in several parts ({', '.join(sorted(parts.loc[parts.batch == b, 'split'].unique()))}); "
+            "rebuild with a batch definition that nests in the folds (e.g. --batch-column plate)"
+        )
+
+
+def rxrx1_split(samples: pd.DataFrame, split_number: int = 1) -> pd.Series:
+    """The seed's 6 rotating experiment folds (MIDL 2023 code, RxRx1_HUVEC.get_dataframe).
+
+    Per cell type, the sorted experiments (HUVEC-01..HUVEC-24) form 6 consecutive blocks of 4;
+    fold k tests on block (k - 2) mod 6, validates on block (k - 3) mod 6 and trains on the other
+    16 experiments: fold 1 = train 01-16, val 17-20, test 21-24; fold 2 = train 05-20, val 21-24,
+    test 01-04; and so on. With other experiment counts the blocks are as equal as possible.
+    """
+    if not 1 <= int(split_number) <= RXRX1_FOLDS:
+        raise CdclError(f"--split {split_number}: RxRx1 has folds 1..{RXRX1_FOLDS}")
+    k = int(split_number)
+    batch = samples["batch"].astype(str)
+    if "cell_type" in samples.columns and samples["cell_type"].notna().all():
+        cell = samples["cell_type"].astype(str)
+    else:
+        cell = batch.str.split("-").str[0]
+    part: dict[str, str] = {}
+    for ct in sorted(cell.unique()):
+        exps = sorted(batch[cell == ct].unique())
+        if len(exps) < RXRX1_FOLDS:
+            raise CdclError(
+                f"RxRx1 split: cell type {ct} has {len(exps)} experiments; the 6 rotating folds need at least 6"
+            )
+        blocks = np.array_split(np.array(exps, dtype=object), RXRX1_FOLDS)
+        test, val = (k - 2) % RXRX1_FOLDS, (k - 3) % RXRX1_FOLDS
+        for j, blk in enumerate(blocks):
+            for e in blk:
+                part[str(e)] = "test" if j == test else "val" if j == val else "train"
+    out = batch.map(part).rename("split")
+    _check_no_straddle(samples, out, "RxRx1")
+    return out
+
+
+def cpg0004_split(samples: pd.DataFrame, split_number: int = 1) -> pd.Series:
+    """The seed's 5 replicate-plate folds (MIDL 2023 code, CPG0004_full_img_large).
+
+    ``replicate`` numbers the plates of each plate map 1..5 (the adapter orders them by
+    Batch_Number, then barcode). Fold k tests on replicate (k + 3) mod 5 + 1, validates on the one
+    before and trains on the other three: fold 1 = train 1-3, val 4, test 5; fold 2 = train 2-4,
+    val 5, test 1; fold 3 = train 3-5, val 1, test 2; fold 4 = train 1,4,5, val 2, test 3;
+    fold 5 = train 1,2,5, val 3, test 4. Replicates beyond 5 wrap around.
+    """
+    if not 1 <= int(split_number) <= CPG0004_FOLDS:
+        raise CdclError(f"--split {split_number}: cpg0004 has folds 1..{CPG0004_FOLDS}")
+    if "replicate" not in samples.columns:
+        raise CdclError(
+            "samples.parquet: column `replicate` missing; rebuild with `cdcl build cpg0004`"
+        )
+    k = int(split_number)
+    rep = (pd.to_numeric(samples["replicate"]).astype(np.int64) - 1) % CPG0004_FOLDS + 1
+    test = (k + 3) % CPG0004_FOLDS + 1
+    val = (k + 2) % CPG0004_FOLDS + 1
+    out = pd.Series(
+        np.where(rep == test, "test", np.where(rep == val, "val", "train")),
+        index=samples.index,
+        name="split",
+    )
+    _check_no_straddle(samples, out, "cpg0004")
+    return out
+
+
+SPLIT_SCHEMES["rxrx1"] = rxrx1_split
+SPLIT_SCHEMES["cpg0004"] = cpg0004_split
 
 
 def apply_subset(

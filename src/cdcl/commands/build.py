@@ -1,0 +1,225 @@
+"""`cdcl build rxrx1|cpg0004|table`: turn a published layout or any table into a dataset dir."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "Build a dataset directory from RxRx1, cpg0004 (LINCS Cell Painting) or any metadata table."
+
+
+def _common(p: argparse.ArgumentParser, image_size: int | None) -> None:
+    p.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    size_help = "resize images to N x N (anti-aliased)" + (
+        f"; default {image_size}" if image_size else "; default: keep the native size"
+    )
+    p.add_argument("--image-size", type=int, default=image_size, metavar="N", help=size_help)
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="reader processes (default 1)"
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="drop images with missing/unreadable files and list them in skipped.csv instead of failing",
+    )
+    p.add_argument("--name", default=None, help="dataset name recorded in dataset.json")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Subcommands rxrx1, cpg0004 and table."""
+    sub = parser.add_subparsers(dest="adapter", required=True, metavar="SOURCE")
+
+    p = sub.add_parser("rxrx1", help="RxRx1: metadata.csv + images/<experiment>/Plate<n>/*.png")
+    p.add_argument(
+        "--root", type=Path, required=True, help="RxRx1 folder holding metadata.csv and images/"
+    )
+    p.add_argument(
+        "--cell-type",
+        default="HUVEC",
+        choices=["HUVEC", "RPE", "HEPG2", "U2OS", "all"],
+        help="cell type to keep (default HUVEC, as in the paper)",
+    )
+    _common(p, 256)
+
+    p = sub.add_parser("cpg0004", help="cpg0004 / LINCS Cell Painting: load_data.csv + plate maps")
+    p.add_argument(
+        "--root", type=Path, required=True, help="folder with the per-plate load_data.csv files"
+    )
+    p.add_argument(
+        "--load-data",
+        default="**/load_data.csv",
+        metavar="GLOB",
+        help="load_data files under --root (default **/load_data.csv)",
+    )
+    p.add_argument(
+        "--platemaps",
+        type=Path,
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="folder with barcode_platemap.csv and platemap/*.txt (repeatable; default: found under --root)",
+    )
+    p.add_argument(
+        "--moa",
+        type=Path,
+        default=None,
+        help="repurposing_info_external_moa_map_resolved.tsv (MoA per broad_sample)",
+    )
+    p.add_argument(
+        "--batch-column",
+        default="plate",
+        choices=["plate", "Batch_Number", "Batch_Date"],
+        help="what a batch is (default plate, as in the paper)",
+    )
+    p.add_argument(
+        "--remap-prefix",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rewrite image paths/URLs starting with OLD to start with NEW (repeatable)",
+    )
+    _common(p, 256)
+
+    p = sub.add_parser("table", help="any screen: a CSV/Parquet table with one row per image")
+    p.add_argument(
+        "--samples", type=Path, required=True, help="CSV, TSV or Parquet table, one row per image"
+    )
+    p.add_argument(
+        "--channels",
+        required=True,
+        help="channel names in order, comma-separated (e.g. DNA,ER,RNA)",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--path-template",
+        help="one file per channel, e.g. 'images/{plate}/{well}_s{site}_w{channel_index}.png' "
+        "({column}, {channel}, {channel_index} = 1-based)",
+    )
+    src.add_argument(
+        "--npz", type=Path, help="one array file (.npz/.npy) holding all images in table order"
+    )
+    p.add_argument(
+        "--npz-key", default=None, help="array name inside the .npz (default: its only array)"
+    )
+    p.add_argument(
+        "--channel-axis",
+        type=int,
+        default=-1,
+        help="axis of the channels in the array (default -1)",
+    )
+    p.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="base of relative paths (default: the table's folder)",
+    )
+    p.add_argument("--batch-col", default="batch", help="column naming the batch (default batch)")
+    p.add_argument("--plate-col", default="plate", help="column naming the plate (default plate)")
+    p.add_argument("--well-col", default="well", help="column naming the well (default well)")
+    p.add_argument("--site-col", default="site", help="column with the site number ('' for none)")
+    p.add_argument(
+        "--treatment-col", default="treatment", help="column naming the treatment/compound"
+    )
+    p.add_argument(
+        "--dose-col", default=None, help="dose column; treatment becomes <treatment>@<dose>"
+    )
+    p.add_argument(
+        "--compound-col", default=None, help="compound column for NSC (default: --treatment-col)"
+    )
+    p.add_argument("--moa-col", default=None, help="mechanism-of-action column")
+    p.add_argument("--cell-type-col", default=None, help="cell type column")
+    p.add_argument(
+        "--control-query",
+        required=True,
+        help="pandas query selecting negative controls, e.g. 'compound == \"DMSO\"'",
+    )
+    p.add_argument(
+        "--control-treatment",
+        default=None,
+        help="treatment label of controls (default: their compound)",
+    )
+    _common(p, None)
+
+
+def _report(rep: object) -> None:
+    from cdcl.data.build import BuildReport
+
+    assert isinstance(rep, BuildReport)
+    for w in rep.warnings:
+        print(f"cdcl build: warning: {w}", file=sys.stderr)
+    resumed = f", resumed after {rep.resumed_from} finished" if rep.resumed_from else ""
+    print(
+        f"built {rep.path}: {rep.n_images} images ({rep.n_written} written{resumed}, "
+        f"{rep.n_skipped} skipped) in {rep.seconds:.1f} s"
+    )
+
+
+def _remaps(values: list[str]) -> list[tuple[str, str]]:
+    from cdcl.errors import CdclError
+
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise CdclError(f"--remap-prefix {v}: expected OLD=NEW")
+        old, new = v.split("=", 1)
+        out.append((old, new))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen adapter and print what was built."""
+    from cdcl.errors import CdclError
+
+    if args.workers < 1:
+        raise CdclError(f"--workers {args.workers}: must be at least 1")
+    common = dict(
+        image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad, name=args.name
+    )
+    if args.adapter == "rxrx1":
+        from cdcl.data.rxrx1 import build_rxrx1
+
+        rep = build_rxrx1(args.root, args.out, cell_type=args.cell_type, **common)
+    elif args.adapter == "cpg0004":
+        from cdcl.data.cellpainting import build_cpg0004
+
+        rep = build_cpg0004(
+            args.root,
+            args.out,
+            platemaps=args.platemaps,
+            moa=args.moa,
+            batch_column=args.batch_column,
+            load_data=args.load_data,
+            remaps=_remaps(args.remap_prefix),
+            **common,
+        )
+    else:
+        from cdcl.data.table import TableOptions, build_table
+
+        opts = TableOptions(
+            batch_col=args.batch_col,
+            plate_col=args.plate_col,
+            well_col=args.well_col,
+            site_col=args.site_col or None,
+            treatment_col=args.treatment_col,
+            dose_col=args.dose_col,
+            compound_col=args.compound_col,
+            moa_col=args.moa_col,
+            cell_type_col=args.cell_type_col,
+            control_query=args.control_query,
+            control_treatment=args.control_treatment,
+        )
+        rep = build_table(
+            args.samples,
+            args.out,
+            [c.strip() for c in args.channels.split(",")],
+            opts,
+            path_template=args.path_template,
+            root=args.root,
+            npz=args.npz,
+            npz_key=args.npz_key,
+            channel_axis=args.channel_axis,
+            **common,
+        )
+    _report(rep)
+    return 0

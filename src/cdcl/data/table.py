@@ -1,0 +1,238 @@
+"""Adapter for any screen described by a metadata table (`cdcl build table`).
+
+Each table row is one image (a field of view or a single-cell crop). Columns are mapped by
+options (batch, plate, well, site, treatment, dose, MoA, ...); controls are the rows matching a
+pandas query (e.g. ``compound == "DMSO"``). Pixels come either from one file per channel, found
+through a path template such as ``images/{plate}/{well}_s{site}_w{channel_index}.png``
+(placeholders: any column, ``{channel}`` = the channel's name, ``{channel_index}`` = its
+1-based position), or from one multi-channel array file (``--npz``) whose rows follow the
+table's order.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cdcl.data.build import ArrayFields, BuildReport, FileFields, build_dataset, jsonable
+from cdcl.errors import CdclError
+
+
+def read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
+    """Read a CSV / TSV / Parquet metadata table, with a one-line error when it cannot."""
+    path = Path(path)
+    if not path.is_file():
+        raise CdclError(f"{path}: file not found; pass the samples table with --samples")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        if sep is None:
+            sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+        return pd.read_csv(path, sep=sep, low_memory=False)
+    except Exception as e:
+        raise CdclError(
+            f"{path}: unreadable table ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+
+
+def require_columns(df: pd.DataFrame, columns: list[str], where: str, why: str = "") -> None:
+    """Raise naming the first missing column and the columns that exist."""
+    for c in columns:
+        if c not in df.columns:
+            have = ", ".join(map(str, df.columns[:12])) + (", ..." if len(df.columns) > 12 else "")
+            raise CdclError(f"{where}: column `{c}` missing{why} (columns: {have})")
+
+
+def format_treatment(compound: Any, dose: Any) -> str:
+    """Treatment label compound@dose, e.g. ``cycloheximide@5.0`` (dose to 6 significant digits)."""
+    if dose is None or (isinstance(dose, float) and np.isnan(dose)):
+        return str(compound)
+    # 6 significant digits: 9.99999999999999999 and 10.0 in two platemaps are the same dose.
+    return f"{compound}@{float(f'{float(dose):.6g}')}"
+
+
+def control_mask(df: pd.DataFrame, query: str, where: str) -> np.ndarray:
+    """Rows matching a pandas query such as ``compound == "DMSO"``."""
+    try:
+        mask = df.eval(query, engine="python")
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CdclError(
+            f"--control-query {query!r}: cannot be evaluated on {where} ({msg})"
+        ) from None
+    if not isinstance(mask, pd.Series) or not pd.api.types.is_bool_dtype(mask):
+        raise CdclError(f"--control-query {query!r}: must be a condition (True/False per row)")
+    return mask.to_numpy(bool)
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholder names used by a path template."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def expand_paths(
+    df: pd.DataFrame, template: str, channels: list[str], root: Path
+) -> list[list[str]]:
+    """One path per channel for every row, from a template; relative paths start at ``root``."""
+    names = template_fields(template)
+    cols = [n for n in names if n not in ("channel", "channel_index")]
+    require_columns(df, cols, "--path-template", " (a placeholder of the template)")
+    records = df[cols].to_dict("records")
+    out = []
+    for rec in records:
+        row = []
+        for k, ch in enumerate(channels):
+            p = Path(template.format(**rec, channel=ch, channel_index=k + 1))
+            row.append(str(p if p.is_absolute() else root / p))
+        out.append(row)
+    return out
+
+
+@dataclass
+class TableOptions:
+    """Column mapping of `cdcl build table`."""
+
+    batch_col: str = "batch"
+    plate_col: str = "plate"
+    well_col: str = "well"
+    site_col: str | None = "site"
+    treatment_col: str = "treatment"
+    dose_col: str | None = None
+    compound_col: str | None = None
+    moa_col: str | None = None
+    cell_type_col: str | None = None
+    control_query: str | None = None
+    control_treatment: str | None = None
+
+
+def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.DataFrame:
+    """Map a user's table onto the dataset schema (no image column yet)."""
+    cols = [opt.batch_col, opt.plate_col, opt.well_col, opt.treatment_col]
+    cols += [
+        c
+        for c in (opt.site_col, opt.dose_col, opt.compound_col, opt.moa_col, opt.cell_type_col)
+        if c
+    ]
+    require_columns(df, cols, where)
+    for c in (opt.batch_col, opt.plate_col, opt.well_col, opt.treatment_col):
+        empty = df[c].isna().to_numpy()
+        if empty.any():
+            raise CdclError(
+                f"{where}: column `{c}` is empty in row {int(np.flatnonzero(empty)[0])}"
+            )
+    out = pd.DataFrame(
+        {
+            "batch": df[opt.batch_col].astype(str).to_numpy(),
+            "plate": df[opt.plate_col].astype(str).to_numpy(),
+            "well": df[opt.well_col].astype(str).to_numpy(),
+        }
+    )
+    if opt.site_col:
+        site = pd.to_numeric(df[opt.site_col], errors="coerce")
+        if site.isna().any():
+            row = int(np.flatnonzero(site.isna().to_numpy())[0])
+            raise CdclError(f"{where}: column `{opt.site_col}` is not an integer in row {row}")
+        out["site"] = site.astype(np.int64).to_numpy()
+    else:
+        out["site"] = np.zeros(len(df), dtype=np.int64)
+    compound = df[opt.compound_col or opt.treatment_col].astype(str).to_numpy()
+    if opt.control_query:
+        ctrl = control_mask(df, opt.control_query, where)
+    else:
+        raise CdclError(
+            "--control-query missing; say which rows are negative controls, e.g. 'compound == \"DMSO\"'"
+        )
+    if opt.dose_col:
+        dose = pd.to_numeric(df[opt.dose_col], errors="coerce").to_numpy(np.float64)
+        treat = [format_treatment(t, d) for t, d in zip(df[opt.treatment_col].astype(str), dose)]
+        out["dose"] = dose
+    else:
+        treat = df[opt.treatment_col].astype(str).tolist()
+    treat = np.asarray(treat, dtype=object)
+    # All negative-control rows share one label so that they pair with each other across batches.
+    ctrl_label = opt.control_treatment
+    if ctrl_label is None and ctrl.any():
+        ctrl_label = str(df[opt.compound_col or opt.treatment_col].astype(str)[ctrl].mode().iloc[0])
+    treat[ctrl] = ctrl_label
+    out["treatment"] = treat
+    out["is_control"] = ctrl
+    out["compound"] = compound
+    if opt.moa_col:
+        out["moa"] = df[opt.moa_col].where(df[opt.moa_col].notna(), None).to_numpy()
+    if opt.cell_type_col:
+        out["cell_type"] = df[opt.cell_type_col].astype(str).to_numpy()
+    out["source_row"] = np.arange(len(df), dtype=np.int64)
+    return out
+
+
+def build_table(
+    samples_file: Path,
+    out: Path,
+    channels: list[str],
+    options: TableOptions,
+    *,
+    path_template: str | None = None,
+    root: Path | None = None,
+    npz: Path | None = None,
+    npz_key: str | None = None,
+    channel_axis: int = -1,
+    image_size: int | None = None,
+    name: str | None = None,
+    workers: int = 1,
+    skip_bad: bool = False,
+    extra_args: dict[str, Any] | None = None,
+) -> BuildReport:
+    """Build a dataset from any metadata table plus per-channel files or one array file."""
+    if not channels or any(not c.strip() for c in channels):
+        raise CdclError(
+            "--channels: give the channel names in order, e.g. --channels DNA,Actin,Tubulin"
+        )
+    if len(set(channels)) != len(channels):
+        raise CdclError(f"--channels {','.join(channels)}: channel names must be unique")
+    if (path_template is None) == (npz is None):
+        raise CdclError("give exactly one image source: --path-template TEMPLATE or --npz FILE")
+    samples_file = Path(samples_file)
+    df = read_table(samples_file)
+    where = str(samples_file)
+    samples = samples_from_table(df, options, where)
+    if npz is not None:
+        fields: Any = ArrayFields(str(npz), npz_key, channel_axis, len(channels))
+        if len(fields) != len(df):
+            raise CdclError(
+                f"{npz}: {len(fields)} images but {samples_file.name} has {len(df)} rows; "
+                "the table must list the array's images in order"
+            )
+    else:
+        base = Path(root) if root is not None else samples_file.parent
+        fields = FileFields(expand_paths(df, path_template or "", channels, base))
+    args = jsonable(
+        {
+            "samples": samples_file,
+            "channels": list(channels),
+            "path_template": path_template,
+            "root": root,
+            "npz": npz,
+            "npz_key": npz_key,
+            "channel_axis": channel_axis,
+            "image_size": image_size,
+            **{k: v for k, v in vars(options).items()},
+            **(extra_args or {}),
+        }
+    )
+    return build_dataset(
+        Path(out),
+        samples,
+        fields,
+        name=name or samples_file.stem,
+        source_name="table",
+        channels=list(channels),
+        image_size=image_size,
+        build_args=args,
+        workers=workers,
+        skip_bad=skip_bad,
+    )
