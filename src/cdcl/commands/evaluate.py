@@ -1,0 +1,112 @@
+"""`cdcl evaluate`: score a run (embeddings + baselines) or any profile table; results.json + report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cdcl.errors import CdclError
+
+HELP = (
+    "Evaluate a run on its held-out batches (writes RUN/results.json, plots, report.html), "
+    "or score any profile table with --features FILE --out DIR."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `cdcl evaluate`."""
+    parser.add_argument("run", nargs="?", type=Path, help="run directory (omit with --features)")
+    parser.add_argument(
+        "--checkpoint",
+        default="best",
+        help="best | last | PATH to a checkpoint file (default best)",
+    )
+    parser.add_argument("--data", type=Path, help="dataset directory (default: the run's)")
+    parser.add_argument("--split", type=int, help="held-out-batch fold (default: the run's / 1)")
+    parser.add_argument("--out", type=Path, help="output directory (default: the run directory)")
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip the intensity and random baselines"
+    )
+    parser.add_argument("--no-umap", action="store_true", help="skip the UMAP plots")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--null-size", type=int, default=2000, help="mAP null distribution size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of baselines, UMAP, kBET")
+    g = parser.add_argument_group("profile tables (--features)")
+    g.add_argument("--features", type=Path, help="profile table: .csv[.gz], .parquet or .h5ad")
+    g.add_argument("--batch-col", help="batch column (default Metadata_batch, else the plate)")
+    g.add_argument(
+        "--batch-pattern",
+        help=r"regex applied to the batch column; its first group is the batch (e.g. '^(Week\d+)')",
+    )
+    g.add_argument(
+        "--treatment-col", help="treatment column(s), comma-separated to combine (e.g. A,B)"
+    )
+    g.add_argument("--compound-col", help="compound column (default Metadata_compound)")
+    g.add_argument("--moa-col", help="MoA column (default Metadata_moa)")
+    g.add_argument("--plate-col", help="plate column (default Metadata_plate)")
+    g.add_argument("--well-col", help="well column (default Metadata_well)")
+    g.add_argument(
+        "--control-query",
+        help="pandas query selecting negative controls, e.g. \"Metadata_Compound == 'DMSO'\"",
+    )
+    g.add_argument(
+        "--eval-on",
+        choices=("all", "test"),
+        default="all",
+        help="rows for the unsupervised metrics of a table (default all)",
+    )
+    g.add_argument("--tvn", action="store_true", help="also score the table after TVN")
+    g.add_argument("--name", help="name of the feature set in the results (default features)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch to the table or the run evaluation and print where the results went."""
+    from cdcl.evaluate.evaluate import evaluate_run, evaluate_table, read_results
+    from cdcl.evaluate.report import metrics_table
+
+    if args.features is not None:
+        if args.run is not None:
+            raise CdclError("give either a RUN directory or --features FILE, not both")
+        if args.out is None:
+            raise CdclError("--features needs --out DIR for results.json and the report")
+        path = evaluate_table(
+            args.features,
+            args.out,
+            batch_col=args.batch_col,
+            batch_pattern=args.batch_pattern,
+            treatment_col=args.treatment_col,
+            compound_col=args.compound_col,
+            moa_col=args.moa_col,
+            plate_col=args.plate_col,
+            well_col=args.well_col,
+            control_query=args.control_query,
+            split_number=args.split or 1,
+            eval_on=args.eval_on,
+            tvn=args.tvn,
+            null_size=args.null_size,
+            seed=args.seed,
+            umap=not args.no_umap,
+            name=args.name,
+        )
+    else:
+        if args.run is None:
+            raise CdclError("give a RUN directory, or --features FILE --out DIR")
+        path = evaluate_run(
+            args.run,
+            checkpoint=args.checkpoint,
+            data=args.data,
+            split_number=args.split,
+            out=args.out,
+            baselines=() if args.no_baselines else ("intensity", "random"),
+            batch_size=args.batch_size,
+            null_size=args.null_size,
+            seed=args.seed,
+            umap=not args.no_umap,
+        )
+    table = metrics_table(read_results(path))
+    if not table.empty:
+        with __import__("pandas").option_context("display.width", 160, "display.max_columns", 12):
+            print(table.round(3).to_string())
+    print(f"results: {path}")
+    print(f"report:  {path.parent / 'report.html'}")
+    return 0

@@ -1,0 +1,744 @@
+"""Evaluation orchestration: every metric of DESIGN §7 on every feature set, into results.json.
+
+The common core is :func:`evaluate_features` (profiles + canonical metadata + train/test masks
+-> nested dict of figures), used by the RUN path (:func:`evaluate_images`, which embeds a
+dataset with one or more backbones first), by ``cdcl evaluate --features`` and by the demo.
+
+Conventions (stated in results.json under ``protocol``):
+- profiles are well-level (mean over sites); the logistic probe and the kNN bank are fitted on
+  the wells of the training batches and scored on the wells of the held-out (test) batches,
+  controls excluded; the online probe (from the checkpoint) is scored on test *images*;
+- the unsupervised metrics (NSC/NSCB, kBET, silhouettes, GRIT, mAP, batch classifier) are
+  computed on the evaluation rows (the test batches for a run; all rows for a table unless
+  asked otherwise);
+- every figure is given twice: on the raw profiles and after per-plate standardisation of
+  each plate's profiles against that plate's control profiles (``plate_normalized``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cdcl.errors import CdclError
+
+VARIANTS = ("raw", "plate_normalized")
+RESULTS_FILE = "results.json"
+RESULTS_VERSION = 1
+PROTOCOL = {
+    "profiles": "well level: mean of the image embeddings over sites",
+    "classification": (
+        "logistic probe and weighted kNN (k=10, cosine, exp(sim/0.1)) fitted on training-batch "
+        "wells, scored on held-out-batch wells; controls excluded"
+    ),
+    "online_probe": "the checkpoint's linear probe on held-out-batch images, controls excluded",
+    "unsupervised": "NSC/NSCB, kBET, silhouettes, GRIT, mAP and batch classifier on eval rows",
+    "plate_normalized": "each plate standardised (mean/std) against its own control profiles",
+    "tvn": "PCA whitening fitted on all control profiles (Ando et al. 2017); +coral: per batch",
+}
+
+
+class Timer:
+    """Collects wall-clock seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str) -> _Stage:
+        """A context manager timing one stage (times of the same name add up)."""
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        dt = time.perf_counter() - self.t0
+        self.timer.times[self.name] = round(self.timer.times.get(self.name, 0.0) + dt, 3)
+
+
+def _safe(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
+    """Run one metric; a failure is recorded (and warned about) instead of losing the others."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+    except Exception as e:  # a metric failing must not lose the evaluation of the rest
+        msg = f"{type(e).__name__}: {e}"
+        errors[name] = msg
+        print(f"warning: metric {name} failed ({msg})", file=sys.stderr)
+        return None
+
+
+def _n_labels_ok(labels: np.ndarray) -> bool:
+    n_lab = pd.Series(labels).nunique()
+    return 2 <= n_lab <= len(labels) - 1
+
+
+def _classification(
+    x: np.ndarray, meta: pd.DataFrame, train: np.ndarray, test: np.ndarray, k: int, seed: int
+) -> dict[str, Any]:
+    from cdcl.evaluate.metrics import logistic_probe_accuracy, weighted_knn_accuracy
+
+    ctrl = meta["is_control"].to_numpy(bool)
+    tr, te = train & ~ctrl, test & ~ctrl
+    y = meta["treatment"].astype(str).to_numpy()
+    out: dict[str, Any] = {"n_train": int(tr.sum()), "n_test": int(te.sum())}
+    if tr.sum() < 2 or te.sum() < 1 or np.unique(y[tr]).size < 2:
+        out["note"] = "too few training or test wells with treatments"
+        return out
+    if not np.isin(y[te], y[tr]).any():
+        # Nothing to learn across batches (e.g. BBBC021: each treatment on one week only).
+        out["note"] = "no held-out treatment occurs in the training batches"
+        return out
+    out["logistic"] = logistic_probe_accuracy(x[tr], y[tr], x[te], y[te], seed=seed)
+    out["knn"] = weighted_knn_accuracy(x[tr], y[tr], x[te], y[te], k=min(k, int(tr.sum())))
+    return out
+
+
+def _unsupervised(
+    x: np.ndarray, meta: pd.DataFrame, null_size: int, seed: int, errors: dict[str, str], pre: str
+) -> dict[str, Any]:
+    """Every metric that needs no training split, on the given rows."""
+    from cdcl.evaluate import metrics as M
+
+    out: dict[str, Any] = {}
+    ctrl = meta["is_control"].to_numpy(bool)
+    batch = meta["batch"].astype(str).to_numpy()
+    treat = meta["treatment"].astype(str).to_numpy()
+    has_moa = "moa" in meta.columns and meta.loc[~ctrl, "moa"].notna().any()
+
+    if has_moa:
+        out["moa_matching"] = _safe(errors, f"{pre}.moa_matching", lambda: M.nsc_nscb(x, meta))
+
+    def kbet_all() -> dict[str, Any]:
+        r = M.kbet(x, batch, seed=seed)
+        per = M.kbet_per_group(x, batch, treat, min_group_size=4, seed=seed)
+        r["per_treatment_mean"] = per["mean_acceptance"]
+        r["per_treatment_n"] = per["n_groups"]
+        r["per_treatment"] = per["per_group"]
+        return r
+
+    out["kbet"] = _safe(errors, f"{pre}.kbet", kbet_all)
+
+    def silhouettes() -> dict[str, Any]:
+        s: dict[str, Any] = {}
+        b = M.batch_silhouette_score(x, batch)
+        s["batch_1_minus_abs"] = b["score"]
+        s["batch"] = b["silhouette"]
+        nc = ~ctrl
+        s["treatment"] = M.silhouette(x[nc], treat[nc]) if _n_labels_ok(treat[nc]) else float("nan")
+        if has_moa:
+            moa_ok = nc & meta["moa"].notna().to_numpy()
+            m = meta["moa"].astype(str).to_numpy()[moa_ok]
+            s["moa"] = M.silhouette(x[moa_ok], m) if _n_labels_ok(m) else float("nan")
+        return s
+
+    out["silhouette"] = _safe(errors, f"{pre}.silhouette", silhouettes)
+
+    def grit() -> dict[str, Any]:
+        if ctrl.sum() < 2:
+            return {"mean_grit": float("nan"), "note": "fewer than 2 control profiles"}
+        table = M.grit(x, meta)
+        r = dict(M.grit_summary(table))
+        r["per_treatment"] = dict(zip(table["treatment"].astype(str), table["grit"]))
+        return r
+
+    out["grit"] = _safe(errors, f"{pre}.grit", grit)
+
+    maps: dict[str, Any] = {}
+    for aware in (False, True):
+        suffix = "_batch_aware" if aware else ""
+        if ctrl.any() and (~ctrl).any():
+            r = _safe(
+                errors,
+                f"{pre}.map.replicate{suffix}",
+                lambda a=aware: M.replicate_map(x, meta, a, null_size=null_size, seed=seed)[0],
+            )
+            maps[f"replicate{suffix}"] = r
+        if has_moa:
+            r = _safe(
+                errors,
+                f"{pre}.map.moa{suffix}",
+                lambda a=aware: M.moa_map(x, meta, a, null_size=null_size, seed=seed)[0],
+            )
+            maps[f"moa{suffix}"] = r
+    out["map"] = maps
+    out["batch_classifier"] = _safe(
+        errors, f"{pre}.batch_classifier", lambda: M.batch_classifier_accuracy(x, batch, seed=seed)
+    )
+    return out
+
+
+def evaluate_features(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    train_mask: np.ndarray | None = None,
+    test_mask: np.ndarray | None = None,
+    *,
+    eval_mask: np.ndarray | None = None,
+    k: int = 10,
+    null_size: int = 2000,
+    seed: int = 0,
+    variants: tuple[str, ...] = VARIANTS,
+    timer: Timer | None = None,
+    name: str = "features",
+) -> dict[str, Any]:
+    """All metrics of one feature set: ``{"raw": {...}, "plate_normalized": {...}, "n": ...}``.
+
+    ``meta`` holds the canonical columns (``plate, well, batch, treatment, is_control``; ``moa``
+    and ``compound`` where known), one row per profile. Classification needs both masks
+    (training rows, held-out rows); the other metrics run on ``eval_mask`` (default: the test
+    rows, or all rows without a split). Failed metrics are listed under ``errors``.
+    """
+    x = np.asarray(features, dtype=np.float32)
+    n = x.shape[0]
+    if n == 0 or x.ndim != 2 or x.shape[1] == 0:
+        raise CdclError(f"{name}: empty feature set (shape {x.shape}); nothing to evaluate")
+    if len(meta) != n:
+        raise ValueError(f"{n} profiles but {len(meta)} metadata rows")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise CdclError(
+            f"{name}: {bad} profiles contain NaN or infinite values; drop or impute them"
+        )
+    meta = meta.reset_index(drop=True)
+    timer = timer or Timer()
+    all_rows = np.ones(n, dtype=bool)
+    test = all_rows if test_mask is None else np.asarray(test_mask, bool)
+    train = None if train_mask is None else np.asarray(train_mask, bool)
+    ev = (
+        (test if test_mask is not None else all_rows)
+        if eval_mask is None
+        else np.asarray(eval_mask, bool)
+    )
+    errors: dict[str, str] = {}
+    out: dict[str, Any] = {
+        "n": {
+            "profiles": n,
+            "dims": int(x.shape[1]),
+            "train": int(train.sum()) if train is not None else 0,
+            "test": int(test.sum()),
+            "eval": int(ev.sum()),
+            "eval_batches": int(meta.loc[ev, "batch"].nunique()),
+        }
+    }
+    for variant in variants:
+        with timer(f"{name}.{variant}"):
+            if variant == "raw":
+                xv = x
+            elif variant == "plate_normalized":
+                from cdcl.evaluate.profiles import plate_normalize
+
+                xv = plate_normalize(x, meta)
+            else:
+                raise ValueError(f"unknown variant {variant!r}")
+            res: dict[str, Any] = {}
+            if train is not None and train.any():
+                res["classification"] = _safe(
+                    errors,
+                    f"{variant}.classification",
+                    lambda xv=xv: _classification(xv, meta, train, test, k, seed),
+                )
+            sub_meta = meta.loc[ev].reset_index(drop=True)
+            res.update(_unsupervised(xv[ev], sub_meta, null_size, seed, errors, variant))
+            out[variant] = res
+    if errors:
+        out["errors"] = errors
+    return out
+
+
+def online_probe_scores(
+    probe: Any,
+    image_features: np.ndarray,
+    treatments: np.ndarray,
+    label_of: dict[str, int],
+    mask: np.ndarray,
+) -> dict[str, Any]:
+    """Accuracy and macro F1 of the checkpoint's online linear probe on the masked images."""
+    import torch
+
+    from cdcl.evaluate.metrics import classification_scores
+
+    t = np.asarray(treatments).astype(str)
+    keep = np.asarray(mask, bool) & np.isin(t, list(label_of))
+    if not keep.any():
+        return {"note": "no test images with a treatment the probe knows", "n_test": 0}
+    classes = np.empty(max(label_of.values()) + 1, dtype=object)
+    for name, i in label_of.items():
+        classes[i] = name
+    preds = []
+    with torch.inference_mode():
+        probe.eval()
+        for a in range(0, int(keep.sum()), 4096):
+            block = torch.from_numpy(image_features[keep][a : a + 4096])
+            preds.append(probe(block).argmax(dim=1).cpu().numpy())
+    pred = classes[np.concatenate(preds)].astype(str)
+    out: dict[str, Any] = dict(classification_scores(t[keep], pred))
+    out["n_test"] = int(keep.sum())
+    return out
+
+
+def file_sha256(path: str | Path, n_hex: int = 16) -> str:
+    """First ``n_hex`` hex digits of a file's SHA-256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n_hex]
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries the figures depend on."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("cdcl", "torch", "timm", "numpy", "pandas", "scikit-learn", "scipy", "umap-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert numpy/pandas/Path values to JSON types; NaN and inf become null."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [to_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return to_jsonable(asdict(obj))
+    return str(obj)
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``OUT/results.json`` atomically (NaN -> null)."""
+    from cdcl.data.dataset_dir import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RESULTS_FILE
+    atomic_write_text(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """Load a results.json (file or directory holding one); CdclError when absent or broken."""
+    p = Path(path)
+    f = p / RESULTS_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise CdclError(f"{f}: not found; run `cdcl evaluate` first")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CdclError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+def base_results(kind: str, **fields: Any) -> dict[str, Any]:
+    """The common header of a results.json."""
+    return {
+        "results_version": RESULTS_VERSION,
+        "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "protocol": PROTOCOL,
+        **fields,
+    }
+
+
+# ---------------------------------------------------------------- image datasets
+
+
+def split_masks(samples: pd.DataFrame, split: pd.Series) -> dict[str, Any]:
+    """Train/test batch lists of a split (per image)."""
+    s = split.astype(str).to_numpy()
+    b = samples["batch"].astype(str).to_numpy()
+    return {
+        "train_batches": sorted(set(b[s == "train"])),
+        "val_batches": sorted(set(b[s == "val"])),
+        "test_batches": sorted(set(b[s == "test"])),
+    }
+
+
+def evaluate_images(
+    dataset: Any,
+    split: pd.Series,
+    backbones: dict[str, Callable[[Any], Any]],
+    view_fn: Callable[[Any], Any] | None = None,
+    *,
+    tvn_on: tuple[str, ...] = (),
+    online_probe: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    k: int = 10,
+    null_size: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+    timer: Timer | None = None,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
+    """Embed train and test images with each backbone, then score every feature set.
+
+    ``online_probe`` = ``{"set": name, "probe": nn.Module, "label_of": {...}}`` scores the
+    checkpoint's probe on that set's test-image features. ``tvn_on`` names feature sets that
+    also get a ``<name>+tvn`` variant. Returns ``(feature_sets results, {name: (profiles,
+    meta)})`` with well profiles of train + test batches (meta has a ``split`` column).
+    """
+    from cdcl.evaluate.embed import embed_images, image_meta, well_profiles
+    from cdcl.evaluate.profiles import tvn
+
+    timer = timer or Timer()
+    samples = dataset.samples
+    sp = split.astype(str).reset_index(drop=True)
+    idx = np.flatnonzero(sp.isin(["train", "test"]).to_numpy())
+    if not (sp.iloc[idx] == "test").any():
+        raise CdclError("the split has no test batches; choose another --split")
+    img_meta = image_meta(samples, idx)
+    img_meta["split"] = sp.iloc[idx].to_numpy()
+    results: dict[str, Any] = {}
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
+    for name, backbone in backbones.items():
+        with timer(f"embed.{name}"):
+            feats = embed_images(
+                backbone, dataset, idx, view_fn, batch_size=batch_size, progress=progress, desc=name
+            )
+        wp, wmeta = well_profiles(feats, img_meta)
+        profiles[name] = (wp, wmeta)
+        train = (wmeta["split"] == "train").to_numpy()
+        test = (wmeta["split"] == "test").to_numpy()
+        res = evaluate_features(
+            wp, wmeta, train, test, k=k, null_size=null_size, seed=seed, timer=timer, name=name
+        )
+        if online_probe is not None and online_probe.get("set") == name:
+            with timer(f"{name}.online_probe"):
+                mask = (img_meta["split"] == "test").to_numpy() & ~img_meta["is_control"].to_numpy(
+                    bool
+                )
+                res["online_probe"] = online_probe_scores(
+                    online_probe["probe"],
+                    feats,
+                    img_meta["treatment"].to_numpy(),
+                    online_probe["label_of"],
+                    mask,
+                )
+        results[name] = res
+        if name in tvn_on:
+            tname = f"{name}+tvn"
+            with timer(f"{tname}.fit"):
+                tp = tvn(wp, wmeta)
+            profiles[tname] = (tp, wmeta)
+            results[tname] = evaluate_features(
+                tp, wmeta, train, test, k=k, null_size=null_size, seed=seed, timer=timer, name=tname
+            )
+    return results, profiles
+
+
+# ---------------------------------------------------------------- backbones from the command line
+
+
+class Source:
+    """What ``cdcl embed`` / ``cdcl evaluate`` embed with: a run, a checkpoint or a baseline."""
+
+    def __init__(
+        self,
+        name: str,
+        backbone: Callable[[Any], Any],
+        view_fn: Callable[[Any], Any] | None,
+        provenance: dict[str, Any],
+        model: Any = None,
+    ) -> None:
+        self.name = name
+        self.backbone = backbone
+        self.view_fn = view_fn
+        self.provenance = provenance
+        self.model = model  # the EvalModel of a run/checkpoint, else None
+
+
+def resolve_source(spec: str, which: str = "best", dataset: Any = None, seed: int = 0) -> Source:
+    """A run directory, a checkpoint file, ``random:<timm arch>`` or ``intensity``.
+
+    Baselines need ``dataset`` (channel count and image size); a run's evaluation view is the
+    trainer's ``center_view`` with the run's resolved views config.
+    """
+    from cdcl.evaluate.baselines import IntensityFeatures, random_timm_backbone
+    from cdcl.evaluate.embed import make_view_fn
+
+    if spec == "intensity":
+        return Source("intensity", IntensityFeatures(), None, {"baseline": "intensity"})
+    if spec.startswith("random:"):
+        if dataset is None:
+            raise CdclError(f"{spec}: a random backbone needs --data")
+        arch = spec.split(":", 1)[1]
+        h, _ = dataset.image_size
+        net = random_timm_backbone(arch, len(dataset.channels), img_size=h, seed=seed)
+        return Source(f"random_{arch}", net, None, {"baseline": spec, "seed": seed})
+    path = Path(spec)
+    if not path.exists():
+        raise CdclError(
+            f"{spec}: no such run directory or checkpoint (or use random:<timm arch> / intensity)"
+        )
+    from cdcl.train.checkpoint import load_for_eval
+
+    em = load_for_eval(path, which=which)
+    method_name = str(getattr(getattr(em.config, "method", None), "name", "model"))
+    prov = {
+        "run": str(path.resolve()) if path.is_dir() else str(path.resolve().parent.parent),
+        "checkpoint": str(Path(em.path).resolve()),
+        "checkpoint_sha256": file_sha256(em.path),
+        "checkpoint_step": em.step,
+        "checkpoint_epoch": em.epoch,
+        "method": method_name,
+    }
+    return Source(method_name, em.method.embed, make_view_fn(em.views_cfg), prov, model=em)
+
+
+def random_like_run(em: Any, dataset: Any, seed: int = 0) -> Callable[[Any], Any]:
+    """A randomly initialised backbone of the run's architecture (the ``random`` baseline)."""
+    import torch
+
+    from cdcl.evaluate.baselines import random_backbone_like
+
+    try:
+        from dataclasses import replace
+
+        from cdcl.models.backbones import build_backbone
+
+        torch.manual_seed(seed)
+        h, _ = dataset.image_size
+        size = int(getattr(em.views_cfg, "global_size", None) or h)
+        net, _ = build_backbone(
+            replace(em.config.model, weights=None, drop_path=0.0), len(dataset.channels), size
+        )
+        return net.eval()
+    except (ImportError, AttributeError, TypeError):
+        # No model factory / config: re-initialise a copy of the whole method instead.
+        return random_backbone_like(em.method, seed=seed).embed
+
+
+def _config_dict(cfg: Any) -> Any:
+    if cfg is None:
+        return None
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return to_jsonable(cfg)
+
+
+def evaluate_run(
+    run: str | Path,
+    *,
+    checkpoint: str = "best",
+    data: str | Path | None = None,
+    split_number: int | None = None,
+    out: str | Path | None = None,
+    baselines: tuple[str, ...] = ("intensity", "random"),
+    tvn: bool = True,
+    batch_size: int = 64,
+    null_size: int = 2000,
+    seed: int = 0,
+    umap: bool = True,
+    progress: bool = True,
+) -> Path:
+    """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report."""
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.splits import assign_split
+    from cdcl.evaluate.baselines import IntensityFeatures
+    from cdcl.evaluate.report import make_plots, render_report
+
+    timer = Timer()
+    run = Path(run)
+    spec = checkpoint if checkpoint not in ("best", "last") else str(run)
+    which = checkpoint if checkpoint in ("best", "last") else "best"
+    with timer("load"):
+        src = resolve_source(spec, which=which)
+    em = src.model
+    data_path = data or em.dataset.get("path") or getattr(em.config.data, "path", None)
+    if not data_path:
+        raise CdclError(f"{run}: the checkpoint names no dataset; pass --data DIR")
+    if not Path(data_path).exists():
+        raise CdclError(f"{data_path}: dataset not found; pass --data DIR")
+    ds = open_dataset(data_path)
+    number = split_number if split_number is not None else getattr(em.config.data, "split", None)
+    split = assign_split(ds.samples, ds.info.source, number)
+    backbones: dict[str, Callable[[Any], Any]] = {src.name: src.backbone}
+    if "intensity" in baselines:
+        backbones["intensity"] = IntensityFeatures()
+    if "random" in baselines:
+        backbones["random"] = random_like_run(em, ds, seed=seed)
+    results_sets, profiles = evaluate_images(
+        ds,
+        split,
+        backbones,
+        src.view_fn,
+        tvn_on=(src.name,) if tvn else (),
+        online_probe={"set": src.name, "probe": em.probe, "label_of": em.label_of},
+        batch_size=batch_size,
+        null_size=null_size,
+        seed=seed,
+        progress=progress,
+        timer=timer,
+    )
+    out_dir = Path(out) if out else run
+    results = base_results(
+        "run",
+        source={
+            **src.provenance,
+            "dataset": str(Path(data_path).resolve()),
+            "dataset_name": ds.info.name,
+            "n_images": ds.info.n_images,
+        },
+        config=_config_dict(em.config),
+        split={"number": number, **split_masks(ds.samples, split)},
+        feature_sets=results_sets,
+    )
+    with timer("plots"):
+        if umap or run.is_dir():
+            make_plots(
+                out_dir,
+                profiles if umap else None,
+                metrics_jsonl=run / "metrics.jsonl" if run.is_dir() else None,
+                seed=seed,
+            )
+    results["timings_s"] = timer.times
+    write_results(results, out_dir)
+    render_report(results, out_dir)
+    return out_dir / RESULTS_FILE
+
+
+def evaluate_table(
+    features_file: str | Path,
+    out: str | Path,
+    *,
+    batch_col: str | None = None,
+    batch_pattern: str | None = None,
+    treatment_col: str | None = None,
+    compound_col: str | None = None,
+    moa_col: str | None = None,
+    plate_col: str | None = None,
+    well_col: str | None = None,
+    control_query: str | None = None,
+    split_number: int = 1,
+    eval_on: str = "all",
+    tvn: bool = False,
+    null_size: int = 2000,
+    seed: int = 0,
+    umap: bool = True,
+    name: str | None = None,
+) -> Path:
+    """``cdcl evaluate --features FILE``: score any ``Metadata_*`` profile table with the same code.
+
+    Classification trains on the batches of fold ``split_number`` (``rotating_batch_split``) and
+    tests on its held-out batches; the other metrics run on all rows (``eval_on="all"``) or
+    on the held-out batches only (``"test"``, as for a run).
+    """
+    from cdcl.data.splits import rotating_batch_split
+    from cdcl.evaluate.embed import read_profile_table, split_table
+    from cdcl.evaluate.profiles import resolve_table_meta
+    from cdcl.evaluate.profiles import tvn as tvn_fn
+    from cdcl.evaluate.report import make_plots, render_report
+
+    if eval_on not in ("all", "test"):
+        raise CdclError(f"--eval-on {eval_on}: use all or test")
+    timer = Timer()
+    with timer("load"):
+        table = read_profile_table(features_file)
+        if len(table) == 0:
+            raise CdclError(f"{features_file}: the table has no rows")
+        x, meta_table, names = split_table(table)
+        meta = resolve_table_meta(
+            meta_table,
+            batch_col=batch_col,
+            batch_pattern=batch_pattern,
+            treatment_col=treatment_col,
+            compound_col=compound_col,
+            moa_col=moa_col,
+            plate_col=plate_col,
+            well_col=well_col,
+            control_query=control_query,
+        )
+    n_batches = meta["batch"].nunique()
+    if n_batches >= 2:
+        split = rotating_batch_split(meta, split_number)
+        train = (split == "train").to_numpy()
+        test = (split == "test").to_numpy()
+        split_info = {"number": split_number, **split_masks(meta, split)}
+    else:
+        train, test = None, np.ones(len(meta), bool)
+        split_info = {"number": None, "note": "one batch: no held-out-batch classification"}
+    ev = np.ones(len(meta), bool) if eval_on == "all" else test
+    set_name = name or "features"
+    sets = {set_name: x}
+    if tvn:
+        with timer("tvn"):
+            sets[f"{set_name}+tvn"] = tvn_fn(x, meta)
+    results_sets = {
+        set_: evaluate_features(
+            xs,
+            meta,
+            train,
+            test,
+            eval_mask=ev,
+            null_size=null_size,
+            seed=seed,
+            timer=timer,
+            name=set_,
+        )
+        for set_, xs in sets.items()
+    }
+    out = Path(out)
+    results = base_results(
+        "features",
+        source={
+            "features_file": str(Path(features_file).resolve()),
+            "features_sha256": file_sha256(features_file),
+            "n_profiles": len(meta),
+            "n_features": len(names),
+            "eval_on": eval_on,
+            "columns": {
+                "batch": batch_col,
+                "batch_pattern": batch_pattern,
+                "treatment": treatment_col,
+                "compound": compound_col,
+                "moa": moa_col,
+                "control_query": control_query,
+                "n_controls": int(meta["is_control"].sum()),
+            },
+        },
+        split=split_info,
+        feature_sets=results_sets,
+    )
+    if umap:
+        with timer("plots"):
+            make_plots(out, {n: (xs, meta) for n, xs in sets.items()}, seed=seed)
+    results["timings_s"] = timer.times
+    write_results(results, out)
+    render_report(results, out)
+    return out / RESULTS_FILE

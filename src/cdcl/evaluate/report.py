@@ -1,0 +1,489 @@
+"""Plots and the self-contained HTML report of an evaluation, and side-by-side comparison of runs.
+
+- UMAP of well profiles coloured by batch and by treatment/MoA (the paper's Figure 1), with a
+  fixed random state (umap-learn; PCA when there are too few points for a neighbour graph);
+- training curves from ``metrics.jsonl``;
+- a metrics table (headline figures of every feature set, raw and plate-normalised);
+- ``report.html`` with every image inlined as a base64 PNG (no external resources), plus the
+  PNGs next to it; :func:`compare` puts several results directories side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cdcl.errors import CdclError
+
+# (label, path inside a variant's results, higher is better?)
+HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("logistic probe accuracy", ("classification", "logistic", "accuracy"), True),
+    ("logistic probe macro F1", ("classification", "logistic", "macro_f1"), True),
+    ("kNN accuracy", ("classification", "knn", "accuracy"), True),
+    ("kNN macro F1", ("classification", "knn", "macro_f1"), True),
+    ("NSC", ("moa_matching", "nsc"), True),
+    ("NSCB", ("moa_matching", "nscb"), True),
+    ("kBET acceptance", ("kbet", "acceptance_rate"), True),
+    ("kBET acceptance per treatment", ("kbet", "per_treatment_mean"), True),
+    ("batch silhouette 1-|s|", ("silhouette", "batch_1_minus_abs"), True),
+    ("treatment silhouette", ("silhouette", "treatment"), True),
+    ("MoA silhouette", ("silhouette", "moa"), True),
+    ("GRIT (mean)", ("grit", "mean_grit"), True),
+    ("replicate mAP", ("map", "replicate", "map"), True),
+    ("replicate retrieved (p<0.05)", ("map", "replicate", "fraction_significant"), True),
+    ("replicate mAP, batch-aware", ("map", "replicate_batch_aware", "map"), True),
+    (
+        "replicate retrieved, batch-aware",
+        ("map", "replicate_batch_aware", "fraction_significant"),
+        True,
+    ),
+    ("MoA mAP", ("map", "moa", "map"), True),
+    ("MoA retrieved (p<0.05)", ("map", "moa", "fraction_significant"), True),
+    ("MoA mAP, batch-aware", ("map", "moa_batch_aware", "map"), True),
+    ("MoA retrieved, batch-aware", ("map", "moa_batch_aware", "fraction_significant"), True),
+    ("batch classifier accuracy", ("batch_classifier", "accuracy"), False),
+    ("batch classifier chance", ("batch_classifier", "chance"), False),
+)
+ONLINE_PROBE = (
+    ("online probe accuracy", ("online_probe", "accuracy"), True),
+    ("online probe macro F1", ("online_probe", "macro_f1"), True),
+)
+
+
+def _get(d: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def metrics_long(results: dict[str, Any], run: str = "") -> pd.DataFrame:
+    """Headline figures as a long table: run, set, variant, metric, value, higher_is_better."""
+    rows = []
+    for set_name, res in (results.get("feature_sets") or {}).items():
+        for variant in ("raw", "plate_normalized"):
+            if variant not in res:
+                continue
+            for label, path, hib in HEADLINE:
+                v = _get(res[variant], path)
+                if isinstance(v, int | float) or v is None:
+                    rows.append((run, set_name, variant, label, v, hib))
+        for label, path, hib in ONLINE_PROBE:
+            v = _get(res, path)
+            if isinstance(v, int | float):
+                rows.append((run, set_name, "images", label, v, hib))
+    return pd.DataFrame(
+        rows, columns=["run", "set", "variant", "metric", "value", "higher_is_better"]
+    )
+
+
+def metrics_table(results: dict[str, Any], run: str = "") -> pd.DataFrame:
+    """Headline figures pivoted: one row per metric, one column per (set, variant)."""
+    long = metrics_long(results, run)
+    if long.empty:
+        return pd.DataFrame()
+    order = [lab for lab, _, _ in ONLINE_PROBE + HEADLINE]
+    long["col"] = long["set"] + " | " + long["variant"]
+    cols = list(dict.fromkeys(long["col"]))
+    table = long.pivot_table(
+        index="metric", columns="col", values="value", aggfunc="first", dropna=False
+    )
+    table = table.reindex([m for m in order if m in table.index])
+    return table.reindex(columns=cols)
+
+
+# ---------------------------------------------------------------- plotting
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def umap_coords(
+    profiles: np.ndarray, seed: int = 0, n_epochs: int = 200, n_neighbors: int = 15
+) -> np.ndarray:
+    """2-D UMAP of profiles (standardised per feature first), fixed random state."""
+    x = np.asarray(profiles, dtype=np.float32)
+    sd = x.std(axis=0)
+    x = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    n = x.shape[0]
+    if n < 10:  # too few points for a neighbour graph: the first two principal components
+        u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+        out = np.zeros((n, 2), dtype=np.float32)
+        k = min(2, u.shape[1])
+        out[:, :k] = u[:, :k] * s[:k]
+        return out
+    import warnings
+
+    import umap
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n_jobs overridden by random_state, etc.
+        reducer = umap.UMAP(
+            n_neighbors=min(n_neighbors, n - 1),
+            n_epochs=n_epochs,
+            random_state=seed,
+            init="pca" if n < 4000 else "spectral",
+            metric="euclidean",
+        )
+        return reducer.fit_transform(x).astype(np.float32)
+
+
+def _colour_axes(ax: Any, xy: np.ndarray, labels: pd.Series, title: str, grey: Any = None) -> None:
+    plt = _plt()
+    lab = labels.astype(str).fillna("NA").to_numpy()
+    uniq = sorted(set(lab))
+    cmap = plt.get_cmap("tab20" if len(uniq) > 10 else "tab10")
+    grey_mask = np.zeros(len(lab), bool) if grey is None else np.asarray(grey, bool)
+    if grey_mask.any():
+        ax.scatter(xy[grey_mask, 0], xy[grey_mask, 1], s=6, c="#bbbbbb", label="control", lw=0)
+    for i, u in enumerate(u for u in uniq if (lab[~grey_mask] == u).any()):
+        m = (lab == u) & ~grey_mask
+        ax.scatter(xy[m, 0], xy[m, 1], s=8, color=cmap(i % cmap.N), label=u, lw=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(uniq) <= 15:
+        ax.legend(fontsize=6, markerscale=1.5, loc="best", frameon=False)
+
+
+def umap_frame(profiles: np.ndarray, meta: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """UMAP coordinates with the metadata used to colour them."""
+    xy = umap_coords(profiles, seed=seed)
+    cols = [
+        c
+        for c in ("plate", "well", "batch", "treatment", "moa", "is_control", "split")
+        if c in meta
+    ]
+    df = meta[cols].reset_index(drop=True).copy()
+    df.insert(0, "umap_y", xy[:, 1])
+    df.insert(0, "umap_x", xy[:, 0])
+    return df
+
+
+def _colour_by(df: pd.DataFrame) -> str:
+    """MoA when known (fewer, meaningful colours), else treatment."""
+    if "moa" in df and df["moa"].notna().any():
+        return "moa"
+    return "treatment"
+
+
+def draw_umap_panels(axes: Any, df: pd.DataFrame, title: str) -> None:
+    """Two panels: coloured by batch, and by MoA/treatment (controls grey)."""
+    xy = df[["umap_x", "umap_y"]].to_numpy()
+    _colour_axes(axes[0], xy, df["batch"], f"{title}: batch")
+    by = _colour_by(df)
+    ctrl = df["is_control"].to_numpy(bool) if "is_control" in df else None
+    _colour_axes(axes[1], xy, df[by], f"{title}: {by}", grey=ctrl)
+
+
+def plot_umap(df: pd.DataFrame, title: str, path: str | Path) -> Path:
+    """Save the two-panel UMAP figure as a PNG."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    draw_umap_panels(axes, df, title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import os
+
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics_jsonl(path: str | Path) -> pd.DataFrame:
+    """The numeric records of a training log (bad lines, e.g. a half-written last one, skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            rows.append(
+                {
+                    k: v
+                    for k, v in rec.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def plot_training_curves(
+    metrics_path: str | Path, path: str | Path, max_panels: int = 9
+) -> Path | None:
+    """Small multiples of every logged number against the step (None when nothing to plot)."""
+    p = Path(metrics_path)
+    if not p.is_file():
+        return None
+    df = read_metrics_jsonl(p)
+    if df.empty:
+        return None
+    xcol = next((c for c in ("step", "global_step", "iteration", "epoch") if c in df), None)
+    x = df[xcol] if xcol else pd.Series(np.arange(len(df)))
+    skip = {"step", "global_step", "iteration", "epoch", "time", "timestamp", "wall_s"}
+    ys = [c for c in df.columns if c not in skip and df[c].notna().sum() > 1][:max_panels]
+    if not ys:
+        return None
+    plt = _plt()
+    ncol = min(3, len(ys))
+    nrow = math.ceil(len(ys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.6 * nrow), squeeze=False)
+    for ax, c in zip(axes.ravel(), ys):
+        ok = df[c].notna()
+        ax.plot(x[ok], df.loc[ok, c], lw=1)
+        ax.set_title(c, fontsize=9)
+        ax.set_xlabel(xcol or "record", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(ys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- HTML
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+.best{font-weight:bold;background:#e8f4e8}.meta td{text-align:left}
+img{max-width:100%;border:1px solid #eee;margin:4px 0}
+.err{color:#a00}.small{font-size:11px;color:#666}
+"""
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def table_html(table: pd.DataFrame, higher: dict[str, bool] | None = None) -> str:
+    """An HTML table of metrics (rows) x columns; the best value per row is highlighted."""
+    if table.empty:
+        return "<p>No metrics.</p>"
+    higher = higher or {lab: hib for lab, _, hib in HEADLINE + ONLINE_PROBE}
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = [f"<tr><th>metric</th>{head}</tr>"]
+    for metric, row in table.iterrows():
+        vals = pd.to_numeric(row, errors="coerce")
+        best = None
+        if vals.notna().sum() > 1 and "chance" not in str(metric):
+            best = vals.idxmax() if higher.get(str(metric), True) else vals.idxmin()
+        cells = "".join(
+            f'<td class="best">{_fmt(v)}</td>' if c == best else f"<td>{_fmt(v)}</td>"
+            for c, v in row.items()
+        )
+        arrow = "↑" if higher.get(str(metric), True) else "↓"
+        rows.append(f"<tr><td>{html.escape(str(metric))} {arrow}</td>{cells}</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _kv_html(d: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v) if not isinstance(v, dict | list) else html.escape(json.dumps(v))}</td></tr>"
+        for k, v in d.items()
+    )
+    return f'<table class="meta">{rows}</table>'
+
+
+def write_html(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """Write a self-contained HTML page (inline CSS, images as data URIs) atomically."""
+    from cdcl.data.dataset_dir import atomic_write_text
+
+    body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
+    doc = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+    path = Path(path)
+    atomic_write_text(path, doc)
+    return path
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="{_png_data_uri(Path(path))}">'
+
+
+def make_plots(
+    out_dir: str | Path,
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] | None = None,
+    metrics_jsonl: str | Path | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """UMAP PNGs (+ coordinates as CSV, for compare) and training curves under ``OUT/plots``."""
+    plots = Path(out_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, (x, meta) in (profiles or {}).items():
+        if len(x) < 3:
+            continue
+        df = umap_frame(x, meta, seed=seed)
+        safe = _safe_name(name)
+        tmp = plots / f".umap_{safe}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        tmp.replace(plots / f"umap_{safe}.csv")
+        written.append(plot_umap(df, name, plots / f"umap_{safe}.png"))
+    if metrics_jsonl is not None:
+        curves = plot_training_curves(metrics_jsonl, plots / "training_curves.png")
+        if curves is not None:
+            written.append(curves)
+    return written
+
+
+def render_report(results: dict[str, Any], out_dir: str | Path, title: str | None = None) -> Path:
+    """``OUT/report.html``: metrics table, the UMAPs and curves found in ``OUT/plots``, provenance."""
+    out = Path(out_dir)
+    plots = out / "plots"
+    sets = list((results.get("feature_sets") or {}).keys())
+    umap_imgs = [(n, plots / f"umap_{_safe_name(n)}.png") for n in sets]
+    umap_imgs = [(n, p) for n, p in umap_imgs if p.is_file()]
+    curves = plots / "training_curves.png"
+    src = results.get("source", {})
+    title = title or f"cdcl evaluation: {src.get('run') or src.get('features_file') or out.name}"
+    sections = [("Metrics", table_html(metrics_table(results)) + _protocol_html(results))]
+    if umap_imgs:
+        sections.append(
+            (
+                "UMAP of well profiles",
+                '<p class="small">Raw well profiles of all evaluated batches; controls grey.</p>'
+                + "".join(_img(p, f"UMAP {n}") for n, p in umap_imgs),
+            )
+        )
+    if curves.is_file():
+        sections.append(("Training curves", _img(curves, "training curves")))
+    info = {
+        k: results.get(k)
+        for k in ("kind", "created", "split", "timings_s")
+        if results.get(k) is not None
+    }
+    sections.append(
+        ("Provenance", _kv_html({**src, **info}) + _kv_html(results.get("versions", {})))
+    )
+    errors = {
+        f"{s}: {k}": v
+        for s, r in (results.get("feature_sets") or {}).items()
+        for k, v in (r.get("errors") or {}).items()
+    }
+    if errors:
+        sections.append(("Metrics that failed", f'<div class="err">{_kv_html(errors)}</div>'))
+    return write_html(out / "report.html", title, sections)
+
+
+def make_report(
+    results: dict[str, Any],
+    out_dir: str | Path,
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] | None = None,
+    metrics_jsonl: str | Path | None = None,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """Plots then ``report.html`` in ``out_dir`` (see :func:`make_plots`, :func:`render_report`)."""
+    make_plots(out_dir, profiles, metrics_jsonl, seed=seed)
+    return render_report(results, out_dir, title=title)
+
+
+def _protocol_html(results: dict[str, Any]) -> str:
+    p = results.get("protocol") or {}
+    items = "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in p.items()
+    )
+    return f'<ul class="small">{items}</ul>' if items else ""
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare(
+    result_dirs: list[str | Path], out_dir: str | Path, names: list[str] | None = None
+) -> Path:
+    """Side-by-side metrics (CSV + HTML) and a UMAP panel grid of several results directories."""
+    from cdcl.data.dataset_dir import atomic_write_text
+    from cdcl.evaluate.evaluate import read_results
+
+    if len(result_dirs) < 1:
+        raise CdclError("compare: give at least one run or results directory")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = names or _unique_names([Path(d) for d in result_dirs])
+    longs, umaps = [], []
+    for d, name in zip(result_dirs, names):
+        d = Path(d)
+        res = read_results(d)
+        longs.append(metrics_long(res, name))
+        base = d if d.is_dir() else d.parent
+        first = next(iter(res.get("feature_sets") or {}), None)
+        if first is not None:
+            f = base / "plots" / f"umap_{_safe_name(first)}.csv"
+            if f.is_file():
+                umaps.append((f"{name}: {first}", pd.read_csv(f)))
+    long = pd.concat(longs, ignore_index=True)
+    atomic_write_text(out / "comparison.csv", long.to_csv(index=False))
+    long["col"] = long["run"] + " | " + long["set"] + " | " + long["variant"]
+    cols = list(dict.fromkeys(long["col"]))
+    table = long.pivot_table(
+        index="metric", columns="col", values="value", aggfunc="first", dropna=False
+    )
+    order = [lab for lab, _, _ in ONLINE_PROBE + HEADLINE]
+    table = table.reindex([m for m in order if m in table.index]).reindex(columns=cols)
+    sections = [("Metrics", table_html(table))]
+    if umaps:
+        plt = _plt()
+        fig, axes = plt.subplots(len(umaps), 2, figsize=(10, 4.2 * len(umaps)), squeeze=False)
+        for row, (title, df) in zip(axes, umaps):
+            draw_umap_panels(row, df, title)
+        fig.tight_layout()
+        grid = _save(fig, out / "umap_grid.png")
+        sections.append(("UMAP of well profiles", _img(grid, "UMAP grid")))
+    srcs = {n: str(Path(d)) for n, d in zip(names, result_dirs)}
+    sections.append(("Runs", _kv_html(srcs)))
+    return write_html(out / "compare.html", "cdcl comparison", sections)
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names = [p.name or str(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{i}:{n}" for i, n in enumerate(names)]

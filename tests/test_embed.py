@@ -1,0 +1,198 @@
+"""Embeddings of centre views, well profiles and their Parquet / AnnData export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import write_random_dataset
+
+from cdcl.evaluate.baselines import IntensityFeatures, random_backbone_like, random_timm_backbone
+from cdcl.evaluate.embed import (
+    OBSM_KEY,
+    embed_images,
+    image_meta,
+    make_view_fn,
+    read_profile_table,
+    split_table,
+    to_anndata,
+    to_parquet,
+    well_profiles,
+)
+
+
+@pytest.fixture(scope="module")
+def ds32(tmp_path_factory: pytest.TempPathFactory):
+    """3 batches x 1 plate x 5 wells x 2 sites of random 5-channel 32-px images."""
+    from cdcl.data.dataset_dir import open_dataset
+
+    path = write_random_dataset(tmp_path_factory.mktemp("embed") / "ds", size=32)
+    return open_dataset(path)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """A randomly initialised ResNet-18 for 5 channels."""
+    torch.set_num_threads(1)
+    return random_timm_backbone("resnet18", in_chans=5, seed=0)
+
+
+def test_embed_shapes_and_batch_independence(ds32, resnet) -> None:
+    n = len(ds32)
+    view = make_view_fn(size=24)
+    a = embed_images(resnet, ds32, None, view, batch_size=7, progress=False)
+    assert a.shape == (n, 512) and a.dtype == np.float32 and np.isfinite(a).all()
+    # Batching must not change features (eval mode: BatchNorm uses running stats).
+    idx = np.array([5, 0, 17, 3])
+    b = embed_images(resnet, ds32, idx, view, batch_size=3, progress=False)
+    np.testing.assert_allclose(b, a[idx], rtol=1e-4, atol=1e-5)
+    # Different images give different embeddings.
+    assert not np.allclose(a[0], a[1])
+
+
+def test_view_fn_crops_centre() -> None:
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = make_view_fn(size=4)(x)
+    assert out.shape == (2, 3, 4, 4)
+    assert torch.equal(out, x[..., 2:6, 2:6])
+    assert make_view_fn(size=None)(x) is x
+
+
+def test_view_fn_uses_trainer_center_view() -> None:
+    views = pytest.importorskip("cdcl.data.views")
+    cfg = views.ViewsConfig(global_size=6)
+    x = torch.randn(3, 5, 10, 10)
+    out = make_view_fn(cfg)(x)
+    assert out.shape == (3, 5, 6, 6)
+    assert torch.equal(out, x[..., 2:8, 2:8])
+
+
+def test_well_profiles_are_site_means(ds32, resnet) -> None:
+    feats = embed_images(resnet, ds32, None, make_view_fn(size=24), progress=False)
+    meta = image_meta(ds32.samples)
+    prof, wmeta = well_profiles(feats, meta)
+    assert len(prof) == ds32.samples.groupby(["plate", "well"]).ngroups == len(wmeta)
+    expected = pd.DataFrame(feats).groupby([meta["plate"], meta["well"]]).mean()
+    for i, row in wmeta.iterrows():
+        np.testing.assert_allclose(prof[i], expected.loc[(row["plate"], row["well"])], rtol=1e-5)
+    assert (wmeta["n_sites"] == 2).all()
+    assert {"batch", "treatment", "moa", "is_control", "compound"} <= set(wmeta.columns)
+    assert "site" not in wmeta.columns
+
+
+def test_parquet_export_is_pycytominer_and_copairs_ready(ds32, resnet, tmp_path: Path) -> None:
+    feats = embed_images(resnet, ds32, None, make_view_fn(size=24), progress=False)
+    prof, wmeta = well_profiles(feats, image_meta(ds32.samples))
+    path = to_parquet(prof, wmeta, tmp_path / "wells.parquet")
+    df = pd.read_parquet(path)
+    meta_cols = [c for c in df.columns if c.startswith("Metadata_")]
+    feat_cols = [c for c in df.columns if not c.startswith("Metadata_")]
+    assert {"Metadata_plate", "Metadata_well", "Metadata_batch", "Metadata_treatment"} <= set(
+        meta_cols
+    )
+    assert {"Metadata_moa", "Metadata_compound", "Metadata_is_control"} <= set(meta_cols)
+    assert feat_cols == [f"f{i}" for i in range(prof.shape[1])]
+    np.testing.assert_array_equal(df[feat_cols].to_numpy(), prof)
+    assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
+    # copairs reads it directly: replicate retrieval of treatments against the rest.
+    from copairs.map import average_precision
+
+    ap = average_precision(
+        df[meta_cols],
+        df[feat_cols].to_numpy(),
+        pos_sameby=["Metadata_treatment"],
+        pos_diffby=[],
+        neg_sameby=[],
+        neg_diffby=["Metadata_treatment"],
+        progress_bar=False,
+    )
+    assert len(ap) == len(df) and ap["average_precision"].between(0, 1).all()
+    # Our reader splits it back.
+    x, m, names = split_table(read_profile_table(path))
+    np.testing.assert_array_equal(x, prof)
+    assert list(m.columns) == meta_cols and len(names) == prof.shape[1]
+
+
+def test_anndata_export(ds32, resnet, tmp_path: Path) -> None:
+    import anndata as ad
+
+    feats = embed_images(resnet, ds32, None, make_view_fn(size=24), progress=False)
+    meta = image_meta(ds32.samples)
+    path = to_anndata(feats, meta, tmp_path / "images.h5ad")
+    a = ad.read_h5ad(path)
+    assert a.obsm[OBSM_KEY].shape == feats.shape
+    np.testing.assert_array_equal(a.obsm[OBSM_KEY], feats)
+    assert list(a.obs["batch"]) == list(meta["batch"])
+    assert a.obs["is_control"].dtype == bool
+    x, m, _ = split_table(read_profile_table(path))
+    np.testing.assert_array_equal(x, feats)
+    assert "Metadata_treatment" in m.columns
+
+
+def test_intensity_features_match_numpy(ds32) -> None:
+    imgs = torch.from_numpy(ds32.standardized([0, 1, 2]))
+    f = IntensityFeatures()(imgs).numpy()
+    assert f.shape == (3, 5 * 10)
+    x = imgs.numpy().reshape(3, 5, -1)
+    np.testing.assert_allclose(f[:, 0::10], x.mean(-1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f[:, 5::10], np.median(x, -1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(f[:, 9::10], (x > 2).mean(-1), atol=1e-6)
+
+
+def test_random_backbone_like_reinitialises(resnet) -> None:
+    other = random_backbone_like(resnet, seed=1)
+    same = random_backbone_like(resnet, seed=1)
+    w0 = resnet.conv1.weight
+    assert not torch.equal(other.conv1.weight, w0)
+    assert torch.equal(other.conv1.weight, same.conv1.weight)  # seeded
+
+
+def _cdcl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cdcl", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_cli_embed_well_and_image(tmp_path: Path) -> None:
+    ds = write_random_dataset(tmp_path / "ds", size=32)
+    out = tmp_path / "wells.parquet"
+    r = _cdcl("embed", "random:resnet18", "--data", str(ds), "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_parquet(out)
+    assert len(df) == 15 and "Metadata_batch" in df and "f511" in df
+    r = _cdcl(
+        "embed",
+        "intensity",
+        "--data",
+        str(ds),
+        "--out",
+        str(tmp_path / "img"),
+        "--level",
+        "image",
+        "--format",
+        "h5ad",
+        "--split",
+        "test",
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    import anndata as ad
+
+    a = ad.read_h5ad(tmp_path / "img.h5ad")
+    assert a.obsm[OBSM_KEY].shape == (10, 50)  # one held-out batch of 10 images
+    assert a.obs["batch"].nunique() == 1
+
+
+def test_cli_embed_bad_inputs(tmp_path: Path) -> None:
+    r = _cdcl("embed", str(tmp_path / "nope"), "--out", str(tmp_path / "x.parquet"))
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
+    ds = write_random_dataset(tmp_path / "ds", size=16)
+    r = _cdcl("embed", "random:not_a_model", "--data", str(ds), "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
