@@ -266,11 +266,21 @@ def test_nsc_nscb_hand_made():
     # T4 -> T3 (.89): right. T5 -> T2 (.98): right.
     assert res["n_nsc"] == 6 and res["n_skipped_nsc"] == 0
     assert res["nsc"] == pytest.approx(3 / 6)
-    # NSCB: T5 shares a batch with everything -> skipped; others look in the other batch.
-    # T1(b1) -> {T2, T4}: T2 right. T1b(b2) -> {T3}: wrong. T2(b2) -> {T1, T3}: T1 right.
-    # T3(b1) -> {T1b, T2, T4}: T1b wrong. T4(b2) -> {T1, T3}: T3 right.
-    assert res["n_skipped_nscb"] == 1 and res["n_nscb"] == 5
-    assert res["nscb"] == pytest.approx(3 / 5)
+    # NSCB queries are (treatment, batch) profiles looking only in the other batch; T5
+    # spans both batches and so is a query twice (T5@b1, T5@b2), never its own candidate.
+    # T1@b1 -> {T2 .74, T4, T5@b2 .73}: T2 right. T1b@b2 -> {T3 .94, T5@b1 .71}: wrong.
+    # T2@b2 -> {T1, T3, T5@b1 .97}: T5 right. T3@b1 -> {T1b .94, T2, T4, T5@b2}: wrong.
+    # T4@b2 -> {T1, T3 .89, T5@b1}: T3 right. T5@b1 -> {T1b, T2 .97, T4}: right.
+    # T5@b2 -> {T1 .73, T3 .44}: right.
+    assert res["n_skipped_nscb"] == 0 and res["n_nscb"] == 7
+    assert res["nscb"] == pytest.approx(5 / 7)
+
+
+def test_nscb_skips_queries_without_another_batch():
+    x, meta = _nsc_case()
+    one_batch = meta.assign(batch="b1")
+    res = nsc_nscb(x, one_batch)
+    assert res["n_nscb"] == 0 and res["n_skipped_nscb"] == 6 and np.isnan(res["nscb"])
 
 
 def test_nsc_compound_defaults_to_treatment():
