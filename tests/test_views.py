@@ -121,6 +121,24 @@ def test_standardisation_uses_the_given_plate_stats() -> None:
     assert torch.allclose(views[1], torch.full_like(views[1], 2.0), atol=1e-5)
 
 
+@pytest.mark.parametrize("unit", ["plate_std", "range"])
+def test_jitter_offset_unit(unit: str) -> None:
+    # Zero image, no gain: a standardised view is (b_c - mean_c) / std_c. With offsets in units
+    # of the plate's control std (default) their spread after standardisation is offset_std;
+    # with the seed's [0, 1]-range units it is offset_std / std_c (here 0.1 / 0.02 = 5).
+    img = torch.zeros(2, 8, 8)
+    norm = (torch.zeros(2), torch.tensor([0.02, 0.02]))
+    cfg = ViewsConfig(
+        jitter_p_global=1.0, jitter_gain_std=0.0, jitter_offset_unit=unit, n_local=0
+    ).resolved(8)
+    gen = torch.Generator().manual_seed(1)
+    vals = torch.stack(
+        [make_views(img, None, cfg, "byol", gen, norm_a=norm)[0][:, 0, 0] for _ in range(2000)]
+    )
+    expected = 0.1 if unit == "plate_std" else 5.0
+    assert float(vals.std()) == pytest.approx(expected, rel=0.08)
+
+
 def test_center_view() -> None:
     img = torch.arange(2 * 64 * 64, dtype=torch.float32).reshape(2, 64, 64)
     cfg = ViewsConfig()

@@ -6,7 +6,8 @@ resumed run (same seed, ``set_epoch(epoch)``) reproduces exactly the same partne
 whatever the worker count or order.
 
 Intensities: pixels are divided by the dtype maximum (255 or 65535) to [0, 1]; the views'
-jitter x_c <- a_c·x_c + b_c acts there; each view is then standardised with its own image's
+jitter x_c <- a_c·x_c + b_c acts there (b_c in units of the plate's control std by default,
+see ``ViewsConfig.jitter_offset_unit``); each view is then standardised with its own image's
 plate control mean/std divided by the same maximum, i.e. (x' - mean/M) / (std/M), which for an
 unjittered view equals ``Dataset.standardized``.
 """

@@ -46,6 +46,12 @@ class ViewsConfig:
     jitter_p_local: float = 0.5
     jitter_gain_std: float = 0.1
     jitter_offset_std: float = 0.1
+    # Unit of the additive jitter b_c: "plate_std" = the plate's control std of that channel
+    # (independent of bit depth and exposure); "range" = the [0, 1] intensity range (the
+    # seed's, right for 8-bit images that fill their range). On 16-bit fields whose signal
+    # sits in the bottom few % of the range, "range" offsets of std 0.1 are ~3 control stds
+    # per channel and per view, and DINO collapsed to the uniform solution (measured).
+    jitter_offset_unit: str = "plate_std"
 
     def resolved(self, image_size: int) -> ViewsConfig:
         """A copy with crop sizes filled in from the (resized) image size, as the seed scales."""
@@ -138,13 +144,19 @@ def intensity_jitter(
     gain_std: float,
     offset_std: float,
     gen: torch.Generator | None = None,
+    offset_unit: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """With probability p: x_c <- a_c·x_c + b_c per channel, a_c ~ N(1, gain²), b_c ~ N(0, off²)."""
+    """With probability p: x_c <- a_c·x_c + b_c per channel, a_c ~ N(1, gain²), b_c ~ N(0, off²).
+
+    ``offset_unit`` (C,) rescales b_c per channel (e.g. the plate's control std).
+    """
     if _uniform(gen) >= p:
         return img
     c = img.shape[0]
     a = 1.0 + gain_std * torch.randn(c, generator=gen, dtype=img.dtype)
     b = offset_std * torch.randn(c, generator=gen, dtype=img.dtype)
+    if offset_unit is not None:
+        b = b * offset_unit.reshape(-1).to(img.dtype)
     return img * a[:, None, None] + b[:, None, None]
 
 
@@ -167,8 +179,21 @@ def _one_view(
     x = random_resized_crop(img, size, scale, tuple(cfg.crop_ratio), gen=gen)
     x = random_flip_rot90(x, cfg.flip_p, cfg.rot90_p, gen)
     # Jitter acts pointwise, so applying it after the crop equals applying it before (cheaper).
-    x = intensity_jitter(x, jitter_p, cfg.jitter_gain_std, cfg.jitter_offset_std, gen)
+    unit = _offset_unit(cfg, norm)
+    x = intensity_jitter(x, jitter_p, cfg.jitter_gain_std, cfg.jitter_offset_std, gen, unit)
     return _standardise(x, norm).contiguous()
+
+
+def _offset_unit(
+    cfg: ViewsConfig, norm: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor | None:
+    if cfg.jitter_offset_unit == "range":
+        return None
+    if cfg.jitter_offset_unit != "plate_std":
+        raise ValueError(
+            f"views.jitter_offset_unit={cfg.jitter_offset_unit!r}: use plate_std or range"
+        )
+    return None if norm is None else norm[1]
 
 
 def make_views(

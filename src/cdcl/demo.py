@@ -1,0 +1,473 @@
+"""The main job: train DINO, DINO-CB, CDCL and a supervised baseline on one screen with the same
+budget and seed, evaluate them next to the baselines, and write one comparison report.
+
+Stages (each timed, each with its own progress bar): data → train per method → evaluate →
+report. Everything is cached in the output directory: the dataset is reused when its build key
+matches, a run is reused (or resumed) when its resolved config matches, and ``fresh`` rebuilds
+everything.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cdcl.errors import CdclError
+
+# label -> (method key used in run dirs, preset suffix)
+METHODS: dict[str, str] = {
+    "supervised": "supervised",
+    "DINO": "dino",
+    "DINO-CB": "dino-cb",
+    "CDCL": "cdcl",
+}
+BBBC021_METHODS = ("DINO", "CDCL")
+# Headline columns of the comparison table: (label, path in a variant's results).
+COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("treatment acc (logistic)", ("classification", "logistic", "accuracy")),
+    ("treatment acc (kNN)", ("classification", "knn", "accuracy")),
+    ("NSC", ("moa_matching", "nsc")),
+    ("NSCB", ("moa_matching", "nscb")),
+    ("replicate mAP (other batch)", ("map", "replicate_batch_aware", "map")),
+    ("MoA mAP", ("map", "moa", "map")),
+    ("kBET", ("kbet", "acceptance_rate")),
+    ("batch 1-|sil|", ("silhouette", "batch_1_minus_abs")),
+    ("batch-classifier acc", ("batch_classifier", "accuracy")),
+)
+LOWER_IS_BETTER = {"batch-classifier acc"}
+
+
+@dataclass
+class DemoSpec:
+    """What one demo run does."""
+
+    out: Path
+    dataset: str = "synthetic"  # synthetic | bbbc021
+    quick: bool = False
+    fresh: bool = False
+    seed: int = 0
+    epochs: int | None = None  # None: the demo's budget for the dataset
+    bbbc021_dir: Path | None = None
+    progress: bool = True
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Stage:
+    """Times one stage and prints when it starts and ends."""
+
+    def __init__(self, spec: DemoSpec, name: str) -> None:
+        self.spec, self.name = spec, name
+
+    def __enter__(self) -> _Stage:
+        print(f"== {self.name}", flush=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        dt = time.perf_counter() - self.t0
+        self.spec.timings[self.name] = round(dt, 2)
+        if exc[0] is None:
+            print(f"   {self.name}: {dt:.1f} s", flush=True)
+
+
+def default_bbbc021_dir() -> Path:
+    """Where the BBBC021 week-4 crops live next to a checkout (../shared/data/...)."""
+    here = Path(__file__).resolve()
+    for parent in [Path.cwd(), *here.parents]:
+        cand = parent.parent / "shared" / "data" / "bbbc021_week4_singlecell"
+        if cand.is_dir():
+            return cand
+    return Path("../shared/data/bbbc021_week4_singlecell")
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_data(spec: DemoSpec) -> Path:
+    """The demo's dataset directory, built or reused."""
+    out = spec.out / "data"
+    if spec.dataset == "synthetic":
+        from cdcl.data.synthetic import generate
+
+        preset = "tiny" if spec.quick else "small"
+        return generate(out, preset, seed=spec.seed, overwrite=True, progress=spec.progress)
+    if spec.dataset == "bbbc021":
+        return _build_bbbc021(spec, out)
+    raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
+
+
+def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
+    from cdcl.data.dataset_dir import validate
+    from cdcl.data.table import TableOptions, build_table
+
+    src = Path(spec.bbbc021_dir or default_bbbc021_dir())
+    npz, csv = src / "cells_subset.npz", src / "metadata_subset.csv"
+    for f in (npz, csv):
+        if not f.is_file():
+            raise CdclError(f"{f}: not found; pass --bbbc021-dir with the BBBC021 week-4 crops")
+    if out.exists() and not spec.fresh:
+        try:
+            validate(out)
+            return out
+        except CdclError:
+            shutil.rmtree(out)
+    elif out.exists():
+        shutil.rmtree(out)
+    options = TableOptions(
+        batch_col="plate",
+        plate_col="plate",
+        well_col="well",
+        site_col="site",
+        treatment_col="compound",
+        dose_col="concentration_uM",
+        compound_col="compound",
+        moa_col="moa",
+        control_query='compound == "DMSO"',
+    )
+    build_table(
+        csv,
+        out,
+        ["DNA", "Actin", "Tubulin"],
+        options,
+        npz=npz,
+        npz_key="images",
+        channel_axis=-1,
+        name="bbbc021-week4",
+    )
+    return out
+
+
+# ---------------------------------------------------------------- training
+
+
+def budget_overrides(spec: DemoSpec) -> list[str]:
+    """Equal training budget for every method (epochs), plus the seed and data-loader workers."""
+    if spec.epochs is not None:
+        epochs = spec.epochs
+    elif spec.quick:
+        epochs = 2
+    elif spec.dataset == "bbbc021":
+        epochs = 12
+    else:
+        epochs = 12
+    over = [f"train.epochs={epochs}", f"train.seed={spec.seed}", "data.num_workers=0"]
+    if spec.quick:
+        # The tiny screen has 32-px fields: a smaller network and batch keep it under 2 minutes.
+        over += [
+            "train.batch_size=16",
+            "train.warmup_epochs=1",
+            "model.embed_dim=64",
+            "model.depth=2",
+            "model.num_heads=2",
+            "model.patch_size=4",
+        ]
+    return over
+
+
+def train_method(spec: DemoSpec, label: str, data: Path) -> tuple[Path, dict[str, Any]]:
+    """Train (or reuse, or resume) one method's run; returns the run dir and its train stats."""
+    from cdcl.config import load_config
+    from cdcl.train.loop import train
+
+    key = METHODS[label]
+    preset = f"{'bbbc021' if spec.dataset == 'bbbc021' else 'synthetic'}-{key}"
+    cfg = load_config(preset, [f"data.path={data.resolve()}", *budget_overrides(spec)])
+    run = spec.out / "runs" / key
+    config_file = run / "config.yaml"
+    same = config_file.is_file() and config_file.read_text() == cfg.to_yaml()
+    if run.exists() and (spec.fresh or not same):
+        shutil.rmtree(run)
+    t0 = time.perf_counter()
+    summary = train(cfg, run, resume=run.exists())
+    wall = time.perf_counter() - t0
+    return run, {"preset": preset, "wall_s": round(wall, 2), **_train_stats(run), **summary}
+
+
+def _train_stats(run: Path) -> dict[str, Any]:
+    """Images/s and final loss from a run's metrics.jsonl."""
+    from cdcl.evaluate.report import read_metrics_jsonl
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    df = read_metrics_jsonl(path)
+    if df.empty or "images_per_s" not in df:
+        return {}
+    rows = df[df["images_per_s"].notna()]
+    # The first window includes start-up (graph warm-up, first data loads): leave it out.
+    steady = rows.iloc[1:] if len(rows) > 2 else rows
+    return {
+        "images_per_s": round(float(steady["images_per_s"].median()), 1),
+        "final_loss": float(rows["loss"].iloc[-1]) if "loss" in rows else None,
+    }
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_runs(
+    spec: DemoSpec, data: Path, runs: dict[str, Path]
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
+    """Score every run and the baselines on the held-out batches with the same code."""
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.splits import assign_split
+    from cdcl.evaluate.baselines import IntensityFeatures
+    from cdcl.evaluate.embed import make_view_fn
+    from cdcl.evaluate.evaluate import evaluate_images, random_like_run
+    from cdcl.train.checkpoint import load_for_eval
+
+    ds = open_dataset(data)
+    split = assign_split(ds.samples, ds.info.source, None)
+    null_size = 500 if spec.quick else 2000
+    results: dict[str, Any] = {}
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
+    reference = None
+    for label, run in runs.items():
+        em = load_for_eval(run, "last")
+        reference = reference or em
+        res, prof = evaluate_images(
+            ds,
+            split,
+            {label: em.method.embed},
+            make_view_fn(em.views_cfg),
+            tvn_on=(label,) if label == "DINO" else (),
+            online_probe={"set": label, "probe": em.probe, "label_of": em.label_of},
+            null_size=null_size,
+            seed=spec.seed,
+            progress=spec.progress,
+        )
+        results.update(res)
+        profiles.update(prof)
+    if reference is not None:
+        baselines = {
+            "intensity stats": IntensityFeatures(),
+            "random network": random_like_run(reference, ds, seed=spec.seed),
+        }
+        res, prof = evaluate_images(
+            ds,
+            split,
+            baselines,
+            make_view_fn(reference.views_cfg),
+            null_size=null_size,
+            seed=spec.seed,
+            progress=spec.progress,
+        )
+        results.update(res)
+        profiles.update(prof)
+    return results, profiles
+
+
+def _get(d: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def comparison_table(feature_sets: dict[str, Any], variant: str) -> pd.DataFrame:
+    """One row per feature set, one column per headline metric, for one profile variant."""
+    rows = []
+    for name, res in feature_sets.items():
+        row: dict[str, Any] = {"features": name}
+        if "online_probe" in res:
+            row["online probe acc"] = _get(res, ("online_probe", "accuracy"))
+        for label, path in COLUMNS:
+            v = _get(res.get(variant, {}), path)
+            row[label] = float(v) if isinstance(v, int | float) else None
+        rows.append(row)
+    df = pd.DataFrame(rows).set_index("features")
+    cols = ["online probe acc"] if "online probe acc" in df else []
+    return df[cols + [c for c, _ in COLUMNS]]
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table with 3 decimals (– for missing)."""
+
+    def fmt(v: Any) -> str:
+        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
+
+    head = "| " + " | ".join([df.index.name or "", *df.columns]) + " |"
+    sep = "|" + "---|" * (len(df.columns) + 1)
+    body = ["| " + " | ".join([str(i), *(fmt(v) for v in r)]) + " |" for i, r in df.iterrows()]
+    return "\n".join([head, sep, *body])
+
+
+def to_text(df: pd.DataFrame) -> str:
+    """The table as aligned plain text for the terminal."""
+    return df.to_string(float_format=lambda v: f"{v:.3f}", na_rep="–")
+
+
+# ---------------------------------------------------------------- report
+
+
+def figure1(
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]], names: list[str], path: Path, seed: int
+) -> Path | None:
+    """The paper's Figure 1: UMAP of well profiles, one row per method, by batch and treatment."""
+    from cdcl.evaluate.report import _plt, _save, draw_umap_panels, umap_frame
+
+    names = [n for n in names if n in profiles]
+    if not names:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(len(names), 2, figsize=(10, 4.3 * len(names)), squeeze=False)
+    for row, name in zip(axes, names):
+        feats, meta = profiles[name]
+        draw_umap_panels(row, umap_frame(feats, meta, seed=seed), name)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def training_curves(runs: dict[str, Path], path: Path) -> Path | None:
+    """Loss, teacher entropy and throughput of every run against the step, one line per method."""
+    from cdcl.evaluate.report import _plt, _save, read_metrics_jsonl
+
+    frames = {
+        label: read_metrics_jsonl(run / "metrics.jsonl")
+        for label, run in runs.items()
+        if (run / "metrics.jsonl").is_file()
+    }
+    if not frames:
+        return None
+    keys = [
+        k
+        for k in ("loss", "dino_loss", "barlow_loss", "teacher_entropy", "images_per_s")
+        if any(k in df for df in frames.values())
+    ]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for label, df in frames.items():
+            if key in df and "step" in df:
+                ok = df[key].notna()
+                ax.plot(df.loc[ok, "step"], df.loc[ok, key], lw=1.2, label=label)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_outputs(
+    spec: DemoSpec,
+    data: Path,
+    feature_sets: dict[str, Any],
+    training: dict[str, Any],
+    pictures: dict[str, Path | None],
+) -> dict[str, Path]:
+    """results.json, results.md and the self-contained report.html."""
+    from cdcl.data.dataset_dir import atomic_write_text, open_dataset
+    from cdcl.evaluate.evaluate import to_jsonable, versions
+    from cdcl.evaluate.report import _img, write_html
+
+    ds = open_dataset(data)
+    tables = {v: comparison_table(feature_sets, v) for v in ("plate_normalized", "raw")}
+    title = f"cdcl demo: {spec.dataset}{' (quick)' if spec.quick else ''}"
+    results = {
+        "kind": "demo",
+        "dataset": {"path": str(data.resolve()), "name": ds.info.name, "n_images": len(ds)},
+        "spec": {"dataset": spec.dataset, "quick": spec.quick, "seed": spec.seed},
+        "budget": budget_overrides(spec),
+        "training": training,
+        "timings_s": spec.timings,
+        "tables": {v: t.reset_index().to_dict(orient="records") for v, t in tables.items()},
+        "feature_sets": feature_sets,
+        "versions": versions(),
+    }
+    out = spec.out
+    atomic_write_text(out / "results.json", json.dumps(to_jsonable(results), indent=2))
+    md = [
+        f"# {title}",
+        "",
+        f"Dataset `{ds.info.name}` ({len(ds)} images); metrics on held-out batches, well profiles.",
+        "",
+        "## Profiles standardised per plate against its controls",
+        "",
+        to_markdown(tables["plate_normalized"]),
+        "",
+        "## Raw profiles",
+        "",
+        to_markdown(tables["raw"]),
+        "",
+        "## Training",
+        "",
+        "| method | epochs | steps | images/s | wall s |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {m} | {t.get('epoch')} | {t.get('step')} | {t.get('images_per_s')} | "
+            f"{t.get('wall_s')} |"
+            for m, t in training.items()
+        ),
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in spec.timings.items()),
+    ]
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+
+    def html_table(df: pd.DataFrame) -> str:
+        from cdcl.evaluate.report import table_html
+
+        t = df.T
+        higher = {c: c not in LOWER_IS_BETTER for c in t.index}
+        return table_html(t, higher)
+
+    sections = [
+        (
+            "Held-out batches, profiles standardised per plate against controls",
+            html_table(tables["plate_normalized"]),
+        ),
+        ("Held-out batches, raw profiles", html_table(tables["raw"])),
+        ("Figure 1: UMAP of well profiles", _img(pictures.get("figure1"), "UMAP")),
+        ("Training curves", _img(pictures.get("curves"), "training curves")),
+        ("Dataset", _img(pictures.get("montage"), "montage")),
+        (
+            "Timings",
+            "<p>"
+            + ", ".join(f"{k}: {v:.1f} s" for k, v in spec.timings.items())
+            + "</p><p>"
+            + ", ".join(f"{m}: {t.get('images_per_s')} images/s" for m, t in training.items())
+            + "</p>",
+        ),
+    ]
+    write_html(out / "report.html", title, sections)
+    return {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+
+
+def run_demo(spec: DemoSpec) -> dict[str, Any]:
+    """Run every stage; returns the paths written and the plate-normalised table."""
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.montage import montage
+
+    spec.out.mkdir(parents=True, exist_ok=True)
+    with _Stage(spec, "data"):
+        data = prepare_data(spec)
+    labels = list(BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS)
+    runs: dict[str, Path] = {}
+    training: dict[str, Any] = {}
+    for label in labels:
+        with _Stage(spec, f"train {label}"):
+            runs[label], training[label] = train_method(spec, label, data)
+    with _Stage(spec, "evaluate"):
+        feature_sets, profiles = evaluate_runs(spec, data, runs)
+    with _Stage(spec, "report"):
+        pictures = {
+            "montage": montage(open_dataset(data), spec.out / "montage.png"),
+            "figure1": figure1(
+                profiles,
+                [n for n in ("DINO", "CDCL") if n in profiles],
+                spec.out / "figure1_umap.png",
+                spec.seed,
+            ),
+            "curves": training_curves(runs, spec.out / "training_curves.png"),
+        }
+        paths = write_outputs(spec, data, feature_sets, training, pictures)
+    table = comparison_table(feature_sets, "plate_normalized")
+    return {"paths": paths, "table": table, "training": training, "timings": spec.timings}
