@@ -184,3 +184,25 @@ def test_commit_refuses_incomplete(tmp_path: Path) -> None:
     w.write([0], np.zeros((1, 1, 4, 4), np.uint8))
     with pytest.raises(DatasetError, match="2 images not written yet"):
         w.commit(pd.DataFrame())
+
+
+def test_read_many_large_images_chunk_by_chunk(tmp_path: Path) -> None:
+    # 2 x 400 x 400 uint16 = 640 KiB per image: above LARGE_IMAGE_BYTES, read per chunk.
+    info = DatasetInfo("big", "test", ["DNA", "ER"], "uint16", [400, 400], 3)
+    w = DatasetWriter(tmp_path / "d", info)
+    imgs = np.random.default_rng(0).integers(0, 60000, (3, 2, 400, 400), dtype=np.uint16)
+    w.write([0, 1, 2], imgs)
+    samples = pd.DataFrame(
+        {
+            "image": [0, 1, 2],
+            "batch": ["b0"] * 3,
+            "plate": ["p0"] * 3,
+            "well": ["A01", "A02", "A03"],
+            "site": [0, 0, 0],
+            "treatment": ["DMSO", "t", "t"],
+            "is_control": [True, False, False],
+        }
+    )
+    ds = open_dataset(w.commit(samples))
+    idx = np.array([2, 0, 2])
+    assert np.array_equal(ds.read_many(idx), imgs[idx])

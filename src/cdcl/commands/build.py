@@ -139,6 +139,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="treatment label of controls (default: their compound)",
     )
+    p.add_argument(
+        "--split-col",
+        default=None,
+        help="column with the screen's own train/val/test assignment (kept as `split`)",
+    )
     _common(p, None)
 
 
@@ -208,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             cell_type_col=args.cell_type_col,
             control_query=args.control_query,
             control_treatment=args.control_treatment,
+            split_col=args.split_col,
         )
         rep = build_table(
             args.samples,

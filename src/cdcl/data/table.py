@@ -108,6 +108,7 @@ class TableOptions:
     cell_type_col: str | None = None
     control_query: str | None = None
     control_treatment: str | None = None
+    split_col: str | None = None  # the user's own train/val/test assignment, kept as `split`
 
 
 def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.DataFrame:
@@ -166,6 +167,15 @@ def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.Da
         out["moa"] = df[opt.moa_col].where(df[opt.moa_col].notna(), None).to_numpy()
     if opt.cell_type_col:
         out["cell_type"] = df[opt.cell_type_col].astype(str).to_numpy()
+    if opt.split_col:
+        require_columns(df, [opt.split_col], where)
+        split = df[opt.split_col].astype(str).str.strip().str.lower()
+        bad = sorted(set(split) - {"train", "val", "test"})
+        if bad:
+            raise CdclError(
+                f"{where}: column `{opt.split_col}` has values {bad[:3]}; use train, val or test"
+            )
+        out["split"] = split.to_numpy()
     out["source_row"] = np.arange(len(df), dtype=np.int64)
     return out
 

@@ -405,8 +405,12 @@ def evaluate_images(
     seed: int = 0,
     progress: bool = True,
     timer: Timer | None = None,
+    level: str = "well",
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
     """Embed train and test images with each backbone, then score every feature set.
+
+    ``level="well"`` scores well profiles (mean over sites, the default); ``"image"`` scores
+    every image on its own (single-cell crops, where a "well" holds few profiles).
 
     ``online_probe`` = ``{"set": name, "probe": nn.Module, "label_of": {...}}`` scores the
     checkpoint's probe on that set's test-image features. ``tvn_on`` names feature sets that
@@ -431,7 +435,10 @@ def evaluate_images(
             feats = embed_images(
                 backbone, dataset, idx, view_fn, batch_size=batch_size, progress=progress, desc=name
             )
-        wp, wmeta = well_profiles(feats, img_meta)
+        if level == "image":
+            wp, wmeta = feats, img_meta.reset_index(drop=True)
+        else:
+            wp, wmeta = well_profiles(feats, img_meta)
         profiles[name] = (wp, wmeta)
         train = (wmeta["split"] == "train").to_numpy()
         test = (wmeta["split"] == "test").to_numpy()
