@@ -369,7 +369,24 @@ def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[s
     }
     last_val: dict[str, Any] = {}
 
+    def last_good() -> str:
+        if last_path.exists():
+            return f"last good checkpoint: {last_path}"
+        return "no checkpoint was written yet"
+
     def save(names: list[str]) -> None:
+        # Never overwrite a good checkpoint with weights an optimiser step has made non-finite
+        # (the loss of that step was still finite). Weights are identical on every process.
+        finite = all(
+            bool(torch.isfinite(t).all())
+            for t in method.state_dict().values()
+            if torch.is_floating_point(t)
+        )
+        if not finite:
+            raise CdclError(
+                f"weights became non-finite at step {step}; lower train.lr or check the data "
+                f"({last_good()})"
+            )
         # Every process contributes its torch RNG state; only rank 0 writes.
         torch_states = [
             s.cpu() for s in D.gather_tensors(torch.get_rng_state().to(_gather_device(device)))
@@ -475,10 +492,13 @@ def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[s
             batch = _to_device(batch, device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, logs = method.loss(batch, state)
-            if not torch.isfinite(loss):
+            # Every process must agree to stop, or the others would wait in the next all-reduce.
+            non_finite = D.all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0], device)[0]
+            if non_finite:
                 raise CdclError(
-                    f"loss is {float(loss)} at step {step}; lower train.lr or check the data "
-                    f"(last checkpoint: {last_path})"
+                    f"loss is {float(loss.detach())} at step {step} on "
+                    f"{int(non_finite)} process(es); lower train.lr or check the data "
+                    f"({last_good()})"
                 )
             optimizer.zero_grad(set_to_none=True)
             probe_opt.zero_grad(set_to_none=True)
