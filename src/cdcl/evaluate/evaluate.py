@@ -35,6 +35,8 @@ from cdcl.errors import CdclError
 
 VARIANTS = ("raw", "plate_normalized")
 RESULTS_FILE = "results.json"
+SILHOUETTE_EXACT_MAX = 20_000  # profiles; above, silhouettes score a sample of query rows
+SILHOUETTE_SAMPLE = 10_000
 RESULTS_VERSION = 1
 PROTOCOL = {
     "profiles": "well level: mean of the image embeddings over sites",
@@ -137,16 +139,22 @@ def _unsupervised(
     out["kbet"] = _safe(errors, f"{pre}.kbet", kbet_all)
 
     def silhouettes() -> dict[str, Any]:
+        # Exact up to SILHOUETTE_EXACT_MAX rows; beyond, a seeded sample of query rows scored
+        # against all rows (O(sample * n) instead of O(n^2)).
+        kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
+        kw["seed"] = seed
         s: dict[str, Any] = {}
-        b = M.batch_silhouette_score(x, batch)
+        b = M.batch_silhouette_score(x, batch, **kw)
         s["batch_1_minus_abs"] = b["score"]
         s["batch"] = b["silhouette"]
         nc = ~ctrl
-        s["treatment"] = M.silhouette(x[nc], treat[nc]) if _n_labels_ok(treat[nc]) else float("nan")
+        s["treatment"] = (
+            M.silhouette(x[nc], treat[nc], **kw) if _n_labels_ok(treat[nc]) else float("nan")
+        )
         if has_moa:
             moa_ok = nc & meta["moa"].notna().to_numpy()
             m = meta["moa"].astype(str).to_numpy()[moa_ok]
-            s["moa"] = M.silhouette(x[moa_ok], m) if _n_labels_ok(m) else float("nan")
+            s["moa"] = M.silhouette(x[moa_ok], m, **kw) if _n_labels_ok(m) else float("nan")
         return s
 
     out["silhouette"] = _safe(errors, f"{pre}.silhouette", silhouettes)
