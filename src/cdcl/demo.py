@@ -40,7 +40,7 @@ COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("replicate mAP (other batch)", ("map", "replicate_batch_aware", "map")),
     ("MoA mAP", ("map", "moa", "map")),
     ("kBET", ("kbet", "acceptance_rate")),
-    ("batch 1-|sil|", ("silhouette", "batch_1_minus_abs")),
+    ("batch 1-abs(sil)", ("silhouette", "batch_1_minus_abs")),
     ("batch-classifier acc", ("batch_classifier", "accuracy")),
 )
 LOWER_IS_BETTER = {"batch-classifier acc"}
