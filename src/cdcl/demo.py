@@ -365,10 +365,11 @@ def training_curves(runs: dict[str, Path], path: Path) -> Path | None:
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.8 * len(keys), 3.0), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for label, df in frames.items():
+        for i, (label, df) in enumerate(frames.items()):
             if key in df and "step" in df:
                 ok = df[key].notna()
-                ax.plot(df.loc[ok, "step"], df.loc[ok, key], lw=1.2, label=label)
+                # One colour per method in every panel, also where a method logs nothing.
+                ax.plot(df.loc[ok, "step"], df.loc[ok, key], lw=1.2, label=label, color=f"C{i}")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
