@@ -18,6 +18,7 @@ from cdcl.errors import CdclError, ConfigError
 from cdcl.methods import MethodConfig, StepState, build_method
 from cdcl.methods.losses import dino_cross_entropy, dino_pairs
 from cdcl.models.backbones import ModelConfig, build_backbone
+from cdcl.train import distributed as D
 
 TINY_VIT = ModelConfig(
     arch="vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path=0.1
@@ -279,14 +280,32 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                     {"vals": vals, "grads": grads, "center": m.center, "bc": m.batch_centers},
                     os.path.join(out_dir, f"{case}.pt"),
                 )
+        if rank == 0:
+            # cdcl.train.distributed (imported with this module, so before the group) is what
+            # lets cleanup free the group: no gloo worker thread may outlive it.
+            D.cleanup()
+            Path(out_dir, "threads_after_cleanup").write_text(str(_gloo_threads()))
     finally:
-        dist.destroy_process_group()
+        D.cleanup()
+
+
+def _gloo_threads() -> int:
+    """Live gloo worker threads of this process, read from /proc (Linux)."""
+    names = {"pt_gloo_runloop", "gloo_tcp_loop"}
+    count = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            count += Path("/proc/self/task", tid, "comm").read_text().strip() in names
+        except OSError:  # the thread ended while we looked
+            continue
+    return count
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_double_batch(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "threads_after_cleanup").read_text() == "0"
     for case, (name, kw) in DIST_CASES.items():
         got = torch.load(tmp_path / f"{case}.pt", weights_only=True)
         m = _build(name, DIST_MODEL, **kw)

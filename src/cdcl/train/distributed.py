@@ -2,6 +2,14 @@
 
 Without torchrun (no ``WORLD_SIZE`` in the environment, or 1) everything degrades to a single
 process and the reductions are no-ops, so the trainer has one code path.
+
+Why timm is imported here, before any process group exists: timm imports
+``torch.distributed.fsdp``, whose ``ShardedGradScaler.__init__`` takes ``dist.group.WORLD`` as a
+default argument, evaluated once at import. Imported after ``init_process_group`` it pins the
+default group for the life of the interpreter, so ``destroy_process_group`` cannot free it; gloo's
+worker threads then outlive ``main`` and, when one of them drops its last finished collective
+during interpreter shutdown, it needs the GIL that is being torn down and the process aborts
+(``terminate called without an active exception``, SIGABRT). Imported first, the default is None.
 """
 
 from __future__ import annotations
@@ -9,8 +17,11 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+import timm  # noqa: F401  (must precede init_process_group, see the module docstring)
 import torch
 import torch.distributed as dist
+
+from cdcl.errors import CdclError
 
 
 def is_dist() -> bool:
@@ -37,8 +48,6 @@ def init(device_pref: str = "auto") -> torch.device:
     """Initialise the process group when launched by torchrun and return this process's device."""
     want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
-        from cdcl.errors import CdclError
-
         raise CdclError("train.device=cuda but no CUDA device is available; use train.device=auto")
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     if env_world > 1 and not dist.is_initialized():
@@ -55,9 +64,17 @@ def init(device_pref: str = "auto") -> torch.device:
 
 
 def cleanup() -> None:
-    """Tear down the process group if one was initialised."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear down the process group once every process has finished with it.
+
+    The barrier keeps a fast process from destroying its end while a peer is still inside a
+    collective; ``destroy_process_group`` then frees the group and joins gloo's worker threads
+    (see the module docstring for what kept them alive before).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
