@@ -12,8 +12,8 @@ import pytest
 from scipy.stats import chi2
 from sklearn.metrics import silhouette_score
 
-import cdcl.evaluate.knn as knn_mod
-import cdcl.evaluate.metrics as metrics_mod
+import cdcl.evaluate.metrics.reproducibility as grit_mod
+import cdcl.evaluate.metrics.retrieval as ap_mod
 from cdcl.evaluate.metrics import (
     average_precision,
     batch_classifier_accuracy,
@@ -26,15 +26,18 @@ from cdcl.evaluate.metrics import (
     knn_indices,
     logistic_probe_accuracy,
     map_pvalues,
+    matching,
     mean_average_precision,
+    mixing,
     moa_map,
+    neighbours,
     nsc_nscb,
     replicate_map,
     silhouette,
-    standardize_per_plate,
     treatment_profiles,
     weighted_knn_accuracy,
 )
+from cdcl.evaluate.profiles import standardize_per_plate
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BBBC021_WELLS = (
@@ -45,9 +48,9 @@ BBBC021_WELLS = (
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny block budget so that every blocked loop runs over many blocks."""
-    monkeypatch.setattr(knn_mod, "BLOCK_ELEMS", 64)
-    monkeypatch.setattr(metrics_mod, "BLOCK_ELEMS", 64)
-    monkeypatch.setattr(metrics_mod, "_MAP_BLOCK", 64)
+    for module in (neighbours, mixing, matching, grit_mod, ap_mod):
+        monkeypatch.setattr(module, "BLOCK_ELEMS", 64)
+    monkeypatch.setattr(ap_mod, "_MAP_BLOCK", 64)
 
 
 def _gauss(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -471,7 +474,7 @@ def test_average_precision_hand_made():
 def test_bh_matches_statsmodels():
     multipletests = pytest.importorskip("statsmodels.stats.multitest").multipletests
     p = np.random.default_rng(0).uniform(size=50) ** 2
-    np.testing.assert_allclose(metrics_mod._bh_correct(p), multipletests(p, method="fdr_bh")[1])
+    np.testing.assert_allclose(ap_mod._bh_correct(p), multipletests(p, method="fdr_bh")[1])
 
 
 def _map_case(seed: int = 0):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from test_evaluate_pipeline import planted_profiles
 
-from cdcl.evaluate.evaluate import base_results, evaluate_features, write_results
+from cdcl.evaluate.evaluate import base_results, evaluate_features
 from cdcl.evaluate.report import (
     make_report,
     metrics_table,
@@ -21,6 +21,7 @@ from cdcl.evaluate.report import (
     read_metrics_jsonl,
     table_html,
 )
+from cdcl.evaluate.results import write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

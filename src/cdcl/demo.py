@@ -387,8 +387,8 @@ def write_outputs(
 ) -> dict[str, Path]:
     """results.json, results.md and the self-contained report.html."""
     from cdcl.data.dataset_dir import atomic_write_text, open_dataset
-    from cdcl.evaluate.evaluate import to_jsonable, versions
     from cdcl.evaluate.report import _img, write_html
+    from cdcl.evaluate.results import to_jsonable, versions
 
     ds = open_dataset(data)
     tables = {v: comparison_table(feature_sets, v) for v in ("plate_normalized", "raw")}

@@ -61,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the table or the run evaluation and print where the results went."""
-    from cdcl.evaluate.evaluate import evaluate_run, evaluate_table, read_results
+    from cdcl.evaluate.evaluate import evaluate_run, evaluate_table
     from cdcl.evaluate.report import metrics_table
+    from cdcl.evaluate.results import read_results
 
     if args.features is not None:
         if args.run is not None:

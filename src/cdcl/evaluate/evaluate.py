@@ -18,9 +18,6 @@ Conventions (stated in results.json under ``protocol``):
 from __future__ import annotations
 
 import hashlib
-import json
-import math
-import platform
 import sys
 import time
 import warnings
@@ -32,9 +29,10 @@ import numpy as np
 import pandas as pd
 
 from cdcl.errors import CdclError
+from cdcl.evaluate import metrics as M
+from cdcl.evaluate.results import RESULTS_FILE, to_jsonable, versions, write_results
 
 VARIANTS = ("raw", "plate_normalized")
-RESULTS_FILE = "results.json"
 SILHOUETTE_EXACT_MAX = 20_000  # profiles; above, silhouettes score a sample of query rows
 SILHOUETTE_SAMPLE = 10_000
 RESULTS_VERSION = 1
@@ -95,8 +93,6 @@ def _n_labels_ok(labels: np.ndarray) -> bool:
 def _classification(
     x: np.ndarray, meta: pd.DataFrame, train: np.ndarray, test: np.ndarray, k: int, seed: int
 ) -> dict[str, Any]:
-    from cdcl.evaluate.metrics import logistic_probe_accuracy, weighted_knn_accuracy
-
     ctrl = meta["is_control"].to_numpy(bool)
     tr, te = train & ~ctrl, test & ~ctrl
     y = meta["treatment"].astype(str).to_numpy()
@@ -108,8 +104,8 @@ def _classification(
         # Nothing to learn across batches (e.g. BBBC021: each treatment on one week only).
         out["note"] = "no held-out treatment occurs in the training batches"
         return out
-    out["logistic"] = logistic_probe_accuracy(x[tr], y[tr], x[te], y[te], seed=seed)
-    out["knn"] = weighted_knn_accuracy(x[tr], y[tr], x[te], y[te], k=min(k, int(tr.sum())))
+    out["logistic"] = M.logistic_probe_accuracy(x[tr], y[tr], x[te], y[te], seed=seed)
+    out["knn"] = M.weighted_knn_accuracy(x[tr], y[tr], x[te], y[te], k=min(k, int(tr.sum())))
     return out
 
 
@@ -117,8 +113,6 @@ def _unsupervised(
     x: np.ndarray, meta: pd.DataFrame, null_size: int, seed: int, errors: dict[str, str], pre: str
 ) -> dict[str, Any]:
     """Every metric that needs no training split, on the given rows."""
-    from cdcl.evaluate import metrics as M
-
     out: dict[str, Any] = {}
     ctrl = meta["is_control"].to_numpy(bool)
     batch = meta["batch"].astype(str).to_numpy()
@@ -281,8 +275,6 @@ def online_probe_scores(
     """Accuracy and macro F1 of the checkpoint's online linear probe on the masked images."""
     import torch
 
-    from cdcl.evaluate.metrics import classification_scores
-
     t = np.asarray(treatments).astype(str)
     keep = np.asarray(mask, bool) & np.isin(t, list(label_of))
     if not keep.any():
@@ -297,7 +289,7 @@ def online_probe_scores(
             block = torch.from_numpy(image_features[keep][a : a + 4096])
             preds.append(probe(block).argmax(dim=1).cpu().numpy())
     pred = classes[np.concatenate(preds)].astype(str)
-    out: dict[str, Any] = dict(classification_scores(t[keep], pred))
+    out: dict[str, Any] = dict(M.classification_scores(t[keep], pred))
     out["n_test"] = int(keep.sum())
     return out
 
@@ -309,68 +301,6 @@ def file_sha256(path: str | Path, n_hex: int = 16) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:n_hex]
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries the figures depend on."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("cdcl", "torch", "timm", "numpy", "pandas", "scikit-learn", "scipy", "umap-learn"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Recursively convert numpy/pandas/Path values to JSON types; NaN and inf become null."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [to_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, bool | np.bool_):
-        return bool(obj)
-    if isinstance(obj, int | np.integer):
-        return int(obj)
-    if isinstance(obj, float | np.floating):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    if hasattr(obj, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return to_jsonable(asdict(obj))
-    return str(obj)
-
-
-def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ``OUT/results.json`` atomically (NaN -> null)."""
-    from cdcl.data.dataset_dir import atomic_write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / RESULTS_FILE
-    atomic_write_text(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
-    return path
-
-
-def read_results(path: str | Path) -> dict[str, Any]:
-    """Load a results.json (file or directory holding one); CdclError when absent or broken."""
-    p = Path(path)
-    f = p / RESULTS_FILE if p.is_dir() else p
-    if not f.is_file():
-        raise CdclError(f"{f}: not found; run `cdcl evaluate` first")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CdclError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
 def base_results(kind: str, **fields: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Profile tables: metadata resolution, per-plate standardisation and TVN.
+"""Profile tables: metadata resolution, per-plate standardisation (against controls) and TVN.
 
 Internally every profile set is ``(features float32 (n, d), meta DataFrame)`` where ``meta`` has
 the canonical columns ``plate, well, batch, treatment, compound, moa, is_control`` (``compound``
@@ -17,12 +17,15 @@ the identity), aligning the second-order statistics of the batches.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 
 from cdcl.errors import CdclError
+from cdcl.evaluate.metrics._inputs import _codes, _features, _labels
 
 CANONICAL = ("plate", "well", "batch", "treatment", "compound", "moa", "is_control")
 CONTROL_NAMES = ("dmso", "negcon", "negative_control", "control", "untreated", "empty")
@@ -174,12 +177,58 @@ def control_mask(table: pd.DataFrame, canon: pd.DataFrame, query: str | None) ->
     return mask.to_numpy()
 
 
+def standardize_per_plate(
+    features: ArrayLike,
+    plates: ArrayLike,
+    is_control: ArrayLike,
+    *,
+    eps: float = 1e-6,
+    robust: bool = False,
+) -> np.ndarray:
+    """Standardise each plate against its own negative controls.
+
+    For every plate: ``(x - mean_c) / (std_c + eps)`` where mean/std (ddof=0) are those of
+    the plate's control rows, per feature (pycytominer ``normalize(method="standardize")``
+    with controls as the reference). ``robust=True`` uses pycytominer's ``mad_robustize``:
+    ``(x - median_c) / (1.4826 * MAD_c + eps)``, MAD the median absolute deviation. A plate
+    without control rows falls back to all its rows, with a ``warnings.warn`` naming the
+    plate (never an error).
+
+    Returns:
+        float32 array of the same shape as ``features``.
+    """
+    x = _features(features)
+    n = x.shape[0]
+    plate = _labels(plates, n, "plates")
+    ctrl = np.asarray(is_control, dtype=bool)
+    if ctrl.shape != (n,):
+        raise ValueError(f"is_control must have {n} entries, got shape {ctrl.shape}")
+    codes, uniq = _codes(plate, "plates")
+    out = np.empty(x.shape, dtype=np.float32)
+    for p in range(uniq.size):
+        rows = np.flatnonzero(codes == p)
+        block = np.asarray(x[rows], dtype=np.float64)
+        ref_mask = ctrl[rows]
+        if not ref_mask.any():
+            warnings.warn(
+                f"plate {uniq[p]!r} has no control rows: standardised against all its "
+                f"{rows.size} rows instead",
+                stacklevel=2,
+            )
+            ref_mask = np.ones(rows.size, dtype=bool)
+        ref = block[ref_mask]
+        if robust:
+            centre = np.median(ref, axis=0)
+            scale = 1.4826 * np.median(np.abs(ref - centre), axis=0)
+        else:
+            centre = ref.mean(axis=0)
+            scale = ref.std(axis=0)
+        out[rows] = ((block - centre) / (scale + eps)).astype(np.float32)
+    return out
+
+
 def plate_normalize(features: np.ndarray, meta: pd.DataFrame, robust: bool = False) -> np.ndarray:
     """Standardise each plate's profiles against that plate's control profiles."""
-    import warnings
-
-    from cdcl.evaluate.metrics import standardize_per_plate
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # plates without controls fall back to all rows
         return standardize_per_plate(

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
+from cdcl.evaluate.results import read_results
 
 # (label, path inside a variant's results, higher is better?)
 HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
@@ -324,8 +326,6 @@ def _kv_html(d: dict[str, Any]) -> str:
 
 def write_html(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
     """Write a self-contained HTML page (inline CSS, images as data URIs) atomically."""
-    from cdcl.data.dataset_dir import atomic_write_text
-
     body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
     doc = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
@@ -440,9 +440,6 @@ def compare(
     result_dirs: list[str | Path], out_dir: str | Path, names: list[str] | None = None
 ) -> Path:
     """Side-by-side metrics (CSV + HTML) and a UMAP panel grid of several results directories."""
-    from cdcl.data.dataset_dir import atomic_write_text
-    from cdcl.evaluate.evaluate import read_results
-
     if len(result_dirs) < 1:
         raise CdclError("compare: give at least one run or results directory")
     out = Path(out_dir)

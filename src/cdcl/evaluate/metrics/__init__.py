@@ -1,0 +1,54 @@
+"""Evaluation metrics for batch-robust profiles of high-content screens (DESIGN section 7).
+
+Pure functions on ``features`` (float32, shape (n, d)) and aligned metadata (arrays, pandas
+Series or a DataFrame with one row per feature row); no file I/O. Everything that compares all
+points with all points runs in blocks (:mod:`.neighbours`): no n x n matrix is ever built.
+
+One module per family, each naming its definitions and references:
+
+- :mod:`.neighbours`: blocked exact kNN search; weighted kNN treatment accuracy (Wu et al.,
+  CVPR 2018; DINO's ``eval_knn``, Caron et al., ICCV 2021);
+- :mod:`.classification`: label prediction scores, logistic probe, batch classifier;
+- :mod:`.mixing`: kBET (Buttner et al., Nat Methods 2019) and silhouettes (Rousseeuw 1987);
+- retrieval: :mod:`.matching` (NSC/NSCB, Ljosa et al., J Biomol Screen 2013), :mod:`.reproducibility`
+  (Way et al., Cell Systems 2022) and :mod:`.retrieval` (mAP with copairs conventions,
+  Kalinin et al., Nat Commun 2025).
+"""
+
+from cdcl.evaluate.metrics.classification import (
+    batch_classifier_accuracy,
+    classification_scores,
+    logistic_probe_accuracy,
+)
+from cdcl.evaluate.metrics.matching import nsc_nscb, treatment_profiles
+from cdcl.evaluate.metrics.mixing import batch_silhouette_score, kbet, kbet_per_group, silhouette
+from cdcl.evaluate.metrics.neighbours import knn_indices, weighted_knn_accuracy
+from cdcl.evaluate.metrics.reproducibility import grit, grit_summary
+from cdcl.evaluate.metrics.retrieval import (
+    average_precision,
+    map_pvalues,
+    mean_average_precision,
+    moa_map,
+    replicate_map,
+)
+
+__all__ = [
+    "average_precision",
+    "batch_classifier_accuracy",
+    "batch_silhouette_score",
+    "classification_scores",
+    "grit",
+    "grit_summary",
+    "kbet",
+    "kbet_per_group",
+    "knn_indices",
+    "logistic_probe_accuracy",
+    "map_pvalues",
+    "mean_average_precision",
+    "moa_map",
+    "nsc_nscb",
+    "replicate_map",
+    "silhouette",
+    "treatment_profiles",
+    "weighted_knn_accuracy",
+]
