@@ -32,7 +32,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+import tifffile
+from PIL import Image
+from tqdm import tqdm
 
+from cdcl import __version__
+from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter
 from cdcl.errors import CdclError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -90,8 +95,6 @@ def _png_dtype(mode: str) -> str | None:
 def probe_image_file(path: str) -> tuple[tuple[int, int], str]:
     """(H, W) and dtype of a single-plane image file from its header; raises on a bad file."""
     if path.lower().endswith(TIFF_SUFFIXES):
-        import tifffile
-
         size = os.path.getsize(path)
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
@@ -105,8 +108,6 @@ def probe_image_file(path: str) -> tuple[tuple[int, int], str]:
         if dtype not in ("uint8", "uint16"):
             raise _DepthError(dtype)
         return (int(shape[0]), int(shape[1])), dtype
-    from PIL import Image
-
     with Image.open(path) as im:
         mode, (w, h) = im.mode, im.size
         # verify() walks every chunk and checks CRCs, so a truncated PNG is caught here.
@@ -122,19 +123,13 @@ def probe_image_file(path: str) -> tuple[tuple[int, int], str]:
 def read_image_file(path: str) -> np.ndarray:
     """Decode a single-plane 8- or 16-bit image file (TIFF via tifffile, others via PIL)."""
     if path.lower().endswith(TIFF_SUFFIXES):
-        import tifffile
-
         try:
             arr = tifffile.imread(path)
         except ValueError:
             # tifffile needs the optional imagecodecs for LZW (Phenix exports); PIL decodes it.
-            from PIL import Image
-
             with Image.open(path) as im:
                 arr = np.asarray(im)
     else:
-        from PIL import Image
-
         with Image.open(path) as im:
             im.load()
             arr = np.asarray(im)
@@ -307,8 +302,6 @@ def resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """
     if tuple(plane.shape) == tuple(size):
         return plane
-    from PIL import Image
-
     h, w = size
     down = h <= plane.shape[0] and w <= plane.shape[1]
     resample = Image.Resampling.BOX if down else Image.Resampling.BILINEAR
@@ -452,8 +445,6 @@ def build_dataset(
     skipped_columns: tuple[str, ...] = ("batch", "plate", "well", "site", "treatment"),
 ) -> BuildReport:
     """Validate the inputs of an adapter's table, then write and commit the dataset at ``out``."""
-    from cdcl import __version__
-    from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter
 
     t0 = time.perf_counter()
     if len(samples) != len(source):
@@ -541,8 +532,6 @@ def build_dataset(
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
     if show:
-        from tqdm import tqdm
-
         bar = tqdm(
             total=len(table), initial=resumed_from, unit="img", desc="build", file=sys.stderr
         )

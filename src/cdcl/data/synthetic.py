@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from tqdm import tqdm
 
 from cdcl.data.dataset_dir import INFO_FILE, DatasetInfo, DatasetWriter, validate
 from cdcl.errors import ConfigError, DatasetError
@@ -265,11 +266,22 @@ def _well_name(position: int) -> str:
     return f"{ROWS[position // 24]}{position % 24 + 1:02d}"
 
 
-def _design(cfg: ScreenConfig, seed: int) -> _Design:
-    rng = np.random.default_rng([seed, 0])
-    n_par, n_ch = len(PARAM_NAMES), len(CHANNELS)
-    units = np.array([PARAMS[p][0] for p in PARAM_NAMES])
+@dataclass
+class _Treatments:
+    """The treatment table (row 0 = control) drawn from MoAs and their compounds."""
 
+    names: list[str]
+    compound: list[str]
+    dose: list[float]
+    moa: list[str]
+    effects: np.ndarray  # (n_treatments, n_params) in parameter units
+    truth_moas: dict[str, Any]
+    truth_compounds: dict[str, Any]
+
+
+def _draw_treatments(cfg: ScreenConfig, rng: np.random.Generator) -> _Treatments:
+    """MoAs (sparse phenotype directions) and compounds (noisy, more or less potent copies)."""
+    n_par = len(PARAM_NAMES)
     # MoAs: a few strong (primary) parameters plus a weak dense component; strengths vary.
     moa_names = [f"moa{m + 1:02d}" for m in range(cfg.moas)]
     moa_dirs = np.zeros((cfg.moas, n_par))
@@ -294,32 +306,67 @@ def _design(cfg: ScreenConfig, seed: int) -> _Design:
             cmp_ec50.append(math.exp(rng.normal(0.0, 0.5)))
 
     doses = cfg.doses if cfg.doses else (1.0,)
-    treatments = [CONTROL]
-    t_compound, t_dose, t_moa = [CONTROL], [0.0], [CONTROL_MOA]
+    t = _Treatments([CONTROL], [CONTROL], [0.0], [CONTROL_MOA], np.zeros((1, n_par)), {}, {})
     effects = [np.zeros(n_par)]
     for c, name in enumerate(compounds):
         for dose in doses:
-            treatments.append(f"{name}@{dose}" if cfg.doses else name)
-            t_compound.append(name)
-            t_dose.append(float(dose))
-            t_moa.append(moa_names[cmp_moa[c]])
+            t.names.append(f"{name}@{dose}" if cfg.doses else name)
+            t.compound.append(name)
+            t.dose.append(float(dose))
+            t.moa.append(moa_names[cmp_moa[c]])
             # Hill-like response normalised to 1 at dose 1.0.
             e = cmp_ec50[c]
             effects.append(cmp_effect[c] * dose * (1.0 + e) / (dose + e))
-    effects_arr = np.array(effects)
+    t.effects = np.array(effects)
+    t.truth_moas = {
+        moa_names[m]: {
+            "strength": round(float(moa_strength[m]), 6),
+            "direction": _by_param(moa_dirs[m]),
+        }
+        for m in range(cfg.moas)
+    }
+    t.truth_compounds = {
+        name: {
+            "moa": moa_names[cmp_moa[c]],
+            "ec50": round(cmp_ec50[c], 6),
+            "effect_at_dose_1": _by_param(cmp_effect[c]),
+        }
+        for c, name in enumerate(compounds)
+    }
+    return t
 
-    # Batch nuisance: stronger than most treatment effects, as in real screens.
-    B, size = cfg.batches, cfg.image_size
+
+@dataclass
+class _BatchNuisance:
+    """Per-batch nuisance: stronger than most treatment effects, as in real screens."""
+
+    gain: np.ndarray  # (B, C)
+    offset: np.ndarray  # (B, C) in clean-intensity units
+    blur: np.ndarray  # (B,) px
+    read_noise: np.ndarray  # (B,)
+    shot_noise: np.ndarray  # (B,)
+    density: np.ndarray  # (B,) log
+    size_drift: np.ndarray  # (B,) log
+    response: np.ndarray  # (B,) multiplier of treatment effects
+    grad_amp: np.ndarray  # (B,)
+    grad_angle: np.ndarray  # (B,) rad
+    vignetting: np.ndarray  # (B,)
+    illumination: np.ndarray  # (B, H, W) multiplicative field
+
+
+def _draw_batch_nuisance(cfg: ScreenConfig, rng: np.random.Generator) -> _BatchNuisance:
+    """Gain/offset per channel, blur, noise, density and size drift, illumination per batch."""
+    B, size, n_ch = cfg.batches, cfg.image_size, len(CHANNELS)
     scale = size / 64.0
-    batch_gain = np.exp(rng.normal(0.0, 0.3, (B, n_ch)))
-    batch_offset = rng.uniform(0.02, 0.12, (B, n_ch))
-    batch_blur = rng.uniform(0.3, 1.3, B) * scale
-    batch_read_noise = rng.uniform(0.01, 0.04, B)
-    batch_shot_noise = rng.uniform(0.002, 0.02, B)
-    batch_density = rng.normal(0.0, 0.2, B)
-    batch_size_drift = rng.normal(0.0, 0.06, B)
+    gain = np.exp(rng.normal(0.0, 0.3, (B, n_ch)))
+    offset = rng.uniform(0.02, 0.12, (B, n_ch))
+    blur = rng.uniform(0.3, 1.3, B) * scale
+    read_noise = rng.uniform(0.01, 0.04, B)
+    shot_noise = rng.uniform(0.002, 0.02, B)
+    density = rng.normal(0.0, 0.2, B)
+    size_drift = rng.normal(0.0, 0.06, B)
     # cells respond more or less strongly from one batch to the next (culture state)
-    batch_response = np.exp(rng.normal(0.0, 0.15, B))
+    response = np.exp(rng.normal(0.0, 0.15, B))
     grad_amp = rng.uniform(0.05, 0.35, B)
     grad_angle = rng.uniform(0.0, 2 * np.pi, B)
     vignetting = rng.uniform(0.0, 0.35, B)
@@ -331,21 +378,17 @@ def _design(cfg: ScreenConfig, seed: int) -> _Design:
         * (np.cos(grad_angle)[:, None, None] * xx + np.sin(grad_angle)[:, None, None] * yy)
         - vignetting[:, None, None] * (xx**2 + yy**2) / 2.0
     ).astype(np.float32)
+    return _BatchNuisance(
+        gain, offset, blur, read_noise, shot_noise, density, size_drift, response,
+        grad_amp, grad_angle, vignetting, illumination,
+    )  # fmt: skip
 
-    n_plates = B * cfg.plates
-    plate_gain = np.exp(rng.normal(0.0, 0.05, (n_plates, n_ch)))
-    plate_density = rng.normal(0.0, 0.05, n_plates)
-    n_wells_total = n_plates * cfg.n_wells
-    well_density = rng.normal(0.0, 0.1, n_wells_total)
-    well_intensity = rng.normal(0.0, 0.04, (n_wells_total, n_ch))
-    # replicate wells differ in phenotype too (biological variability), in parameter units
-    well_effect = rng.normal(0.0, 0.2, (n_wells_total, n_par)) * units[None, :]
 
-    # Splits: the last batches are test, the ones before them val, the rest train.
-    batch_names = [f"B{b + 1:02d}" for b in range(B)]
+def _batch_splits(cfg: ScreenConfig, batch_names: list[str]) -> dict[str, str]:
+    """The last batches are test, the ones before them val, the rest train."""
     split_of = {}
     for b, name in enumerate(batch_names):
-        from_end = B - b
+        from_end = cfg.batches - b
         split_of[name] = (
             "test"
             if from_end <= cfg.test_batches
@@ -353,56 +396,82 @@ def _design(cfg: ScreenConfig, seed: int) -> _Design:
             if from_end <= cfg.test_batches + cfg.val_batches
             else "train"
         )
+    return split_of
 
-    # Plate maps: every treatment in every plate, positions shuffled per plate.
-    contents = [t for t in range(1, len(treatments)) for _ in range(cfg.wells_per_treatment)]
+
+def _lay_out_plates(
+    cfg: ScreenConfig, rng: np.random.Generator, batch_names: list[str], t: _Treatments
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Plate maps (every treatment on every plate, positions shuffled per plate) -> samples.
+
+    Returns the samples table, each image's treatment row, global plate and global well, and
+    the plate names.
+    """
+    contents = [i for i in range(1, len(t.names)) for _ in range(cfg.wells_per_treatment)]
     contents += [0] * cfg.control_wells
     contents_arr = np.array(contents)
     rows: dict[str, list[Any]] = {k: [] for k in ("batch", "plate", "well", "site", "t")}
     plate_of, well_of = [], []
     plate_names = []
-    for b in range(B):
+    for b in range(cfg.batches):
         for p in range(cfg.plates):
             g_plate = b * cfg.plates + p
             plate = f"{batch_names[b]}_P{p + 1}"
             plate_names.append(plate)
             layout = contents_arr[rng.permutation(len(contents_arr))]
-            for pos, t in enumerate(layout):
+            for pos, ti in enumerate(layout):
                 for s in range(cfg.sites):
                     rows["batch"].append(batch_names[b])
                     rows["plate"].append(plate)
                     rows["well"].append(_well_name(pos))
                     rows["site"].append(s + 1)
-                    rows["t"].append(int(t))
+                    rows["t"].append(int(ti))
                     plate_of.append(g_plate)
                     well_of.append(g_plate * cfg.n_wells + pos)
     t_idx = np.array(rows["t"], dtype=np.int64)
-    n = len(t_idx)
+    split_of = _batch_splits(cfg, batch_names)
     samples = pd.DataFrame(
         {
-            "image": np.arange(n, dtype=np.int64),
+            "image": np.arange(len(t_idx), dtype=np.int64),
             "batch": rows["batch"],
             "plate": rows["plate"],
             "well": rows["well"],
             "site": np.array(rows["site"], dtype=np.int64),
-            "treatment": [treatments[t] for t in t_idx],
-            "compound": [t_compound[t] for t in t_idx],
-            "dose": np.array([t_dose[t] for t in t_idx], dtype=np.float64),
-            "moa": [t_moa[t] for t in t_idx],
+            "treatment": [t.names[i] for i in t_idx],
+            "compound": [t.compound[i] for i in t_idx],
+            "dose": np.array([t.dose[i] for i in t_idx], dtype=np.float64),
+            "moa": [t.moa[i] for i in t_idx],
             "is_control": t_idx == 0,
             "cell_type": "synthetic",
             "split": [split_of[b] for b in rows["batch"]],
         }
     )
-    batch_of = np.repeat(np.arange(B), cfg.plates * cfg.n_wells * cfg.sites)
+    plates = np.array(plate_of, dtype=np.int64)
+    return samples, t_idx, plates, np.array(well_of, dtype=np.int64), plate_names
 
-    def by_param(vec: np.ndarray) -> dict[str, float]:
-        return {p: round(float(v), 6) for p, v in zip(PARAM_NAMES, vec)}
 
-    def by_channel(vec: np.ndarray) -> dict[str, float]:
-        return {c: round(float(v), 6) for c, v in zip(CHANNELS, vec)}
+def _by_param(vec: np.ndarray) -> dict[str, float]:
+    return {p: round(float(v), 6) for p, v in zip(PARAM_NAMES, vec)}
 
-    truth: dict[str, Any] = {
+
+def _by_channel(vec: np.ndarray) -> dict[str, float]:
+    return {c: round(float(v), 6) for c, v in zip(CHANNELS, vec)}
+
+
+def _ground_truth(
+    cfg: ScreenConfig,
+    seed: int,
+    t: _Treatments,
+    nuisance: _BatchNuisance,
+    batch_names: list[str],
+    plate_names: list[str],
+    plate_gain: np.ndarray,
+    plate_density: np.ndarray,
+) -> dict[str, Any]:
+    """Everything the screen was drawn from, for ground_truth.json."""
+    split_of = _batch_splits(cfg, batch_names)
+    n = nuisance
+    return {
         "version": VERSION,
         "seed": int(seed),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -414,76 +483,89 @@ def _design(cfg: ScreenConfig, seed: int) -> _Design:
             "Effects are in parameter units (value x unit = change applied, see `params`). "
             "Batch gain/offset act on clean intensities (cells ~1.0) before pixel_scale."
         ),
-        "moas": {
-            moa_names[m]: {
-                "strength": round(float(moa_strength[m]), 6),
-                "direction": by_param(moa_dirs[m]),
-            }
-            for m in range(cfg.moas)
-        },
-        "compounds": {
-            name: {
-                "moa": moa_names[cmp_moa[c]],
-                "ec50": round(cmp_ec50[c], 6),
-                "effect_at_dose_1": by_param(cmp_effect[c]),
-            }
-            for c, name in enumerate(compounds)
-        },
+        "moas": t.truth_moas,
+        "compounds": t.truth_compounds,
         "treatments": {
             name: {
-                "compound": t_compound[t],
-                "dose": t_dose[t],
-                "moa": t_moa[t],
-                "is_control": t == 0,
-                "effect": by_param(effects_arr[t]),
-                "effect_norm": round(float(np.linalg.norm(effects_arr[t])), 6),
+                "compound": t.compound[i],
+                "dose": t.dose[i],
+                "moa": t.moa[i],
+                "is_control": i == 0,
+                "effect": _by_param(t.effects[i]),
+                "effect_norm": round(float(np.linalg.norm(t.effects[i])), 6),
             }
-            for t, name in enumerate(treatments)
+            for i, name in enumerate(t.names)
         },
         "batches": {
             name: {
                 "split": split_of[name],
-                "gain": by_channel(batch_gain[b]),
-                "offset": by_channel(batch_offset[b]),
-                "illumination_gradient": round(float(grad_amp[b]), 6),
-                "illumination_angle_rad": round(float(grad_angle[b]), 6),
-                "vignetting": round(float(vignetting[b]), 6),
-                "blur_sigma_px": round(float(batch_blur[b]), 6),
-                "read_noise": round(float(batch_read_noise[b]), 6),
-                "shot_noise": round(float(batch_shot_noise[b]), 6),
-                "density_log": round(float(batch_density[b]), 6),
-                "cell_size_log": round(float(batch_size_drift[b]), 6),
-                "response_multiplier": round(float(batch_response[b]), 6),
+                "gain": _by_channel(n.gain[b]),
+                "offset": _by_channel(n.offset[b]),
+                "illumination_gradient": round(float(n.grad_amp[b]), 6),
+                "illumination_angle_rad": round(float(n.grad_angle[b]), 6),
+                "vignetting": round(float(n.vignetting[b]), 6),
+                "blur_sigma_px": round(float(n.blur[b]), 6),
+                "read_noise": round(float(n.read_noise[b]), 6),
+                "shot_noise": round(float(n.shot_noise[b]), 6),
+                "density_log": round(float(n.density[b]), 6),
+                "cell_size_log": round(float(n.size_drift[b]), 6),
+                "response_multiplier": round(float(n.response[b]), 6),
             }
             for b, name in enumerate(batch_names)
         },
         "plates": {
             name: {
                 "batch": batch_names[g // cfg.plates],
-                "gain": by_channel(plate_gain[g]),
+                "gain": _by_channel(plate_gain[g]),
                 "density_log": round(float(plate_density[g]), 6),
             }
             for g, name in enumerate(plate_names)
         },
         "well_jitter": {"density_log_sd": 0.1, "intensity_log_sd": 0.04, "effect_sd_units": 0.2},
     }
+
+
+def _design(cfg: ScreenConfig, seed: int) -> _Design:
+    """Draw the whole screen design; the order of the draws fixes the screen for a seed."""
+    rng = np.random.default_rng([seed, 0])
+    n_par, n_ch = len(PARAM_NAMES), len(CHANNELS)
+    units = np.array([PARAMS[p][0] for p in PARAM_NAMES])
+    treatments = _draw_treatments(cfg, rng)
+    nuisance = _draw_batch_nuisance(cfg, rng)
+
+    n_plates = cfg.batches * cfg.plates
+    plate_gain = np.exp(rng.normal(0.0, 0.05, (n_plates, n_ch)))
+    plate_density = rng.normal(0.0, 0.05, n_plates)
+    n_wells_total = n_plates * cfg.n_wells
+    well_density = rng.normal(0.0, 0.1, n_wells_total)
+    well_intensity = rng.normal(0.0, 0.04, (n_wells_total, n_ch))
+    # replicate wells differ in phenotype too (biological variability), in parameter units
+    well_effect = rng.normal(0.0, 0.2, (n_wells_total, n_par)) * units[None, :]
+
+    batch_names = [f"B{b + 1:02d}" for b in range(cfg.batches)]
+    samples, t_idx, plate_of, well_of, plate_names = _lay_out_plates(
+        cfg, rng, batch_names, treatments
+    )
+    truth = _ground_truth(
+        cfg, seed, treatments, nuisance, batch_names, plate_names, plate_gain, plate_density
+    )
     return _Design(
         cfg=cfg,
         samples=samples,
-        effects=effects_arr * units[None, :],  # stored as applied changes
+        effects=treatments.effects * units[None, :],  # stored as applied changes
         treat_of=t_idx,
-        batch_of=batch_of,
-        plate_of=np.array(plate_of, dtype=np.int64),
-        well_of=np.array(well_of, dtype=np.int64),
-        batch_gain=batch_gain,
-        batch_offset=batch_offset,
-        batch_blur=batch_blur,
-        batch_read_noise=batch_read_noise,
-        batch_shot_noise=batch_shot_noise,
-        batch_density=batch_density,
-        batch_size_drift=batch_size_drift,
-        batch_response=batch_response,
-        illumination=illumination,
+        batch_of=np.repeat(np.arange(cfg.batches), cfg.plates * cfg.n_wells * cfg.sites),
+        plate_of=plate_of,
+        well_of=well_of,
+        batch_gain=nuisance.gain,
+        batch_offset=nuisance.offset,
+        batch_blur=nuisance.blur,
+        batch_read_noise=nuisance.read_noise,
+        batch_shot_noise=nuisance.shot_noise,
+        batch_density=nuisance.density,
+        batch_size_drift=nuisance.size_drift,
+        batch_response=nuisance.response,
+        illumination=nuisance.illumination,
         plate_gain=plate_gain,
         plate_density=plate_density,
         well_density=well_density,
@@ -797,8 +879,6 @@ def generate(
     blocks = np.unique(pending // BLOCK)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(pending), unit="img", desc=f"synth {preset}", leave=False)
         if writer.resumed:
             done = cfg.n_images - len(pending)

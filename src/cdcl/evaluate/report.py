@@ -14,11 +14,14 @@ import base64
 import html
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import umap
 
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
@@ -106,6 +109,7 @@ def metrics_table(results: dict[str, Any], run: str = "") -> pd.DataFrame:
 
 
 def _plt() -> Any:
+    # pyplot is imported only after the backend is set, and only when a figure is drawn.
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a display
@@ -128,10 +132,6 @@ def umap_coords(
         k = min(2, u.shape[1])
         out[:, :k] = u[:, :k] * s[:k]
         return out
-    import warnings
-
-    import umap
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs overridden by random_state, etc.
         reducer = umap.UMAP(
@@ -202,8 +202,6 @@ def plot_umap(df: pd.DataFrame, title: str, path: str | Path) -> Path:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
-    import os
-
     plt = _plt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file as load_safetensors  # a dependency of timm
+from timm.layers import resample_abs_pos_embed
 
 from cdcl.errors import CdclError, ConfigError
 
@@ -43,8 +46,6 @@ def is_vit(arch: str) -> bool:
 
 def build_backbone(cfg: ModelConfig, in_chans: int, img_size: int) -> tuple[nn.Module, int]:
     """A timm network for ``in_chans`` channels and its feature dimension D."""
-    import timm
-
     kwargs: dict[str, Any] = {
         "pretrained": False,
         "num_classes": 0,
@@ -98,13 +99,7 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CdclError(
-                f"{path}: reading .safetensors needs the `safetensors` package"
-            ) from None
-        return load_file(str(path))
+        return load_safetensors(str(path))
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
@@ -148,8 +143,6 @@ def load_weights(net: nn.Module, weights: str | Path, in_chans: int) -> dict[str
             sd[key] = _adapt_input_conv(value, target.shape[1])
             adapted.append(key)
         elif key == "pos_embed" and value.dim() == 3 and value.shape[-1] == target.shape[-1]:
-            from timm.layers import resample_abs_pos_embed
-
             n_prefix = getattr(net, "num_prefix_tokens", 1)
             grid = net.patch_embed.grid_size  # type: ignore[union-attr]
             sd[key] = resample_abs_pos_embed(value, list(grid), num_prefix_tokens=n_prefix)
