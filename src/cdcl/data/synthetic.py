@@ -648,20 +648,37 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return f
 
 
-def _render_block(d: _Design, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Render images ``idx`` (one fixed block) as uint16 (n, C, H, W)."""
+@dataclass
+class _Cells:
+    """Every cell of one block of images: owner image, geometry and stain intensities."""
+
+    img: np.ndarray  # (T,) image of each cell, 0..n-1
+    cy: np.ndarray  # cell centre (canvas coordinates, margin included)
+    cx: np.ndarray
+    ny: np.ndarray  # nucleus centre
+    nx: np.ndarray
+    rc: np.ndarray  # cell and nucleus radii
+    rn: np.ndarray
+    ca: np.ndarray  # cell ellipse semi-axes and angle
+    cb: np.ndarray
+    theta_c: np.ndarray
+    na: np.ndarray  # nucleus ellipse semi-axes and angle
+    nb: np.ndarray
+    theta_n: np.ndarray
+    off: np.ndarray  # (T, 2) nucleus offset from the cell centre
+    intensity: np.ndarray  # (T, C) per-cell stain intensities
+    ring_w: np.ndarray  # (T,) cortical actin ring weight
+
+
+def _place_cells(
+    d: _Design, idx: np.ndarray, eff: np.ndarray, rng: np.random.Generator, margin: int
+) -> _Cells:
+    """Cells per image, positions (with optional clustering), shapes and intensities."""
     cfg = d.cfg
     n, size = len(idx), cfg.image_size
     scale = size / 64.0
-    margin = int(math.ceil(14 * scale))  # cells beyond the field edge still reach into it
     hc = wc = size + 2 * margin
-    b_of = d.batch_of[idx]
-    w_of = d.well_of[idx]
-    # applied changes (n, n_params): treatment x batch response, plus replicate-well variation
-    eff = d.effects[d.treat_of[idx]] * d.batch_response[b_of][:, None] + d.well_effect[w_of]
-    pl_of = d.plate_of[idx]
-
-    # ---- cells per image, positions (with optional clustering) and shapes
+    b_of, w_of, pl_of = d.batch_of[idx], d.well_of[idx], d.plate_of[idx]
     log_density = (
         eff[:, P["density"]] + d.batch_density[b_of] + d.plate_density[pl_of] + d.well_density[w_of]
     )
@@ -693,93 +710,112 @@ def _render_block(d: _Design, idx: np.ndarray, rng: np.random.Generator) -> np.n
     n_asp = np.clip(
         np.abs(BASE["nuc_log_aspect"] + eff[img, P["nuc_ecc"]] + rng.normal(0.0, 0.1, T)), 0.0, 0.9
     )
-    ca, cb = rc * np.exp(c_asp / 2), rc * np.exp(-c_asp / 2)
-    na, nb = rn * np.exp(n_asp / 2), rn * np.exp(-n_asp / 2)
     theta_c = rng.random(T) * np.pi
     theta_n = theta_c + rng.normal(0.0, 0.3, T)
     off = rng.normal(0.0, 0.12, (T, 2)) * rc[:, None]  # the nucleus sits off-centre in its cell
-    ny, nx = cy + off[:, 0], cx + off[:, 1]
 
     # per-cell stain intensities: treatment ratios, well jitter and cell-to-cell variation
     base_int = np.array([BASE["intensity"][c] for c in CHANNELS])
     int_idx = [P[f"int_{c}"] for c in CHANNELS]
     log_int = eff[:, int_idx] + d.well_intensity[w_of]
     cell_int = base_int[None, :] * np.exp(log_int[img] + rng.normal(0.0, 0.15, (T, len(CHANNELS))))
-    ring_w = BASE["actin_ring"] * np.exp(eff[img, P["actin_ring"]])
+    return _Cells(
+        img=img, cy=cy, cx=cx, ny=cy + off[:, 0], nx=cx + off[:, 1], rc=rc, rn=rn,
+        ca=rc * np.exp(c_asp / 2), cb=rc * np.exp(-c_asp / 2), theta_c=theta_c,
+        na=rn * np.exp(n_asp / 2), nb=rn * np.exp(-n_asp / 2), theta_n=theta_n, off=off,
+        intensity=cell_int, ring_w=BASE["actin_ring"] * np.exp(eff[img, P["actin_ring"]]),
+    )  # fmt: skip
 
-    # ---- nuclei (DNA) and cytoplasm (ER, RNA, AGP, Mito diffuse) on per-cell patches
+
+def _paint_cells(cells: _Cells, n: int, hc: int, wc: int, scale: float) -> np.ndarray:
+    """Nuclei (DNA) and cytoplasm (ER, RNA, AGP, Mito diffuse) on per-cell patches: (C, n, hc, wc)."""
+    c = cells
     canvas = np.zeros((len(CHANNELS), n * hc * wc))
-    if T:
-        half_n = int(math.ceil(float(na.max()) + 2.0 * scale + 1))
-        dy, dx, flat, ok = _patches(ny, nx, half_n, img, hc, wc)
-        rho = _norm_radius(dy, dx, na, nb, theta_n)
-        edge = (rn / (0.8 * scale)).astype(np.float32)[:, None, None]
+    if len(c.img):
+        half_n = int(math.ceil(float(c.na.max()) + 2.0 * scale + 1))
+        dy, dx, flat, ok = _patches(c.ny, c.nx, half_n, c.img, hc, wc)
+        rho = _norm_radius(dy, dx, c.na, c.nb, c.theta_n)
+        edge = (c.rn / (0.8 * scale)).astype(np.float32)[:, None, None]
         nuc = np.clip((1.0 - rho) * edge + 0.5, 0.0, 1.0) * ok
         canvas[0] += np.bincount(
-            flat.ravel(), (nuc * cell_int[:, 0, None, None]).ravel(), minlength=n * hc * wc
+            flat.ravel(), (nuc * c.intensity[:, 0, None, None]).ravel(), minlength=n * hc * wc
         )
         canvas[2] += np.bincount(
-            flat.ravel(), (0.2 * nuc * cell_int[:, 2, None, None]).ravel(), minlength=n * hc * wc
+            flat.ravel(), (0.2 * nuc * c.intensity[:, 2, None, None]).ravel(), minlength=n * hc * wc
         )
 
-        half_c = int(math.ceil(float(ca.max()) + 2.0 * scale + 1))
-        dy, dx, flat, ok = _patches(cy, cx, half_c, img, hc, wc)
-        rho_c = _norm_radius(dy, dx, ca, cb, theta_c)
-        edge = (rc / (1.5 * scale)).astype(np.float32)[:, None, None]
+        half_c = int(math.ceil(float(c.ca.max()) + 2.0 * scale + 1))
+        dy, dx, flat, ok = _patches(c.cy, c.cx, half_c, c.img, hc, wc)
+        rho_c = _norm_radius(dy, dx, c.ca, c.cb, c.theta_c)
+        edge = (c.rc / (1.5 * scale)).astype(np.float32)[:, None, None]
         cyto = np.clip((1.0 - rho_c) * edge + 0.5, 0.0, 1.0) * ok
         # nuclear exclusion in cytoplasmic stains, in the cytoplasm patch's coordinates
         rho_n = _norm_radius(
-            dy - off[:, 0, None, None].astype(np.float32),
-            dx - off[:, 1, None, None].astype(np.float32),
-            na,
-            nb,
-            theta_n,
+            dy - c.off[:, 0, None, None].astype(np.float32),
+            dx - c.off[:, 1, None, None].astype(np.float32),
+            c.na,
+            c.nb,
+            c.theta_n,
         )
         excl = np.clip((rho_n - 0.7) * 3.0, 0.0, 1.0)
         er = cyto * (0.25 + np.clip(1.3 - rho_c, 0.0, 1.0)) * (0.15 + 0.85 * excl)
         ring = np.clip(1.0 - np.abs(rho_c - 0.9) / 0.15, 0.0, 1.0) * ok
-        agp = 0.35 * cyto + ring_w.astype(np.float32)[:, None, None] * ring
+        agp = 0.35 * cyto + c.ring_w.astype(np.float32)[:, None, None] * ring
         rna = 0.4 * cyto * (0.4 + 0.6 * excl)
         mito = 0.15 * cyto * excl
         flat_r = flat.ravel()
-        for c, layer in ((1, er), (2, rna), (3, agp), (4, mito)):
-            canvas[c] += np.bincount(
-                flat_r, (layer * cell_int[:, c, None, None]).ravel(), minlength=n * hc * wc
+        for ch, layer in ((1, er), (2, rna), (3, agp), (4, mito)):
+            canvas[ch] += np.bincount(
+                flat_r, (layer * c.intensity[:, ch, None, None]).ravel(), minlength=n * hc * wc
             )
-    canvas = canvas.reshape(len(CHANNELS), n, hc, wc)
+    return canvas.reshape(len(CHANNELS), n, hc, wc)
 
-    # ---- puncta: nucleoli (RNA) inside nuclei, mitochondria (Mito) in the cytoplasm
-    k_nuc = rng.poisson(BASE["nucleoli_per_nucleus"] * np.exp(eff[img, P["nucleoli"]]))
+
+def _paint_puncta(
+    canvas: np.ndarray, cells: _Cells, eff: np.ndarray, rng: np.random.Generator, scale: float
+) -> None:
+    """Add nucleoli (RNA) inside nuclei and mitochondria (Mito) in the cytoplasm, in place."""
+    c = cells
+    _, n, hc, wc = canvas.shape
+    k_nuc = rng.poisson(BASE["nucleoli_per_nucleus"] * np.exp(eff[c.img, P["nucleoli"]]))
     k_mit = rng.poisson(
         BASE["mito_per_cell"]
-        * np.exp(eff[img, P["mito_spots"]])
-        * (rc / (BASE["cell_radius_px"] * scale)) ** 2
+        * np.exp(eff[c.img, P["mito_spots"]])
+        * (c.rc / (BASE["cell_radius_px"] * scale)) ** 2
     )
     spots = np.zeros((2, n, hc, wc))
     for layer, k, cyy, cxx, a, b, th, frac, ch in (
-        (0, k_nuc, ny, nx, na, nb, theta_n, 0.6, 2),
-        (1, k_mit, cy, cx, ca, cb, theta_c, 0.85, 4),
+        (0, k_nuc, c.ny, c.nx, c.na, c.nb, c.theta_n, 0.6, 2),
+        (1, k_mit, c.cy, c.cx, c.ca, c.cb, c.theta_c, 0.85, 4),
     ):
-        owner = np.repeat(np.arange(T), k)
+        owner = np.repeat(np.arange(len(c.img)), k)
         if len(owner):
             sy, sx = _ellipse_points(rng, len(owner), a[owner], b[owner], th[owner], frac)
-            mass = cell_int[owner, ch] * rng.uniform(0.5, 1.5, len(owner))
-            spots[layer] = _deposit((n, hc, wc), img[owner], cyy[owner] + sy, cxx[owner] + sx, mass)
+            mass = c.intensity[owner, ch] * rng.uniform(0.5, 1.5, len(owner))
+            spots[layer] = _deposit(
+                (n, hc, wc), c.img[owner], cyy[owner] + sy, cxx[owner] + sx, mass
+            )
     sig = 0.7 * scale
     spots = ndimage.gaussian_filter(spots, sigma=(0, 0, sig, sig)) * (2 * np.pi * sig * sig)
     canvas[2] += 0.9 * spots[0]
     canvas[4] += 1.0 * spots[1]
 
-    # ---- crop the field, add texture (chromatin, ER network)
-    x = np.ascontiguousarray(canvas[:, :, margin:-margin, margin:-margin].transpose(1, 0, 2, 3))
-    x = x.astype(np.float32)
+
+def _add_texture(x: np.ndarray, eff: np.ndarray, rng: np.random.Generator, scale: float) -> None:
+    """Chromatin (DNA) and ER-network texture, multiplicative, in place on (n, C, H, W)."""
+    n, _, size, _ = x.shape
     tex = _smooth_noise(rng, (n, 2, size, size), 0.8 * scale)
     dna_amp = np.clip(BASE["dna_texture"] + eff[:, P["dna_texture"]], 0.0, 1.0).astype(np.float32)
     er_amp = np.clip(BASE["er_texture"] + eff[:, P["er_texture"]], 0.0, 1.0).astype(np.float32)
     x[:, 0] *= np.clip(1.0 + dna_amp[:, None, None] * tex[:, 0], 0.05, None)
     x[:, 1] *= np.clip(1.0 + er_amp[:, None, None] * tex[:, 1], 0.05, None)
 
-    # ---- batch nuisance: optics blur, illumination, gain/offset, shot and read noise
+
+def _apply_batch_nuisance(
+    d: _Design, idx: np.ndarray, x: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Optics blur, illumination, gain/offset, shot and read noise; then 16-bit pixels."""
+    b_of, pl_of = d.batch_of[idx], d.plate_of[idx]
     for b in np.unique(b_of):
         sel = b_of == b
         x[sel] = ndimage.gaussian_filter(x[sel], sigma=(0, 0, d.batch_blur[b], d.batch_blur[b]))
@@ -792,6 +828,31 @@ def _render_block(d: _Design, idx: np.ndarray, rng: np.random.Generator) -> np.n
     )
     x += np.sqrt(var) * rng.standard_normal(x.shape, dtype=np.float32)
     return np.clip(np.rint(x * PIXEL_SCALE), 0, 65535).astype(np.uint16)
+
+
+def _render_block(d: _Design, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Render images ``idx`` (one fixed block) as uint16 (n, C, H, W).
+
+    Cells are painted on a canvas with a margin (cells beyond the field edge still reach into
+    it), then the field is cropped, textured and passed through the batch's optics and camera.
+    The order of the random draws (cells, puncta, texture, noise) fixes the pixels for a seed.
+    """
+    n, size = len(idx), d.cfg.image_size
+    scale = size / 64.0
+    margin = int(math.ceil(14 * scale))
+    hc = wc = size + 2 * margin
+    b_of = d.batch_of[idx]
+    # applied changes (n, n_params): treatment x batch response, plus replicate-well variation
+    eff = (
+        d.effects[d.treat_of[idx]] * d.batch_response[b_of][:, None] + d.well_effect[d.well_of[idx]]
+    )
+    cells = _place_cells(d, idx, eff, rng, margin)
+    canvas = _paint_cells(cells, n, hc, wc, scale)
+    _paint_puncta(canvas, cells, eff, rng, scale)
+    x = np.ascontiguousarray(canvas[:, :, margin:-margin, margin:-margin].transpose(1, 0, 2, 3))
+    x = x.astype(np.float32)
+    _add_texture(x, eff, rng, scale)
+    return _apply_batch_nuisance(d, idx, x, rng)
 
 
 def render(
