@@ -428,32 +428,10 @@ def _samples_digest(samples: pd.DataFrame) -> str:
     return hashlib.sha256(buf.getvalue().encode()).hexdigest()
 
 
-def build_dataset(
-    out: Path,
-    samples: pd.DataFrame,
-    source: FieldSource,
-    *,
-    name: str,
-    source_name: str,
-    channels: list[str],
-    image_size: int | tuple[int, int] | None,
-    build_args: dict[str, Any],
-    workers: int = 1,
-    skip_bad: bool = False,
-    block: int = BLOCK,
-    progress: bool | None = None,
-    skipped_columns: tuple[str, ...] = ("batch", "plate", "well", "site", "treatment"),
-) -> BuildReport:
-    """Validate the inputs of an adapter's table, then write and commit the dataset at ``out``."""
-
-    t0 = time.perf_counter()
-    if len(samples) != len(source):
-        raise CdclError(f"internal: {len(samples)} metadata rows but {len(source)} fields")
-    if len(samples) == 0:
-        raise CdclError("no images selected; check the metadata and the filters (e.g. --cell-type)")
-    workers = max(1, int(workers))
-
-    # 1. Probe every input before any pixel is written.
+def _probe_inputs(
+    source: FieldSource, samples: pd.DataFrame, channels: list[str], workers: int, skip_bad: bool
+) -> tuple[list[Probe | Problem], list[Problem], np.ndarray, str]:
+    """Probe every input before any pixel is written: (probes, problems, rows kept, dtype)."""
     probes = list(
         _parallel_map(_probe_task, list(range(len(source))), workers, (source, None, None))
     )
@@ -474,15 +452,19 @@ def build_dataset(
         raise CdclError(
             f"all {len(samples)} images are bad (first: {problems[0].file}: {problems[0].reason})"
         )
-    good = [probes[i] for i in keep]
-    dtypes = sorted({p.dtype for p in good})
+    dtypes = sorted({probes[i].dtype for i in keep})
     if len(dtypes) > 1:
-        first8 = next(source.describe(int(i)) for i, p in zip(keep, good) if p.dtype == dtypes[0])
-        first16 = next(source.describe(int(i)) for i, p in zip(keep, good) if p.dtype == dtypes[1])
+        first8 = next(source.describe(int(i)) for i in keep if probes[i].dtype == dtypes[0])
+        first16 = next(source.describe(int(i)) for i in keep if probes[i].dtype == dtypes[1])
         raise CdclError(
             f"inputs mix bit depths ({dtypes[0]} e.g. {first8}, {dtypes[1]} e.g. {first16}); "
             "convert them to one depth first"
         )
+    return probes, problems, keep, dtypes[0]
+
+
+def _output_size(good: list[Probe], image_size: int | tuple[int, int] | None) -> tuple[int, int]:
+    """(H, W) of the stored images: the inputs' own size, or the requested one."""
     if image_size is None:
         shapes = sorted({s for p in good for s in p.shapes})
         if len(shapes) > 1:
@@ -496,46 +478,42 @@ def build_dataset(
         size = (int(image_size[0]), int(image_size[1]))
     if min(size) < 1:
         raise CdclError(f"--image-size {image_size}: must be a positive number of pixels")
+    return size
 
-    table = samples.iloc[keep].reset_index(drop=True)
-    table.insert(0, "image", np.arange(len(table), dtype=np.int64))
-    src = source.subset(keep) if len(bad_rows) else source
-    notes = design_warnings(table)
 
-    skipped = None
-    if len(bad_rows):
-        cols = [c for c in skipped_columns if c in samples.columns]
-        skipped = samples.iloc[bad_rows][cols].reset_index(drop=True)
-        by_row = {}
-        for p in problems:
-            by_row.setdefault(p.row, p)
-        skipped["file"] = [by_row[int(r)].file for r in bad_rows]
-        skipped["problem"] = [by_row[int(r)].kind for r in bad_rows]
-        skipped["reason"] = [by_row[int(r)].reason for r in bad_rows]
-        notes.insert(0, f"skipped {len(bad_rows)} bad image(s); see skipped.csv in the dataset")
+def _skipped_table(
+    samples: pd.DataFrame, bad_rows: np.ndarray, problems: list[Problem], columns: tuple[str, ...]
+) -> pd.DataFrame:
+    """skipped.csv: the metadata of each bad input with its file, problem and reason."""
+    cols = [c for c in columns if c in samples.columns]
+    skipped = samples.iloc[bad_rows][cols].reset_index(drop=True)
+    by_row: dict[int, Problem] = {}
+    for p in problems:
+        by_row.setdefault(p.row, p)
+    skipped["file"] = [by_row[int(r)].file for r in bad_rows]
+    skipped["problem"] = [by_row[int(r)].kind for r in bad_rows]
+    skipped["reason"] = [by_row[int(r)].reason for r in bad_rows]
+    return skipped
 
-    # 2. Write, resuming a killed build with the same key.
-    info = DatasetInfo(
-        name=name,
-        source=source_name,
-        channels=list(channels),
-        dtype=dtypes[0],
-        image_size=[int(size[0]), int(size[1])],
-        n_images=len(table),
-        build={"adapter": source_name, "args": build_args, "version": __version__},
-    )
-    key = {"adapter": source_name, "args": build_args, "rows": _samples_digest(table), "size": size}
-    writer = DatasetWriter(Path(out), info, key)
+
+def _write_pending(
+    writer: DatasetWriter,
+    src: FieldSource,
+    size: tuple[int, int],
+    dtype: str,
+    workers: int,
+    block: int,
+    show: bool,
+) -> tuple[int, int]:
+    """Read, resize and store every image the writer still lacks: (written, resumed from)."""
     pending = writer.pending()
-    resumed_from = len(table) - len(pending)
+    total = writer.info.n_images
+    resumed_from = total - len(pending)
     tasks = [pending[s : s + block] for s in range(0, len(pending), block)]
-    show = sys.stderr.isatty() if progress is None else progress
     bar = None
     if show:
-        bar = tqdm(
-            total=len(table), initial=resumed_from, unit="img", desc="build", file=sys.stderr
-        )
-    for indices, images, err in _parallel_map(_load_task, tasks, workers, (src, size, dtypes[0])):
+        bar = tqdm(total=total, initial=resumed_from, unit="img", desc="build", file=sys.stderr)
+    for indices, images, err in _parallel_map(_load_task, tasks, workers, (src, size, dtype)):
         if err:
             raise CdclError(f"{err}; fix or remove it and re-run (finished images are kept)")
         writer.write(indices, images)
@@ -543,18 +521,70 @@ def build_dataset(
             bar.update(len(indices))
     if bar is not None:
         bar.close()
+    return len(pending), resumed_from
+
+
+def build_dataset(
+    out: Path,
+    samples: pd.DataFrame,
+    source: FieldSource,
+    *,
+    name: str,
+    source_name: str,
+    channels: list[str],
+    image_size: int | tuple[int, int] | None,
+    build_args: dict[str, Any],
+    workers: int = 1,
+    skip_bad: bool = False,
+    block: int = BLOCK,
+    progress: bool | None = None,
+    skipped_columns: tuple[str, ...] = ("batch", "plate", "well", "site", "treatment"),
+) -> BuildReport:
+    """Validate the inputs of an adapter's table, then write and commit the dataset at ``out``."""
+    t0 = time.perf_counter()
+    if len(samples) != len(source):
+        raise CdclError(f"internal: {len(samples)} metadata rows but {len(source)} fields")
+    if len(samples) == 0:
+        raise CdclError("no images selected; check the metadata and the filters (e.g. --cell-type)")
+    workers = max(1, int(workers))
+
+    # 1. Probe every input before any pixel is written.
+    probes, problems, keep, dtype = _probe_inputs(source, samples, channels, workers, skip_bad)
+    bad_rows = np.setdiff1d(np.arange(len(samples)), keep)
+    size = _output_size([probes[i] for i in keep], image_size)
+    table = samples.iloc[keep].reset_index(drop=True)
+    table.insert(0, "image", np.arange(len(table), dtype=np.int64))
+    src = source.subset(keep) if len(bad_rows) else source
+    notes = design_warnings(table)
+    extra: dict[str, str | bytes] = {}
+    if len(bad_rows):
+        skipped = _skipped_table(samples, bad_rows, problems, skipped_columns)
+        extra["skipped.csv"] = skipped.to_csv(index=False)
+        notes.insert(0, f"skipped {len(bad_rows)} bad image(s); see skipped.csv in the dataset")
+
+    # 2. Write, resuming a killed build with the same key.
+    info = DatasetInfo(
+        name=name,
+        source=source_name,
+        channels=list(channels),
+        dtype=dtype,
+        image_size=[int(size[0]), int(size[1])],
+        n_images=len(table),
+        build={"adapter": source_name, "args": build_args, "version": __version__},
+    )
+    key = {"adapter": source_name, "args": build_args, "rows": _samples_digest(table), "size": size}
+    writer = DatasetWriter(Path(out), info, key)
+    show = sys.stderr.isatty() if progress is None else progress
+    n_written, resumed_from = _write_pending(writer, src, size, dtype, workers, block, show)
 
     # 3. Commit: plate statistics, validation, atomic rename. Fallback warnings are ours to report.
-    extra: dict[str, str | bytes] = {}
-    if skipped is not None:
-        extra["skipped.csv"] = skipped.to_csv(index=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = writer.commit(table, extra_files=extra)
     return BuildReport(
         path=path,
         n_images=len(table),
-        n_written=len(pending),
+        n_written=n_written,
         n_skipped=len(bad_rows),
         resumed_from=resumed_from,
         seconds=time.perf_counter() - t0,

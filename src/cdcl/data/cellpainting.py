@@ -149,6 +149,118 @@ def read_moa(path: Path) -> pd.DataFrame:
     return moa
 
 
+def _read_load_data(
+    csvs: list[Path], remaps: list[tuple[str, str]]
+) -> tuple[pd.DataFrame, list[list[str]]]:
+    """Plate, well and site of every field in the load_data.csv files, and its channel paths."""
+    frames, paths = [], []
+    for f in csvs:
+        ld = read_table(f)
+        require_columns(ld, ["Metadata_Plate", "Metadata_Well", "Metadata_Site"], str(f))
+        site = pd.to_numeric(ld["Metadata_Site"], errors="coerce")
+        if site.isna().any():
+            raise CdclError(
+                f"{f}: column `Metadata_Site` is not an integer in row {int(np.flatnonzero(site.isna())[0])}"
+            )
+        paths += load_data_paths(ld, f, remaps)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "plate": ld["Metadata_Plate"].astype(str).to_numpy(),
+                    "well": ld["Metadata_Well"].astype(str).str.upper().to_numpy(),
+                    "site": site.astype(np.int64).to_numpy(),
+                    "_csv": str(f),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True), paths
+
+
+def _join_platemaps(fields: pd.DataFrame, bc: pd.DataFrame, pm: pd.DataFrame) -> pd.DataFrame:
+    """Attach each field's plate map (barcode_platemap.csv) and well contents (platemap .txt)."""
+    s = fields.merge(
+        bc, how="left", left_on="plate", right_on="Assay_Plate_Barcode", validate="many_to_one"
+    )
+    unknown = s["Plate_Map_Name"].isna()
+    if unknown.any():
+        row = s[unknown].iloc[0]
+        raise CdclError(
+            f"{row['_csv']}: plate {row['plate']} is not in any barcode_platemap.csv; add it or pass --platemaps"
+        )
+    s = s.merge(
+        pm,
+        how="left",
+        left_on=["Plate_Map_Name", "well"],
+        right_on=["Plate_Map_Name", "well_position"],
+        validate="many_to_one",
+    )
+    unknown = s["well_position"].isna()
+    if unknown.any():
+        row = s[unknown].iloc[0]
+        raise CdclError(
+            f"{row['_csv']}: well {row['well']} of plate {row['plate']} is not in platemap {row['Plate_Map_Name']}.txt"
+        )
+    return s
+
+
+def _canonical_samples(s: pd.DataFrame, batch_column: str) -> pd.DataFrame:
+    """Canonical columns: DMSO controls, compound = 13-character Broad ID, dose, treatment."""
+    bs = s["broad_sample"].where(s["broad_sample"].notna(), "").astype(str).str.strip()
+    ctrl = bs.isin(["", CONTROL, "nan", "NA"]).to_numpy()
+    compound = np.where(ctrl, CONTROL, bs.str[:13])
+    dose = pd.to_numeric(s["mmoles_per_liter"], errors="coerce").to_numpy(np.float64)
+    dose[ctrl] = 0.0
+    treatment = [CONTROL if c else format_treatment(k, d) for c, k, d in zip(ctrl, compound, dose)]
+    out = pd.DataFrame(
+        {
+            "batch": s[batch_column].astype(str).to_numpy(),
+            "plate": s["plate"].to_numpy(),
+            "well": s["well"].to_numpy(),
+            "site": s["site"].to_numpy(),
+            "treatment": treatment,
+            "is_control": ctrl,
+            "compound": compound,
+            "dose": dose,
+            "broad_sample": np.where(ctrl, None, bs),
+            "plate_map": s["Plate_Map_Name"].astype(str).to_numpy(),
+        }
+    )
+    if "Batch_Number" in s.columns:
+        out["batch_number"] = s["Batch_Number"].astype(str).to_numpy()
+    return out
+
+
+def _number_replicates(out: pd.DataFrame) -> pd.DataFrame:
+    """Replicate k of a plate map = its k-th plate in (Batch_Number, barcode) order."""
+    plates = out[
+        ["plate_map", "plate"] + (["batch_number"] if "batch_number" in out else [])
+    ].drop_duplicates("plate")
+    if "batch_number" in plates:  # numeric order: batch 10 after batch 9
+        plates["_bn"] = pd.to_numeric(plates["batch_number"], errors="coerce")
+    plates = plates.sort_values(
+        [c for c in ("plate_map", "_bn", "batch_number", "plate") if c in plates]
+    )
+    plates["replicate"] = plates.groupby("plate_map").cumcount() + 1
+    return out.merge(plates[["plate", "replicate"]], on="plate", how="left")
+
+
+def _join_moa(out: pd.DataFrame, moa_file: Path | None) -> None:
+    """MoA and compound name from the Repurposing Hub table, in place (None without one)."""
+    out["moa"] = None
+    out["pert_iname"] = None
+    if moa_file is None:
+        return
+    moa = read_moa(moa_file)
+    by_sample = moa.drop_duplicates("broad_sample").set_index("broad_sample")
+    by_id = moa.drop_duplicates("broad_id").set_index("broad_id")
+    for col in ("moa", "pert_iname"):
+        exact = out["broad_sample"].map(by_sample[col])
+        # Same compound, other salt/batch suffix: fall back on the 13-character Broad ID.
+        out[col] = exact.where(exact.notna(), out["compound"].map(by_id[col]))
+    out.loc[out["is_control"], "moa"] = CONTROL
+    out.loc[out["is_control"], "pert_iname"] = CONTROL
+
+
 def build_samples(
     root: Path,
     platemap_dirs: list[Path],
@@ -175,99 +287,14 @@ def build_samples(
         if not platemap_dirs:
             raise CdclError(f"{root}: no barcode_platemap.csv found; pass --platemaps DIR")
     bc, pm = read_platemaps(platemap_dirs)
-    remaps = remaps or []
-    frames, paths = [], []
-    for f in csvs:
-        ld = read_table(f)
-        require_columns(ld, ["Metadata_Plate", "Metadata_Well", "Metadata_Site"], str(f))
-        site = pd.to_numeric(ld["Metadata_Site"], errors="coerce")
-        if site.isna().any():
-            raise CdclError(
-                f"{f}: column `Metadata_Site` is not an integer in row {int(np.flatnonzero(site.isna())[0])}"
-            )
-        paths += load_data_paths(ld, f, remaps)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "plate": ld["Metadata_Plate"].astype(str).to_numpy(),
-                    "well": ld["Metadata_Well"].astype(str).str.upper().to_numpy(),
-                    "site": site.astype(np.int64).to_numpy(),
-                    "_csv": str(f),
-                }
-            )
-        )
-    s = pd.concat(frames, ignore_index=True)
-    s = s.merge(
-        bc, how="left", left_on="plate", right_on="Assay_Plate_Barcode", validate="many_to_one"
-    )
-    unknown = s["Plate_Map_Name"].isna()
-    if unknown.any():
-        row = s[unknown].iloc[0]
-        raise CdclError(
-            f"{row['_csv']}: plate {row['plate']} is not in any barcode_platemap.csv; add it or pass --platemaps"
-        )
-    s = s.merge(
-        pm,
-        how="left",
-        left_on=["Plate_Map_Name", "well"],
-        right_on=["Plate_Map_Name", "well_position"],
-        validate="many_to_one",
-    )
-    unknown = s["well_position"].isna()
-    if unknown.any():
-        row = s[unknown].iloc[0]
-        raise CdclError(
-            f"{row['_csv']}: well {row['well']} of plate {row['plate']} is not in platemap {row['Plate_Map_Name']}.txt"
-        )
+    fields, paths = _read_load_data(csvs, remaps or [])
+    s = _join_platemaps(fields, bc, pm)
     if batch_column != "plate" and batch_column not in s.columns:
         raise CdclError(
             f"barcode_platemap.csv: column `{batch_column}` missing; use --batch-column plate"
         )
-    bs = s["broad_sample"].where(s["broad_sample"].notna(), "").astype(str).str.strip()
-    ctrl = bs.isin(["", CONTROL, "nan", "NA"]).to_numpy()
-    compound = np.where(ctrl, CONTROL, bs.str[:13])
-    dose = pd.to_numeric(s["mmoles_per_liter"], errors="coerce").to_numpy(np.float64)
-    dose[ctrl] = 0.0
-    treatment = [CONTROL if c else format_treatment(k, d) for c, k, d in zip(ctrl, compound, dose)]
-    out = pd.DataFrame(
-        {
-            "batch": s[batch_column].astype(str).to_numpy(),
-            "plate": s["plate"].to_numpy(),
-            "well": s["well"].to_numpy(),
-            "site": s["site"].to_numpy(),
-            "treatment": treatment,
-            "is_control": ctrl,
-            "compound": compound,
-            "dose": dose,
-            "broad_sample": np.where(ctrl, None, bs),
-            "plate_map": s["Plate_Map_Name"].astype(str).to_numpy(),
-        }
-    )
-    if "Batch_Number" in s.columns:
-        out["batch_number"] = s["Batch_Number"].astype(str).to_numpy()
-    # Replicate k of a plate map = its k-th plate in (Batch_Number, barcode) order.
-    plates = out[
-        ["plate_map", "plate"] + (["batch_number"] if "batch_number" in out else [])
-    ].drop_duplicates("plate")
-    if "batch_number" in plates:  # numeric order: batch 10 after batch 9
-        plates["_bn"] = pd.to_numeric(plates["batch_number"], errors="coerce")
-    plates = plates.sort_values(
-        [c for c in ("plate_map", "_bn", "batch_number", "plate") if c in plates]
-    )
-    plates["replicate"] = plates.groupby("plate_map").cumcount() + 1
-    out = out.merge(plates[["plate", "replicate"]], on="plate", how="left")
-    out["moa"] = None
-    out["pert_iname"] = None
-    if moa_file is not None:
-        moa = read_moa(moa_file)
-        by_sample = moa.drop_duplicates("broad_sample").set_index("broad_sample")
-        by_id = moa.drop_duplicates("broad_id").set_index("broad_id")
-        for col in ("moa", "pert_iname"):
-            exact = out["broad_sample"].map(by_sample[col])
-            # Same compound, other salt/batch suffix: fall back on the 13-character Broad ID.
-            out[col] = exact.where(exact.notna(), out["compound"].map(by_id[col]))
-        out.loc[out["is_control"], "moa"] = CONTROL
-        out.loc[out["is_control"], "pert_iname"] = CONTROL
+    out = _number_replicates(_canonical_samples(s, batch_column))
+    _join_moa(out, moa_file)
     order = np.lexsort(
         (
             out["site"].to_numpy(),
