@@ -218,3 +218,15 @@ def test_paired_scheme_only_where_the_rotation_fails() -> None:
         treatment_paired_split(s.assign(is_control=s["batch"] != "b0"), 1)
     with pytest.raises(CdclError, match="no batch holds controls only"):
         treatment_paired_split(s, 1)
+
+
+@pytest.mark.skipif(not BBBC021.exists(), reason="shared/data/bbbc021_week4_singlecell missing")
+def test_demo_bbbc021_plates_default_and_folds() -> None:
+    from cdcl.demo import BBBC021_TEST_PLATES, bbbc021_test_plates
+
+    meta = pd.read_csv(BBBC021 / "metadata_subset.csv")
+    assert bbbc021_test_plates(meta, None) == set(BBBC021_TEST_PLATES)
+    s = _bbbc021_samples()
+    for k in (1, 2, 3):
+        expect = set(s.loc[assign_split(s, "table", k) == "test", "batch"])
+        assert bbbc021_test_plates(meta, k) == expect
