@@ -58,6 +58,8 @@ def test_seed_faithful_values() -> None:
         0.9996,
         3.0,
     )
+    # The seed's params.json: DINO.hidden_dim 1024, bottleneck_dim 512, projection_size 4096.
+    assert (r.method.hidden_dim, r.method.bottleneck_dim) == (1024, 512)
     assert load_config("cpg0004-cdcl").views.global_scale == (0.75, 0.9)
     assert (
         load_config("rxrx1-byol").train.weight_decay_end

@@ -117,7 +117,9 @@ def test_update_batch_centers_rule_clamp_and_absent() -> None:
     assert np.allclose(got[1], rows[3:8].mean(0))
 
 
-def _ref_barlow(t: np.ndarray, s: np.ndarray, tau_s: float, pairs, lam: float, eps: float):
+def _ref_barlow(
+    t: np.ndarray, s: np.ndarray, tau_s: float, tau_t: float, pairs, lam: float, eps: float
+):
     n, k = t.shape[1], t.shape[2]
 
     def bn(x: np.ndarray) -> list[list[float]]:
@@ -132,7 +134,7 @@ def _ref_barlow(t: np.ndarray, s: np.ndarray, tau_s: float, pairs, lam: float, e
 
     losses = []
     for i, v in pairs:
-        a, z = bn(t[i]), bn(s[v] / tau_s)
+        a, z = bn(t[i] / tau_t), bn(s[v] / tau_s)
         cc = [[sum(a[b][j] * z[b][kk] for b in range(n)) / n for kk in range(k)] for j in range(k)]
         on = sum((cc[j][j] - 1) ** 2 for j in range(k)) / k
         off = sum(cc[j][kk] ** 2 for j in range(k) for kk in range(k) if j != kk) / (k * (k - 1))
@@ -148,8 +150,10 @@ def test_barlow_loss_matches_loops(cross: bool, algo: str) -> None:
     t = rng.normal(size=(2, n, k))
     s = rng.normal(size=(v, n, k))
     pairs = dino_pairs(v, cross)
-    got = barlow_loss(torch.tensor(t), torch.tensor(s), 0.1, pairs, lam=0.95, eps=1e-5, algo=algo)
-    assert float(got) == pytest.approx(_ref_barlow(t, s, 0.1, pairs, 0.95, 1e-5), rel=1e-9)
+    got = barlow_loss(
+        torch.tensor(t), torch.tensor(s), 0.1, 0.05, pairs, lam=0.95, eps=1e-5, algo=algo
+    )
+    assert float(got) == pytest.approx(_ref_barlow(t, s, 0.1, 0.05, pairs, 0.95, 1e-5), rel=1e-9)
 
 
 def test_barlow_gram_and_einsum_agree_with_gradients() -> None:
@@ -159,7 +163,7 @@ def test_barlow_gram_and_einsum_agree_with_gradients() -> None:
     for algo in ("gram", "einsum"):
         s = torch.randn(8, 5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         s.requires_grad_(True)
-        loss = barlow_loss(t, s, 0.1, dino_pairs(8), algo=algo)
+        loss = barlow_loss(t, s, 0.1, 0.07, dino_pairs(8), algo=algo)
         loss.backward()
         vals.append(float(loss.detach()))
         grads.append(s.grad)
@@ -174,9 +178,42 @@ def test_barlow_loss_is_zero_for_perfectly_correlated_whitened_views() -> None:
     x = np.concatenate([h, -h])  # 8 rows, each column mean 0, variance 1, columns uncorrelated
     t = torch.tensor(np.stack([x, x]))
     s = torch.tensor(np.stack([x * 0.1] * 2))  # s/τ_s with τ_s = 0.1 gives x again
-    got = barlow_loss(t, s, 0.1, [(0, 1), (1, 0)], lam=0.95, eps=0.0)
+    got = barlow_loss(t * 0.04, s, 0.1, 0.04, [(0, 1), (1, 0)], lam=0.95, eps=0.0)
     assert abs(float(got)) < 1e-12
     assert n == x.shape[0] and k == x.shape[1]
+
+
+def _seed_barlow(t_c: torch.Tensor, s: torch.Tensor, tau_s: float, tau_t: float, pairs) -> float:
+    """The seed's formula with torch's own BatchNorm1d (no affine, batch statistics, eps 1e-5)."""
+    bn = torch.nn.BatchNorm1d(t_c.shape[-1], affine=False, track_running_stats=False)
+    lam, n, k = 0.95, t_c.shape[1], t_c.shape[2]
+    off = ~torch.eye(k, dtype=torch.bool)
+    total = 0.0
+    for i, v in pairs:
+        c = bn(t_c[i] / tau_t).T @ bn(s[v] / tau_s) / n
+        on_d = ((torch.diagonal(c) - 1) ** 2).mean()
+        total += float((1 - lam) * on_d + lam * (c[off] ** 2).mean())
+    return total / len(pairs) / ((1 - lam) + 0.01 * lam)
+
+
+def test_barlow_scales_teacher_by_its_temperature_on_low_variance_logits() -> None:
+    # Near the uniform teacher the centred logits vary by ~0.001 per prototype: BN's eps (1e-5)
+    # is then comparable to the variance unless the logits are first divided by τ_t.
+    g = torch.Generator().manual_seed(5)
+    n, k, tau_s, tau_t = 16, 6, 0.1, 0.04
+    base = torch.randn(n, k, generator=g, dtype=torch.float64)
+    t_c = torch.stack([base, base + 0.3 * torch.randn(n, k, generator=g, dtype=torch.float64)])
+    t_c = 0.001 * t_c  # per-prototype std ≈ 0.001
+    s = torch.stack([base + 0.2 * torch.randn(n, k, generator=g, dtype=torch.float64)] * 2)
+    pairs = [(0, 1), (1, 0)]
+    got = float(barlow_loss(t_c, s, tau_s, tau_t, pairs, lam=0.95, eps=1e-5))
+    seed = _seed_barlow(t_c, s, tau_s, tau_t, pairs)
+    assert got == pytest.approx(seed, rel=1e-9)
+    assert got == pytest.approx(
+        _ref_barlow(t_c.numpy(), s.numpy(), tau_s, tau_t, pairs, 0.95, 1e-5), rel=1e-9
+    )
+    old = _seed_barlow(t_c, s, tau_s, 1.0, pairs)  # BN(t − c): the formula before the fix
+    assert abs(got - old) > 0.2 * got
 
 
 def test_byol_loss_matches_loops() -> None:

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from cdcl.errors import CdclError, ConfigError
 from cdcl.methods import MethodConfig, StepState, build_method
-from cdcl.methods.losses import dino_cross_entropy, dino_pairs
+from cdcl.methods.losses import byol_loss, dino_cross_entropy, dino_pairs
 from cdcl.models.backbones import ModelConfig, build_backbone
 from cdcl.train import distributed as D
 
@@ -215,6 +215,41 @@ def test_cdcl_per_batch_centring_and_total(cross: bool) -> None:
     assert not torch.equal(before, m.batch_centers)
 
 
+def test_byol_projector_ends_in_batch_norm_and_views_are_normalised_apart() -> None:
+    torch.set_num_threads(1)
+    from cdcl.models.heads import GlobalBatchNorm1d
+
+    m = _build("byol_cb", TINY_RESNET)  # ResNet: the backbone's own BNs see one view at a time
+    assert isinstance(m.projector.net[-1], GlobalBatchNorm1d)  # the seed's Linear → BN(256)
+    assert not isinstance(m.predictor.net[-1], GlobalBatchNorm1d)
+    m.train()
+    batch = _batch(m, b=8)
+    a, b = batch["views"]
+    b.mul_(3.0).add_(2.0)  # view B from "another batch": a different intensity scale
+    state = copy.deepcopy(m.state_dict())
+    _, logs = m.loss(batch, StepState())
+    m.load_state_dict(state)  # undo the running-stat updates of the call above
+
+    def run(views: list[torch.Tensor]) -> tuple[list[torch.Tensor], ...]:
+        with torch.no_grad():
+            h = [m.online_backbone(x) for x in views]
+            z = [m.projector(x) for x in h]
+            p = [m.predictor(x) for x in z]
+            t = [m.target_projector(m.target_backbone(x)) for x in views]
+        return p, t, z
+
+    p, t, z = run([a, b])
+    for zv in z:  # per-view output BN: every projection dimension standardised within its view
+        assert torch.allclose(zv.mean(0), torch.zeros(zv.shape[1]), atol=1e-5)
+        assert torch.allclose(zv.var(0, unbiased=False), torch.ones(zv.shape[1]), atol=1e-3)
+    by_view = float(byol_loss(p[0], p[1], t[0], t[1]))
+    assert logs["loss"] == pytest.approx(by_view, rel=1e-5)
+    m.load_state_dict(state)
+    pc, tc, _ = run([torch.cat([a, b])])  # both views in one pass: BN statistics mixed
+    mixed = float(byol_loss(pc[0][:8], pc[0][8:], tc[0][:8], tc[0][8:]))
+    assert abs(mixed - by_view) > 1e-3
+
+
 def test_missing_weights_file_is_a_cdcl_error(tmp_path: Path) -> None:
     cfg = ModelConfig(**{**TINY_VIT.__dict__, "weights": str(tmp_path / "nope.pth")})
     with pytest.raises(CdclError, match="not found"):
@@ -250,6 +285,7 @@ DIST_CASES = {
     "cdcl_einsum": ("cdcl", {"out_dim": 4}),  # N >= K: all-reduced K×K cross-correlations
     "cdcl_cross": ("cdcl", {"only_cross_domain": True}),
     "dino": ("dino", {}),
+    "byol_cb": ("byol_cb", {}),  # GlobalBatchNorm1d per view in projector and predictor
 }
 DIST_MODEL = ModelConfig(**{**TINY_VIT.__dict__, "drop_path": 0.0})  # no random drop masks
 
@@ -277,7 +313,12 @@ def _dist_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             vals /= world
             if rank == 0:
                 torch.save(
-                    {"vals": vals, "grads": grads, "center": m.center, "bc": m.batch_centers},
+                    {
+                        "vals": vals,
+                        "grads": grads,
+                        "center": getattr(m, "center", torch.zeros(1)),
+                        "bc": getattr(m, "batch_centers", torch.zeros(1)),
+                    },
                     os.path.join(out_dir, f"{case}.pt"),
                 )
         if rank == 0:
@@ -318,7 +359,7 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path: Path) -> No
             assert float(got["vals"][1]) == pytest.approx(logs["barlow_loss"], rel=1e-5), case
             assert torch.allclose(got["bc"], m.batch_centers, atol=1e-6), case
             assert m.batch_centers.abs().sum() > 0
-        else:
+        elif name == "dino":
             assert torch.allclose(got["center"], m.center, atol=1e-6)
             assert m.center.abs().sum() > 0
         # float32 sums in another order: compare relative to the gradients' overall scale (some,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from fixtures_layouts import run_cdcl, write_rxrx1
+from fixtures_layouts import BBBC021, run_cdcl, write_rxrx1
 
 from cdcl.data.dataset_dir import open_dataset
 from cdcl.data.rxrx1 import samples_from_metadata
@@ -17,7 +17,11 @@ from cdcl.data.splits import (
     assign_split,
     cpg0004_split,
     rotating_batch_split,
+    rotation_holds_out_controls_only,
+    treated_and_control_only_batches,
+    treatment_paired_split,
 )
+from cdcl.data.table import TableOptions, samples_from_table
 from cdcl.errors import CdclError
 
 
@@ -151,3 +155,78 @@ def test_generic_rotation_never_leaks() -> None:
         split = rotating_batch_split(s, k)
         parts = s.groupby(split.to_numpy())["batch"].agg(set)
         assert not parts["test"] & parts["train"]
+
+
+# --------------------------------------------------------------- BBBC021 treatment-paired folds
+
+
+def _bbbc021_samples() -> pd.DataFrame:
+    """The real week-4 metadata mapped as the README's `cdcl build table` recipe maps it."""
+    opts = TableOptions(
+        batch_col="plate",
+        plate_col="plate",
+        well_col="well",
+        site_col="site",
+        treatment_col="compound",
+        dose_col="concentration_uM",
+        compound_col="compound",
+        moa_col="moa",
+        control_query='compound == "DMSO"',
+    )
+    meta = pd.read_csv(BBBC021 / "metadata_subset.csv")
+    return samples_from_table(meta, opts, "metadata_subset.csv")
+
+
+@pytest.mark.skipif(not BBBC021.exists(), reason="shared/data/bbbc021_week4_singlecell missing")
+def test_bbbc021_folds_pair_each_treated_plate_with_a_dmso_only_plate() -> None:
+    s = _bbbc021_samples()
+    treated, dmso_only = treated_and_control_only_batches(s)
+    assert treated == ["Week4_27801", "Week4_27821", "Week4_27861"]
+    assert dmso_only == ["Week4_27481", "Week4_27521", "Week4_27542"]
+    # The generic rotation would test fold 1 on two DMSO-only plates: the paired scheme applies.
+    assert rotation_holds_out_controls_only(s)
+    held_out_treated: list[str] = []
+    for k in (1, 2, 3):
+        split = assign_split(s, "table", k)  # what `--split k` does on a `cdcl build table` set
+        assert set(split) == {"train", "test"}
+        test_plates = set(s.loc[split == "test", "batch"])
+        train_plates = set(s.loc[split == "train", "batch"])
+        assert not test_plates & train_plates
+        assert test_plates | train_plates == set(treated) | set(dmso_only)
+        assert len(test_plates & set(treated)) == 1 and len(test_plates & set(dmso_only)) == 1
+        held_out_treated += sorted(test_plates & set(treated))
+        # Every treatment held out was seen on a training plate.
+        test_treat = set(s.loc[(split == "test") & ~s.is_control, "treatment"])
+        train_treat = set(s.loc[(split == "train") & ~s.is_control, "treatment"])
+        assert test_treat and test_treat <= train_treat
+    assert sorted(held_out_treated) == treated  # each treated plate held out exactly once
+    with pytest.raises(CdclError, match="folds 1..3"):
+        assign_split(s, "table", 4)
+
+
+def test_paired_scheme_only_where_the_rotation_fails() -> None:
+    # Every batch carries a treatment: the generic rotation stays.
+    s = pd.DataFrame(
+        {"batch": [f"b{i % 6}" for i in range(24)], "is_control": [i % 4 == 0 for i in range(24)]}
+    )
+    assert not rotation_holds_out_controls_only(s)
+    assert assign_split(s, "table", 2).equals(rotating_batch_split(s, 2))
+    # Control-only batches that never form a whole rotation test set: rotation stays too.
+    s2 = s.assign(is_control=s["is_control"] | (s["batch"] == "b0"))
+    assert not rotation_holds_out_controls_only(s2)
+    with pytest.raises(CdclError, match="only 1 batch carries treatments"):
+        treatment_paired_split(s.assign(is_control=s["batch"] != "b0"), 1)
+    with pytest.raises(CdclError, match="no batch holds controls only"):
+        treatment_paired_split(s, 1)
+
+
+@pytest.mark.skipif(not BBBC021.exists(), reason="shared/data/bbbc021_week4_singlecell missing")
+def test_demo_bbbc021_plates_default_and_folds() -> None:
+    from cdcl.demo import BBBC021_TEST_PLATES, bbbc021_test_plates
+
+    meta = pd.read_csv(BBBC021 / "metadata_subset.csv")
+    assert bbbc021_test_plates(meta, None) == set(BBBC021_TEST_PLATES)
+    s = _bbbc021_samples()
+    for k in (1, 2, 3):
+        expect = set(s.loc[assign_split(s, "table", k) == "test", "batch"])
+        assert bbbc021_test_plates(meta, k) == expect

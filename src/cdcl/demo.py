@@ -30,6 +30,8 @@ METHODS: dict[str, str] = {
 }
 BBBC021_METHODS = ("DINO", "CDCL")
 DEMO_EPOCHS = {"synthetic": 10, "bbbc021": 12}
+# The held-out plates the README's BBBC021 figures were measured on (one DMSO-only plate, one
+# with cycloheximide at 15 and 50 µM). `DemoSpec.split = k` uses treatment-paired fold k instead.
 BBBC021_TEST_PLATES = ("Week4_27542", "Week4_27821")
 # Headline columns of the comparison table: (label, path in a variant's results).
 COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -57,6 +59,7 @@ class DemoSpec:
     seed: int = 0
     epochs: int | None = None  # None: the demo's budget for the dataset
     bbbc021_dir: Path | None = None
+    split: int | None = None  # BBBC021: treatment-paired fold; None: BBBC021_TEST_PLATES
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -118,18 +121,20 @@ def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
     for f in (npz, csv):
         if not f.is_file():
             raise CdclError(f"{f}: not found; pass --bbbc021-dir with the BBBC021 week-4 crops")
+    table = pd.read_csv(csv)
+    test_plates = bbbc021_test_plates(table, spec.split)
     if out.exists() and not spec.fresh:
         try:
             validate(out)
-            return out
+            built = pd.read_parquet(out / "samples.parquet", columns=["plate", "split"])
+            if set(built.loc[built["split"] == "test", "plate"].astype(str)) == test_plates:
+                return out
+            shutil.rmtree(out)  # built for another fold
         except CdclError:
             shutil.rmtree(out)
     elif out.exists():
         shutil.rmtree(out)
-    # Held-out plates: one DMSO-only plate and one with cycloheximide at 15 and 50 µM, so every
-    # held-out treatment was seen in training (only 3 of the 6 plates carry the compound).
-    table = pd.read_csv(csv)
-    table["split"] = np.where(table["plate"].isin(BBBC021_TEST_PLATES), "test", "train")
+    table["split"] = np.where(table["plate"].isin(test_plates), "test", "train")
     out.parent.mkdir(parents=True, exist_ok=True)
     csv = spec.out / "bbbc021_samples.csv"
     table.to_csv(csv, index=False)
@@ -156,6 +161,23 @@ def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
         name="bbbc021-week4",
     )
     return out
+
+
+def bbbc021_test_plates(table: pd.DataFrame, split: int | None) -> set[str]:
+    """Held-out plates: BBBC021_TEST_PLATES, or treatment-paired fold ``split`` of the plates.
+
+    Either way one DMSO-only plate and one cycloheximide plate, so every held-out treatment was
+    seen in training (only 3 of the 6 plates carry the compound).
+    """
+    if split is None:
+        return set(BBBC021_TEST_PLATES)
+    from cdcl.data.splits import treatment_paired_split
+
+    plates = pd.DataFrame(
+        {"batch": table["plate"].astype(str), "is_control": table["compound"] == "DMSO"}
+    )
+    part = treatment_paired_split(plates, split)
+    return set(plates.loc[part == "test", "batch"])
 
 
 # ---------------------------------------------------------------- training

@@ -3,7 +3,10 @@
 A split assigns every image one of ``train``, ``val``, ``test`` (or ``unused`` once a subset
 strategy drops it). Batches never straddle two parts, so evaluation always runs on batches the
 model has not seen. Adapters may register a scheme for their source (e.g. the seed's RxRx1
-experiment rotation); otherwise batches rotate through the parts generically.
+experiment rotation); otherwise batches rotate through the parts generically, unless some
+batches hold controls only and the rotation would hold out nothing but such batches (BBBC021's
+week 4: three DMSO-only plates): then each fold pairs one treatment-carrying batch with one
+control-only batch (``treatment_paired_split``).
 """
 
 from __future__ import annotations
@@ -69,7 +72,72 @@ def assign_split(
     number = 1 if split_number is None else int(split_number)
     if source in SPLIT_SCHEMES:
         return SPLIT_SCHEMES[source](samples, number).rename("split")
+    if rotation_holds_out_controls_only(samples):
+        return treatment_paired_split(samples, number)
     return rotating_batch_split(samples, number)
+
+
+def treated_and_control_only_batches(
+    samples: pd.DataFrame, batch_col: str = "batch"
+) -> tuple[list[str], list[str]]:
+    """(batches with at least one non-control image, batches of controls only), each sorted."""
+    for col in (batch_col, "is_control"):
+        if col not in samples.columns:
+            raise CdclError(f"samples: column `{col}` missing; a treatment-paired split needs it")
+    treated = ~samples["is_control"].to_numpy(bool)
+    per_batch = pd.Series(treated).groupby(samples[batch_col].astype(str).to_numpy()).any()
+    return sorted(per_batch.index[per_batch]), sorted(per_batch.index[~per_batch])
+
+
+def rotation_holds_out_controls_only(samples: pd.DataFrame) -> bool:
+    """Whether some fold of the generic rotation would test on control-only batches alone.
+
+    Only then is the treatment-paired scheme used, and only when it can pair (at least one
+    control-only batch and two treatment-carrying ones, so training keeps a treated batch).
+    """
+    if "batch" not in samples.columns or "is_control" not in samples.columns:
+        return False
+    treated, ctrl_only = treated_and_control_only_batches(samples)
+    if not ctrl_only or len(treated) < 2:
+        return False
+    batches = sorted(samples["batch"].astype(str).unique())
+    n_test = max(1, int(round(len(batches) / 3)))
+    n_folds = max(1, len(batches) // n_test)
+    ctrl = set(ctrl_only)
+    for k in range(n_folds):
+        start = k * n_test
+        test = (batches[start:] + batches[:start])[:n_test]
+        if set(test) <= ctrl:
+            return True
+    return False
+
+
+def treatment_paired_split(
+    samples: pd.DataFrame, split_number: int = 1, batch_col: str = "batch"
+) -> pd.Series:
+    """Fold k (1-based) tests on the k-th treatment-carrying batch plus a control-only batch.
+
+    Treatment-carrying batches T and control-only batches D are each sorted by name; fold k holds
+    out T[k−1] and D[(k−1) mod |D|] and trains on the rest, so every treatment-carrying batch is
+    held out exactly once (|T| folds) and every held-out set has controls on two batches. On
+    BBBC021 week 4: fold 1 = 27801 + 27481, fold 2 = 27821 + 27521, fold 3 = 27861 + 27542.
+    """
+    treated, ctrl_only = treated_and_control_only_batches(samples, batch_col)
+    if not ctrl_only:
+        raise CdclError(
+            "treatment-paired split: no batch holds controls only; use the generic rotation"
+        )
+    if len(treated) < 2:
+        raise CdclError(
+            f"treatment-paired split: only {len(treated)} batch carries treatments; holding it "
+            "out leaves none to train on"
+        )
+    k = int(split_number)
+    if not 1 <= k <= len(treated):
+        raise CdclError(f"--split {split_number}: this dataset has folds 1..{len(treated)}")
+    test = {treated[k - 1], ctrl_only[(k - 1) % len(ctrl_only)]}
+    batch = samples[batch_col].astype(str)
+    return pd.Series(np.where(batch.isin(test), "test", "train"), index=samples.index, name="split")
 
 
 def _half_of_treatments(samples: pd.DataFrame, seed: int) -> set[str]:

@@ -1,4 +1,9 @@
-"""BYOL and BYOL-CB (Grill et al. 2020); BYOL-CB takes view 1 from the cross-batch partner."""
+"""BYOL and BYOL-CB (Grill et al. 2020); BYOL-CB takes view 1 from the cross-batch partner.
+
+As in the seed, each view goes through the networks on its own, so every BatchNorm (backbone,
+projector, predictor) normalises one view's images: in BYOL-CB the A- and B-views (different
+batches) are never mixed in one set of BN statistics.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ class BYOL(Method):
         super().__init__(cfg, feat_dim, n_classes)
         self.cross_batch = bool(cfg.cross_batch)
         self.online_backbone = online_backbone
-        self.projector = MLP(feat_dim, cfg.byol_proj_hidden, cfg.byol_proj_dim)
+        self.projector = MLP(feat_dim, cfg.byol_proj_hidden, cfg.byol_proj_dim, out_bn=True)
         self.predictor = MLP(cfg.byol_proj_dim, cfg.byol_pred_hidden, cfg.byol_proj_dim)
         self.target_backbone = target_backbone
         self.target_backbone.load_state_dict(online_backbone.state_dict())
@@ -47,16 +52,14 @@ class BYOL(Method):
 
     def loss(self, batch: dict, step_state: StepState) -> tuple[torch.Tensor, dict[str, float]]:
         """Symmetric BYOL loss over views 0 (A) and 1 (B), mean over images."""
-        views = batch["views"]
-        b = views[0].shape[0]
-        x = torch.cat(views[:2])
-        h = self.online_backbone(x)
-        p = self.predictor(self.projector(h))
+        views = batch["views"][:2]
+        h = [self.online_backbone(x) for x in views]  # one pass per view: per-view BN statistics
+        p = [self.predictor(self.projector(hv)) for hv in h]
         with torch.no_grad():
-            z = self.target_projector(self.target_backbone(x))
-        main = byol_loss(p[:b], p[b:], z[:b], z[b:])
+            z = [self.target_projector(self.target_backbone(x)) for x in views]
+        main = byol_loss(p[0], p[1], z[0], z[1])
         # The probe learns on what embed() returns: online features of view A, detached.
-        probe, logs = self.probe_step(h[:b], batch["label"])
+        probe, logs = self.probe_step(h[0], batch["label"])
         logs["loss"] = float(main.detach())
         return main + probe, logs
 

@@ -119,7 +119,9 @@ class DINO(Method):
         dino_term = ce / log_k
         logs: dict[str, float] = {"dino_loss": float(dino_term.detach()), "teacher_temp": tau_t}
         if self.use_barlow:
-            bt = barlow_loss(t_centered, s_logits, cfg.student_temp, pairs, cfg.barlow_lambda)
+            bt = barlow_loss(
+                t_centered, s_logits, cfg.student_temp, tau_t, pairs, cfg.barlow_lambda
+            )
             w = cfg.barlow_weight
             main = (1 - w) * dino_term + w * bt
             logs["barlow_loss"] = float(bt.detach())

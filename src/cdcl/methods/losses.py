@@ -100,6 +100,7 @@ def barlow_loss(
     teacher_centered: torch.Tensor,
     student: torch.Tensor,
     student_temp: float,
+    teacher_temp: float,
     pairs: list[tuple[int, int]],
     lam: float = 0.95,
     eps: float = 1e-5,
@@ -107,8 +108,10 @@ def barlow_loss(
 ) -> torch.Tensor:
     """CDCL's Barlow-Twins term, averaged over pairs and divided by (1−λ) + 0.01λ.
 
-    Per pair (i, v): C = BN(t_i − c)ᵀ BN(s_v/τ_s) / N (global batch N),
-    l = (1−λ)·mean_j (C_jj − 1)² + λ·mean_{j≠k} C_jk².
+    Per pair (i, v): C = BN((t_i − c)/τ_t)ᵀ BN(s_v/τ_s) / N (global batch N),
+    l = (1−λ)·mean_j (C_jj − 1)² + λ·mean_{j≠k} C_jk². The temperatures only matter through
+    BN's eps, but that is the seed's formula, and near the uniform teacher (per-prototype std
+    ≪ 0.01) BN(t − c) would damp the teacher's low-variance dimensions instead.
 
     ``algo``: "einsum" forms all pairs' K×K matrices in one einsum (P·K² memory); "gram" uses
     Σ_jk C_jk² = Σ_nm (T Tᵀ)_nm (S Sᵀ)_nm / N², which costs N²K instead of NK² (same value; needs
@@ -119,7 +122,7 @@ def barlow_loss(
     with torch.autocast(device_type=student.device.type, enabled=False):
         n = _global_count(student.shape[1], student.device).to(student.dtype)
         k = student.shape[-1]
-        tn = batch_standardise(teacher_centered, eps)  # (2, N, K)
+        tn = batch_standardise(teacher_centered / teacher_temp, eps)  # (2, N, K)
         sn = batch_standardise(student / student_temp, eps)  # (V, N, K)
         ti, sv = _pair_index(pairs, student.device)
         diag = dist_sum(torch.einsum("pnk,pnk->pk", tn[ti], sn[sv])) / n  # C_jj, (P, K)

@@ -154,16 +154,22 @@ class DINOHead(nn.Module):
 
 
 class MLP(nn.Module):
-    """BYOL projector/predictor: Linear → BN → ReLU → Linear."""
+    """BYOL projector/predictor: Linear → BN → ReLU → Linear (→ BN when ``out_bn``).
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int) -> None:
+    The seed's BYOL projector ends in a BN of its output (``out_bn=True``); its predictor does not.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, out_bn: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Linear(in_dim, hidden_dim),
             GlobalBatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),
-        )
+        ]
+        if out_bn:
+            layers.append(GlobalBatchNorm1d(out_dim))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in) → (N, out)."""
