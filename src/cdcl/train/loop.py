@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from cdcl.config import Config, config_diff
 from cdcl.data.dataset_dir import Dataset, atomic_write_text, open_dataset
 from cdcl.data.splits import apply_subset, assign_split
+from cdcl.data.views import center_view
 from cdcl.errors import CdclError
 from cdcl.train import distributed as D
 from cdcl.train.checkpoint import (
@@ -129,20 +129,7 @@ def _to_device(x: Any, device: torch.device) -> Any:
 
 def eval_images(ds: Dataset, idx: np.ndarray, views_cfg: Any) -> torch.Tensor:
     """Plate-standardised centre views (the evaluation input) of images ``idx``."""
-    try:
-        from cdcl.data.views import center_view  # the views module's own definition, if any
-    except ImportError:
-        center_view = None
-    x = torch.from_numpy(ds.standardized(idx))
-    if center_view is not None:
-        return center_view(x, views_cfg)
-    resize = getattr(views_cfg, "resize", None)
-    if resize:
-        x = F.interpolate(x, size=(int(resize), int(resize)), mode="bilinear", antialias=True)
-    size = int(views_cfg.global_size)
-    h, w = x.shape[-2:]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return x[..., top : top + size, left : left + size]
+    return center_view(torch.from_numpy(ds.standardized(idx)), views_cfg)
 
 
 # ---------------------------------------------------------------- the run
@@ -307,6 +294,8 @@ def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[s
         method.view_kind,
         bool(method.cross_batch),
         t.seed,
+        # Views in the loader workers on the CPU (they overlap with the step); on the GPU there.
+        views_in_loader=device.type != "cuda",
     )
     sampler = DistributedSampler(
         train_set, num_replicas=world, rank=rank, shuffle=True, seed=t.seed, drop_last=True
@@ -461,6 +450,7 @@ def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[s
             drop_last=True,
             num_workers=cfg.data.num_workers,
             pin_memory=device.type == "cuda",
+            collate_fn=train_set.collate,
             # Own generator: iterator creation must not consume the global RNG (exact resume).
             generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch),
         )
@@ -489,7 +479,7 @@ def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[s
             fell_back = batch.get("fell_back")
             if fell_back is not None:
                 window_fallbacks += int(torch.as_tensor(fell_back).sum())
-            batch = _to_device(batch, device)
+            batch = _to_device(train_set.finish(batch, device), device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, logs = method.loss(batch, state)
             # Every process must agree to stop, or the others would wait in the next all-reduce.
