@@ -15,6 +15,8 @@ the median round counts. Reading the store is left out (the same for both paths)
   package's ``make_views`` in the run recorded in the README, before that was removed.
   ``(views only)``: the same without the loader's collation of the views into a batch
   (the first row is the fair comparison: the trainer paid both).
+- ``(matmul)``: the batched path with the resampler used on CUDA (two batched matrix products
+  per view), run here on the CPU for reference; the CPU path uses the "slices" resampler.
 - batched: what the trainer does now: per item ``draw_view_params`` (the loader workers),
   then ``batch_views`` on the stacked uint16 batch (the collate step, or the GPU).
 """
@@ -133,7 +135,7 @@ def per_image(pool, stats, cfg, n: int, batch: int, seed: int, collate: bool = T
     return (time.perf_counter() - t) / n
 
 
-def batched(pool, stats, cfg, n: int, batch: int, seed: int) -> float:
+def batched(pool, stats, cfg, n: int, batch: int, seed: int, resampler: str = "slices") -> float:
     """Seconds per image for the batched path (parameter draws and collation included)."""
     c, size = pool.shape[1], pool.shape[-1]
     t = time.perf_counter()
@@ -148,7 +150,7 @@ def batched(pool, stats, cfg, n: int, batch: int, seed: int) -> float:
         mean = torch.from_numpy(np.stack([stats[[i, j], 0] for i, j in pairs]))
         std = torch.from_numpy(np.stack([stats[[i, j], 1] for i, j in pairs]))
         stacked = {key: torch.stack([p[key] for p in params]) for key in params[0]}
-        batch_views(images, mean, std, stacked, cfg, "dino", 65535.0)
+        batch_views(images, mean, std, stacked, cfg, "dino", 65535.0, resampler)
     return (time.perf_counter() - t) / n
 
 
@@ -199,6 +201,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="batch size of the batched path")
     ap.add_argument("--images", type=int, default=64, help="images per path and round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-matmul", action="store_true", help="leave out the (matmul) row")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(args.preset).views.resolved(args.size)
@@ -215,12 +218,21 @@ def main() -> None:
     print(f"same draws, largest view difference: {check_same_views(pool, stats, cfg):.2e}")
     per_image(pool, stats, cfg, 4, 4, 0)  # warm-up
     batched(pool, stats, cfg, 4, 4, 0)
-    times: dict[str, list[float]] = {"per-image": [], "batched": [], "(views only)": []}
+    times: dict[str, list[float]] = {
+        "per-image": [],
+        "batched": [],
+        "(views only)": [],
+        "(matmul)": [],
+    }
     for r in range(args.rounds):
         times["per-image"].append(per_image(pool, stats, cfg, args.images, args.batch, 1000 * r))
         times["(views only)"].append(
             per_image(pool, stats, cfg, args.images, args.batch, 1000 * r, collate=False)
         )
+        if not args.skip_matmul:
+            times["(matmul)"].append(
+                batched(pool, stats, cfg, args.images, args.batch, 1000 * r, "matmul")
+            )
         times["batched"].append(batched(pool, stats, cfg, args.images, args.batch, 1000 * r))
     ref = statistics.median(times["per-image"])
     print(
@@ -228,6 +240,8 @@ def main() -> None:
         f"{'cores for 1000 img/s':>21} {'speed vs per-image':>19}"
     )
     for name, ts in times.items():
+        if not ts:
+            continue
         sec = statistics.median(ts)
         print(
             f"{name:<12} {sec * 1e3:>9.2f} {1 / sec:>14.1f} {n_views / sec:>13.0f} "

@@ -20,6 +20,7 @@ from cdcl.data.views import (
     view_slots,
 )
 
+RESAMPLERS = ["slices", "matmul"]
 QUIET = {"flip_p": 0.0, "rot90_p": 0.0, "jitter_p_global": 0.0, "jitter_p_local": 0.0}
 
 
@@ -29,14 +30,16 @@ def _params(cfg: ViewsConfig, kind: str, hw: tuple[int, int], c: int, seeds) -> 
     return {k: torch.stack([p[k] for p in ps]) for k in ps[0]}
 
 
-def _views(images: torch.Tensor, cfg: ViewsConfig, kind: str, seeds, mean=None, std=None):
+def _views(
+    images: torch.Tensor, cfg: ViewsConfig, kind: str, seeds, mean=None, std=None, resampler=None
+):
     """batch_views of (B, 2, C, H, W) stored pixels; plate mean 0 and std 1 unless given."""
     n, _, c, h, w = images.shape
     mean = torch.zeros(n, 2, c) if mean is None else mean
     std = torch.ones(n, 2, c) if std is None else std
     hw = (int(cfg.resize), int(cfg.resize)) if cfg.resize else (h, w)
     params = _params(cfg, kind, hw, c, seeds)
-    return batch_views(images, mean, std, params, cfg, kind, 65535.0), params
+    return batch_views(images, mean, std, params, cfg, kind, 65535.0, resampler), params
 
 
 def _all_draws(cfg: ViewsConfig, n: int, hw=(64, 64), c: int = 3) -> dict:
@@ -54,8 +57,9 @@ def test_resolved_sizes_scale_with_image() -> None:
     assert (r.global_size, r.local_size) == (40, 28)
 
 
+@pytest.mark.parametrize("resampler", RESAMPLERS)
 @pytest.mark.parametrize("channels", [5, 3])
-def test_view_shapes_and_order(channels: int) -> None:
+def test_view_shapes_and_order(channels: int, resampler: str) -> None:
     # A is all 100, B all 200 (plate mean 0, std 1, no jitter): every view reveals its source.
     images = (
         torch.stack([torch.full((channels, 64, 64), 100), torch.full((channels, 64, 64), 200)])
@@ -63,17 +67,17 @@ def test_view_shapes_and_order(channels: int) -> None:
         .repeat(2, 1, 1, 1, 1)
     )
     cfg = ViewsConfig(jitter_p_global=0.0, jitter_p_local=0.0).resolved(64)
-    views, _ = _views(images, cfg, "dino", [0, 1])
+    views, _ = _views(images, cfg, "dino", [0, 1], resampler=resampler)
     assert len(views) == 8 == cfg.n_views("dino")
     shapes = [tuple(v.shape) for v in views]
     assert shapes == [(2, channels, 56, 56)] * 2 + [(2, channels, 28, 28)] * 6
     assert all(v.dtype == torch.float32 for v in views)
     src = [float(v.mean()) for v in views]  # DESIGN §4: global A, global B, 3 x A, 3 x B
     assert src == pytest.approx([100, 200, 100, 100, 100, 200, 200, 200])
-    byol, _ = _views(images, cfg, "byol", [0, 1])
+    byol, _ = _views(images, cfg, "byol", [0, 1], resampler=resampler)
     assert [float(v.mean()) for v in byol] == pytest.approx([100, 200])
     assert [tuple(v.shape) for v in byol] == [(2, channels, 56, 56)] * 2
-    single, _ = _views(images, cfg, "single", [0, 1])
+    single, _ = _views(images, cfg, "single", [0, 1], resampler=resampler)
     assert len(single) == 1 and float(single[0].mean()) == pytest.approx(100)
     with pytest.raises(ValueError):
         view_slots(cfg, "simclr")
@@ -108,7 +112,8 @@ def test_crop_area_aspect_ratio_and_placement() -> None:
     assert int((~(h <= 64) | ~(w <= 64)).sum()) > 100  # scale up to 1.1 zooms out often
 
 
-def test_flip_and_rotation_rates_and_their_effect() -> None:
+@pytest.mark.parametrize("resampler", RESAMPLERS)
+def test_flip_and_rotation_rates_and_their_effect(resampler: str) -> None:
     cfg = ViewsConfig().resolved(64)
     p = _all_draws(cfg, 1000)
     flips = p["flip"].reshape(-1, 2).double()
@@ -126,7 +131,7 @@ def test_flip_and_rotation_rates_and_their_effect() -> None:
     ).resolved(8)
     img = torch.arange(3 * 8 * 8).reshape(3, 8, 8)
     images = torch.stack([img, img])[None].repeat(40, 1, 1, 1, 1).to(torch.uint16)
-    views, params = _views(images, full, "byol", range(40))
+    views, params = _views(images, full, "byol", range(40), resampler=resampler)
     for b in range(40):
         for v in range(2):
             ref = img.float()
@@ -152,8 +157,9 @@ def test_jitter_rates_and_statistics() -> None:
     assert bool((p["gain"][~jit] == 1).all() and (p["offset"][~jit] == 0).all())
 
 
+@pytest.mark.parametrize("resampler", RESAMPLERS)
 @pytest.mark.parametrize("unit", ["plate_std", "range"])
-def test_jitter_and_standardisation_are_applied_per_channel(unit: str) -> None:
+def test_jitter_and_standardisation_are_applied_per_channel(unit: str, resampler: str) -> None:
     # A flat image r with plate (mean m, std s): x' = a·r/M + b·u, standardised with m/M, s/M:
     # (a·r + b·u·M - m) / s, u·M = s for "plate_std" offsets and M for "range" offsets.
     cfg = ViewsConfig(jitter_p_global=1.0, jitter_p_local=1.0, jitter_offset_unit=unit)
@@ -162,7 +168,7 @@ def test_jitter_and_standardisation_are_applied_per_channel(unit: str) -> None:
     images = r[None, None, :, None, None].expand(6, 2, 2, 32, 32).to(torch.uint16)
     mean = torch.tensor([800.0, 2500.0]).expand(6, 2, 2)
     std = torch.tensor([50.0, 400.0]).expand(6, 2, 2)
-    views, p = _views(images, cfg, "dino", range(6), mean, std)
+    views, p = _views(images, cfg, "dino", range(6), mean, std, resampler)
     unit_m = std[0, 0] if unit == "plate_std" else torch.tensor(65535.0)
     for v, view in enumerate(views):
         a, b = p["gain"][:, v], p["offset"][:, v]  # (6, C)
@@ -172,7 +178,8 @@ def test_jitter_and_standardisation_are_applied_per_channel(unit: str) -> None:
         assert float(view.std((-2, -1)).max()) < 1e-3  # a flat image stays flat
 
 
-def test_standardisation_with_each_images_own_plate_stats() -> None:
+@pytest.mark.parametrize("resampler", RESAMPLERS)
+def test_standardisation_with_each_images_own_plate_stats(resampler: str) -> None:
     # No augmentation, full-image crop: view A = (A - mean_A) / std_A, view B likewise.
     cfg = ViewsConfig(global_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), global_size=16, **QUIET)
     rng = np.random.default_rng(0)
@@ -180,15 +187,22 @@ def test_standardisation_with_each_images_own_plate_stats() -> None:
     mean = rng.uniform(100, 5000, size=(3, 2, 4)).astype(np.float32)
     std = rng.uniform(10, 900, size=(3, 2, 4)).astype(np.float32)
     views, _ = _views(
-        torch.from_numpy(raw), cfg, "byol", range(3), torch.from_numpy(mean), torch.from_numpy(std)
+        torch.from_numpy(raw),
+        cfg,
+        "byol",
+        range(3),
+        torch.from_numpy(mean),
+        torch.from_numpy(std),
+        resampler,
     )
     for s in range(2):
         ref = (raw[:, s].astype(np.float32) - mean[:, s, :, None, None]) / std[:, s, :, None, None]
         assert np.allclose(views[s].numpy(), ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("resampler", RESAMPLERS)
 @pytest.mark.parametrize(("side", "pad"), [(16, 3), (4, 4)])
-def test_zoom_out_fills_margins_by_mirror_reflection(side: int, pad: int) -> None:
+def test_zoom_out_fills_margins_by_mirror_reflection(side: int, pad: int, resampler: str) -> None:
     # Window (side + 2·pad)² > image: its pixels are the image mirrored at the edges without
     # repeating them (numpy's "reflect"), wherever the window is placed; the second case has
     # margins up to twice the image (reflected more than once).
@@ -199,7 +213,7 @@ def test_zoom_out_fills_margins_by_mirror_reflection(side: int, pad: int) -> Non
     img = np.arange(2 * side * side).reshape(2, side, side).astype(np.uint16)
     padded = np.pad(img, ((0, 0), (pad * 2, pad * 2), (pad * 2, pad * 2)), mode="reflect")
     images = torch.from_numpy(img)[None, None].repeat(30, 2, 1, 1, 1)
-    views, p = _views(images, cfg, "byol", range(30))
+    views, p = _views(images, cfg, "byol", range(30), resampler=resampler)
     placements = set()
     for b in range(30):
         top, left, h, w = p["box"][b, 0].tolist()
@@ -208,6 +222,21 @@ def test_zoom_out_fills_margins_by_mirror_reflection(side: int, pad: int) -> Non
         ref = padded[:, top + 2 * pad : top + 2 * pad + out, left + 2 * pad : left + 2 * pad + out]
         assert np.array_equal(views[0][b].numpy(), ref.astype(np.float32))
     assert len(placements) > 5
+
+
+def test_both_resamplers_give_the_same_views() -> None:
+    # Same draws (zoom-out to 1.5, small locals, flips, rotations, jitter), resized images:
+    # crop-by-crop interpolation and the batched matrix products agree to float rounding.
+    cfg = ViewsConfig(resize=48, global_scale=(0.5, 1.5), local_scale=(0.05, 0.5)).resolved(48)
+    images = torch.randint(0, 60000, (12, 2, 3, 64, 64)).to(torch.uint16)
+    mean, std = torch.rand(12, 2, 3) * 3000, torch.rand(12, 2, 3) * 500 + 100
+    a, _ = _views(images, cfg, "dino", range(12), mean, std, "slices")
+    b, _ = _views(images, cfg, "dino", range(12), mean, std, "matmul")
+    for x, y in zip(a, b):
+        assert x.shape == y.shape
+        assert float((x - y).abs().max()) <= 1e-5 * float(x.abs().max())
+    with pytest.raises(ValueError, match="resampler"):
+        _views(images, cfg, "dino", [0], resampler="nearest")
 
 
 def test_resize_then_crop() -> None:

@@ -251,6 +251,7 @@ def batch_views(
     cfg: ViewsConfig,
     kind: str,
     value_max: float,
+    resampler: str | None = None,
 ) -> list[torch.Tensor]:
     """The training views of a batch, in DESIGN order: one (B, C, S, S) float32 tensor per view.
 
@@ -258,16 +259,36 @@ def batch_views(
     the device where the views are wanted; ``plate_mean``/``plate_std`` (B, 2, C) their plate
     control statistics; ``params`` the items' :func:`draw_view_params` stacked (B, V, ...);
     ``value_max`` the dtype maximum M of the stored pixels (the jitter's [0, 1] scale).
+    ``resampler``: "slices" (crop by crop; fastest on a CPU core) or "matmul" (every crop of a
+    view at once as two batched matrix products; a few kernels per view on a GPU instead of
+    several per crop); default: matmul on CUDA, slices elsewhere. Both resample with the same
+    antialiased bilinear weights.
     """
     if cfg.global_size is None or cfg.local_size is None:
         cfg = cfg.resolved(images.shape[-1])
-    slots = view_slots(cfg, kind)
+    if resampler is None:
+        resampler = "matmul" if images.device.type == "cuda" else "slices"
+    if resampler not in ("slices", "matmul"):
+        raise ValueError(f"resampler {resampler!r}: expected slices or matmul")
+    scale, shift = view_affine(params, plate_mean, plate_std, cfg, kind, value_max)
+    scale = scale.to(images.device, non_blocking=True)[..., None, None]
+    shift = shift.to(images.device, non_blocking=True)[..., None, None]
+    make = _views_by_slices if resampler == "slices" else _views_by_matmul
+    return make(images, params, scale, shift, cfg, view_slots(cfg, kind))
+
+
+def _views_by_slices(
+    images: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    cfg: ViewsConfig,
+    slots: list[tuple[int, bool]],
+) -> list[torch.Tensor]:
+    """Crop by crop: slice (or mirror-pad), resize, multiply-add, flip, write into the batch."""
     device = images.device
     n, _, c = images.shape[:3]
     need_resize = bool(cfg.resize) and tuple(images.shape[-2:]) != (cfg.resize, cfg.resize)
-    scale, shift = view_affine(params, plate_mean, plate_std, cfg, kind, value_max)
-    scale = scale.to(device, non_blocking=True)[..., None, None]
-    shift = shift.to(device, non_blocking=True)[..., None, None]
     # The loops below only slice and resize; every parameter is read once, on the CPU.
     boxes = params["box"].cpu().tolist()
     flips = params["flip"].cpu().tolist()
@@ -293,6 +314,73 @@ def batch_views(
                 y = y.flip(dims)
             (views[v][b].transpose(-2, -1) if transpose else views[v][b]).copy_(y)
     return views
+
+
+def _views_by_matmul(
+    images: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    cfg: ViewsConfig,
+    slots: list[tuple[int, bool]],
+) -> list[torch.Tensor]:
+    """Every crop of a view at once: view = Wy · image · Wxᵀ per item and channel.
+
+    Wy (S × H) and Wx (S × W) hold, for each output row/column, the antialiased bilinear
+    weights of its source pixels within the crop, moved to their mirror-reflected positions in
+    the image and in reversed order for a flip; odd quarter turns then transpose the view.
+    """
+    device = images.device
+    x = images.to(torch.float32)
+    n = x.shape[0]
+    if cfg.resize and tuple(x.shape[-2:]) != (cfg.resize, cfg.resize):
+        x = resize(x.flatten(0, 1), int(cfg.resize)).unflatten(0, (n, 2))
+    h, w = x.shape[-2:]
+    box = params["box"].to(device)
+    flip = params["flip"].to(device)
+    k = params["rot90"].to(device)
+    # Flips, then k quarter turns = flip rows/columns (as below), then transpose if k is odd.
+    flip_rows = flip[..., 1] ^ ((k == 2) | (k == 3))
+    flip_cols = flip[..., 0] ^ ((k == 1) | (k == 2))
+    views = []
+    for v, (src, is_global) in enumerate(slots):
+        size = int(cfg.global_size if is_global else cfg.local_size)
+        wy = _resample_matrix(box[:, v, 0], box[:, v, 2], size, h, flip_rows[:, v])
+        wx = _resample_matrix(box[:, v, 1], box[:, v, 3], size, w, flip_cols[:, v])
+        y = wy[:, None] @ (x[:, src] @ wx[:, None].transpose(-2, -1))
+        odd = (k[:, v] % 2 == 1)[:, None, None, None]
+        y = torch.where(odd, y.transpose(-2, -1), y)
+        views.append(torch.addcmul(shift[:, v], y, scale[:, v]))
+    return views
+
+
+def _resample_matrix(
+    start: torch.Tensor, length: torch.Tensor, size: int, n: int, flip: torch.Tensor
+) -> torch.Tensor:
+    """(B, size, n): antialiased bilinear resampling of the windows [start, start + length) of
+    an axis of n pixels (mirrored outside it) to ``size`` samples, reversed where ``flip``.
+
+    The weights are those of ``F.interpolate(mode="bilinear", antialias=True,
+    align_corners=False)``: a triangle filter widened by the downscaling factor, normalised.
+    """
+    device = start.device
+    scale = length.double() / size  # (B,)
+    support = torch.clamp(scale, min=1.0)  # filter half-width in source pixels
+    centre = scale[:, None] * (torch.arange(size, device=device, dtype=torch.float64) + 0.5)
+    lo = torch.floor(centre - support[:, None] + 0.5).clamp(min=0)
+    hi = torch.minimum(torch.floor(centre + support[:, None] + 0.5), length[:, None].double())
+    taps = int(math.ceil(2 * float(support.max()))) + 2
+    idx = lo[..., None] + torch.arange(taps, device=device, dtype=torch.float64)  # (B, S, T)
+    weight = torch.clamp(1 - ((idx - centre[..., None] + 0.5) / support[:, None, None]).abs(), 0)
+    weight = torch.where(idx < hi[..., None], weight, 0.0)
+    weight = weight / weight.sum(-1, keepdim=True)
+    pos = _reflect_index(start[:, None, None] + idx.long(), n)
+    flip = flip[:, None, None]
+    weight = torch.where(flip, weight.flip(1), weight)
+    pos = torch.where(flip, pos.flip(1), pos)
+    out = torch.zeros(len(start), size, n, device=device, dtype=torch.float64)
+    out.scatter_add_(2, pos, weight)
+    return out.to(torch.float32)
 
 
 def resize(img: torch.Tensor, size: int) -> torch.Tensor:
