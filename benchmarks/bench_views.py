@@ -17,6 +17,8 @@ the median round counts. Reading the store is left out (the same for both paths)
   (the first row is the fair comparison: the trainer paid both).
 - ``(matmul)``: the batched path with the resampler used on CUDA (two batched matrix products
   per view), run here on the CPU for reference; the CPU path uses the "slices" resampler.
+- ``(draws only)``: what is left to the loader workers when the views are made on the GPU
+  (per-item draws and the stacked uint16 batch).
 - batched: what the trainer does now: per item ``draw_view_params`` (the loader workers),
   then ``batch_views`` on the stacked uint16 batch (the collate step, or the GPU).
 """
@@ -135,8 +137,14 @@ def per_image(pool, stats, cfg, n: int, batch: int, seed: int, collate: bool = T
     return (time.perf_counter() - t) / n
 
 
-def batched(pool, stats, cfg, n: int, batch: int, seed: int, resampler: str = "slices") -> float:
-    """Seconds per image for the batched path (parameter draws and collation included)."""
+def batched(
+    pool, stats, cfg, n: int, batch: int, seed: int, resampler: str | None = "slices"
+) -> float:
+    """Seconds per image for the batched path (parameter draws and collation included).
+
+    ``resampler=None``: only the workers' part when the views are made on the GPU (draws and
+    the raw uint16 batch).
+    """
     c, size = pool.shape[1], pool.shape[-1]
     t = time.perf_counter()
     for start in range(0, n, batch):
@@ -150,7 +158,8 @@ def batched(pool, stats, cfg, n: int, batch: int, seed: int, resampler: str = "s
         mean = torch.from_numpy(np.stack([stats[[i, j], 0] for i, j in pairs]))
         std = torch.from_numpy(np.stack([stats[[i, j], 1] for i, j in pairs]))
         stacked = {key: torch.stack([p[key] for p in params]) for key in params[0]}
-        batch_views(images, mean, std, stacked, cfg, "dino", 65535.0, resampler)
+        if resampler is not None:
+            batch_views(images, mean, std, stacked, cfg, "dino", 65535.0, resampler)
     return (time.perf_counter() - t) / n
 
 
@@ -223,11 +232,15 @@ def main() -> None:
         "batched": [],
         "(views only)": [],
         "(matmul)": [],
+        "(draws only)": [],
     }
     for r in range(args.rounds):
         times["per-image"].append(per_image(pool, stats, cfg, args.images, args.batch, 1000 * r))
         times["(views only)"].append(
             per_image(pool, stats, cfg, args.images, args.batch, 1000 * r, collate=False)
+        )
+        times["(draws only)"].append(
+            batched(pool, stats, cfg, args.images, args.batch, 1000 * r, None)
         )
         if not args.skip_matmul:
             times["(matmul)"].append(
