@@ -22,8 +22,11 @@ one multiply-add on the resampled view: with r the view in raw units,
 ``(a·r/M + b·u - mean/M) / (std/M) = r·a/std + (b·u·M - mean)/std``, where the offset unit u is
 std/M ("plate_std") or 1 ("range"). With a = 1 and b = 0 this is ``Dataset.standardized``.
 
-Resampling: each crop is sliced (a view, no copy) and resized with antialiased bilinear
-interpolation, grouped by output size into one tensor per view. Zoom-out (area scale > 1): the
+Resampling, antialiased bilinear (``F.interpolate(antialias=True)``'s weights) in both of two
+interchangeable ways: on a CPU core, crop by crop ("slices": each crop is sliced, no copy, and
+resized, into one batch tensor per view; measured in benchmarks/bench_views.py); on a GPU,
+every crop of a view at once ("matmul": two batched matrix products with the resampling
+weights, a few kernels per view instead of several per crop). Zoom-out (area scale > 1): the
 crop window may be larger than the image; pixels outside it are filled by mirror reflection
 (``reflect`` without repeating the edge), so a scale of 1.1 shows the whole image plus a
 mirrored margin, i.e. a slight zoom-out, as in the seed's intent.
