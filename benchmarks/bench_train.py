@@ -180,6 +180,7 @@ class CdclRig:
                 sampler=self.sampler,
                 drop_last=True,
                 num_workers=self.cfg.data.num_workers,
+                collate_fn=self.train_set.collate,  # views made per batch, as the trainer does
                 generator=torch.Generator().manual_seed(t.seed * 100_003 + epoch),
             )
             yield from loader

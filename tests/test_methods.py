@@ -391,7 +391,9 @@ def test_cdcl_step_on_a_loaded_training_batch(random_dataset: Path) -> None:
         batch_shares=torch.tensor([1 / 3] * 3),
     )
     ts = TrainingSet(ds, rows, label_of, batch_of, ViewsConfig(), m.view_kind, m.cross_batch, 0)
-    loader = torch.utils.data.DataLoader(ts, batch_size=6, shuffle=True, num_workers=2)
+    loader = torch.utils.data.DataLoader(
+        ts, batch_size=6, shuffle=True, num_workers=2, collate_fn=ts.collate
+    )
     batch = next(iter(loader))
     assert len(batch["views"]) == m.n_views
     assert bool((batch["batch_id"] != batch["partner_batch_id"]).all())

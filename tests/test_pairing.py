@@ -99,15 +99,17 @@ def test_training_set_items(random_dataset: Path) -> None:
     s = ts.dataset.samples
     for k in range(len(ts)):
         item = ts[k]
-        assert len(item["views"]) == 8
-        assert all(v.dtype == torch.float32 for v in item["views"])
-        assert [tuple(v.shape) for v in item["views"]] == [(5, 14, 14)] * 2 + [(5, 7, 7)] * 6
+        assert item["images"].shape == (2, 5, 16, 16) and item["images"].dtype == np.uint8
+        assert len(item["view_params"]["box"]) == 8
         i, j = item["index"], item["partner_index"]
+        assert np.array_equal(item["images"][1], ts.dataset.read(j))
         assert s.treatment[i] == s.treatment[j] and s.batch[i] != s.batch[j]
         assert item["batch_id"] != item["partner_batch_id"]
         assert not item["fell_back"]
-    batch = torch.utils.data.default_collate([ts[0], ts[1], ts[2]])
-    assert [tuple(v.shape) for v in batch["views"]][:2] == [(3, 5, 14, 14)] * 2
+    batch = ts.batch([0, 1, 2])
+    assert all(v.dtype == torch.float32 for v in batch["views"])
+    assert [tuple(v.shape) for v in batch["views"]] == [(3, 5, 14, 14)] * 2 + [(3, 5, 7, 7)] * 6
+    assert "images" not in batch
     assert batch["batch_id"].dtype == torch.int64
 
 
@@ -115,11 +117,11 @@ def test_training_set_is_deterministic_per_seed_epoch_item(random_dataset: Path)
     a = _training_set(random_dataset, "byol", cross=True, seed=3)
     b = _training_set(random_dataset, "byol", cross=True, seed=3)
     for k in (0, 7, 19):
-        va, vb = a[k], b[k]
+        va, vb = a.batch([k]), b.batch([k])
         assert va["partner_index"] == vb["partner_index"]
         assert all(torch.equal(x, y) for x, y in zip(va["views"], vb["views"]))
     b.set_epoch(1)
-    diff = [not torch.equal(a[k]["views"][0], b[k]["views"][0]) for k in range(5)]
+    diff = [not torch.equal(a.batch([k])["views"][0], b.batch([k])["views"][0]) for k in range(5)]
     assert all(diff)
 
 
@@ -136,8 +138,8 @@ def test_training_set_standardisation_matches_dataset(random_dataset: Path) -> N
         rot90_p=0.0,
         jitter_p_global=0.0,
     )
-    item = ts[4]
-    ref = ts.dataset.standardized([item["index"]])[0]
+    item = ts.batch([4])
+    ref = ts.dataset.standardized([int(item["index"][0])])[0]
     assert len(item["views"]) == 1
-    assert np.allclose(item["views"][0].numpy(), ref, atol=1e-4)
+    assert np.allclose(item["views"][0][0].numpy(), ref, atol=1e-4)
     assert item["partner_index"] == item["index"] and item["partner_batch_id"] == item["batch_id"]

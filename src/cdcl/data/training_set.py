@@ -1,15 +1,21 @@
-"""The training dataset: image A, its cross-batch partner B and their augmented views.
+"""The training dataset: image A, its cross-batch partner B and the random draws of their views.
 
 Per item k (training row ``rows[k]``): a fresh RNG ``np.random.default_rng([seed, epoch, k])``
-draws the partner (when ``cross_batch``) and seeds a ``torch.Generator`` for the views, so a
-resumed run (same seed, ``set_epoch(epoch)``) reproduces exactly the same partners and views,
-whatever the worker count or order.
+draws the partner (when ``cross_batch``) and seeds a ``torch.Generator`` from which every random
+choice of the item's views is drawn (``draw_view_params``), so a resumed run (same seed,
+``set_epoch(epoch)``) reproduces exactly the same partners and views, whatever the worker count
+or order.
 
-Intensities: pixels are divided by the dtype maximum (255 or 65535) to [0, 1]; the views'
-jitter x_c <- a_c·x_c + b_c acts there (b_c in units of the plate's control std by default,
-see ``ViewsConfig.jitter_offset_unit``); each view is then standardised with its own image's
-plate control mean/std divided by the same maximum, i.e. (x' - mean/M) / (std/M), which for an
-unjittered view equals ``Dataset.standardized``.
+Items carry the raw pixels (A and B as stored, uint8/uint16), their plate control statistics
+and the drawn parameters; :meth:`TrainingSet.collate` stacks a batch of them and the views are
+then made for the whole batch at once (``batch_views``): in the collate step, i.e. in the
+loader workers, when ``views_in_loader`` (training on the CPU: the views overlap with the step),
+else by :meth:`TrainingSet.finish` on the training device.
+
+Intensities: the views' jitter x_c <- a_c·x_c + b_c acts on pixels divided by the dtype maximum
+(255 or 65535), b_c in units of the plate's control std by default (see
+``ViewsConfig.jitter_offset_unit``); each view is then standardised with its own image's plate
+control mean/std, so an unjittered full-image view equals ``Dataset.standardized``.
 """
 
 from __future__ import annotations
@@ -19,14 +25,21 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import default_collate
 
 from cdcl.data.pairing import PartnerIndex
-from cdcl.data.views import VIEW_KINDS, ViewsConfig, make_views
+from cdcl.data.views import VIEW_KINDS, ViewsConfig, batch_views, draw_view_params
 from cdcl.errors import CdclError
+
+# Raw fields of an item that the views are made from (dropped from a batch once they are).
+RAW_KEYS = ("images", "plate_mean", "plate_std", "view_params")
 
 
 class TrainingSet(TorchDataset):
-    """Items {"views", "label", "batch_id", "partner_batch_id", "index", "fell_back"}."""
+    """Items {"images", "plate_mean", "plate_std", "view_params", "label", "batch_id", ...}.
+
+    Batches from :meth:`collate` (then :meth:`finish`) carry "views" instead of the raw fields.
+    """
 
     def __init__(
         self,
@@ -38,6 +51,7 @@ class TrainingSet(TorchDataset):
         view_kind: str,
         cross_batch: bool,
         seed: int,
+        views_in_loader: bool = True,
     ) -> None:
         if view_kind not in VIEW_KINDS:
             raise CdclError(f"view kind `{view_kind}` unknown; use one of {', '.join(VIEW_KINDS)}")
@@ -66,7 +80,11 @@ class TrainingSet(TorchDataset):
         self.cross_batch = bool(cross_batch)
         self.seed = int(seed)
         self.epoch = 0
-        self.scale = float(np.iinfo(np.dtype(dataset.info.dtype)).max)
+        self.value_max = float(np.iinfo(np.dtype(dataset.info.dtype)).max)
+        side = int(self.views_cfg.resize) if self.views_cfg.resize else None
+        self.image_hw = (side, side) if side else tuple(int(v) for v in dataset.image_size)
+        self.n_channels = len(dataset.channels)
+        self.views_in_loader = bool(views_in_loader)
         self.partner_index = (
             PartnerIndex(self._treatment[self.rows], self._batch[self.rows], self.rows)
             if self.cross_batch
@@ -90,15 +108,6 @@ class TrainingSet(TorchDataset):
         """Treatments that cannot be paired across batches (present in one batch only)."""
         return [] if self.partner_index is None else list(self.partner_index.fallback_treatments)
 
-    def _load(self, i: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        img = torch.from_numpy(self.dataset.read(i).astype(np.float32)) / self.scale
-        mean, std = self.dataset.plate_mean_std([i])
-        norm = (
-            torch.from_numpy(mean[0].astype(np.float32)) / self.scale,
-            torch.from_numpy(std[0].astype(np.float32)) / self.scale,
-        )
-        return img, norm
-
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = int(self.rows[k])
         rng = np.random.default_rng([self.seed, self.epoch, int(k)])
@@ -106,13 +115,20 @@ class TrainingSet(TorchDataset):
         if self.partner_index is not None:
             j, fell_back = self.partner_index.partner(i, rng)
         gen = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
-        img_a, norm_a = self._load(i)
-        img_b, norm_b = (img_a, norm_a) if j == i else self._load(j)
-        views = make_views(
-            img_a, img_b, self.views_cfg, self.view_kind, gen, norm_a=norm_a, norm_b=norm_b
+        params = draw_view_params(
+            self.views_cfg, self.view_kind, self.image_hw, self.n_channels, gen
         )
+        if j == i:
+            img = self.dataset.read(i)
+            images = np.stack([img, img])
+        else:
+            images = self.dataset.read_many([i, j])
+        mean, std = self.dataset.plate_mean_std([i, j])
         return {
-            "views": views,
+            "images": images,
+            "plate_mean": mean,
+            "plate_std": std,
+            "view_params": params,
             "label": int(self._label[i]),
             "batch_id": int(self._batch_id[i]),
             "partner_batch_id": int(self._batch_id[j]),
@@ -120,3 +136,35 @@ class TrainingSet(TorchDataset):
             "partner_index": j,
             "fell_back": bool(fell_back),
         }
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stack items into a batch; with ``views_in_loader``, make its views here (CPU)."""
+        batch = default_collate(items)
+        if self.views_in_loader:
+            batch = self.finish(batch, torch.device("cpu"))
+        return batch
+
+    def finish(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """The batch with its views made on ``device`` in place of the raw fields (no-op if made)."""
+        if "views" in batch:
+            return batch
+        images = batch["images"].to(device, non_blocking=True)
+        views = batch_views(
+            images,
+            batch["plate_mean"],
+            batch["plate_std"],
+            batch["view_params"],
+            self.views_cfg,
+            self.view_kind,
+            self.value_max,
+        )
+        out = {k: v for k, v in batch.items() if k not in RAW_KEYS}
+        out["views"] = views
+        return out
+
+    def batch(
+        self, ks: list[int] | np.ndarray, device: torch.device | None = None
+    ) -> dict[str, Any]:
+        """Items ``ks`` as one finished batch (views on ``device``, default CPU)."""
+        raw = default_collate([self[int(k)] for k in ks])
+        return self.finish(raw, device or torch.device("cpu"))
