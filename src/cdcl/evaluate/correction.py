@@ -210,7 +210,10 @@ def combat(features: np.ndarray, batch: np.ndarray) -> np.ndarray:
     if varying.any():
         adata = anndata.AnnData(np.ascontiguousarray(x[:, varying]))
         adata.obs["batch"] = pd.Categorical(b)
-        out[:, varying] = scanpy.pp.combat(adata, key="batch", inplace=False)
+        # scanpy's convergence test divides by the previous estimate, which is exactly 0 for a
+        # feature whose batch mean equals the pooled mean: a harmless divide-by-zero warning.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[:, varying] = scanpy.pp.combat(adata, key="batch", inplace=False)
     if not np.isfinite(out).all():
         raise CdclError(
             "ComBat produced non-finite values (a feature constant within a batch?); "
