@@ -11,7 +11,8 @@ with its defaults: sphering epsilon 1e-2 relative; Harmony on 50 PCs, nclust min
 up to 20 rounds, harmonypy's thread default; ComBat via scanpy).
 
 How. Every (size, correction) runs in a fresh subprocess, so imports and caches of one do
-not flatter another. Time = wall clock of the one call. Memory = the peak resident set size
+not flatter another. Time = wall clock of the one call, and the CPU seconds of all its threads
+(``getrusage``; the steadier figure on a shared machine). Memory = the peak resident set size
 during the call (``VmHWM``, reset to the current RSS by writing 5 to ``/proc/self/clear_refs``
 just before the call), shown as the increase over the RSS before the call (the profiles,
 n × d float32, are already resident), and the process's total peak.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -64,9 +66,12 @@ def child(correction: str, n: int, d: int, n_batches: int) -> dict[str, Any]:
         Path("/proc/self/clear_refs").write_text("5")  # peak := current RSS
     except OSError:
         pass
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     out = apply_corrections(x, batch, ctrl, (correction,), seed=0)[correction]
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     peak = _vm("VmHWM")
     return {
         "correction": correction,
@@ -75,6 +80,7 @@ def child(correction: str, n: int, d: int, n_batches: int) -> dict[str, Any]:
         "dims_out": int(out.shape[1]),
         "batches": n_batches,
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
         "peak_increase_mib": round(peak - before, 1),
         "peak_rss_mib": round(peak, 1),
     }
@@ -114,15 +120,15 @@ def main() -> None:
                 continue
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"  done: {c} n={n} ({rows[-1]['wall_s']} s)", file=sys.stderr, flush=True)
-    head = (
-        "| correction | profiles | dims in → out | batches | wall s | peak Δ MiB | peak RSS MiB |"
+    print(
+        "| correction | profiles | dims in → out | batches | wall s | CPU s | peak Δ MiB "
+        "| peak RSS MiB |"
     )
-    print(head)
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['correction']} | {r['n']:,} | {r['dims_in']} → {r['dims_out']} | "
-            f"{r['batches']} | {r['wall_s']:.2f} | {r['peak_increase_mib']:.0f} | "
+            f"{r['batches']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_increase_mib']:.0f} | "
             f"{r['peak_rss_mib']:.0f} |"
         )
     if args.json:

@@ -201,6 +201,9 @@ def combat(features: np.ndarray, batch: np.ndarray) -> np.ndarray:
     batch ends with the same mean and variance per feature. No covariates are protected
     (Arevalo et al.'s setting): a treatment confined to one batch is corrected away with it.
     Computed by ``scanpy.pp.combat``; features constant over all rows are returned unchanged.
+    ComBat is affine per batch and feature, so where batches are whole plates, standardising
+    each plate against its controls afterwards gives back the uncorrected plate-normalised
+    profiles.
     """
     x = np.asarray(features, dtype=np.float64)
     n, d = x.shape
