@@ -162,6 +162,7 @@ def _table(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_cli_evaluate_correct_scores_each_corrected_table(tmp_path: Path) -> None:
     table = _table(tmp_path / "profiles.csv")
     out = tmp_path / "out"
