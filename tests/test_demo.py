@@ -58,6 +58,12 @@ def test_demo_writes_the_comparison(quick_demo: tuple[Path, subprocess.Completed
     assert 'src="http' not in html and 'href="http' not in html
     md = (out / "results.md").read_text()
     assert "| CDCL |" in md and "NSCB" in md and "kBET" in md
+    # Post-hoc corrections next to DINO, CDCL and the intensity baseline, said to be transductive.
+    for base in ("DINO", "CDCL", "intensity stats"):
+        for corr in ("sphering", "harmony", "combat"):
+            assert f"| {base}+{corr} |" in md, (base, corr)
+    assert "| random network+harmony |" not in md
+    assert "transductively" in md and "transductively" in html
     res = json.loads((out / "results.json").read_text())
     assert set(res["training"]) == {"supervised", "DINO", "DINO-CB", "CDCL"}
     for stage in ("data", "train CDCL", "evaluate", "report"):

@@ -33,6 +33,9 @@ DEMO_EPOCHS = {"synthetic": 10, "bbbc021": 12}
 # The held-out plates the README's BBBC021 figures were measured on (one DMSO-only plate, one
 # with cycloheximide at 15 and 50 µM). `DemoSpec.split = k` uses treatment-paired fold k instead.
 BBBC021_TEST_PLATES = ("Week4_27542", "Week4_27821")
+# Post-hoc corrections scored next to these feature sets (cdcl.evaluate.correction).
+CORRECTIONS = ("sphering", "harmony", "combat")
+CORRECTED_SETS = ("DINO", "CDCL", "intensity stats")
 # Headline columns of the comparison table: (label, path in a variant's results).
 COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("treatment acc (logistic)", ("classification", "logistic", "accuracy")),
@@ -278,6 +281,7 @@ def evaluate_runs(
             {label: em.method.embed},
             make_view_fn(em.views_cfg),
             tvn_on=(label,) if label == "DINO" else (),
+            corrections=CORRECTIONS if label in CORRECTED_SETS else (),
             online_probe={"set": label, "probe": em.probe, "label_of": em.label_of},
             null_size=null_size,
             seed=spec.seed,
@@ -296,6 +300,8 @@ def evaluate_runs(
             split,
             baselines,
             make_view_fn(reference.views_cfg),
+            corrections=CORRECTIONS,
+            correct_on=CORRECTED_SETS,
             null_size=null_size,
             seed=spec.seed,
             progress=spec.progress,
@@ -414,6 +420,7 @@ def write_outputs(
 
     ds = open_dataset(data)
     tables = {v: comparison_table(feature_sets, v) for v in ("plate_normalized", "raw")}
+    note = correction_note(feature_sets)
     title = f"cdcl demo: {spec.dataset}{' (quick)' if spec.quick else ''}"
     unit = "single-cell (image) profiles" if spec.dataset == "bbbc021" else "well profiles"
     results = {
@@ -434,6 +441,7 @@ def write_outputs(
         "",
         f"Dataset `{ds.info.name}` ({len(ds)} images); metrics on held-out batches, {unit}.",
         "",
+        *([note, ""] if note else []),
         "## Profiles standardised per plate against its controls",
         "",
         to_markdown(tables["plate_normalized"]),
@@ -463,10 +471,11 @@ def write_outputs(
         higher = {c: c not in LOWER_IS_BETTER for c in t.index}
         return table_html(t, higher)
 
+    note_html = f'<p class="small">{note}</p>' if note else ""
     sections = [
         (
             "Held-out batches, profiles standardised per plate against controls",
-            html_table(tables["plate_normalized"]),
+            note_html + html_table(tables["plate_normalized"]),
         ),
         ("Held-out batches, raw profiles", html_table(tables["raw"])),
         (f"Figure 1: UMAP of {unit}", _img(pictures.get("figure1"), "UMAP")),
@@ -483,6 +492,15 @@ def write_outputs(
     ]
     write_html(out / "report.html", title, sections)
     return {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+
+
+def correction_note(feature_sets: dict[str, Any]) -> str:
+    """The transductive-fit statement when the table has post-hoc corrected rows, else ''."""
+    if not any(name.rsplit("+", 1)[-1] in CORRECTIONS for name in feature_sets if "+" in name):
+        return ""
+    from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
+
+    return TRANSDUCTIVE_NOTE
 
 
 def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None:

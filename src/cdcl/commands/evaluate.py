@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--null-size", type=int, default=2000, help="mAP null distribution size")
     parser.add_argument("--seed", type=int, default=0, help="seed of baselines, UMAP, kBET")
+    parser.add_argument(
+        "--correct",
+        metavar="LIST",
+        help="also score every feature set after post-hoc batch corrections, comma-separated: "
+        "sphering, harmony, combat (Harmony and ComBat are fitted on the evaluated profiles)",
+    )
     g = parser.add_argument_group("profile tables (--features)")
     g.add_argument("--features", type=Path, help="profile table: .csv[.gz], .parquet or .h5ad")
     g.add_argument("--batch-col", help="batch column (default Metadata_batch, else the plate)")
@@ -65,6 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from cdcl.evaluate.report import metrics_table
     from cdcl.evaluate.results import read_results
 
+    corrections: tuple[str, ...] = ()
+    if args.correct is not None:
+        from cdcl.evaluate.correction import parse_corrections
+
+        # Checked before any loading: a typo costs no embedding time.
+        corrections = parse_corrections(args.correct)
     if args.features is not None:
         if args.run is not None:
             raise CdclError("give either a RUN directory or --features FILE, not both")
@@ -84,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             split_number=args.split or 1,
             eval_on=args.eval_on,
             tvn=args.tvn,
+            corrections=corrections,
             null_size=args.null_size,
             seed=args.seed,
             umap=not args.no_umap,
@@ -99,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
             split_number=args.split,
             out=args.out,
             baselines=() if args.no_baselines else ("intensity", "random"),
+            corrections=corrections,
             batch_size=args.batch_size,
             null_size=args.null_size,
             seed=args.seed,
@@ -108,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
     if not table.empty:
         with __import__("pandas").option_context("display.width", 160, "display.max_columns", 12):
             print(table.round(3).to_string())
+    if corrections:
+        from cdcl.evaluate.evaluate import protocol_with
+
+        print(protocol_with(corrections)["corrections"])
     print(f"results: {path}")
     print(f"report:  {path.parent / 'report.html'}")
     return 0

@@ -315,6 +315,40 @@ def base_results(kind: str, **fields: Any) -> dict[str, Any]:
     }
 
 
+def corrected_sets(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    corrections: tuple[str, ...],
+    *,
+    seed: int,
+    timer: Timer,
+    name: str,
+) -> dict[str, np.ndarray]:
+    """``{"<name>+<correction>": profiles}``: each post-hoc correction of one feature set, timed."""
+    from cdcl.evaluate.correction import apply_corrections
+
+    out: dict[str, np.ndarray] = {}
+    for c in corrections:
+        with timer(f"{name}+{c}.fit"):
+            out[f"{name}+{c}"] = apply_corrections(
+                x,
+                meta["batch"].astype(str).to_numpy(),
+                meta["is_control"].to_numpy(bool),
+                (c,),
+                seed=seed,
+            )[c]
+    return out
+
+
+def protocol_with(corrections: tuple[str, ...]) -> dict[str, str]:
+    """PROTOCOL, plus the transductive-fit statement when post-hoc corrections were scored."""
+    if not corrections:
+        return PROTOCOL
+    from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
+
+    return {**PROTOCOL, "corrections": TRANSDUCTIVE_NOTE}
+
+
 # ---------------------------------------------------------------- image datasets
 
 
@@ -336,6 +370,8 @@ def evaluate_images(
     view_fn: Callable[[Any], Any] | None = None,
     *,
     tvn_on: tuple[str, ...] = (),
+    corrections: tuple[str, ...] = (),
+    correct_on: tuple[str, ...] | None = None,
     online_probe: dict[str, Any] | None = None,
     batch_size: int = 64,
     k: int = 10,
@@ -352,8 +388,11 @@ def evaluate_images(
 
     ``online_probe`` = ``{"set": name, "probe": nn.Module, "label_of": {...}}`` scores the
     checkpoint's probe on that set's test-image features. ``tvn_on`` names feature sets that
-    also get a ``<name>+tvn`` variant. Returns ``(feature_sets results, {name: (profiles,
-    meta)})`` with well profiles of train + test batches (meta has a ``split`` column).
+    also get a ``<name>+tvn`` variant; ``corrections`` (names from
+    :mod:`cdcl.evaluate.correction`) add a ``<name>+<correction>`` set for every feature set in
+    ``correct_on`` (default: all), fitted on that set's train + test profiles. Returns
+    ``(feature_sets results, {name: (profiles, meta)})`` with well profiles of train + test
+    batches (meta has a ``split`` column).
     """
     from cdcl.evaluate.embed import embed_images, image_meta, well_profiles
     from cdcl.evaluate.profiles import tvn
@@ -404,6 +443,22 @@ def evaluate_images(
             results[tname] = evaluate_features(
                 tp, wmeta, train, test, k=k, null_size=null_size, seed=seed, timer=timer, name=tname
             )
+        if correct_on is None or name in correct_on:
+            for cname, cp in corrected_sets(
+                wp, wmeta, corrections, seed=seed, timer=timer, name=name
+            ).items():
+                profiles[cname] = (cp, wmeta)
+                results[cname] = evaluate_features(
+                    cp,
+                    wmeta,
+                    train,
+                    test,
+                    k=k,
+                    null_size=null_size,
+                    seed=seed,
+                    timer=timer,
+                    name=cname,
+                )
     return results, profiles
 
 
@@ -506,6 +561,7 @@ def evaluate_run(
     out: str | Path | None = None,
     baselines: tuple[str, ...] = ("intensity", "random"),
     tvn: bool = True,
+    corrections: tuple[str, ...] = (),
     batch_size: int = 64,
     null_size: int = 2000,
     seed: int = 0,
@@ -544,6 +600,7 @@ def evaluate_run(
         backbones,
         src.view_fn,
         tvn_on=(src.name,) if tvn else (),
+        corrections=corrections,
         online_probe={"set": src.name, "probe": em.probe, "label_of": em.label_of},
         batch_size=batch_size,
         null_size=null_size,
@@ -561,6 +618,7 @@ def evaluate_run(
             "n_images": ds.info.n_images,
         },
         config=_config_dict(em.config),
+        protocol=protocol_with(corrections),
         split={"number": number, **split_masks(ds.samples, split)},
         feature_sets=results_sets,
     )
@@ -593,6 +651,7 @@ def evaluate_table(
     split_number: int = 1,
     eval_on: str = "all",
     tvn: bool = False,
+    corrections: tuple[str, ...] = (),
     null_size: int = 2000,
     seed: int = 0,
     umap: bool = True,
@@ -602,7 +661,8 @@ def evaluate_table(
 
     Classification trains on the batches of fold ``split_number`` (``rotating_batch_split``) and
     tests on its held-out batches; the other metrics run on all rows (``eval_on="all"``) or
-    on the held-out batches only (``"test"``, as for a run).
+    on the held-out batches only (``"test"``, as for a run). ``corrections`` adds the table
+    after each post-hoc correction (``sphering``, ``harmony``, ``combat``), fitted on all rows.
     """
     from cdcl.data.splits import rotating_batch_split
     from cdcl.evaluate.embed import read_profile_table, split_table
@@ -644,6 +704,7 @@ def evaluate_table(
     if tvn:
         with timer("tvn"):
             sets[f"{set_name}+tvn"] = tvn_fn(x, meta)
+    sets.update(corrected_sets(x, meta, corrections, seed=seed, timer=timer, name=set_name))
     results_sets = {
         set_: evaluate_features(
             xs,
@@ -676,7 +737,9 @@ def evaluate_table(
                 "control_query": control_query,
                 "n_controls": int(meta["is_control"].sum()),
             },
+            "corrections": list(corrections),
         },
+        protocol=protocol_with(corrections),
         split=split_info,
         feature_sets=results_sets,
     )

@@ -239,15 +239,28 @@ def plate_normalize(features: np.ndarray, meta: pd.DataFrame, robust: bool = Fal
         )
 
 
-def _whitener(x: np.ndarray, eps: float, max_components: int | None = None) -> tuple[Any, Any]:
-    """Mean and whitening matrix (d, k) of rows x: PCA with eigenvalues floored at eps*max."""
+def covariance_eigh(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, eigenvalues (descending, >= 0) and eigenvectors (d, d) of the covariance of rows x.
+
+    Each eigenvector's sign is fixed (largest-magnitude entry positive), so transforms built
+    from it (TVN, sphering, the PCA before Harmony) do not depend on the LAPACK build.
+    """
     x = np.asarray(x, dtype=np.float64)
     mean = x.mean(axis=0)
     xc = x - mean
     cov = xc.T @ xc / max(1, x.shape[0] - 1)
     vals, vecs = np.linalg.eigh(cov)
     order = np.argsort(vals)[::-1]
-    vals, vecs = vals[order], vecs[:, order]
+    vals, vecs = np.maximum(vals[order], 0.0), vecs[:, order]
+    if vecs.size:
+        pivot = vecs[np.abs(vecs).argmax(axis=0), np.arange(vecs.shape[1])]
+        vecs = vecs * np.where(pivot < 0, -1.0, 1.0)[None, :]
+    return mean, vals, vecs
+
+
+def _whitener(x: np.ndarray, eps: float, max_components: int | None = None) -> tuple[Any, Any]:
+    """Mean and whitening matrix (d, k) of rows x: PCA with eigenvalues floored at eps*max."""
+    mean, vals, vecs = covariance_eigh(x)
     if max_components is not None:
         vals, vecs = vals[:max_components], vecs[:, :max_components]
     floor = eps * max(float(vals[0]), 1e-12) if vals.size else eps
