@@ -33,6 +33,7 @@ from cdcl.evaluate.embed import (
     ViewFn,
     WellAccumulator,
     cut_batches,
+    embed_images,
     iter_embeddings,
     profile_table,
     to_anndata,
@@ -308,3 +309,54 @@ def read_provenance(path: Path) -> dict[str, Any]:
     """The ``cdcl.embed`` key-value metadata of a merged Parquet file ({} when absent)."""
     meta = pq.read_metadata(path).metadata or {}  # file key-value metadata (holds the schema's)
     return json.loads(meta[META_KEY]) if META_KEY in meta else {}
+
+
+def embed_resumable(
+    backbone: Callable[[Any], Any],
+    dataset: Any,
+    indices: np.ndarray,
+    view_fn: ViewFn | None,
+    work_dir: Path | None,
+    key: str,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    chunk_size: int = CHUNK_SIZE,
+    progress: bool = True,
+    desc: str = "embed",
+) -> tuple[np.ndarray, EmbedJob | None]:
+    """Features of ``indices`` in memory, via resumable parts under ``work_dir`` when given.
+
+    One process (``cdcl evaluate``). ``key`` names what determines the features besides the
+    images (checkpoint, backbone, seed); the caller removes the returned job's directory once
+    its results are written. Without ``work_dir`` nothing touches the disk.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if work_dir is None:
+        feats = embed_images(
+            backbone,
+            dataset,
+            indices,
+            view_fn,
+            batch_size,
+            progress=progress,
+            desc=desc,
+            workers=workers,
+        )
+        return feats, None
+    fields = {"key": key, "images": hashlib.sha256(indices.tobytes()).hexdigest()[:16]}
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in desc)
+    job = EmbedJob(Path(work_dir) / f".embed-{safe}-{job_key(fields)}", len(indices), chunk_size)
+    job.prepare(fields)
+    job.run(
+        job.pending(),
+        backbone,
+        dataset,
+        indices,
+        view_fn,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        desc=desc,
+    )
+    return job.gather(), job
