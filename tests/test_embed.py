@@ -354,3 +354,59 @@ def test_torchrun_two_processes_equal_one(ds64: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         f"{n}_{lv}.parquet" for n in ("one", "two") for lv in ("image", "well")
     )
+
+
+@pytest.mark.slow
+def test_killed_evaluate_resumes_embedding_with_same_results(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import time
+
+    ds = write_random_dataset(tmp_path / "ds", size=32)
+    run = tmp_path / "run"
+    r = _cdcl(
+        "train",
+        "--preset",
+        "synthetic-dino",
+        "--data",
+        str(ds),
+        "--out",
+        str(run),
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "model.depth=1",
+        "model.embed_dim=32",
+        "model.num_heads=2",
+    )
+    assert r.returncode == 0, r.stderr
+
+    def evaluate(out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "cdcl", "evaluate", str(run), "--checkpoint", "last",
+            "--no-umap", "--null-size", "100", "--out", str(out),
+        ]  # fmt: skip
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        evaluate(killed), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while not list(killed.glob(".embed-dino-*/part-*.parquet")):  # the run's set is done
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no part written in time"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    r = subprocess.run(evaluate(killed), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "dino: resuming, 1 of 1 parts already embedded" in r.stderr
+    assert not list(killed.glob(".embed-*"))  # parts removed once scored
+    ref = tmp_path / "ref"
+    r = subprocess.run(evaluate(ref), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr
+    a = json.loads((killed / "results.json").read_text())["feature_sets"]
+    b = json.loads((ref / "results.json").read_text())["feature_sets"]
+    assert set(a) == {"dino", "dino+tvn", "intensity", "random"}
+    assert a == b

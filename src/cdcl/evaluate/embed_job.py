@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -348,8 +349,12 @@ def embed_resumable(
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in desc)
     job = EmbedJob(Path(work_dir) / f".embed-{safe}-{job_key(fields)}", len(indices), chunk_size)
     job.prepare(fields)
+    pending = job.pending()
+    if len(pending) < job.n_chunks:  # say so: the user sees that a killed run was picked up
+        done = job.n_chunks - len(pending)
+        print(f"{desc}: resuming, {done} of {job.n_chunks} parts already embedded", file=sys.stderr)
     job.run(
-        job.pending(),
+        pending,
         backbone,
         dataset,
         indices,
