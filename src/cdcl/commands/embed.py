@@ -69,6 +69,8 @@ def _dataset_fingerprint(ds: object) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     """Embed (sharded over torchrun processes, resumable), merge on rank 0 and write."""
+    import time
+
     import numpy as np
 
     from cdcl.data.dataset_dir import open_dataset
@@ -145,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     D.barrier()  # the work directory exists and holds no temp files
     pending = job.pending()
     D.barrier()  # every rank listed the same finished parts before any rank writes one
+    t0 = time.perf_counter()
     if rank == 0 and len(pending) < job.n_chunks:
         done = job.n_chunks - len(pending)
         print(f"resuming: {done} of {job.n_chunks} parts already embedded in {job.work_dir}")
@@ -164,6 +167,12 @@ def run(args: argparse.Namespace) -> int:
     D.cleanup()  # barrier: every shard is written before rank 0 merges
     if rank != 0:
         return 0
+    seconds = time.perf_counter() - t0
+    n_new = sum(job.span(c)[1] - job.span(c)[0] for c in pending)
+    print(
+        f"embedded {n_new} images in {seconds:.1f} s: {n_new / max(seconds, 1e-9):.1f} images/s "
+        f"({world} process{'es' if world > 1 else ''}, {args.workers} loader workers each)"
+    )
     prov = {"world_size": world, "source": src.provenance}
     write = write_well_profiles if args.level == "well" else write_image_profiles
     path, rows, dim = write(job, meta, out, prov)
