@@ -139,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         "split_number": number,
         "level": args.level,
         "precision": "bf16" if device.type == "cuda" else "float32",
+        "chunk_size": args.chunk_size,  # part boundaries: parts of another size do not fit
     }
     job = EmbedJob(work_dir_for(out, job_key(fields)), len(idx), args.chunk_size)
     if rank == 0:

@@ -345,7 +345,11 @@ def embed_resumable(
             workers=workers,
         )
         return feats, None
-    fields = {"key": key, "images": hashlib.sha256(indices.tobytes()).hexdigest()[:16]}
+    fields = {
+        "key": key,
+        "images": hashlib.sha256(indices.tobytes()).hexdigest()[:16],
+        "chunk_size": chunk_size,
+    }
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in desc)
     job = EmbedJob(Path(work_dir) / f".embed-{safe}-{job_key(fields)}", len(indices), chunk_size)
     job.prepare(fields)
