@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     import numpy as np
+    import torch
 
     from cdcl.data.dataset_dir import open_dataset
     from cdcl.data.splits import assign_split
@@ -102,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         out = out.with_name(out.name + ".parquet")
     if args.batch_size < 1 or args.workers < 0:
         raise CdclError("--batch-size must be >= 1 and --workers >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CdclError("--device cuda: no CUDA device is available; use --device auto or cpu")
     run_like = not (args.source == "intensity" or args.source.startswith("random:"))
     if not run_like and args.data is None:
         raise CdclError(f"{args.source}: a baseline needs --data DIR")
