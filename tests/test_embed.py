@@ -196,3 +196,217 @@ def test_cli_embed_bad_inputs(tmp_path: Path) -> None:
     ds = write_random_dataset(tmp_path / "ds", size=16)
     r = _cdcl("embed", "random:not_a_model", "--data", str(ds), "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- screen scale: parts, resume, torchrun
+
+
+def test_job_parts_resume_and_streaming_writers_match_in_memory(
+    ds32, resnet, tmp_path: Path
+) -> None:
+    from cdcl.evaluate.embed import to_csv
+    from cdcl.evaluate.embed_job import (
+        EmbedJob,
+        remove_stale_work_dirs,
+        write_image_profiles,
+        write_well_profiles,
+    )
+
+    idx = np.arange(len(ds32))[::-1].copy()  # any order: rows follow it
+    view = make_view_fn(size=24)
+    ref = embed_images(resnet, ds32, idx, view, batch_size=5, progress=False)
+    meta = image_meta(ds32.samples, idx)
+    job = EmbedJob(tmp_path / ".out.parquet.embed-abc", len(idx), chunk_size=7)
+    job.prepare({"test": 1})
+    assert job.n_chunks == 5 and job.pending() == [0, 1, 2, 3, 4]
+    # Two "ranks" take contiguous, disjoint shards; rank 1 runs first, rank 0 is "killed".
+    shards = [job.shard(job.pending(), r, 2) for r in range(2)]
+    assert shards == [[0, 1], [2, 3, 4]]
+    job.run(shards[1], resnet, ds32, idx, view, batch_size=3, rank=1, progress=False)
+    assert job.pending() == [0, 1]
+    job.run(job.pending(), resnet, ds32, idx, view, batch_size=4, workers=1, progress=False)
+    assert job.pending() == []
+    np.testing.assert_allclose(job.gather(), ref, rtol=1e-4, atol=1e-5)
+    # Streamed Parquet (appended part by part) reads back as the in-memory writer's table.
+    path, rows, dim = write_image_profiles(job, meta, tmp_path / "img.parquet")
+    assert (rows, dim) == (len(idx), 512)
+    got = pd.read_parquet(path)
+    want = pd.read_parquet(to_parquet(job.gather(), meta, tmp_path / "want.parquet"))
+    pd.testing.assert_frame_equal(got, want)
+    assert pq_meta_rows(path) == [7, 7, 7, 7, 2]  # one row group per part: never all in memory
+    # CSV (gzip) written block by block equals the one-shot CSV.
+    path, _, _ = write_image_profiles(job, meta, tmp_path / "img.csv.gz")
+    want_csv = to_csv(job.gather(), meta, tmp_path / "want.csv.gz")
+    pd.testing.assert_frame_equal(pd.read_csv(path), pd.read_csv(want_csv))
+    # Well means from group sums streamed over the parts = well_profiles on the whole table.
+    path, n_wells, _ = write_well_profiles(job, meta, tmp_path / "wells.parquet")
+    prof, wmeta = well_profiles(ref, meta)
+    got = pd.read_parquet(path)
+    assert n_wells == len(prof) and list(got.columns[: wmeta.shape[1]]) == [
+        f"Metadata_{c}" for c in wmeta.columns
+    ]
+    np.testing.assert_allclose(got.filter(regex=r"^f\d").to_numpy(), prof, rtol=1e-5, atol=1e-6)
+    # A different command for the same output drops the old work directory.
+    other = tmp_path / ".out.parquet.embed-def"
+    assert remove_stale_work_dirs(tmp_path / "out.parquet", keep=other) == [job.work_dir]
+    assert not job.work_dir.exists()
+
+
+def pq_meta_rows(path: Path) -> list[int]:
+    """Rows of each Parquet row group."""
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+
+ENV = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _embed_cmd(ds: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    return [
+        *launcher,
+        "-m",
+        "cdcl",
+        "embed",
+        "random:resnet18",
+        "--data",
+        str(ds),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def ds64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """240 random 5-channel 64-px images (3 batches x 5 treatments x 4 wells x 4 sites)."""
+    return write_random_dataset(
+        tmp_path_factory.mktemp("embed64") / "ds", wells_per_treatment=4, sites=4, size=64
+    )
+
+
+@pytest.mark.slow
+def test_killed_embed_resumes_with_same_profiles(ds64: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    opts = ("--level", "image", "--chunk-size", "8", "--batch-size", "4", "--workers", "1")
+    out = tmp_path / "killed.parquet"
+    proc = subprocess.Popen(
+        _embed_cmd(ds64, out, *opts),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # so the kill reaches the loader worker too
+    )
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob(".killed.parquet.embed-*/part-*.parquet")):
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no part written in time"
+        time.sleep(0.01)
+    __import__("os").killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    parts = list(tmp_path.glob(".killed.parquet.embed-*/part-*.parquet"))
+    assert 1 <= len(parts) < 30 and not out.exists()
+    # Same command again: finishes from the parts it finds, then tidies up.
+    r = subprocess.run(_embed_cmd(ds64, out, *opts), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    done = int(r.stdout.split("resuming: ")[1].split(" of ")[0])
+    assert done >= len(parts) and " of 30 parts" in r.stdout
+    assert not list(tmp_path.glob(".killed.parquet.embed-*")) and not list(tmp_path.glob(".*tmp*"))
+    ref = tmp_path / "ref.parquet"
+    r = subprocess.run(_embed_cmd(ds64, ref, *opts), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming" not in r.stdout, r.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(ref), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(ds64: Path, tmp_path: Path) -> None:
+    from cdcl.evaluate.embed_job import read_provenance
+
+    for level in ("image", "well"):
+        opts = ("--level", level, "--chunk-size", "16", "--workers", "1")
+        one, two = tmp_path / f"one_{level}.parquet", tmp_path / f"two_{level}.parquet"
+        r1 = subprocess.run(_embed_cmd(ds64, one, *opts), env=ENV, capture_output=True, text=True)
+        assert r1.returncode == 0, r1.stderr
+        r2 = subprocess.run(
+            _embed_cmd(ds64, two, *opts, nproc=2), env=ENV, capture_output=True, text=True
+        )
+        assert r2.returncode == 0, r2.stderr
+        # Rank 0 alone merged and wrote; both ranks embedded a shard.
+        assert r2.stdout.count("profiles x 512 features ->") == 1
+        prov = read_provenance(two)
+        assert prov["world_size"] == 2 and prov["part_ranks"] == [0, 1]
+        assert prov["merged_by_rank"] == 0
+        a, b = pd.read_parquet(one), pd.read_parquet(two)
+        assert len(a) == (240 if level == "image" else 60)
+        pd.testing.assert_frame_equal(a, b, rtol=1e-5, atol=1e-6)  # same rows, same order
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{n}_{lv}.parquet" for n in ("one", "two") for lv in ("image", "well")
+    )
+
+
+@pytest.mark.slow
+def test_killed_evaluate_resumes_embedding_with_same_results(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import time
+
+    ds = write_random_dataset(tmp_path / "ds", size=32)
+    run = tmp_path / "run"
+    r = _cdcl(
+        "train",
+        "--preset",
+        "synthetic-dino",
+        "--data",
+        str(ds),
+        "--out",
+        str(run),
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "model.depth=1",
+        "model.embed_dim=32",
+        "model.num_heads=2",
+    )
+    assert r.returncode == 0, r.stderr
+
+    def evaluate(out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "cdcl", "evaluate", str(run), "--checkpoint", "last",
+            "--no-umap", "--null-size", "100", "--out", str(out),
+        ]  # fmt: skip
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        evaluate(killed), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 240
+    while not list(killed.glob(".embed-dino-*/part-*.parquet")):  # the run's set is done
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.monotonic() < deadline, "no part written in time"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    r = subprocess.run(evaluate(killed), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "dino: resuming, 1 of 1 parts already embedded" in r.stderr
+    assert not list(killed.glob(".embed-*"))  # parts removed once scored
+    ref = tmp_path / "ref"
+    r = subprocess.run(evaluate(ref), env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr
+    a = json.loads((killed / "results.json").read_text())["feature_sets"]
+    b = json.loads((ref / "results.json").read_text())["feature_sets"]
+    assert set(a) == {"dino", "dino+tvn", "intensity", "random"}
+    assert a == b

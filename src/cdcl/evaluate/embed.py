@@ -12,13 +12,16 @@ are ``Metadata_<name>`` and every other column is a feature; AnnData files keep 
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm import tqdm
 
 from cdcl.errors import CdclError
 
@@ -78,6 +81,101 @@ def _as_module_callable(backbone: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return backbone
 
 
+class _BatchReader(torch.utils.data.Dataset):
+    """Loader items = whole batches: one vectorised store read + plate standardisation each.
+
+    On the CPU the evaluation view is applied here too, so that loader workers overlap it with
+    inference; on an accelerator the view runs on the device after the copy.
+    """
+
+    def __init__(self, dataset: Any, batches: list[np.ndarray], view_fn: ViewFn | None) -> None:
+        self.dataset = dataset
+        self.batches = batches
+        self.view_fn = view_fn
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.from_numpy(self.dataset.standardized(self.batches[i]))
+        return self.view_fn(x) if self.view_fn is not None else x
+
+
+def _loader(
+    dataset: Any,
+    batches: list[np.ndarray],
+    view_fn: ViewFn | None,
+    workers: int,
+    pin: bool,
+) -> torch.utils.data.DataLoader:
+    """An in-order DataLoader over pre-cut batches with ``workers`` processes and prefetch."""
+    workers = max(0, int(workers))
+    extra: dict[str, Any] = {}
+    if workers > 0:
+        extra = {"prefetch_factor": 4, "multiprocessing_context": "fork"}
+    return torch.utils.data.DataLoader(
+        _BatchReader(dataset, batches, view_fn),
+        batch_size=None,  # items are batches already
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin,
+        **extra,
+    )
+
+
+def _device(device: str | torch.device) -> torch.device:
+    """A torch.device, ``auto`` meaning CUDA when available."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def iter_embeddings(
+    backbone: Callable[[Any], Any],
+    dataset: Any,
+    batches: list[np.ndarray],
+    view_fn: ViewFn | None = None,
+    *,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    bar: Any = None,
+) -> Iterator[np.ndarray]:
+    """Float32 features (len(batch), D) of each batch of image indices, in order.
+
+    Inference runs under ``torch.inference_mode``, with bf16 autocast on CUDA (float32 on CPU).
+    """
+    dev = _device(device)
+    fn = _as_module_callable(backbone)
+    if hasattr(fn, "to"):
+        fn.to(dev)
+    on_cpu = dev.type == "cpu"
+    loader = _loader(dataset, batches, view_fn if on_cpu else None, workers, pin=dev.type == "cuda")
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if dev.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with torch.inference_mode():
+        for x in loader:
+            x = x.to(dev, non_blocking=True)
+            if not on_cpu and view_fn is not None:
+                x = view_fn(x)
+            with autocast:
+                feats = fn(x)
+            if isinstance(feats, tuple | list):  # some modules return (features, extra)
+                feats = feats[0]
+            out = feats.reshape(feats.shape[0], -1).float().cpu().numpy()
+            if bar is not None:
+                bar.update(len(out))
+            yield out
+
+
+def cut_batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Consecutive batches of at most ``batch_size`` indices."""
+    b = max(1, int(batch_size))
+    return [indices[a : a + b] for a in range(0, len(indices), b)]
+
+
 def embed_images(
     backbone: Callable[[Any], Any],
     dataset: Any,
@@ -87,40 +185,29 @@ def embed_images(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "embed",
+    workers: int = 0,
 ) -> np.ndarray:
     """Embed the centre view of each image: float32 array (len(indices), D), in index order."""
-    import torch
-    from tqdm import tqdm
-
     idx = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
-    view_fn = view_fn or (lambda b: b)
-    fn = _as_module_callable(backbone)
-    if hasattr(fn, "to"):
-        fn.to(device)
+    bar = tqdm(
+        total=len(idx), desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True
+    )
     out: np.ndarray | None = None
-    batch_size = max(1, int(batch_size))
-    with torch.inference_mode():
-        bar = tqdm(
-            total=len(idx),
-            desc=desc,
-            unit="img",
-            disable=not progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start : start + batch_size]
-            x = torch.from_numpy(dataset.standardized(chunk)).to(device)
-            x = view_fn(x)
-            feats = fn(x)
-            if isinstance(feats, tuple | list):  # some modules return (features, extra)
-                feats = feats[0]
-            feats = feats.reshape(feats.shape[0], -1).float().cpu().numpy()
-            if out is None:  # allocate once the feature width is known
-                out = np.empty((len(idx), feats.shape[1]), dtype=np.float32)
-            out[start : start + len(chunk)] = feats
-            bar.update(len(chunk))
-        bar.close()
+    start = 0
+    for feats in iter_embeddings(
+        backbone,
+        dataset,
+        cut_batches(idx, batch_size),
+        view_fn,
+        workers=workers,
+        device=device,
+        bar=bar,
+    ):
+        if out is None:  # allocate once the feature width is known
+            out = np.empty((len(idx), feats.shape[1]), dtype=np.float32)
+        out[start : start + len(feats)] = feats
+        start += len(feats)
+    bar.close()
     if out is None:
         return np.zeros((0, 0), dtype=np.float32)
     return out
@@ -133,6 +220,41 @@ def image_meta(samples: pd.DataFrame, indices: np.ndarray | None = None) -> pd.D
     return s[cols].reset_index(drop=True)
 
 
+class WellAccumulator:
+    """Streaming mean over sites per (plate, well): float64 group sums and counts.
+
+    Built from the image metadata (one row per image, in feature-row order); feature rows are
+    added block by block, so image-level features never need to be held all at once.
+    """
+
+    def __init__(self, samples: pd.DataFrame) -> None:
+        s = samples.reset_index(drop=True)
+        keys = s["plate"].astype(str) + "\x00" + s["well"].astype(str)
+        self.codes, uniq = pd.factorize(keys, sort=True)
+        self.n_wells = len(uniq)
+        self.counts = np.bincount(self.codes, minlength=self.n_wells)
+        first = pd.Series(np.arange(len(s))).groupby(self.codes).first().to_numpy()
+        cols = [c for c in META_COLUMNS if c in s.columns and c != "site"]
+        self.meta = s.iloc[first][cols].reset_index(drop=True)
+        self.meta["n_sites"] = self.counts.astype(np.int64)
+        self.sums: np.ndarray | None = None
+        self.n_added = 0
+
+    def add(self, start: int, features: np.ndarray) -> None:
+        """Add feature rows ``start .. start + len(features)`` (row numbers of ``samples``)."""
+        if self.sums is None:
+            self.sums = np.zeros((self.n_wells, features.shape[1]), dtype=np.float64)
+        np.add.at(self.sums, self.codes[start : start + len(features)], features.astype(np.float64))
+        self.n_added += len(features)
+
+    def result(self) -> tuple[np.ndarray, pd.DataFrame]:
+        """Float32 well profiles and one metadata row per well (``site`` becomes ``n_sites``)."""
+        if self.n_added != len(self.codes):
+            raise ValueError(f"{self.n_added} feature rows added but {len(self.codes)} expected")
+        sums = self.sums if self.sums is not None else np.zeros((self.n_wells, 0))
+        return (sums / self.counts[:, None]).astype(np.float32), self.meta.copy()
+
+
 def well_profiles(
     features: np.ndarray, samples: pd.DataFrame, chunk: int = 65536
 ) -> tuple[np.ndarray, pd.DataFrame]:
@@ -143,20 +265,10 @@ def well_profiles(
     """
     if len(samples) != len(features):
         raise ValueError(f"{len(features)} feature rows but {len(samples)} metadata rows")
-    s = samples.reset_index(drop=True)
-    keys = s["plate"].astype(str) + "\x00" + s["well"].astype(str)
-    codes, uniq = pd.factorize(keys, sort=True)
-    n_wells = len(uniq)
-    sums = np.zeros((n_wells, features.shape[1]), dtype=np.float64)
+    acc = WellAccumulator(samples)
     for a in range(0, len(features), chunk):  # chunked so a float64 copy never exceeds a block
-        np.add.at(sums, codes[a : a + chunk], np.asarray(features[a : a + chunk], np.float64))
-    counts = np.bincount(codes, minlength=n_wells)
-    profiles = (sums / counts[:, None]).astype(np.float32)
-    first = pd.Series(np.arange(len(s))).groupby(codes).first().to_numpy()
-    cols = [c for c in META_COLUMNS if c in s.columns and c != "site"]
-    meta = s.iloc[first][cols].reset_index(drop=True)
-    meta["n_sites"] = counts.astype(np.int64)
-    return profiles, meta
+        acc.add(a, np.asarray(features[a : a + chunk]))
+    return acc.result()
 
 
 def to_metadata_frame(meta: pd.DataFrame) -> pd.DataFrame:

@@ -380,6 +380,8 @@ def evaluate_images(
     progress: bool = True,
     timer: Timer | None = None,
     level: str = "well",
+    work_dir: str | Path | None = None,
+    cache_key: str = "",
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
     """Embed train and test images with each backbone, then score every feature set.
 
@@ -392,9 +394,12 @@ def evaluate_images(
     :mod:`cdcl.evaluate.correction`) add a ``<name>+<correction>`` set for every feature set in
     ``correct_on`` (default: all), fitted on that set's train + test profiles. Returns
     ``(feature_sets results, {name: (profiles, meta)})`` with well profiles of train + test
-    batches (meta has a ``split`` column).
+    batches (meta has a ``split`` column). With ``work_dir``, embeddings go through resumable
+    parts there (keyed by ``cache_key`` and the feature set's name), so a killed evaluation
+    skips the finished ones when rerun.
     """
-    from cdcl.evaluate.embed import embed_images, image_meta, well_profiles
+    from cdcl.evaluate.embed import image_meta, well_profiles
+    from cdcl.evaluate.embed_job import embed_resumable
     from cdcl.evaluate.profiles import tvn
 
     timer = timer or Timer()
@@ -407,11 +412,21 @@ def evaluate_images(
     img_meta["split"] = sp.iloc[idx].to_numpy()
     results: dict[str, Any] = {}
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
+    jobs = []
     for name, backbone in backbones.items():
         with timer(f"embed.{name}"):
-            feats = embed_images(
-                backbone, dataset, idx, view_fn, batch_size=batch_size, progress=progress, desc=name
+            feats, job = embed_resumable(
+                backbone,
+                dataset,
+                idx,
+                view_fn,
+                work_dir,
+                f"{cache_key}/{name}",
+                batch_size=batch_size,
+                progress=progress,
+                desc=name,
             )
+            jobs.append(job)
         if level == "image":
             wp, wmeta = feats, img_meta.reset_index(drop=True)
         else:
@@ -459,6 +474,9 @@ def evaluate_images(
                     timer=timer,
                     name=cname,
                 )
+    for job in jobs:  # every feature set is scored: the embedding parts are no longer needed
+        if job is not None:
+            job.remove()
     return results, profiles
 
 
@@ -594,6 +612,9 @@ def evaluate_run(
         backbones["intensity"] = IntensityFeatures()
     if "random" in baselines:
         backbones["random"] = random_like_run(em, ds, seed=seed)
+    out_dir = Path(out) if out else run
+    # What determines the embeddings besides the images: resumable parts are keyed by it.
+    cache_key = json.dumps([src.provenance, str(Path(data_path).resolve()), number, seed])
     results_sets, profiles = evaluate_images(
         ds,
         split,
@@ -607,8 +628,9 @@ def evaluate_run(
         seed=seed,
         progress=progress,
         timer=timer,
+        work_dir=out_dir,
+        cache_key=cache_key,
     )
-    out_dir = Path(out) if out else run
     results = base_results(
         "run",
         source={
