@@ -18,6 +18,7 @@ Conventions (stated in results.json under ``protocol``):
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 import time
 import warnings
