@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from cdcl.data.views import center_view
 from cdcl.errors import CdclError
 
 # Metadata carried from samples.parquet into profiles, in export order.
@@ -64,13 +65,7 @@ def make_view_fn(views_cfg: Any | None = None, size: int | None = None) -> ViewF
     optional resize, then centre crop) is applied; without one, a plain centre crop to ``size``.
     """
     if views_cfg is not None:
-        try:
-            from cdcl.data.views import center_view
-        except ImportError:  # views module not present: fall back to a centre crop
-            center_view = None
-        if center_view is not None:
-            return lambda batch: center_view(batch, views_cfg)  # handles (n, C, H, W)
-        size = size or getattr(views_cfg, "global_size", None)
+        return lambda batch: center_view(batch, views_cfg)  # handles (n, C, H, W)
     return lambda batch: center_crop_batch(batch, size)
 
 
