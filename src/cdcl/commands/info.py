@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 HELP = "Summarise a dataset directory (design, channels, store size) and validate it."
 
@@ -21,6 +23,7 @@ def _store_bytes(path: Path) -> int:
 def summarize(path: Path, deep: bool = False) -> str:
     """The text `cdcl info` prints; raises DatasetError when the directory is invalid."""
     from cdcl.data.dataset_dir import IMAGES_DIR, open_dataset, validate
+    from cdcl.data.split_check import split_summary
 
     info = validate(path, deep=deep)
     ds = open_dataset(path, validate_on_open=False)
@@ -54,6 +57,7 @@ def summarize(path: Path, deep: bool = False) -> str:
         lines.append(
             "split       " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in parts.items())
         )
+    lines.append(f"held out    {split_summary(s, default_split(ds))} (the default split)")
     lines.append(f"store       {_store_bytes(path / IMAGES_DIR) / 2**20:.1f} MiB in {IMAGES_DIR}")
     try:
         from cdcl.data.design import design_summary
@@ -70,7 +74,26 @@ def summarize(path: Path, deep: bool = False) -> str:
     return "\n".join(lines)
 
 
+def default_split(ds: Any) -> Any:
+    """The split `cdcl train` uses without --split (the stored one, else fold 1)."""
+    from cdcl.data.splits import assign_split
+
+    return assign_split(ds.samples, ds.info.source, None)
+
+
+def split_warning(path: Path) -> str | None:
+    """Why the default split's held-out batches cannot be evaluated (with the fix), or None."""
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.split_check import heldout_problem
+
+    ds = open_dataset(path, validate_on_open=False)
+    return heldout_problem(ds.samples, default_split(ds), ds.info.source, "the default split")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the summary."""
+    """Print the summary, then warn when the default split cannot be evaluated."""
     print(summarize(args.data, deep=args.deep))
+    problem = split_warning(args.data)
+    if problem:
+        print(f"cdcl info: warning: {problem}", file=sys.stderr)
     return 0

@@ -54,7 +54,7 @@ def heldout_problem(
         if not test:
             problem = (
                 f"the held-out batches of {what} ({names}) carry no treatment, only controls, "
-                "so every held-out metric will be empty"
+                "so the held-out treatment metrics (probes, NSC, mAP) will be empty"
             )
         elif not known:
             problem = (
@@ -76,12 +76,12 @@ def heldout_problem(
 
 
 def split_summary(samples: pd.DataFrame, split: pd.Series) -> str:
-    """Held-out batches and their treatments, e.g. ``A, B (3 treatments, 3 also in training)``."""
+    """Held-out batches and their treatments: ``A, B (3 treatments, 3 of them also in ...)``."""
     part = split.astype(str).to_numpy()
     held_out = sorted(set(samples["batch"].astype(str).to_numpy()[part == "test"]))
     test, known = heldout_treatments(samples, split)
     n_train = int(np.unique(samples["batch"].astype(str).to_numpy()[part == "train"]).size)
     return (
-        f"{', '.join(held_out) or 'none'} held out ({len(test)} treatments, {len(known)} also in "
+        f"{', '.join(held_out) or 'none'} ({len(test)} treatments, {len(known)} of them also in "
         f"the {n_train} training batches)"
     )
