@@ -185,21 +185,22 @@ class DatasetWriter:
                 f"images.zarr: got a block of shape {images.shape}, expected {expected}"
             )
         images = images.astype(self.info.dtype, copy=False)
-        try:
-            if len(indices) and np.all(np.diff(indices) == 1):
-                self.array[int(indices[0]) : int(indices[-1]) + 1] = images
-            else:
-                for i, img in zip(indices, images):
-                    self.array[int(i)] = img
-        except Exception as e:
-            # zarr writes each chunk to a temporary file and renames it: chunks written before
-            # stay intact, and the images of this block are not marked done, so a rerun redoes them.
-            cause = disk_full_cause(e)
-            if cause is None:
-                raise
-            first = int(indices[0]) if len(indices) else 0
-            kept = f"images before image {first} are intact and a rerun resumes from them"
-            raise disk_full_error(self.tmp / IMAGES_DIR, cause, kept) from e
+        # One chunk (image) per call: a slice write runs its chunks as concurrent tasks, and
+        # when one fails (a full disk) the others are abandoned mid-flight and spill warnings
+        # at exit. zarr writes each chunk to a temporary file and renames it, so the chunks
+        # written before a failure stay intact; the block is not marked done, a rerun redoes it.
+        for i, img in zip(indices, images):
+            try:
+                self.array[int(i)] = img
+            except Exception as e:
+                cause = disk_full_cause(e)
+                if cause is None:
+                    raise
+                kept = (
+                    f"stopped at image {int(i)}; the images written before are intact and a "
+                    "rerun resumes from them"
+                )
+                raise disk_full_error(self.tmp / IMAGES_DIR, cause, kept) from e
         # Only after the pixels are on disk is the image marked done: a kill in between redoes it.
         self.done[indices] = True
         self._save_progress()
