@@ -57,9 +57,10 @@ def cdcl(*args: object, limit: int | None = None) -> subprocess.CompletedProcess
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip().startswith("cdcl ")]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ": error: " in ln]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    return errors[0]
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -70,6 +71,7 @@ def _temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if ".tmp" in p.name or p.name.endswith(".partial")]
 
 
+@pytest.mark.slow
 def test_checkpoint_write_on_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     data, run = tmp_path / "screen", tmp_path / "run"
     assert cdcl("synth", "--preset", "tiny", "--out", data, "--no-progress").returncode == 0
