@@ -172,3 +172,28 @@ while got < n:
     codes = [p.wait(timeout=120) for p in procs]
     assert codes == [0, 0, 0, 0]
     assert not inside.exists() and not lock_file(out).exists()
+
+
+@pytest.mark.slow
+def test_torchrun_into_a_held_directory_stops_on_rank_0(tmp_path: Path) -> None:
+    """Only rank 0 takes the lock; its one-line error ends the whole torchrun job."""
+    data = tmp_path / "screen"
+    assert cdcl("synth", "--preset", "tiny", "--out", data, "--no-progress").returncode == 0
+    run = tmp_path / "run"
+    holder = _holder(run, tmp_path)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+            + ["-m", "cdcl", "train", "--preset", "synthetic-cdcl", "--data", str(data)]
+            + ["--out", str(run), *TINY_TRAIN, "train.epochs=1"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+        )
+    finally:
+        _kill(holder)
+    assert proc.returncode != 0
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("cdcl train:")]
+    assert len(ours) == 1 and f"pid {holder.pid}" in ours[0] and str(run) in ours[0], proc.stderr
+    assert not run.exists()
