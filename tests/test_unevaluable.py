@@ -216,3 +216,24 @@ def test_evaluate_killed_midway_reruns_to_the_same_figures(trained: tuple, tmp_p
 def _figures_from(data: bytes) -> dict:
     r = json.loads(data)
     return {"feature_sets": r["feature_sets"], "split": r["split"], "level": r.get("level")}
+
+
+def test_info_on_a_single_batch_says_nothing_can_be_held_out(tmp_path: Path) -> None:
+    rows = [
+        {
+            "batch": "b0",
+            "plate": "p",
+            "well": f"w{i}",
+            "site": 0,
+            "treatment": "DMSO" if i < 2 else "t",
+        }
+        for i in range(4)
+    ]
+    samples = pd.DataFrame(rows).assign(is_control=lambda d: d["treatment"] == "DMSO")
+    samples.insert(0, "image", np.arange(4))
+    w = DatasetWriter(tmp_path / "one", DatasetInfo("one", "test", ["A"], "uint8", [8, 8], 4))
+    w.write(np.arange(4), np.ones((4, 1, 8, 8), np.uint8))
+    w.commit(samples)
+    proc = cdcl("info", tmp_path / "one")
+    assert proc.returncode == 0, proc.stderr
+    assert "held out    none (samples: only 1 batch" in proc.stdout

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cdcl.errors import CdclError
+
 HELP = "Summarise a dataset directory (design, channels, store size) and validate it."
 
 
@@ -57,7 +59,10 @@ def summarize(path: Path, deep: bool = False) -> str:
         lines.append(
             "split       " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in parts.items())
         )
-    lines.append(f"held out    {split_summary(s, default_split(ds))} (the default split)")
+    try:
+        lines.append(f"held out    {split_summary(s, default_split(ds))} (the default split)")
+    except CdclError as e:  # e.g. a single batch: nothing can be held out
+        lines.append(f"held out    none ({e})")
     lines.append(f"store       {_store_bytes(path / IMAGES_DIR) / 2**20:.1f} MiB in {IMAGES_DIR}")
     try:
         from cdcl.data.design import design_summary
@@ -87,7 +92,11 @@ def split_warning(path: Path) -> str | None:
     from cdcl.data.split_check import heldout_problem
 
     ds = open_dataset(path, validate_on_open=False)
-    return heldout_problem(ds.samples, default_split(ds), ds.info.source, "the default split")
+    try:
+        split = default_split(ds)
+    except CdclError:  # already said in the summary's `held out` line
+        return None
+    return heldout_problem(ds.samples, split, ds.info.source, "the default split")
 
 
 def run(args: argparse.Namespace) -> int:
