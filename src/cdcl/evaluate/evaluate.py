@@ -78,8 +78,9 @@ def _one_line(e: BaseException) -> str:
     """An exception as one line: scikit-learn's multi-line reports keep their last error line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
-    text = errs[-1] if errs else (lines[0] if lines else "")
-    return f"{type(e).__name__}: {text}"[:300] if not errs else text[:300]
+    if errs:
+        return errs[-1][:300]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _safe(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
