@@ -89,9 +89,15 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
     path = lock_file(out)
     if path in _HELD:
         raise LockedError(f"{out}: already locked by this process ({command})")
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise CdclError(
+                f"{out}: cannot create its lock file {path} ({e.strerror}); choose an output "
+                "directory in a writable place"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
