@@ -152,6 +152,8 @@ def test_evaluate_with_nothing_to_score_says_why_and_exits_2(
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
     reasons = results["feature_sets"]["cdcl"]["unavailable"]
     assert reasons["raw.kbet"].startswith("kBET: needs")
+    report = (tmp_path / "ev" / "report.html").read_text()
+    assert "Metrics not computed" in report and "kBET: needs &gt;= 3 profiles" in report
 
 
 def _figures(path: Path) -> dict:
