@@ -42,3 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cdcl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A full disk anywhere (a log line, a plot) is one line naming the file, not a traceback.
+        from cdcl.atomic import disk_full_cause, disk_full_error
+
+        cause = disk_full_cause(e)
+        if cause is None:
+            raise
+        print(
+            f"cdcl {args.command}: error: {disk_full_error(cause.filename or 'a file', cause)}",
+            file=sys.stderr,
+        )
+        return 2

@@ -173,11 +173,19 @@ def _remaps(values: list[str]) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the chosen adapter and print what was built."""
+    """Run the chosen adapter, holding the output directory's lock, and print what was built."""
     from cdcl.errors import CdclError
+    from cdcl.locking import command_lock
 
     if args.workers < 1:
         raise CdclError(f"--workers {args.workers}: must be at least 1")
+    with command_lock(args.out, f"cdcl build {args.adapter}"):
+        _build(args)
+    return 0
+
+
+def _build(args: argparse.Namespace) -> None:
+    """Run the adapter the arguments name."""
     common = dict(
         image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad, name=args.name
     )
@@ -228,4 +236,3 @@ def run(args: argparse.Namespace) -> int:
             **common,
         )
     _report(rep)
-    return 0

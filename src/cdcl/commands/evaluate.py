@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
 
 from cdcl.errors import CdclError
 
@@ -24,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="dataset directory (default: the run's)")
     parser.add_argument("--split", type=int, help="held-out-batch fold (default: the run's / 1)")
     parser.add_argument("--out", type=Path, help="output directory (default: the run directory)")
+    parser.add_argument(
+        "--level",
+        choices=("well", "image"),
+        default="well",
+        help="profiles to score: well (mean over a well's images, default) or image (each "
+        "image on its own, e.g. single-cell crops as in BBBC021)",
+    )
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the intensity and random baselines"
     )
@@ -117,15 +126,53 @@ def run(args: argparse.Namespace) -> int:
             null_size=args.null_size,
             seed=args.seed,
             umap=not args.no_umap,
+            level=args.level,
         )
-    table = metrics_table(read_results(path))
+    results = read_results(path)
+    table = metrics_table(results)
     if not table.empty:
-        with __import__("pandas").option_context("display.width", 160, "display.max_columns", 12):
-            print(table.round(3).to_string())
+        import pandas as pd
+
+        with pd.option_context("display.width", 160, "display.max_columns", 12):
+            print(table.apply(pd.to_numeric).round(3).to_string(na_rep="-"))
     if corrections:
         from cdcl.evaluate.evaluate import protocol_with
 
         print(protocol_with(corrections)["corrections"])
     print(f"results: {path}")
     print(f"report:  {path.parent / 'report.html'}")
+    lines = why_missing(results)
+    for line in lines:
+        print(f"cdcl evaluate: note: {line}", file=sys.stderr)
+    if not any_figure(results):
+        first = lines[0] if lines else "every metric came out empty"
+        level = "" if args.features is not None or args.level == "image" else "; or --level image"
+        raise CdclError(
+            f"no metric could be computed on the held-out profiles ({first}); evaluate a fold "
+            f"whose held-out batches carry treatments the training batches have (--split N){level}"
+        )
     return 0
+
+
+def why_missing(results: dict[str, Any]) -> list[str]:
+    """The distinct one-line reasons of metrics not computed or failed, in first-seen order."""
+    lines: dict[str, None] = {}
+    for res in (results.get("feature_sets") or {}).values():
+        for text in (res.get("unavailable") or {}).values():
+            lines[str(text)] = None
+        for name, text in (res.get("errors") or {}).items():
+            metric = name.split(".", 1)[-1]
+            lines[f"{metric}: failed ({text})"] = None
+    return list(lines)
+
+
+def any_figure(results: dict[str, Any]) -> bool:
+    """True when at least one headline metric of any feature set is a number."""
+    import math
+
+    from cdcl.evaluate.report import metrics_long
+
+    long = metrics_long(results)
+    # The batch classifier's chance level depends on the labels only: not a figure of the features.
+    long = long[long["metric"] != "batch classifier chance"]
+    return any(isinstance(v, int | float) and math.isfinite(v) for v in long["value"])

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Any
+
+from cdcl.errors import CdclError
 
 HELP = "Summarise a dataset directory (design, channels, store size) and validate it."
 
@@ -21,6 +25,7 @@ def _store_bytes(path: Path) -> int:
 def summarize(path: Path, deep: bool = False) -> str:
     """The text `cdcl info` prints; raises DatasetError when the directory is invalid."""
     from cdcl.data.dataset_dir import IMAGES_DIR, open_dataset, validate
+    from cdcl.data.split_check import split_summary
 
     info = validate(path, deep=deep)
     ds = open_dataset(path, validate_on_open=False)
@@ -54,6 +59,10 @@ def summarize(path: Path, deep: bool = False) -> str:
         lines.append(
             "split       " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in parts.items())
         )
+    try:
+        lines.append(f"held out    {split_summary(s, default_split(ds))} (the default split)")
+    except CdclError as e:  # e.g. a single batch: nothing can be held out
+        lines.append(f"held out    none ({e})")
     lines.append(f"store       {_store_bytes(path / IMAGES_DIR) / 2**20:.1f} MiB in {IMAGES_DIR}")
     try:
         from cdcl.data.design import design_summary
@@ -70,7 +79,30 @@ def summarize(path: Path, deep: bool = False) -> str:
     return "\n".join(lines)
 
 
+def default_split(ds: Any) -> Any:
+    """The split `cdcl train` uses without --split (the stored one, else fold 1)."""
+    from cdcl.data.splits import assign_split
+
+    return assign_split(ds.samples, ds.info.source, None)
+
+
+def split_warning(path: Path) -> str | None:
+    """Why the default split's held-out batches cannot be evaluated (with the fix), or None."""
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.split_check import heldout_problem
+
+    ds = open_dataset(path, validate_on_open=False)
+    try:
+        split = default_split(ds)
+    except CdclError:  # already said in the summary's `held out` line
+        return None
+    return heldout_problem(ds.samples, split, ds.info.source, "the default split")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the summary."""
+    """Print the summary, then warn when the default split cannot be evaluated."""
     print(summarize(args.data, deep=args.deep))
+    problem = split_warning(args.data)
+    if problem:
+        print(f"cdcl info: warning: {problem}", file=sys.stderr)
     return 0

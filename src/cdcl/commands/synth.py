@@ -59,7 +59,14 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate (or reuse) the dataset and print a short summary."""
+    """Generate (or reuse) the dataset, holding the output directory's lock, and summarise it."""
+    from cdcl.locking import command_lock
+
+    with command_lock(args.out, "cdcl synth"):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from cdcl.data import synthetic
     from cdcl.data.dataset_dir import open_dataset
 

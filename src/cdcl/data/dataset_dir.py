@@ -27,6 +27,13 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec
 
+from cdcl.atomic import (  # noqa: F401  (atomic_write_* are also imported from here)
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    disk_full_cause,
+    disk_full_error,
+)
 from cdcl.errors import DatasetError
 
 FORMAT_VERSION = 1
@@ -106,28 +113,10 @@ def partial_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.partial"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file via a temporary sibling and rename, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Text variant of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write a DataFrame as Parquet atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    """Write a DataFrame as Parquet atomically (a full disk leaves the previous file intact)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 class DatasetWriter:
@@ -180,10 +169,8 @@ class DatasetWriter:
         self.resumed = bool(resumable and self.done.any())
 
     def _save_progress(self) -> None:
-        tmp = self.tmp / f".{PROGRESS_FILE}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_path(self.tmp / PROGRESS_FILE) as tmp, open(tmp, "wb") as f:
             np.save(f, self.done)
-        os.replace(tmp, self.tmp / PROGRESS_FILE)
 
     def pending(self) -> np.ndarray:
         """Indices of images not yet written (all of them on a fresh build)."""
@@ -198,11 +185,22 @@ class DatasetWriter:
                 f"images.zarr: got a block of shape {images.shape}, expected {expected}"
             )
         images = images.astype(self.info.dtype, copy=False)
-        if len(indices) and np.all(np.diff(indices) == 1):
-            self.array[int(indices[0]) : int(indices[-1]) + 1] = images
-        else:
-            for i, img in zip(indices, images):
+        # One chunk (image) per call: a slice write runs its chunks as concurrent tasks, and
+        # when one fails (a full disk) the others are abandoned mid-flight and spill warnings
+        # at exit. zarr writes each chunk to a temporary file and renames it, so the chunks
+        # written before a failure stay intact; the block is not marked done, a rerun redoes it.
+        for i, img in zip(indices, images):
+            try:
                 self.array[int(i)] = img
+            except Exception as e:
+                cause = disk_full_cause(e)
+                if cause is None:
+                    raise
+                kept = (
+                    f"stopped at image {int(i)}; the images written before are intact and a "
+                    "rerun resumes from them"
+                )
+                raise disk_full_error(self.tmp / IMAGES_DIR, cause, kept) from e
         # Only after the pixels are on disk is the image marked done: a kill in between redoes it.
         self.done[indices] = True
         self._save_progress()

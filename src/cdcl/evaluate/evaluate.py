@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import pandas as pd
 
 from cdcl.errors import CdclError
 from cdcl.evaluate import metrics as M
+from cdcl.evaluate.feasibility import classification_unavailable, unavailable
 from cdcl.evaluate.results import RESULTS_FILE, to_jsonable, versions, write_results
 
 VARIANTS = ("raw", "plate_normalized")
@@ -73,16 +73,26 @@ class _Stage:
         self.timer.times[self.name] = round(self.timer.times.get(self.name, 0.0) + dt, 3)
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: scikit-learn's multi-line reports keep their last error line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    if errs:
+        return errs[-1][:300]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def _safe(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
-    """Run one metric; a failure is recorded (and warned about) instead of losing the others."""
+    """Run one metric; a failure is recorded as one line instead of losing the others.
+
+    Library warnings are silenced here; the command prints the recorded lines once.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return fn()
     except Exception as e:  # a metric failing must not lose the evaluation of the rest
-        msg = f"{type(e).__name__}: {e}"
-        errors[name] = msg
-        print(f"warning: metric {name} failed ({msg})", file=sys.stderr)
+        errors[name] = _one_line(e)
         return None
 
 
@@ -111,17 +121,32 @@ def _classification(
 
 
 def _unsupervised(
-    x: np.ndarray, meta: pd.DataFrame, null_size: int, seed: int, errors: dict[str, str], pre: str
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    null_size: int,
+    seed: int,
+    errors: dict[str, str],
+    pre: str,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Every metric that needs no training split, on the given rows."""
+    """Every metric that needs no training split, on the given rows.
+
+    A metric the rows cannot support is not run; ``skipped`` gets one line saying why.
+    """
     out: dict[str, Any] = {}
     ctrl = meta["is_control"].to_numpy(bool)
     batch = meta["batch"].astype(str).to_numpy()
     treat = meta["treatment"].astype(str).to_numpy()
-    has_moa = "moa" in meta.columns and meta.loc[~ctrl, "moa"].notna().any()
+    has_moa = bool("moa" in meta.columns and meta.loc[~ctrl, "moa"].notna().any())
+    why = unavailable(meta, has_moa)
+    skipped = {} if skipped is None else skipped
+    skipped.update({f"{pre}.{k}": v for k, v in why.items()})
+
+    def run(key: str, fn: Callable[[], Any]) -> Any:
+        return None if key in why else _safe(errors, f"{pre}.{key}", fn)
 
     if has_moa:
-        out["moa_matching"] = _safe(errors, f"{pre}.moa_matching", lambda: M.nsc_nscb(x, meta))
+        out["moa_matching"] = run("moa_matching", lambda: M.nsc_nscb(x, meta))
 
     def kbet_all() -> dict[str, Any]:
         r = M.kbet(x, batch, seed=seed)
@@ -131,7 +156,7 @@ def _unsupervised(
         r["per_treatment"] = per["per_group"]
         return r
 
-    out["kbet"] = _safe(errors, f"{pre}.kbet", kbet_all)
+    out["kbet"] = run("kbet", kbet_all)
 
     def silhouettes() -> dict[str, Any]:
         # Exact up to SILHOUETTE_EXACT_MAX rows; beyond, a seeded sample of query rows scored
@@ -152,7 +177,7 @@ def _unsupervised(
             s["moa"] = M.silhouette(x[moa_ok], m, **kw) if _n_labels_ok(m) else float("nan")
         return s
 
-    out["silhouette"] = _safe(errors, f"{pre}.silhouette", silhouettes)
+    out["silhouette"] = run("silhouette", silhouettes)
 
     def grit() -> dict[str, Any]:
         if ctrl.sum() < 2:
@@ -162,28 +187,24 @@ def _unsupervised(
         r["per_treatment"] = dict(zip(table["treatment"].astype(str), table["grit"]))
         return r
 
-    out["grit"] = _safe(errors, f"{pre}.grit", grit)
+    out["grit"] = run("grit", grit)
 
     maps: dict[str, Any] = {}
     for aware in (False, True):
         suffix = "_batch_aware" if aware else ""
         if ctrl.any() and (~ctrl).any():
-            r = _safe(
-                errors,
-                f"{pre}.map.replicate{suffix}",
+            maps[f"replicate{suffix}"] = run(
+                f"map.replicate{suffix}",
                 lambda a=aware: M.replicate_map(x, meta, a, null_size=null_size, seed=seed)[0],
             )
-            maps[f"replicate{suffix}"] = r
         if has_moa:
-            r = _safe(
-                errors,
-                f"{pre}.map.moa{suffix}",
+            maps[f"moa{suffix}"] = run(
+                f"map.moa{suffix}",
                 lambda a=aware: M.moa_map(x, meta, a, null_size=null_size, seed=seed)[0],
             )
-            maps[f"moa{suffix}"] = r
     out["map"] = maps
-    out["batch_classifier"] = _safe(
-        errors, f"{pre}.batch_classifier", lambda: M.batch_classifier_accuracy(x, batch, seed=seed)
+    out["batch_classifier"] = run(
+        "batch_classifier", lambda: M.batch_classifier_accuracy(x, batch, seed=seed)
     )
     return out
 
@@ -231,6 +252,7 @@ def evaluate_features(
         else np.asarray(eval_mask, bool)
     )
     errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}  # metric -> why the rows cannot support it
     out: dict[str, Any] = {
         "n": {
             "profiles": n,
@@ -258,11 +280,16 @@ def evaluate_features(
                     f"{variant}.classification",
                     lambda xv=xv: _classification(xv, meta, train, test, k, seed),
                 )
+                why = classification_unavailable(meta, train, test)
+                if why:
+                    skipped[f"{variant}.classification"] = why
             sub_meta = meta.loc[ev].reset_index(drop=True)
-            res.update(_unsupervised(xv[ev], sub_meta, null_size, seed, errors, variant))
+            res.update(_unsupervised(xv[ev], sub_meta, null_size, seed, errors, variant, skipped))
             out[variant] = res
     if errors:
         out["errors"] = errors
+    if skipped:
+        out["unavailable"] = skipped
     return out
 
 
@@ -279,7 +306,10 @@ def online_probe_scores(
     t = np.asarray(treatments).astype(str)
     keep = np.asarray(mask, bool) & np.isin(t, list(label_of))
     if not keep.any():
-        return {"note": "no test images with a treatment the probe knows", "n_test": 0}
+        return {
+            "note": "online probe: needs held-out images of a treatment seen in training; have 0",
+            "n_test": 0,
+        }
     classes = np.empty(max(label_of.values()) + 1, dtype=object)
     for name, i in label_of.items():
         classes[i] = name
@@ -450,6 +480,8 @@ def evaluate_images(
                     online_probe["label_of"],
                     mask,
                 )
+                if "note" in res["online_probe"]:
+                    res.setdefault("unavailable", {})["online_probe"] = res["online_probe"]["note"]
         results[name] = res
         if name in tvn_on:
             tname = f"{name}+tvn"
@@ -586,8 +618,13 @@ def evaluate_run(
     seed: int = 0,
     umap: bool = True,
     progress: bool = True,
+    level: str = "well",
 ) -> Path:
-    """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report."""
+    """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report.
+
+    ``level="well"`` scores well profiles (mean over sites); ``"image"`` scores every image
+    (single-cell crops such as BBBC021's, where a well holds one profile per plate).
+    """
     from cdcl.data.dataset_dir import open_dataset
     from cdcl.data.splits import assign_split
     from cdcl.evaluate.baselines import IntensityFeatures
@@ -631,6 +668,7 @@ def evaluate_run(
         timer=timer,
         work_dir=out_dir,
         cache_key=cache_key,
+        level=level,
     )
     results = base_results(
         "run",
@@ -643,8 +681,14 @@ def evaluate_run(
         config=_config_dict(em.config),
         protocol=protocol_with(corrections),
         split={"number": number, **split_masks(ds.samples, split)},
+        level=level,
         feature_sets=results_sets,
     )
+    if level == "image":
+        results["protocol"] = {
+            **results["protocol"],
+            "profiles": "image level: one profile per image",
+        }
     with timer("plots"):
         if umap or run.is_dir():
             make_plots(

@@ -403,6 +403,15 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
     }
     if errors:
         sections.append(("Metrics that failed", f'<div class="err">{_kv_html(errors)}</div>'))
+    # Why a metric is empty: one reason per line, the same for every feature set and variant.
+    reasons = {
+        str(v): None
+        for r in (results.get("feature_sets") or {}).values()
+        for v in (r.get("unavailable") or {}).values()
+    }
+    if reasons:
+        items = "".join(f"<li>{html.escape(t)}</li>" for t in reasons)
+        sections.append(("Metrics not computed", f"<ul>{items}</ul>"))
     return write_html(out / "report.html", title, sections)
 
 

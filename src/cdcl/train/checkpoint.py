@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cdcl.atomic import atomic_path
 from cdcl.errors import CdclError
 
 FORMAT = "cdcl-checkpoint"
@@ -27,19 +28,17 @@ BEST = "best.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically (temporary sibling, fsync, rename) so a kill never truncates it."""
+    """Write ``state`` atomically (temporary sibling, fsync, rename) so a kill never truncates it.
+
+    A full disk raises :class:`cdcl.atomic.DiskFullError` naming the file; the previous
+    checkpoint stays as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

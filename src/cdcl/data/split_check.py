@@ -1,0 +1,87 @@
+"""Whether a held-out-batch split can be evaluated at all, said before anyone trains on it.
+
+Held-out evaluation scores treatments: the classification probes need held-out treatments that
+the training batches also carry, and the retrieval metrics need treated held-out profiles. A
+fold whose held-out batches hold only controls (BBBC021's DMSO-only plates, for instance) trains
+fine and then evaluates to nothing; :func:`heldout_problem` names that case and a fold that works.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from cdcl.data.splits import assign_split
+from cdcl.errors import CdclError
+
+MAX_FOLDS_TRIED = 50
+
+
+def heldout_treatments(samples: pd.DataFrame, split: pd.Series) -> tuple[set[str], set[str]]:
+    """(treatments of the held-out batches, those of them also in the training batches); no controls."""
+    part = split.astype(str).to_numpy()
+    treated = ~samples["is_control"].to_numpy(bool)
+    treat = samples["treatment"].astype(str).to_numpy()
+    test = set(treat[(part == "test") & treated])
+    train = set(treat[(part == "train") & treated])
+    return test, test & train
+
+
+def _usable_fold(samples: pd.DataFrame, source: str) -> tuple[int, list[str]] | None:
+    """The first numbered fold whose held-out batches carry a treatment known to training."""
+    for number in range(1, MAX_FOLDS_TRIED + 1):
+        try:
+            split = assign_split(samples, source, number)
+        except CdclError:  # past the last fold
+            return None
+        if heldout_treatments(samples, split)[1]:
+            batches = samples.loc[split.astype(str).to_numpy() == "test", "batch"].astype(str)
+            return number, sorted(set(batches))
+    return None
+
+
+def heldout_problem(
+    samples: pd.DataFrame, split: pd.Series, source: str = "", what: str = "this split"
+) -> str | None:
+    """One line saying why ``split`` cannot be evaluated and how to fix it; None when it can."""
+    part = split.astype(str).to_numpy()
+    held_out = sorted(set(samples["batch"].astype(str).to_numpy()[part == "test"]))
+    if not held_out:
+        problem = f"{what} holds out no batch, so there is nothing to evaluate on"
+    else:
+        test, known = heldout_treatments(samples, split)
+        names = ", ".join(held_out[:4]) + (" ..." if len(held_out) > 4 else "")
+        if not test:
+            problem = (
+                f"the held-out batches of {what} ({names}) carry no treatment, only controls, "
+                "so the held-out treatment metrics (probes, NSC, mAP) will be empty"
+            )
+        elif not known:
+            problem = (
+                f"none of the {len(test)} treatments of the held-out batches of {what} "
+                f"({names}) occurs in the training batches, so the probes have nothing to score"
+            )
+        else:
+            return None
+    fold = _usable_fold(samples, source)
+    fix = (
+        f"pass --split {fold[0]} (holds out {', '.join(fold[1])})"
+        if fold is not None
+        else "pass another --split N"
+    )
+    return (
+        f"{problem}; {fix}, or build the dataset with its own assignment "
+        "(`cdcl build table ... --split-col COLUMN`)"
+    )
+
+
+def split_summary(samples: pd.DataFrame, split: pd.Series) -> str:
+    """Held-out batches and their treatments: ``A, B (3 treatments, 3 of them also in ...)``."""
+    part = split.astype(str).to_numpy()
+    held_out = sorted(set(samples["batch"].astype(str).to_numpy()[part == "test"]))
+    test, known = heldout_treatments(samples, split)
+    n_train = int(np.unique(samples["batch"].astype(str).to_numpy()[part == "train"]).size)
+    return (
+        f"{', '.join(held_out) or 'none'} ({len(test)} treatments, {len(known)} of them also in "
+        f"the {n_train} training batches)"
+    )
