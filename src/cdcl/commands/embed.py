@@ -134,43 +134,47 @@ def run(args: argparse.Namespace) -> int:
     meta = image_meta(samples, idx)
 
     device = D.init(args.device)
-    rank, world = D.rank(), D.world_size()
-    # On the CPU, loader workers compete with inference for the same cores (bench_embed.py).
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    fields = {
-        "source": src.provenance,
-        "checkpoint": args.checkpoint,
-        "data": _dataset_fingerprint(ds),
-        "split": args.split,
-        "split_number": number,
-        "level": args.level,
-        "precision": "bf16" if device.type == "cuda" else "float32",
-        "chunk_size": args.chunk_size,  # part boundaries: parts of another size do not fit
-    }
-    job = EmbedJob(work_dir_for(out, job_key(fields)), len(idx), args.chunk_size)
-    if rank == 0:
-        remove_stale_work_dirs(out, keep=job.work_dir)
-        job.prepare(fields)
-    D.barrier()  # the work directory exists and holds no temp files
-    pending = job.pending()
-    D.barrier()  # every rank listed the same finished parts before any rank writes one
-    t0 = time.perf_counter()
-    if rank == 0 and len(pending) < job.n_chunks:
-        done = job.n_chunks - len(pending)
-        print(f"resuming: {done} of {job.n_chunks} parts already embedded in {job.work_dir}")
-    job.run(
-        job.shard(pending, rank, world),
-        src.backbone,
-        ds,
-        idx,
-        src.view_fn,
-        batch_size=args.batch_size,
-        workers=workers,
-        device=str(device),
-        rank=rank,
-        progress=not args.no_progress and rank == 0,
-        desc=f"{src.name} (rank 0 of {world})" if world > 1 else src.name,
-    )
+    try:
+        rank, world = D.rank(), D.world_size()
+        # On the CPU, loader workers compete with inference for the same cores (bench_embed.py).
+        workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+        fields = {
+            "source": src.provenance,
+            "checkpoint": args.checkpoint,
+            "data": _dataset_fingerprint(ds),
+            "split": args.split,
+            "split_number": number,
+            "level": args.level,
+            "precision": "bf16" if device.type == "cuda" else "float32",
+            "chunk_size": args.chunk_size,  # part boundaries: parts of another size do not fit
+        }
+        job = EmbedJob(work_dir_for(out, job_key(fields)), len(idx), args.chunk_size)
+        if rank == 0:
+            remove_stale_work_dirs(out, keep=job.work_dir)
+            job.prepare(fields)
+        D.barrier()  # the work directory exists and holds no temp files
+        pending = job.pending()
+        D.barrier()  # every rank listed the same finished parts before any rank writes one
+        t0 = time.perf_counter()
+        if rank == 0 and len(pending) < job.n_chunks:
+            done = job.n_chunks - len(pending)
+            print(f"resuming: {done} of {job.n_chunks} parts already embedded in {job.work_dir}")
+        job.run(
+            job.shard(pending, rank, world),
+            src.backbone,
+            ds,
+            idx,
+            src.view_fn,
+            batch_size=args.batch_size,
+            workers=workers,
+            device=str(device),
+            rank=rank,
+            progress=not args.no_progress and rank == 0,
+            desc=f"{src.name} (rank 0 of {world})" if world > 1 else src.name,
+        )
+    except BaseException:
+        D.cleanup(barrier=False)  # exit now: torchrun then stops the other ranks
+        raise
     D.cleanup()  # barrier: every shard is written before rank 0 merges
     if rank != 0:
         return 0

@@ -63,16 +63,18 @@ def init(device_pref: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cleanup() -> None:
+def cleanup(barrier: bool = True) -> None:
     """Tear down the process group once every process has finished with it.
 
     The barrier keeps a fast process from destroying its end while a peer is still inside a
     collective; ``destroy_process_group`` then frees the group and joins gloo's worker threads
-    (see the module docstring for what kept them alive before).
+    (see the module docstring for what kept them alive before). On an error path pass
+    ``barrier=False``: the peers may be waiting in another collective, and a failing process
+    must exit so that torchrun stops the others rather than wait for them.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if dist.get_world_size() > 1:
+    if barrier and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
 

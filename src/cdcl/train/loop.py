@@ -47,9 +47,12 @@ def train(cfg: Config, out: Path, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out``; returns a summary (rank 0's view)."""
     device = D.init(cfg.train.device)
     try:
-        return _train(cfg, Path(out), resume, device)
-    finally:
-        D.cleanup()
+        summary = _train(cfg, Path(out), resume, device)
+    except BaseException:
+        D.cleanup(barrier=False)
+        raise
+    D.cleanup()
+    return summary
 
 
 def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[str, Any]:
