@@ -9,6 +9,7 @@ everything.
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import time
@@ -56,6 +57,9 @@ class DemoSpec:
     fresh: bool = False
     seed: int = 0
     epochs: int | None = None  # None: the demo's budget for the dataset
+    split: int | None = None  # held-out-batch fold; None: the dataset's stored split
+    methods: tuple[str, ...] | None = None  # None: every method of the dataset
+    data_dir: Path | None = None  # None: OUT/data (a study shares one dataset between runs)
     bbbc021_dir: Path | None = None
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
@@ -94,7 +98,7 @@ def default_bbbc021_dir() -> Path:
 
 def prepare_data(spec: DemoSpec) -> Path:
     """The demo's dataset directory, built or reused."""
-    out = spec.out / "data"
+    out = spec.data_dir or spec.out / "data"
     if spec.dataset == "synthetic":
         from cdcl.data.synthetic import build_key, generate, reusable
 
@@ -131,7 +135,7 @@ def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
     table = pd.read_csv(csv)
     table["split"] = np.where(table["plate"].isin(BBBC021_TEST_PLATES), "test", "train")
     out.parent.mkdir(parents=True, exist_ok=True)
-    csv = spec.out / "bbbc021_samples.csv"
+    csv = out.parent / "bbbc021_samples.csv"
     table.to_csv(csv, index=False)
     options = TableOptions(
         split_col="split",
@@ -161,6 +165,20 @@ def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
 # ---------------------------------------------------------------- training
 
 
+def method_labels(spec: DemoSpec) -> list[str]:
+    """The methods a run trains: ``spec.methods`` or every method of the dataset."""
+    allowed = list(BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS)
+    if spec.methods is None:
+        return allowed
+    bad = [m for m in spec.methods if m not in allowed]
+    if bad or not spec.methods:
+        raise CdclError(
+            f"--methods {','.join(spec.methods)}: unknown on {spec.dataset}; "
+            f"choose from {','.join(allowed)}"
+        )
+    return list(spec.methods)
+
+
 def budget_overrides(spec: DemoSpec) -> list[str]:
     """Equal training budget for every method (epochs), plus the seed and data-loader workers."""
     if spec.epochs is not None:
@@ -174,6 +192,8 @@ def budget_overrides(spec: DemoSpec) -> list[str]:
     # One loader process overlaps reading and views with the step (measured: the data wait
     # drops from ~27% of a CDCL step to under 1%); results do not depend on the worker count.
     over = [f"train.epochs={epochs}", f"train.seed={spec.seed}", "data.num_workers=1"]
+    if spec.split is not None:
+        over.append(f"data.split={spec.split}")
     if spec.quick:
         # The tiny screen has 32-px fields: a smaller network and batch keep it under 2 minutes.
         over += [
@@ -240,7 +260,7 @@ def evaluate_runs(
     from cdcl.train.checkpoint import load_for_eval
 
     ds = open_dataset(data)
-    split = assign_split(ds.samples, ds.info.source, None)
+    split = assign_split(ds.samples, ds.info.source, spec.split)
     null_size = 500 if spec.quick else 2000
     # BBBC021 fields are single-cell crops: score cells, not the few wells per plate.
     level = "image" if spec.dataset == "bbbc021" else "well"
@@ -397,7 +417,14 @@ def write_outputs(
     results = {
         "kind": "demo",
         "dataset": {"path": str(data.resolve()), "name": ds.info.name, "n_images": len(ds)},
-        "spec": {"dataset": spec.dataset, "quick": spec.quick, "seed": spec.seed},
+        "spec": {
+            "dataset": spec.dataset,
+            "quick": spec.quick,
+            "seed": spec.seed,
+            # Only set by studies: a demo's results.json stays as it was.
+            **({"split": spec.split} if spec.split is not None else {}),
+            **({"methods": list(spec.methods)} if spec.methods is not None else {}),
+        },
         "budget": budget_overrides(spec),
         "training": training,
         "timings_s": spec.timings,
@@ -411,6 +438,8 @@ def write_outputs(
         f"# {title}",
         "",
         f"Dataset `{ds.info.name}` ({len(ds)} images); metrics on held-out batches, {unit}.",
+        "",
+        single_replicate_note(spec),
         "",
         "## Profiles standardised per plate against its controls",
         "",
@@ -442,6 +471,7 @@ def write_outputs(
         return table_html(t, higher)
 
     sections = [
+        ("One replicate", f"<p>{html.escape(single_replicate_note(spec))}</p>"),
         (
             "Held-out batches, profiles standardised per plate against controls",
             html_table(tables["plate_normalized"]),
@@ -463,6 +493,17 @@ def write_outputs(
     return {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
 
 
+def single_replicate_note(spec: DemoSpec) -> str:
+    """One line: these figures come from one seed and split; the study command gives CIs."""
+    split = "the stored split" if spec.split is None else f"fold {spec.split}"
+    quick = " --quick" if spec.quick else ""
+    return (
+        f"One replicate (seed {spec.seed}, {split}): no uncertainty. For means, 95% CIs and "
+        f"paired tests across seeds and folds run `cdcl study --dataset {spec.dataset}{quick} "
+        "--out study_out`."
+    )
+
+
 def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None:
     """Put the report stage's own time into results.json once that stage has ended."""
     from cdcl.data.dataset_dir import atomic_write_text
@@ -480,7 +521,7 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
     spec.out.mkdir(parents=True, exist_ok=True)
     with _Stage(spec, "data"):
         data = prepare_data(spec)
-    labels = list(BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS)
+    labels = method_labels(spec)
     runs: dict[str, Path] = {}
     training: dict[str, Any] = {}
     for label in labels:
