@@ -663,6 +663,18 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
                 "tables": results.get("tables", {}),
             }
         )
+    return finish_study(spec, labels, records, figures)
+
+
+def finish_study(
+    spec: StudySpec,
+    labels: list[str],
+    records: list[dict[str, Any]],
+    figures: list[dict[str, dict[str, dict[str, Any]]]],
+) -> dict[str, Any]:
+    """Aggregate the replicates' figures and write study.json, study.md and report.html."""
+    reps = [Replicate(r["seed"], r["fold"]) for r in records]
+    spec.out.mkdir(parents=True, exist_ok=True)
     with _Stage(spec, "aggregate"):
         agg = aggregate_study(figures, spec.references, spec.alpha)
     first = _demo_spec(spec, reps[0])
