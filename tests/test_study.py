@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +202,160 @@ def test_outputs_from_fixed_replicates(tmp_path: Path) -> None:
     assert html.count("data:image/png;base64,") >= 1 and 'src="http' not in html
     assert (tmp_path / "s" / "forest_plate_normalized.png").is_file()
     assert result["study"]["headline"][0]["overall"] == st.BETTER
+
+
+# ---------------------------------------------------------------- end to end (real training)
+
+STUDY_ARGS = ("--quick", "--methods", "DINO,CDCL", "--epochs", "1", "--no-progress")
+
+
+def _study_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "cdcl", "study", *STUDY_ARGS, "--out", str(out)]
+
+
+def _run_study(out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(_study_cmd(out), capture_output=True, text=True, env=env, timeout=900)
+
+
+def _figures(study: dict) -> dict:
+    """study.json without what legitimately changes between runs (times, reuse, versions)."""
+    drop = {"timings_s", "reused", "versions", "wall_s", "images_per_s"}
+
+    def strip(v: object) -> object:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in drop}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+
+    return strip(study)  # type: ignore[return-value]
+
+
+def _assert_close(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert b == pytest.approx(a, abs=1e-4), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def quick_study(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """One uninterrupted quick study (tiny screen, 2 seeds, DINO and CDCL, one epoch)."""
+    out = tmp_path_factory.mktemp("study") / "a"
+    proc = _run_study(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.mark.slow
+def test_quick_study_outputs_and_statistics(
+    quick_study: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    out, proc = quick_study
+    for name in ("study.json", "study.md", "report.html", "forest_plate_normalized.png"):
+        assert (out / name).is_file(), name
+    for rep in ("seed0", "seed1"):
+        assert (out / "replicates" / rep / "results.json").is_file()
+    assert "CDCL vs DINO" in proc.stdout and f"report: {out / 'report.html'}" in proc.stdout
+    study = json.loads((out / "study.json").read_text())
+    assert [r["name"] for r in study["replicates"]] == ["seed0", "seed1"]
+    assert study["config"]["methods"] == ["DINO", "CDCL"]
+    for stage in ("replicate seed0 (1/2)", "replicate seed1 (2/2)", "aggregate", "report"):
+        assert study["timings_s"][stage] >= 0
+    for rep in study["replicates"]:
+        assert {"data", "train DINO", "train CDCL", "evaluate"} <= set(rep["timings_s"])
+    # Every summary and difference recomputed from the replicates' own tables with scipy.
+    by_rep = [
+        {r["features"]: r for r in rep["tables"]["plate_normalized"]} for rep in study["replicates"]
+    ]
+    rows = {r["features"] for r in study["summary"] if r["variant"] == "plate_normalized"}
+    assert {"DINO", "CDCL", "DINO+tvn", "intensity stats", "random network"} <= rows
+    checked = 0
+    for s in (r for r in study["summary"] if r["variant"] == "plate_normalized"):
+        vals = [t[s["features"]][s["metric"]] for t in by_rep]
+        vals = [v for v in vals if v is not None]
+        assert s["n"] == len(vals)
+        assert s["mean"] == pytest.approx(np.mean(vals), abs=1e-12)
+        if len(vals) == 2 and np.std(vals) > 0:
+            lo, hi = stats.t.interval(0.95, 1, loc=np.mean(vals), scale=stats.sem(vals))
+            assert (s["ci_low"], s["ci_high"]) == pytest.approx((lo, hi), abs=1e-9)
+            checked += 1
+    for d in (r for r in study["differences"] if r["variant"] == "plate_normalized"):
+        a = [t[d["features"]][d["metric"]] for t in by_rep]
+        b = [t[d["reference"]][d["metric"]] for t in by_rep]
+        diff = np.subtract(a, b)
+        if d["n"] == 2 and np.std(diff) > 1e-9:
+            assert d["p"] == pytest.approx(stats.ttest_rel(a, b).pvalue, rel=1e-9)
+            checked += 1
+    assert checked > 5
+    md = (out / "study.md").read_text()
+    assert "ttest_rel" in md and "## CDCL vs DINO" in md
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and 'src="http' not in html
+
+
+@pytest.mark.slow
+def test_study_rerun_reuses_replicates_and_gives_the_same_json(
+    quick_study: tuple[Path, subprocess.CompletedProcess],
+) -> None:
+    out, _ = quick_study
+    first = json.loads((out / "study.json").read_text())
+    ckpts = sorted((out / "replicates").glob("*/runs/*/checkpoints/last.pt"))
+    assert len(ckpts) == 4
+    before = {p: p.stat().st_mtime_ns for p in ckpts}
+    proc = _run_study(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reused replicates/") == 2
+    assert {p: p.stat().st_mtime_ns for p in ckpts} == before
+    again = json.loads((out / "study.json").read_text())
+    assert all(r["reused"] for r in again["replicates"])
+    _assert_close(_figures(first), _figures(again))
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_and_matches_an_uninterrupted_one(
+    quick_study: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    out_a, _ = quick_study
+    out = tmp_path / "b"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _study_cmd(out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,  # its own process group: the kill reaches the loader worker too
+    )
+    first_done = out / "replicates" / "seed0" / "replicate.json"
+    deadline = time.monotonic() + 900
+    try:
+        while not first_done.exists():
+            assert proc.poll() is None, "the study ended before the first replicate finished"
+            assert time.monotonic() < deadline, "first replicate never finished"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "study.json").exists()
+    resumed = _run_study(out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "reused replicates/seed0/" in resumed.stdout
+    a = json.loads((out_a / "study.json").read_text())
+    b = json.loads((out / "study.json").read_text())
+    _assert_close(_figures(a)["summary"], _figures(b)["summary"])
+    _assert_close(_figures(a)["differences"], _figures(b)["differences"])
+    _assert_close([r["tables"] for r in a["replicates"]], [r["tables"] for r in b["replicates"]])
