@@ -92,6 +92,12 @@ def test_missing_figures_pair_only_complete_replicates() -> None:
     assert one["n"] == 1 and one["verdict"] == st.TOO_FEW and math.isnan(one["ci_low"])
 
 
+def test_constant_nonzero_difference_is_flagged() -> None:
+    d = st.paired_difference([0.5, 0.583, 0.7], [0.4, 0.483, 0.6])  # equal up to rounding
+    assert d["zero_variance"] and d["mean_diff"] == pytest.approx(0.1)
+    assert not st.paired_difference(A, B)["zero_variance"]
+
+
 def test_identical_figures_are_no_difference() -> None:
     d = st.paired_difference([0.5, 0.6, 0.7], [0.5, 0.6, 0.7])
     assert d["mean_diff"] == 0.0 and d["p"] == 1.0 and d["verdict"] == st.NO_DIFFERENCE

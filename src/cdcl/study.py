@@ -59,6 +59,10 @@ TRANSDUCTIVE_NOTE = (
     "themselves (all of them, held-out batches included, with their batch labels): they are "
     "transductive, unlike CDCL, which never sees the held-out batches."
 )
+ZERO_VARIANCE_NOTE = (
+    "† the same difference in every replicate: the t statistic is infinite and p = 0 by "
+    "scipy's convention, which overstates the evidence; more replicates are needed."
+)
 SYMBOL = {st.BETTER: "▲", st.WORSE: "▼", st.NO_DIFFERENCE: "·", st.TOO_FEW: "?"}
 
 
@@ -302,7 +306,8 @@ def _p(p: Any) -> str:
 
 
 def _diff_cell(d: dict[str, Any]) -> str:
-    return f"{_num(d['mean_diff'], True)} {SYMBOL[d['verdict']]} (p {_p(d['p'])})"
+    mark = "†" if d.get("zero_variance") else ""
+    return f"{_num(d['mean_diff'], True)} {SYMBOL[d['verdict']]} (p {_p(d['p'])}{mark})"
 
 
 def _ci(d: dict[str, Any]) -> str:
@@ -376,7 +381,7 @@ def headline_rows(agg: dict[str, Any], reference: str, n_total: int) -> list[lis
                 _num(d["mean_diff"], True),
                 _ci(d),
                 str(d["n"]),
-                _p(d["p"]),
+                _p(d["p"]) + ("†" if d.get("zero_variance") else ""),
                 d["verdict"],
             ]
         )
@@ -405,6 +410,8 @@ def _notes(study: dict[str, Any]) -> list[str]:
         notes.append(
             f"Reference rows not present in these results, left out: {', '.join(missing)}."
         )
+    if any(d.get("zero_variance") for d in study["differences"]):
+        notes.append(ZERO_VARIANCE_NOTE)
     if len(study["replicates"]) < 2:
         notes.append("One replicate only: no interval or test can be computed.")
     return notes
@@ -455,7 +462,7 @@ def write_markdown(study: dict[str, Any], path: Path) -> Path:
                 f"## Difference from {ref}, {title}",
                 "",
                 "Cell: mean paired difference (row − reference), ▲ better / ▼ worse / · no "
-                "detectable difference, paired t-test p.",
+                "detectable difference, paired t-test p († see the notes above).",
                 "",
                 _md_table(
                     difference_frame(

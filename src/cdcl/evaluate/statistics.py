@@ -130,6 +130,9 @@ def paired_difference(
         "p": p,
         "p_wilcoxon": p_w,
         "verdict": verdict(mean_diff, p, n, lower_is_better, alpha),
+        # The same nonzero difference in every replicate (common with count-based figures and
+        # few replicates): scipy's t is infinite and p = 0, which overstates the evidence.
+        "zero_variance": bool(n >= 2 and np.ptp(d) <= 1e-12 and abs(mean_diff) > 1e-12),
     }
 
 
