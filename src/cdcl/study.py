@@ -584,8 +584,8 @@ def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Pat
             "Replicates",
             "<ul>"
             + "".join(
-                f"<li>{html.escape(r['name'])}: replicates/{html.escape(r['name'])}/report.html"
-                f"{' (reused)' if r.get('reused') else ''}</li>"
+                f'<li><a href="replicates/{html.escape(r["name"])}/report.html">'
+                f"{html.escape(r['name'])}</a>{' (reused)' if r.get('reused') else ''}</li>"
                 for r in study["replicates"]
             )
             + "</ul>",
