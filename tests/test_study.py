@@ -365,3 +365,20 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(
     _assert_close(_figures(a)["summary"], _figures(b)["summary"])
     _assert_close(_figures(a)["differences"], _figures(b)["differences"])
     _assert_close([r["tables"] for r in a["replicates"]], [r["tables"] for r in b["replicates"]])
+
+
+def test_bad_options_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from cdcl.cli import main
+
+    out = str(tmp_path / "o")
+    cases = [
+        (["--methods", "FOO"], "--methods FOO: unknown on synthetic"),
+        (["--methods", "CDCL"], "--reference DINO: not among --methods CDCL"),
+        (["--seeds", "0,x"], "--seeds 0,x: expected comma-separated integers"),
+        (["--folds", "0"], "--folds 0: folds are numbered from 1"),
+    ]
+    for args, message in cases:
+        assert main(["study", "--out", out, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()

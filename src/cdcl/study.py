@@ -129,7 +129,8 @@ def check_spec(spec: StudySpec) -> list[str]:
     if not spec.seeds:
         raise CdclError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
     if spec.folds is not None and any(f < 1 for f in spec.folds):
-        raise CdclError(f"--folds {spec.folds}: folds are numbered from 1")
+        folds = ",".join(map(str, spec.folds))
+        raise CdclError(f"--folds {folds}: folds are numbered from 1")
     labels = method_labels(_demo_spec(spec, Replicate(spec.seeds[0], None)))
     if not spec.references:
         raise CdclError("--reference: name at least one row, e.g. --reference DINO")
