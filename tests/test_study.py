@@ -276,6 +276,7 @@ def test_quick_study_outputs_and_statistics(
     assert "CDCL vs DINO" in proc.stdout and f"report: {out / 'report.html'}" in proc.stdout
     study = json.loads((out / "study.json").read_text())
     assert [r["name"] for r in study["replicates"]] == ["seed0", "seed1"]
+    assert all(r["held_out"] == ["B03", "B04"] for r in study["replicates"])  # tiny: stored split
     assert study["config"]["methods"] == ["DINO", "CDCL"]
     for stage in ("replicate seed0 (1/2)", "replicate seed1 (2/2)", "aggregate", "report"):
         assert study["timings_s"][stage] >= 0

@@ -27,7 +27,8 @@ from typing import Any
 
 import pandas as pd
 
-from cdcl.data.dataset_dir import atomic_write_text
+from cdcl.data.dataset_dir import atomic_write_text, open_dataset
+from cdcl.data.splits import assign_split
 from cdcl.demo import (
     BBBC021_METHODS,
     LOWER_IS_BETTER,
@@ -181,6 +182,13 @@ def replicate_key(spec: StudySpec, rep: Replicate) -> dict[str, Any]:
 
 
 KEY_FILE = "replicate.json"
+
+
+def held_out_batches(spec: StudySpec, rep: Replicate) -> list[str]:
+    """The batches a replicate evaluates on (its test part)."""
+    ds = open_dataset(data_dir(spec, rep))
+    split = assign_split(ds.samples, ds.info.source, rep.fold)
+    return sorted(ds.samples.loc[(split == "test").to_numpy(), "batch"].astype(str).unique())
 
 
 def run_replicate(spec: StudySpec, rep: Replicate) -> tuple[dict[str, Any], bool]:
@@ -418,6 +426,15 @@ def _notes(study: dict[str, Any]) -> list[str]:
     return notes
 
 
+def _held_out_line(study: dict[str, Any]) -> str:
+    parts = [
+        f"{r['name']} ({', '.join(r['held_out'])})"
+        for r in study["replicates"]
+        if r.get("held_out")
+    ]
+    return "Held-out batches: " + "; ".join(parts) + "." if parts else ""
+
+
 def write_markdown(study: dict[str, Any], path: Path) -> Path:
     """study.md: what was run, the headline verdicts, means ± CI and differences per variant."""
     cfg, n_total = study["config"], len(study["replicates"])
@@ -426,6 +443,8 @@ def write_markdown(study: dict[str, Any], path: Path) -> Path:
         "",
         f"{n_total} replicates ({', '.join(r['name'] for r in study['replicates'])}); "
         f"methods {', '.join(cfg['methods'])}; {study['replicate_definition']}",
+        "",
+        _held_out_line(study),
         "",
         f"Intervals: {st.CI_METHOD}. Test: {st.PAIRED_TEST}, pairing replicates by seed and "
         f"fold; α = {cfg['alpha']}. Verdict per metric: better / worse / no detectable "
@@ -539,7 +558,8 @@ def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Pat
 
     intro = (
         f"<p>{n_total} replicates ({html.escape(', '.join(r['name'] for r in study['replicates']))}"
-        f"); {html.escape(study['replicate_definition'])}</p><p>Intervals: "
+        f"); {html.escape(study['replicate_definition'])}</p>"
+        f"<p>{html.escape(_held_out_line(study))}</p><p>Intervals: "
         f"{html.escape(st.CI_METHOD)}. Test: {html.escape(st.PAIRED_TEST)}; α = {cfg['alpha']}."
         "</p>" + "".join(f"<p><b>Note.</b> {html.escape(n)}</p>" for n in study["notes"])
     )
@@ -662,6 +682,7 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
                 "seed": rep.seed,
                 "fold": rep.fold,
                 "dir": f"replicates/{rep.name}",
+                "held_out": held_out_batches(spec, rep),
                 "reused": reused,
                 "timings_s": results.get("timings_s", {}),
                 "training": {
