@@ -64,6 +64,9 @@ def test_demo_writes_the_comparison(quick_demo: tuple[Path, subprocess.Completed
             assert f"| {base}+{corr} |" in md, (base, corr)
     assert "| random network+harmony |" not in md
     assert "transductively" in md and "transductively" in html
+    # A demo is one replicate and says so, with the command that gives intervals.
+    assert "One replicate (seed 0" in md and "`cdcl study --dataset synthetic --quick" in md
+    assert "One replicate" in html
     res = json.loads((out / "results.json").read_text())
     assert set(res["training"]) == {"supervised", "DINO", "DINO-CB", "CDCL"}
     for stage in ("data", "train CDCL", "evaluate", "report"):

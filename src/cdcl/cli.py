@@ -13,7 +13,7 @@ import sys
 
 from cdcl.errors import CdclError
 
-COMMANDS = ("synth", "build", "info", "train", "embed", "evaluate", "compare", "demo")
+COMMANDS = ("synth", "build", "info", "train", "embed", "evaluate", "compare", "demo", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ everything.
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
 import time
@@ -61,8 +62,11 @@ class DemoSpec:
     fresh: bool = False
     seed: int = 0
     epochs: int | None = None  # None: the demo's budget for the dataset
+    # held-out-batch fold (BBBC021: the treatment-paired folds); None: the stored split
+    split: int | None = None
+    methods: tuple[str, ...] | None = None  # None: every method of the dataset
+    data_dir: Path | None = None  # None: OUT/data (a study shares one dataset between runs)
     bbbc021_dir: Path | None = None
-    split: int | None = None  # BBBC021: treatment-paired fold; None: BBBC021_TEST_PLATES
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -100,7 +104,7 @@ def default_bbbc021_dir() -> Path:
 
 def prepare_data(spec: DemoSpec) -> Path:
     """The demo's dataset directory, built or reused."""
-    out = spec.out / "data"
+    out = spec.data_dir or spec.out / "data"
     if spec.dataset == "synthetic":
         from cdcl.data.synthetic import build_key, generate, reusable
 
@@ -139,7 +143,7 @@ def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
         shutil.rmtree(out)
     table["split"] = np.where(table["plate"].isin(test_plates), "test", "train")
     out.parent.mkdir(parents=True, exist_ok=True)
-    csv = spec.out / "bbbc021_samples.csv"
+    csv = out.parent / "bbbc021_samples.csv"
     table.to_csv(csv, index=False)
     options = TableOptions(
         split_col="split",
@@ -186,6 +190,20 @@ def bbbc021_test_plates(table: pd.DataFrame, split: int | None) -> set[str]:
 # ---------------------------------------------------------------- training
 
 
+def method_labels(spec: DemoSpec) -> list[str]:
+    """The methods a run trains: ``spec.methods`` or every method of the dataset."""
+    allowed = list(BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS)
+    if spec.methods is None:
+        return allowed
+    bad = [m for m in spec.methods if m not in allowed]
+    if bad or not spec.methods:
+        raise CdclError(
+            f"--methods {','.join(spec.methods)}: unknown on {spec.dataset}; "
+            f"choose from {','.join(allowed)}"
+        )
+    return list(spec.methods)
+
+
 def budget_overrides(spec: DemoSpec) -> list[str]:
     """Equal training budget for every method (epochs), plus the seed and data-loader workers."""
     if spec.epochs is not None:
@@ -199,6 +217,8 @@ def budget_overrides(spec: DemoSpec) -> list[str]:
     # One loader process overlaps reading and views with the step (measured: the data wait
     # drops from ~27% of a CDCL step to under 1%); results do not depend on the worker count.
     over = [f"train.epochs={epochs}", f"train.seed={spec.seed}", "data.num_workers=1"]
+    if spec.split is not None:
+        over.append(f"data.split={spec.split}")
     if spec.quick:
         # The tiny screen has 32-px fields: a smaller network and batch keep it under 2 minutes.
         over += [
@@ -265,7 +285,7 @@ def evaluate_runs(
     from cdcl.train.checkpoint import load_for_eval
 
     ds = open_dataset(data)
-    split = assign_split(ds.samples, ds.info.source, None)
+    split = assign_split(ds.samples, ds.info.source, spec.split)
     null_size = 500 if spec.quick else 2000
     # BBBC021 fields are single-cell crops: score cells, not the few wells per plate.
     level = "image" if spec.dataset == "bbbc021" else "well"
@@ -426,7 +446,14 @@ def write_outputs(
     results = {
         "kind": "demo",
         "dataset": {"path": str(data.resolve()), "name": ds.info.name, "n_images": len(ds)},
-        "spec": {"dataset": spec.dataset, "quick": spec.quick, "seed": spec.seed},
+        "spec": {
+            "dataset": spec.dataset,
+            "quick": spec.quick,
+            "seed": spec.seed,
+            # Only set by studies: a demo's results.json stays as it was.
+            **({"split": spec.split} if spec.split is not None else {}),
+            **({"methods": list(spec.methods)} if spec.methods is not None else {}),
+        },
         "budget": budget_overrides(spec),
         "training": training,
         "timings_s": spec.timings,
@@ -442,6 +469,8 @@ def write_outputs(
         f"Dataset `{ds.info.name}` ({len(ds)} images); metrics on held-out batches, {unit}.",
         "",
         *([note, ""] if note else []),
+        single_replicate_note(spec),
+        "",
         "## Profiles standardised per plate against its controls",
         "",
         to_markdown(tables["plate_normalized"]),
@@ -473,6 +502,7 @@ def write_outputs(
 
     note_html = f'<p class="small">{note}</p>' if note else ""
     sections = [
+        ("One replicate", f"<p>{html.escape(single_replicate_note(spec))}</p>"),
         (
             "Held-out batches, profiles standardised per plate against controls",
             note_html + html_table(tables["plate_normalized"]),
@@ -503,6 +533,17 @@ def correction_note(feature_sets: dict[str, Any]) -> str:
     return TRANSDUCTIVE_NOTE
 
 
+def single_replicate_note(spec: DemoSpec) -> str:
+    """One line: these figures come from one seed and split; the study command gives CIs."""
+    split = "the stored split" if spec.split is None else f"fold {spec.split}"
+    quick = " --quick" if spec.quick else ""
+    return (
+        f"One replicate (seed {spec.seed}, {split}): no uncertainty. For means, 95% CIs and "
+        f"paired tests across seeds and folds run `cdcl study --dataset {spec.dataset}{quick} "
+        "--out study_out`."
+    )
+
+
 def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None:
     """Put the report stage's own time into results.json once that stage has ended."""
     from cdcl.data.dataset_dir import atomic_write_text
@@ -520,7 +561,7 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
     spec.out.mkdir(parents=True, exist_ok=True)
     with _Stage(spec, "data"):
         data = prepare_data(spec)
-    labels = list(BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS)
+    labels = method_labels(spec)
     runs: dict[str, Path] = {}
     training: dict[str, Any] = {}
     for label in labels:

@@ -1,0 +1,193 @@
+"""Statistics across replicates: mean and t-interval per figure, paired differences, verdicts.
+
+Pure functions over plain numbers. A replicate is one training + evaluation (one seed and/or one
+held-out-batch fold); figures missing in a replicate (None or NaN) are left out, and a paired
+difference uses only the replicates where both figures exist, so every result carries its ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+ALPHA = 0.05
+CONFIDENCE = 0.95
+PAIRED_TEST = "paired t-test (scipy.stats.ttest_rel), two-sided"
+CI_METHOD = "95% t-interval across replicates: mean ± t(0.975, n-1) · sd / sqrt(n)"
+WILCOXON_TEST = "Wilcoxon signed-rank (scipy.stats.wilcoxon), two-sided, when n >= 6"
+WILCOXON_MIN_N = 6
+BETTER, WORSE, NO_DIFFERENCE, TOO_FEW = (
+    "better",
+    "worse",
+    "no detectable difference",
+    "too few replicates",
+)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and math.isfinite(float(v))
+
+
+def clean(values: Iterable[Any]) -> np.ndarray:
+    """The finite numbers of ``values`` as float64 (None, NaN and non-numbers dropped)."""
+    return np.array([float(v) for v in values if _finite(v)], dtype=np.float64)
+
+
+def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Two-sided t confidence interval of the mean; (nan, nan) with fewer than 2 values."""
+    n = len(values)
+    if n < 2:
+        return math.nan, math.nan
+    mean = float(np.mean(values))
+    sem = float(np.std(values, ddof=1)) / math.sqrt(n)
+    if sem == 0.0:
+        return mean, mean
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sem
+    return mean - half, mean + half
+
+
+def summarise(values: Iterable[Any], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """n, mean, sample standard deviation and the t confidence interval of the finite values."""
+    x = clean(values)
+    n = len(x)
+    lo, hi = t_interval(x, confidence)
+    return {
+        "n": n,
+        "mean": float(np.mean(x)) if n else math.nan,
+        "sd": float(np.std(x, ddof=1)) if n > 1 else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+    }
+
+
+def paired(a: Sequence[Any], b: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (a_i, b_i) where both are finite, as two arrays."""
+    if len(a) != len(b):
+        raise ValueError(f"paired figures need equal lengths, got {len(a)} and {len(b)}")
+    keep = [i for i in range(len(a)) if _finite(a[i]) and _finite(b[i])]
+    return (
+        np.array([float(a[i]) for i in keep], dtype=np.float64),
+        np.array([float(b[i]) for i in keep], dtype=np.float64),
+    )
+
+
+def verdict(
+    mean_diff: float, p: float, n: int, lower_is_better: bool = False, alpha: float = ALPHA
+) -> str:
+    """better / worse / no detectable difference (at ``alpha``), or too few replicates (n < 2).
+
+    Direction-aware: for a lower-is-better figure (batch-classifier accuracy) a negative
+    difference is an improvement.
+    """
+    if n < 2:
+        return TOO_FEW
+    if not (math.isfinite(p) and p < alpha) or mean_diff == 0.0:
+        return NO_DIFFERENCE
+    improves = mean_diff < 0 if lower_is_better else mean_diff > 0
+    return BETTER if improves else WORSE
+
+
+def paired_difference(
+    method: Sequence[Any],
+    reference: Sequence[Any],
+    lower_is_better: bool = False,
+    alpha: float = ALPHA,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """method − reference over complete replicate pairs: mean, sd, t CI, paired t p, verdict."""
+    a, b = paired(method, reference)
+    d = a - b
+    n = len(d)
+    lo, hi = t_interval(d, confidence)
+    t_stat = p = math.nan
+    if n >= 2 and np.any(d != 0.0):
+        # scipy's own test, so the p-value is exactly the one the output names. Its warning on
+        # nearly identical differences is dropped: n and sd_diff are reported next to p.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            res = stats.ttest_rel(a, b)
+        t_stat, p = float(res.statistic), float(res.pvalue)
+    elif n >= 2:
+        t_stat, p = 0.0, 1.0  # identical figures in every replicate
+    p_w = math.nan
+    if n >= WILCOXON_MIN_N and np.any(d != 0.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p_w = float(stats.wilcoxon(a, b).pvalue)
+    mean_diff = float(np.mean(d)) if n else math.nan
+    return {
+        "n": n,
+        "mean_diff": mean_diff,
+        "sd_diff": float(np.std(d, ddof=1)) if n > 1 else math.nan,
+        "ci_low": lo,
+        "ci_high": hi,
+        "t": t_stat,
+        "p": p,
+        "p_wilcoxon": p_w,
+        "verdict": verdict(mean_diff, p, n, lower_is_better, alpha),
+        # The same nonzero difference in every replicate (common with count-based figures and
+        # few replicates): scipy's t is infinite and p = 0, which overstates the evidence.
+        "zero_variance": bool(n >= 2 and np.ptp(d) <= 1e-12 and abs(mean_diff) > 1e-12),
+    }
+
+
+def aggregate(
+    figures: Sequence[dict[str, dict[str, Any]]],
+    references: Sequence[str],
+    lower_is_better: Iterable[str] = (),
+    alpha: float = ALPHA,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Summaries and paired differences of ``figures`` (one ``{row: {metric: value}}`` per replicate).
+
+    Rows and metrics are taken in order of first appearance; a row missing from a replicate
+    counts as missing figures there. Returns (summary records, difference records), each record
+    naming its row (``features``), ``metric`` and, for differences, ``reference``; cells without
+    a single finite figure are left out.
+    """
+    lower = set(lower_is_better)
+    rows: list[str] = []
+    metrics: dict[str, None] = {}
+    for rep in figures:
+        for row, vals in rep.items():
+            if row not in rows:
+                rows.append(row)
+            metrics.update(dict.fromkeys(vals))
+
+    def series(row: str, metric: str) -> list[Any]:
+        return [rep.get(row, {}).get(metric) for rep in figures]
+
+    summary: list[dict[str, Any]] = []
+    for row in rows:
+        for metric in metrics:
+            s = summarise(series(row, metric))
+            if s["n"]:
+                summary.append(
+                    {"features": row, "metric": metric, "lower_is_better": metric in lower, **s}
+                )
+    diffs: list[dict[str, Any]] = []
+    for ref in references:
+        if ref not in rows:
+            continue
+        for row in rows:
+            if row == ref:
+                continue
+            for metric in metrics:
+                d = paired_difference(
+                    series(row, metric), series(ref, metric), metric in lower, alpha
+                )
+                if d["n"]:
+                    diffs.append(
+                        {
+                            "features": row,
+                            "reference": ref,
+                            "metric": metric,
+                            "lower_is_better": metric in lower,
+                            **d,
+                        }
+                    )
+    return summary, diffs

@@ -1,0 +1,785 @@
+"""A study: the demo's comparison repeated over seeds and held-out-batch folds, then aggregated.
+
+Every replicate is one demo run (cdcl.demo) with its own seed and/or fold, written to
+``OUT/replicates/seed<S>[_fold<F>]/`` (its own results.json, results.md and report.html). The
+study then summarises every figure of the demo's comparison tables across replicates (mean,
+standard deviation, 95% t-interval), pairs every row with the reference rows (default DINO) by
+replicate (difference, 95% CI, paired t-test), and gives a verdict per metric. Outputs:
+``study.json``, ``study.md`` and a self-contained ``report.html`` with forest plots.
+
+Caching: a finished replicate leaves ``replicate.json`` (the key it was run with) next to its
+results.json and is reused when the key matches; an unfinished one is rerun through the demo,
+which itself reuses the dataset and resumes the training runs. So a killed study continues
+where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cdcl.data.dataset_dir import atomic_write_text, open_dataset
+from cdcl.data.splits import assign_split
+from cdcl.demo import (
+    BBBC021_METHODS,
+    LOWER_IS_BETTER,
+    METHODS,
+    DemoSpec,
+    budget_overrides,
+    method_labels,
+    run_demo,
+)
+from cdcl.errors import CdclError
+from cdcl.evaluate import statistics as st
+from cdcl.evaluate.results import to_jsonable, versions
+
+VARIANTS = ("plate_normalized", "raw")
+VARIANT_TITLES = {
+    "plate_normalized": "profiles standardised per plate against controls",
+    "raw": "raw profiles",
+}
+PRIMARY_VARIANT = "plate_normalized"
+HEADLINE_METHOD = "CDCL"
+DEFAULT_REFERENCES = ("DINO", "DINO+harmony")
+# The metrics named in the README before any study was run ("what 'CDCL is better' means").
+PRIMARY_METRICS = ("treatment acc (logistic)", "NSCB", "replicate mAP (other batch)")
+# Per-treatment mixing columns (kBET / iLISI computed within treatment) count as primary too,
+# whatever their exact label.
+_PER_TREATMENT_MIXING = re.compile(r"(kbet|ilisi).*(treat|within)|(treat|within).*(kbet|ilisi)")
+TRANSDUCTIVE_NOTE = (
+    "Rows ending in +harmony or +combat are corrected by a model fitted on the evaluated profiles "
+    "themselves (all of them, held-out batches included, with their batch labels): they are "
+    "transductive, unlike CDCL, which never sees the held-out batches."
+)
+ZERO_VARIANCE_NOTE = (
+    "† the same difference in every replicate: the t statistic is infinite and p = 0 by "
+    "scipy's convention, which overstates the evidence; more replicates are needed."
+)
+SYMBOL = {st.BETTER: "▲", st.WORSE: "▼", st.NO_DIFFERENCE: "·", st.TOO_FEW: "?"}
+
+
+def is_primary(metric: str) -> bool:
+    """Whether ``metric`` is one of the pre-declared metrics of the README's 'Studies' section."""
+    return metric in PRIMARY_METRICS or bool(_PER_TREATMENT_MIXING.search(metric.lower()))
+
+
+@dataclass
+class StudySpec:
+    """What one study runs."""
+
+    out: Path
+    dataset: str = "synthetic"
+    methods: tuple[str, ...] | None = None  # None: every method of the dataset
+    seeds: tuple[int, ...] = (0, 1, 2)
+    folds: tuple[int, ...] | None = None  # None: the dataset's stored split
+    references: tuple[str, ...] = DEFAULT_REFERENCES
+    epochs: int | None = None
+    quick: bool = False
+    fresh: bool = False
+    bbbc021_dir: Path | None = None
+    progress: bool = True
+    alpha: float = st.ALPHA
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """One seed and one fold (None: the stored split)."""
+
+    seed: int
+    fold: int | None
+
+    @property
+    def name(self) -> str:
+        """The replicate's directory name, e.g. ``seed0_fold2``."""
+        return f"seed{self.seed}" + (f"_fold{self.fold}" if self.fold is not None else "")
+
+
+def parse_ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``"0,1,2"`` -> (0, 1, 2); None or empty -> None; CdclError naming the option otherwise."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise CdclError(f"{option} {text}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(set(values)) != len(values):
+        raise CdclError(f"{option} {text}: a value is repeated")
+    return values
+
+
+def replicates(spec: StudySpec) -> list[Replicate]:
+    """Every (seed, fold) of the study, seeds outermost."""
+    folds: tuple[int | None, ...] = spec.folds or (None,)
+    return [Replicate(s, f) for s in spec.seeds for f in folds]
+
+
+def check_spec(spec: StudySpec) -> list[str]:
+    """Validate the options before anything runs; returns the method labels."""
+    if spec.dataset not in ("synthetic", "bbbc021"):
+        raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
+    if not spec.seeds:
+        raise CdclError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if spec.folds is not None and any(f < 1 for f in spec.folds):
+        folds = ",".join(map(str, spec.folds))
+        raise CdclError(f"--folds {folds}: folds are numbered from 1")
+    labels = method_labels(_demo_spec(spec, Replicate(spec.seeds[0], None)))
+    if not spec.references:
+        raise CdclError("--reference: name at least one row, e.g. --reference DINO")
+    known = set(METHODS) | set(BBBC021_METHODS)
+    first = spec.references[0]
+    if first in known and first not in labels:
+        raise CdclError(
+            f"--reference {first}: not among --methods {','.join(labels)}; add it or pick another"
+        )
+    return labels
+
+
+def data_dir(spec: StudySpec, rep: Replicate) -> Path:
+    """The dataset a replicate uses: one per screen seed (synthetic) or one for all (BBBC021)."""
+    if spec.dataset == "synthetic":
+        return spec.out / "data" / f"{'tiny' if spec.quick else 'small'}-seed{rep.seed}"
+    return spec.out / "data" / "bbbc021"
+
+
+def _demo_spec(spec: StudySpec, rep: Replicate) -> DemoSpec:
+    return DemoSpec(
+        out=spec.out / "replicates" / rep.name,
+        dataset=spec.dataset,
+        quick=spec.quick,
+        seed=rep.seed,
+        epochs=spec.epochs,
+        split=rep.fold,
+        methods=spec.methods,
+        data_dir=data_dir(spec, rep),
+        bbbc021_dir=spec.bbbc021_dir,
+        progress=spec.progress,
+    )
+
+
+def replicate_key(spec: StudySpec, rep: Replicate) -> dict[str, Any]:
+    """Everything a replicate's figures depend on; a finished replicate is reused when it matches."""
+    demo = _demo_spec(spec, rep)
+    return {
+        "dataset": spec.dataset,
+        "quick": spec.quick,
+        "seed": rep.seed,
+        "fold": rep.fold,
+        "methods": method_labels(demo),
+        "budget": budget_overrides(demo),
+        "data": str(demo.data_dir.resolve()) if demo.data_dir else None,
+        "bbbc021_dir": str(Path(spec.bbbc021_dir).resolve()) if spec.bbbc021_dir else None,
+    }
+
+
+KEY_FILE = "replicate.json"
+
+
+def held_out_batches(spec: StudySpec, rep: Replicate) -> list[str]:
+    """The batches a replicate evaluates on (its test part)."""
+    ds = open_dataset(data_dir(spec, rep))
+    split = assign_split(ds.samples, ds.info.source, rep.fold)
+    return sorted(ds.samples.loc[(split == "test").to_numpy(), "batch"].astype(str).unique())
+
+
+def run_replicate(spec: StudySpec, rep: Replicate) -> tuple[dict[str, Any], bool]:
+    """The replicate's results.json content, reused when finished with the same key, else run."""
+    demo = _demo_spec(spec, rep)
+    key = replicate_key(spec, rep)
+    key_file, results_file = demo.out / KEY_FILE, demo.out / "results.json"
+    if key_file.is_file() and results_file.is_file():
+        try:
+            if json.loads(key_file.read_text()) == key:
+                return json.loads(results_file.read_text()), True
+        except json.JSONDecodeError:
+            pass  # a damaged key file: run the replicate again
+    key_file.unlink(missing_ok=True)
+    run_demo(demo)
+    # The key is written last: its presence says the replicate's results are complete.
+    atomic_write_text(key_file, json.dumps(key, indent=2))
+    return json.loads(results_file.read_text()), False
+
+
+def replicate_figures(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{variant: {row: {metric: value}}}`` from a demo's results.json tables."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, records in results.get("tables", {}).items():
+        out[variant] = {
+            str(r["features"]): {k: v for k, v in r.items() if k != "features"} for r in records
+        }
+    return out
+
+
+def aggregate_study(
+    figures: list[dict[str, dict[str, dict[str, Any]]]],
+    references: tuple[str, ...],
+    alpha: float = st.ALPHA,
+    lower_is_better: set[str] | frozenset[str] = frozenset(LOWER_IS_BETTER),
+) -> dict[str, Any]:
+    """Summaries, differences and verdicts per profile variant, plus the headline verdicts."""
+    variants = [v for v in VARIANTS if any(v in f for f in figures)]
+    variants += sorted({v for f in figures for v in f} - set(variants))
+    summary: list[dict[str, Any]] = []
+    diffs: list[dict[str, Any]] = []
+    for variant in variants:
+        s, d = st.aggregate(
+            [f.get(variant, {}) for f in figures], references, lower_is_better, alpha
+        )
+        summary += [{"variant": variant, **r} for r in s]
+        diffs += [{"variant": variant, **r} for r in d]
+    rows = {r["features"] for r in summary}
+    return {
+        "summary": summary,
+        "differences": diffs,
+        "references_present": [r for r in references if r in rows],
+        "references_missing": [r for r in references if r not in rows],
+        "headline": headline(diffs, references, alpha),
+    }
+
+
+def headline(
+    diffs: list[dict[str, Any]], references: tuple[str, ...], alpha: float = st.ALPHA
+) -> list[dict[str, Any]]:
+    """CDCL against each reference on the pre-declared metrics, with the README's overall rule.
+
+    Overall: ``better`` when at least one pre-declared metric is better and none worse, ``worse``
+    in the mirror case, ``mixed`` when some are better and some worse, else ``no detectable
+    difference``.
+    """
+    out = []
+    for ref in references:
+        rows = [
+            d
+            for d in diffs
+            if d["variant"] == PRIMARY_VARIANT
+            and d["features"] == HEADLINE_METHOD
+            and d["reference"] == ref
+            and is_primary(d["metric"])
+        ]
+        if not rows:
+            continue
+        verdicts = [d["verdict"] for d in rows]
+        better, worse = st.BETTER in verdicts, st.WORSE in verdicts
+        overall = (
+            "mixed"
+            if better and worse
+            else st.BETTER
+            if better
+            else st.WORSE
+            if worse
+            else st.NO_DIFFERENCE
+        )
+        out.append(
+            {
+                "method": HEADLINE_METHOD,
+                "reference": ref,
+                "variant": PRIMARY_VARIANT,
+                "alpha": alpha,
+                "metrics": {d["metric"]: d["verdict"] for d in rows},
+                "overall": overall,
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _num(v: Any, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:+.3f}" if signed else f"{v:.3f}"
+
+
+def _mean_ci(r: dict[str, Any], n_total: int) -> str:
+    if r["n"] < 2:
+        text = _num(r["mean"])
+    else:
+        text = f"{_num(r['mean'])} ± {(r['ci_high'] - r['ci_low']) / 2:.3f}"
+    return text + (f" (n={r['n']})" if r["n"] != n_total else "")
+
+
+def _p(p: Any) -> str:
+    if p is None or (isinstance(p, float) and not math.isfinite(p)):
+        return "–"
+    return f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def _diff_cell(d: dict[str, Any]) -> str:
+    mark = "†" if d.get("zero_variance") else ""
+    return f"{_num(d['mean_diff'], True)} {SYMBOL[d['verdict']]} (p {_p(d['p'])}{mark})"
+
+
+def _ci(d: dict[str, Any]) -> str:
+    return f"[{_num(d['ci_low'], True)}, {_num(d['ci_high'], True)}]"
+
+
+def _metric_label(metric: str) -> str:
+    return metric + (" ↓" if metric in LOWER_IS_BETTER else "")
+
+
+def summary_frame(summary: list[dict[str, Any]], variant: str, n_total: int) -> pd.DataFrame:
+    """Rows: feature sets; columns: metrics; cells: mean ± CI half-width."""
+    recs = [r for r in summary if r["variant"] == variant]
+    rows = list(dict.fromkeys(r["features"] for r in recs))
+    cols = list(dict.fromkeys(r["metric"] for r in recs))
+    df = pd.DataFrame("–", index=pd.Index(rows, name="features"), columns=cols)
+    for r in recs:
+        df.loc[r["features"], r["metric"]] = _mean_ci(r, n_total)
+    return df.rename(columns=_metric_label)
+
+
+def _headline_first(rows: list[str]) -> list[str]:
+    return sorted(rows, key=lambda r: r != HEADLINE_METHOD)
+
+
+def metric_order(summary: list[dict[str, Any]], variant: str) -> list[str]:
+    """The metrics of one variant in table order (first appearance in the summary)."""
+    return list(dict.fromkeys(r["metric"] for r in summary if r["variant"] == variant))
+
+
+def difference_frame(
+    diffs: list[dict[str, Any]], variant: str, reference: str, metric_order: list[str]
+) -> pd.DataFrame:
+    """Rows: feature sets; columns: metrics; cells: difference from the reference, verdict, p."""
+    recs = [d for d in diffs if d["variant"] == variant and d["reference"] == reference]
+    rows = _headline_first(list(dict.fromkeys(d["features"] for d in recs)))
+    cols = [m for m in metric_order if any(d["metric"] == m for d in recs)]
+    df = pd.DataFrame("–", index=pd.Index(rows, name=f"− {reference}"), columns=cols)
+    for d in recs:
+        df.loc[d["features"], d["metric"]] = _diff_cell(d)
+    return df.rename(columns=_metric_label)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join([df.index.name or "", *map(str, df.columns)]) + " |"
+    sep = "|" + "---|" * (len(df.columns) + 1)
+    body = ["| " + " | ".join([str(i), *map(str, r)]) + " |" for i, r in df.iterrows()]
+    return "\n".join([head, sep, *body])
+
+
+def headline_rows(agg: dict[str, Any], reference: str, n_total: int) -> list[list[str]]:
+    """Rows of the headline table: metric, CDCL, reference, difference, CI, n, p, verdict."""
+    means = {
+        (r["features"], r["metric"]): r for r in agg["summary"] if r["variant"] == PRIMARY_VARIANT
+    }
+    out = []
+    for d in agg["differences"]:
+        if (
+            d["variant"] != PRIMARY_VARIANT
+            or d["features"] != HEADLINE_METHOD
+            or d["reference"] != reference
+            or not is_primary(d["metric"])
+        ):
+            continue
+        m, r = means.get((HEADLINE_METHOD, d["metric"])), means.get((reference, d["metric"]))
+        out.append(
+            [
+                _metric_label(d["metric"]),
+                _mean_ci(m, n_total) if m else "–",
+                _mean_ci(r, n_total) if r else "–",
+                _num(d["mean_diff"], True),
+                _ci(d),
+                str(d["n"]),
+                _p(d["p"]) + ("†" if d.get("zero_variance") else ""),
+                d["verdict"],
+            ]
+        )
+    return out
+
+
+HEADLINE_COLUMNS = [
+    "metric",
+    HEADLINE_METHOD,
+    "reference",
+    "difference",
+    "95% CI",
+    "n",
+    "p",
+    "verdict",
+]
+
+
+def _notes(study: dict[str, Any]) -> list[str]:
+    notes = []
+    rows = {r["features"] for r in study["summary"]}
+    if any(("+harmony" in r or "+combat" in r) for r in rows):
+        notes.append(TRANSDUCTIVE_NOTE)
+    missing = study["references_missing"]
+    if missing:
+        notes.append(
+            f"Reference rows not present in these results, left out: {', '.join(missing)}."
+        )
+    if any(d.get("zero_variance") for d in study["differences"]):
+        notes.append(ZERO_VARIANCE_NOTE)
+    if len(study["replicates"]) < 2:
+        notes.append("One replicate only: no interval or test can be computed.")
+    return notes
+
+
+def _held_out_line(study: dict[str, Any]) -> str:
+    parts = [
+        f"{r['name']} ({', '.join(r['held_out'])})"
+        for r in study["replicates"]
+        if r.get("held_out")
+    ]
+    return "Held-out batches: " + "; ".join(parts) + "." if parts else ""
+
+
+def write_markdown(study: dict[str, Any], path: Path) -> Path:
+    """study.md: what was run, the headline verdicts, means ± CI and differences per variant."""
+    cfg, n_total = study["config"], len(study["replicates"])
+    md = [
+        f"# cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}",
+        "",
+        f"{n_total} replicates ({', '.join(r['name'] for r in study['replicates'])}); "
+        f"methods {', '.join(cfg['methods'])}; {study['replicate_definition']}",
+        "",
+        _held_out_line(study),
+        "",
+        f"Intervals: {st.CI_METHOD}. Test: {st.PAIRED_TEST}, pairing replicates by seed and "
+        f"fold; α = {cfg['alpha']}. Verdict per metric: better / worse / no detectable "
+        "difference (direction-aware: ↓ marks lower-is-better metrics). "
+        f"{st.WILCOXON_TEST} in study.json.",
+        "",
+        *(f"> {n}\n" for n in study["notes"]),
+    ]
+    for ref in study["references_present"]:
+        rows = headline_rows(study, ref, n_total)
+        if not rows:
+            continue
+        h = next((x for x in study["headline"] if x["reference"] == ref), None)
+        md += [
+            f"## {HEADLINE_METHOD} vs {ref} on the pre-declared metrics "
+            f"({VARIANT_TITLES[PRIMARY_VARIANT]})",
+            "",
+            "| " + " | ".join(HEADLINE_COLUMNS).replace("reference", ref) + " |",
+            "|" + "---|" * len(HEADLINE_COLUMNS),
+            *("| " + " | ".join(r) + " |" for r in rows),
+            "",
+            f"Overall (rule of the README's 'Studies' section): **{h['overall'] if h else '–'}**.",
+            "",
+        ]
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
+        title = VARIANT_TITLES.get(variant, variant)
+        md += [
+            f"## Mean ± 95% CI half-width, {title}",
+            "",
+            _md_table(summary_frame(study["summary"], variant, n_total)),
+            "",
+        ]
+        for ref in study["references_present"]:
+            md += [
+                f"## Difference from {ref}, {title}",
+                "",
+                "Cell: mean paired difference (row − reference), ▲ better / ▼ worse / · no "
+                "detectable difference, paired t-test p († see the notes above).",
+                "",
+                _md_table(
+                    difference_frame(
+                        study["differences"], variant, ref, metric_order(study["summary"], variant)
+                    )
+                ),
+                "",
+            ]
+    md += [
+        "## Time",
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study["timings_s"].items()),
+        "",
+    ]
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+def forest_plot(
+    diffs: list[dict[str, Any]], variant: str, reference: str, path: Path
+) -> Path | None:
+    """Difference from the reference per metric with its 95% CI, one panel per feature set."""
+    from cdcl.evaluate.report import _plt, _save
+
+    recs = [d for d in diffs if d["variant"] == variant and d["reference"] == reference]
+    rows = _headline_first(list(dict.fromkeys(d["features"] for d in recs)))
+    metrics = list(dict.fromkeys(d["metric"] for d in recs))
+    if not rows:
+        return None
+    plt = _plt()
+    ncols = min(3, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(4.2 * ncols, 0.32 * len(metrics) * nrows + 0.9 * nrows),
+        squeeze=False,
+        sharey=True,
+    )
+    colour = {st.BETTER: "tab:green", st.WORSE: "tab:red"}
+    y_of = {m: len(metrics) - 1 - i for i, m in enumerate(metrics)}
+    for ax, row in zip(axes.flat, rows):
+        for d in (d for d in recs if d["features"] == row):
+            y, x = y_of[d["metric"]], d["mean_diff"]
+            c = colour.get(d["verdict"], "0.35")
+            if all(isinstance(v, float) and math.isfinite(v) for v in (d["ci_low"], d["ci_high"])):
+                ax.plot([d["ci_low"], d["ci_high"]], [y, y], color=c, lw=1.6)
+            ax.plot([x], [y], "o", color=c, ms=4)
+        ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
+        ax.set_title(f"{row} − {reference}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks(range(len(metrics)))
+        ax.set_yticklabels([_metric_label(m) for m in reversed(metrics)], fontsize=7)
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"{VARIANT_TITLES.get(variant, variant)}: difference from {reference}, 95% CI "
+        "(green better, red worse, grey no detectable difference)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Path | None]) -> Path:
+    """The self-contained report.html: headline, forest plots, tables, replicates, times."""
+    from cdcl.evaluate.report import _img, write_html
+
+    cfg, n_total = study["config"], len(study["replicates"])
+
+    def table(df: pd.DataFrame) -> str:
+        return df.to_html(escape=True, border=0)
+
+    intro = (
+        f"<p>{n_total} replicates ({html.escape(', '.join(r['name'] for r in study['replicates']))}"
+        f"); {html.escape(study['replicate_definition'])}</p>"
+        f"<p>{html.escape(_held_out_line(study))}</p><p>Intervals: "
+        f"{html.escape(st.CI_METHOD)}. Test: {html.escape(st.PAIRED_TEST)}; α = {cfg['alpha']}."
+        "</p>" + "".join(f"<p><b>Note.</b> {html.escape(n)}</p>" for n in study["notes"])
+    )
+    sections: list[tuple[str, str]] = [("Study", intro)]
+    for ref in study["references_present"]:
+        rows = headline_rows(study, ref, n_total)
+        if rows:
+            h = next((x for x in study["headline"] if x["reference"] == ref), None)
+            cols = [c if c != "reference" else ref for c in HEADLINE_COLUMNS]
+            sections.append(
+                (
+                    f"{HEADLINE_METHOD} vs {ref}: pre-declared metrics",
+                    table(pd.DataFrame(rows, columns=cols).set_index("metric"))
+                    + f"<p>Overall: <b>{html.escape(h['overall'] if h else '–')}</b></p>",
+                )
+            )
+    for key, pic in pictures.items():
+        sections.append((f"Forest plot: {key}", _img(pic, key)))
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
+        title = VARIANT_TITLES.get(variant, variant)
+        sections.append(
+            (
+                f"Mean ± 95% CI half-width, {title}",
+                table(summary_frame(study["summary"], variant, n_total)),
+            )
+        )
+        for ref in study["references_present"]:
+            sections.append(
+                (
+                    f"Difference from {ref}, {title}",
+                    table(
+                        difference_frame(
+                            study["differences"],
+                            variant,
+                            ref,
+                            metric_order(study["summary"], variant),
+                        )
+                    ),
+                )
+            )
+    sections.append(
+        (
+            "Replicates",
+            "<ul>"
+            + "".join(
+                f'<li><a href="replicates/{html.escape(r["name"])}/report.html">'
+                f"{html.escape(r['name'])}</a>{' (reused)' if r.get('reused') else ''}</li>"
+                for r in study["replicates"]
+            )
+            + "</ul>",
+        )
+    )
+    sections.append(
+        (
+            "Timings",
+            "<p>"
+            + ", ".join(f"{html.escape(k)}: {v:.1f} s" for k, v in study["timings_s"].items())
+            + "</p>",
+        )
+    )
+    title = f"cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}"
+    return write_html(path, title, sections)
+
+
+# ---------------------------------------------------------------- the study
+
+
+class _Stage:
+    """Times one study stage and prints when it starts and ends."""
+
+    def __init__(self, spec: StudySpec, name: str) -> None:
+        self.spec, self.name = spec, name
+
+    def __enter__(self) -> _Stage:
+        print(f"=== {self.name}", flush=True)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        dt = time.perf_counter() - self.t0
+        self.spec.timings[self.name] = round(dt, 2)
+        if exc[0] is None:
+            print(f"    {self.name}: {dt:.1f} s", flush=True)
+
+
+def _replicate_definition(spec: StudySpec) -> str:
+    what = (
+        "a replicate is a screen seed and training seed together (the simulated screen is "
+        "regenerated per seed)"
+        if spec.dataset == "synthetic"
+        else "a replicate is a training seed"
+    )
+    folds = (
+        f" and a held-out-batch fold ({', '.join(map(str, spec.folds))})"
+        if spec.folds
+        else ", on the dataset's stored held-out batches"
+    )
+    return what + folds + "."
+
+
+def run_study(spec: StudySpec) -> dict[str, Any]:
+    """Run (or reuse) every replicate, aggregate, write study.json, study.md and report.html."""
+    labels = check_spec(spec)
+    if spec.fresh:
+        for sub in ("replicates", "data"):
+            shutil.rmtree(spec.out / sub, ignore_errors=True)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    reps = replicates(spec)
+    records: list[dict[str, Any]] = []
+    figures: list[dict[str, dict[str, dict[str, Any]]]] = []
+    for i, rep in enumerate(reps, 1):
+        with _Stage(spec, f"replicate {rep.name} ({i}/{len(reps)})"):
+            results, reused = run_replicate(spec, rep)
+            if reused:
+                print(f"    reused replicates/{rep.name}/results.json", flush=True)
+        figures.append(replicate_figures(results))
+        records.append(
+            {
+                "name": rep.name,
+                "seed": rep.seed,
+                "fold": rep.fold,
+                "dir": f"replicates/{rep.name}",
+                "held_out": held_out_batches(spec, rep),
+                "reused": reused,
+                "timings_s": results.get("timings_s", {}),
+                "training": {
+                    m: {k: t.get(k) for k in ("epoch", "step", "images_per_s", "wall_s")}
+                    for m, t in results.get("training", {}).items()
+                },
+                "tables": results.get("tables", {}),
+            }
+        )
+    return finish_study(spec, labels, records, figures)
+
+
+def finish_study(
+    spec: StudySpec,
+    labels: list[str],
+    records: list[dict[str, Any]],
+    figures: list[dict[str, dict[str, dict[str, Any]]]],
+) -> dict[str, Any]:
+    """Aggregate the replicates' figures and write study.json, study.md and report.html."""
+    reps = [Replicate(r["seed"], r["fold"]) for r in records]
+    spec.out.mkdir(parents=True, exist_ok=True)
+    with _Stage(spec, "aggregate"):
+        agg = aggregate_study(figures, spec.references, spec.alpha)
+    first = _demo_spec(spec, reps[0])
+    study: dict[str, Any] = {
+        "kind": "study",
+        "config": {
+            "dataset": spec.dataset,
+            "quick": spec.quick,
+            "methods": labels,
+            "seeds": list(spec.seeds),
+            "folds": list(spec.folds) if spec.folds else None,
+            "references": list(spec.references),
+            "epochs": spec.epochs,
+            "budget": budget_overrides(first),
+            "alpha": spec.alpha,
+        },
+        "replicate_definition": _replicate_definition(spec),
+        "test": {
+            "paired": st.PAIRED_TEST,
+            "ci": st.CI_METHOD,
+            "wilcoxon": st.WILCOXON_TEST,
+            "alpha": spec.alpha,
+            "difference": "row − reference, per replicate, complete pairs only",
+            "lower_is_better": sorted(LOWER_IS_BETTER),
+            "primary_variant": PRIMARY_VARIANT,
+            "primary_metrics": sorted(
+                {d["metric"] for d in agg["differences"] if is_primary(d["metric"])}
+            ),
+        },
+        "replicates": records,
+        **agg,
+        "timings_s": spec.timings,
+        "versions": versions(),
+    }
+    study["notes"] = _notes(study)
+    with _Stage(spec, "report"):
+        pictures: dict[str, Path | None] = {}
+        ref = agg["references_present"][0] if agg["references_present"] else None
+        if ref is not None:
+            for variant in VARIANTS:
+                pictures[f"{VARIANT_TITLES[variant]} vs {ref}"] = forest_plot(
+                    agg["differences"], variant, ref, spec.out / f"forest_{variant}.png"
+                )
+        _write_json(study, spec.out / "study.json")
+        write_markdown(study, spec.out / "study.md")
+        write_html_report(study, spec.out / "report.html", pictures)
+    # Record the report stage's own time once it has ended.
+    study["timings_s"] = dict(spec.timings)
+    _write_json(study, spec.out / "study.json")
+    return {
+        "study": study,
+        "paths": {
+            "json": spec.out / "study.json",
+            "md": spec.out / "study.md",
+            "html": spec.out / "report.html",
+        },
+    }
+
+
+def _write_json(study: dict[str, Any], path: Path) -> None:
+    atomic_write_text(path, json.dumps(to_jsonable(study), indent=2, allow_nan=False) + "\n")
+
+
+def headline_text(study: dict[str, Any]) -> str:
+    """The headline tables as plain text for the terminal."""
+    n_total = len(study["replicates"])
+    parts = []
+    for ref in study["references_present"]:
+        rows = headline_rows(study, ref, n_total)
+        if not rows:
+            continue
+        h = next((x for x in study["headline"] if x["reference"] == ref), None)
+        cols = [c if c != "reference" else ref for c in HEADLINE_COLUMNS]
+        df = pd.DataFrame(rows, columns=cols).set_index("metric")
+        parts.append(
+            f"{HEADLINE_METHOD} vs {ref} ({VARIANT_TITLES[PRIMARY_VARIANT]}):\n"
+            f"{df.to_string()}\noverall: {h['overall'] if h else '–'}"
+        )
+    return "\n\n".join(parts) if parts else "(no headline: CDCL or the reference is missing)"
