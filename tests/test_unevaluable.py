@@ -51,7 +51,8 @@ def _lines(text: str) -> list[str]:
 def write_dmso_first_screen(out: Path) -> Path:
     """3 batches of one plate; b0 holds only DMSO, b1 and b2 four treatments + DMSO (60 images).
 
-    The generic fold 1 holds out b0 (nothing to score), fold 2 holds out b1.
+    The stored split holds out b0 (nothing to score), as a hand-made `--split-col` would;
+    numbered folds pair a treated batch with the DMSO-only one and can be scored.
     """
     rows = []
     for b in range(3):
@@ -69,6 +70,7 @@ def write_dmso_first_screen(out: Path) -> Path:
                             "compound": t,
                             "moa": {"DMSO": "control", "t0": "m0", "t1": "m0"}.get(t, "m1"),
                             "is_control": t == "DMSO",
+                            "split": "test" if b == 0 else "train",
                         }
                     )
     samples = pd.DataFrame(rows)
@@ -105,7 +107,7 @@ def test_info_warns_that_the_default_split_holds_out_only_controls(tmp_path: Pat
     warning = _lines(proc.stderr)
     assert len(warning) == 1 and warning[0].startswith("cdcl info: warning:")
     assert "b0" in warning[0] and "only controls" in warning[0]
-    assert "--split 2" in warning[0] and "--split-col" in warning[0]
+    assert "--split 1 (holds out b0, b1)" in warning[0] and "--split-col" in warning[0]
 
 
 def test_train_warns_before_training_and_fits_the_batch(trained: tuple) -> None:
@@ -113,7 +115,7 @@ def test_train_warns_before_training_and_fits_the_batch(trained: tuple) -> None:
     lines = _lines(proc.stderr)
     start = next(i for i, ln in enumerate(lines) if ln.startswith("cdcl train: cdcl on"))
     before = lines[:start]
-    assert any("warning:" in ln and "only controls" in ln and "--split 2" in ln for ln in before)
+    assert any("warning:" in ln and "only controls" in ln and "--split 1" in ln for ln in before)
     # 40 training images, preset batch 64: a batch of 16 (2 steps per epoch) and one notice.
     notice = [ln for ln in before if "notice:" in ln]
     assert len(notice) == 1 and "train.batch_size=16" in notice[0], proc.stderr
