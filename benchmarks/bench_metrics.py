@@ -418,6 +418,8 @@ def worker(args: argparse.Namespace) -> int:
             ok = _reset_peak()
             resets &= ok
             rss0 = _status_kib("VmRSS")
+            c = time.process_time()
+            load = os.getloadavg()[0]
             t = time.perf_counter()
             try:
                 value = fns[name]()
@@ -425,9 +427,12 @@ def worker(args: argparse.Namespace) -> int:
             except Exception as e:  # one failing metric must not lose the others
                 value, err = None, f"{type(e).__name__}: {e}"
             dt = time.perf_counter() - t
+            cpu = time.process_time() - c
             hwm = _status_kib("VmHWM") if ok else None
             measured[name] = dt
             rec: dict[str, Any] = {"kind": "metric", "name": name, "seconds": dt}
+            rec["cpu_s"] = cpu  # CPU time of all the process' threads: robust to a busy host
+            rec["load"] = load
             rec["value"] = None if value is None else float(value)
             if hwm is not None and rss0 is not None:
                 rec["peak_rss_mib"] = hwm / 1024
@@ -499,7 +504,8 @@ def _progress(n: int, rec: dict[str, Any]) -> None:
         est = rec.get("estimate_s")
         msg = f"skipped ({rec['skipped']}" + (f", ~{est:.0f} s est.)" if est else ")")
     else:
-        msg = f"{rec['seconds']:.2f} s, +{rec.get('extra_mib', float('nan')):.0f} MiB"
+        msg = f"{rec['seconds']:.2f} s (cpu {rec.get('cpu_s', float('nan')):.2f} s)"
+        msg += f", +{rec.get('extra_mib', float('nan')):.0f} MiB, load {rec.get('load', 0):.1f}"
     print(f"  n={n:>7}  {rec['name']:<32} {msg}", file=sys.stderr, flush=True)
 
 
@@ -525,7 +531,7 @@ def _fmt_time(rec: dict[str, Any] | None, est: float | None) -> str:
         return f"skip (~{e:.0f} s est.)" if e else f"skip ({rec['skipped']})"
     if "error" in rec:
         return "error"
-    return f"{rec['seconds']:.2f}"
+    return f"{rec['seconds']:.1f} (cpu {rec.get('cpu_s', float('nan')):.1f})"
 
 
 def _fmt_mem(rec: dict[str, Any] | None) -> str:
@@ -583,6 +589,11 @@ def report(
             txt += f" (+{unknown} unknown)" if unknown else ""
             line += f"{txt:>30}"
         print(line)
+    line = f"{'  the same, CPU seconds':<32}"
+    for r in results:
+        cpu = sum(r["metrics"][m].get("cpu_s", 0.0) for m in SUITE if m in r["metrics"])
+        line += f"{cpu:>30.1f}"
+    print(line)
     line = f"{'evaluate_features, both variants':<32}"
     for r in results:
         rec = r["metrics"].get("evaluate_features")
@@ -649,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sil-sample", type=int, default=2000, help="silhouette query sample")
     ap.add_argument("--size-budget-s", type=float, default=3600.0, help="per-size time budget")
     ap.add_argument("--metric-cap-s", type=float, default=1200.0, help="skip above this est.")
-    ap.add_argument("--no-refs", action="store_true", help="skip sklearn / copairs")
+    ap.add_argument("--no-refs", action="store_true", help="skip sklearn / copairs (not faiss)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -681,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         plan = plan_for(n, history, models)
         if args.no_refs:
-            plan = {k: v for k, v in plan.items() if not k.startswith("ref_")}
+            plan = {k: v for k, v in plan.items() if not k.startswith("ref_") or "faiss" in k}
         res = run_size(n, plan, args)
         results.append(res)
         for name, est in plan.items():
