@@ -225,3 +225,17 @@ def test_sampled_metrics_within_stated_error_at_1e4() -> None:
     est_m = M.replicate_map(x, meta, null_size=100, max_queries=2000)[0]
     assert est_m["n_queries"] < ex_m["n_queries"] and est_m["stderr"] > 0
     assert abs(est_m["map"] - ex_m["map"]) <= 3 * est_m["stderr"]
+
+
+def test_verbose_evaluation_prints_one_line_per_metric(capsys: pytest.CaptureFixture) -> None:
+    x, b, t = _confounded_design(2)
+    meta = pd.DataFrame(
+        {"plate": b, "well": np.arange(len(b)).astype(str), "batch": b, "treatment": t}
+    )
+    meta["is_control"] = meta["treatment"] == "t3"
+    evaluate_features(x, meta, variants=("raw",), null_size=100, name="toy", verbose=True)
+    err = capsys.readouterr().err
+    for metric in ("kBET + iLISI", "mixing per treatment", "silhouettes", "GRIT"):
+        assert f"toy raw {metric}:" in err
+    evaluate_features(x, meta, variants=("raw",), null_size=100, name="toy")  # small: quiet
+    assert "toy raw" not in capsys.readouterr().err

@@ -229,7 +229,7 @@ def _unsupervised(
         # against all rows (O(sample * n) instead of O(n^2)).
         kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
         kw["seed"] = seed
-        s: dict[str, Any] = {}
+        s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
         b = M.batch_silhouette_score(x, batch, **kw)
         s["batch_1_minus_abs"] = b["score"]
         s["batch"] = b["silhouette"]
