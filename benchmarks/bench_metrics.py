@@ -662,6 +662,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric-cap-s", type=float, default=1200.0, help="skip above this est.")
     ap.add_argument("--no-refs", action="store_true", help="skip sklearn / copairs (not faiss)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--skip", default="", help="comma-separated metric rows not to run")
+    ap.add_argument(
+        "--no-calibration", action="store_true", help="no 2,000-profile size for estimates"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -674,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 100:
         ap.error("--sizes: give sizes of at least 100 profiles")
-    if sizes[0] > CALIBRATION_N:
+    if sizes[0] > CALIBRATION_N and not args.no_calibration:
         sizes.insert(0, CALIBRATION_N)  # estimates need a size where everything runs
         print(f"(adding n={CALIBRATION_N} to calibrate the time estimates)", file=sys.stderr)
     test_frac = 1.0 / args.batches
@@ -691,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     results, plans = [], []
     for n in sizes:
         plan = plan_for(n, history, models)
+        for name in args.skip.split(","):
+            plan.pop(name.strip(), None)
         if args.no_refs:
             plan = {k: v for k, v in plan.items() if not k.startswith("ref_") or "faiss" in k}
         res = run_size(n, plan, args)

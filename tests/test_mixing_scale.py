@@ -239,3 +239,23 @@ def test_verbose_evaluation_prints_one_line_per_metric(capsys: pytest.CaptureFix
         assert f"toy raw {metric}:" in err
     evaluate_features(x, meta, variants=("raw",), null_size=100, name="toy")  # small: quiet
     assert "toy raw" not in capsys.readouterr().err
+
+
+def test_grit_control_sample_and_probe_training_cap() -> None:
+    rng = np.random.default_rng(6)
+    n = 600
+    treat = np.where(np.arange(n) % 6 == 0, "DMSO", (np.arange(n) % 10).astype(str))
+    x = rng.normal(size=(n, 12)).astype(np.float32)
+    codes = pd.factorize(treat)[0]
+    x += 1.5 * rng.normal(size=(codes.max() + 1, 12)).astype(np.float32)[codes]
+    meta = pd.DataFrame({"treatment": treat, "is_control": treat == "DMSO"})
+    exact = M.grit(x, meta)
+    same = M.grit(x, meta, max_controls=int((treat == "DMSO").sum()))
+    pd.testing.assert_frame_equal(exact, same)  # cap not reached: exact
+    part = M.grit(x, meta, max_controls=40)
+    # 40 of 100 controls: each z-score moves by about 1/sqrt(40) of a control sd.
+    assert np.abs(part["grit"] - exact["grit"]).max() < 1.0
+    assert not np.allclose(part["grit"], exact["grit"])
+    y = codes.astype(str)
+    r = M.logistic_probe_accuracy(x[:400], y[:400], x[400:], y[400:], max_train=120)
+    assert 110 <= r["n_train"] <= 130 and r["accuracy"] > 0.5
