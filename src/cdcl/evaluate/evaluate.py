@@ -42,7 +42,7 @@ SILHOUETTE_EXACT_MAX = EXACT_MAX  # profiles; above, silhouettes score a sample 
 SILHOUETTE_SAMPLE = QUERY_SAMPLE
 PROBE_MAX_TRAIN = 10_000  # logistic probe: stratified sample of training wells above this
 GRIT_MAX_CONTROLS = 2_000  # GRIT: control sample for each row's null mean/std
-MAP_NULL_BUDGET = 1 << 31  # random ranks drawn for mAP p-values; beyond, p-values are skipped
+MAP_NULL_BUDGET = 1 << 32  # random ranks drawn for mAP p-values; beyond, p-values are skipped
 RESULTS_VERSION = 1
 PROTOCOL = {
     "profiles": "well level: mean of the image embeddings over sites",
