@@ -597,7 +597,7 @@ def report(
     line = f"{'evaluate_features, both variants':<32}"
     for r in results:
         rec = r["metrics"].get("evaluate_features")
-        line += f"{_fmt_time(rec, None):>30}"
+        line += f"{_fmt_time(rec, None) if rec else 'not run':>30}"
     print(line)
     line = f"{'  its peak RSS (MiB)':<32}"
     for r in results:
