@@ -342,8 +342,8 @@ def _metric_fns(
         q = E.SILHOUETTE_SAMPLE if int(mask.sum()) > E.SILHOUETTE_EXACT_MAX else None
         return M.silhouette(x[mask], labels[mask], sample_size=q, seed=0)
 
-    nq = E._queries(len(x))
-    map_kw: dict[str, Any] = {"null_size": NULL_SIZE, "max_queries": nq}
+    map_kw: dict[str, Any] = {"null_size": NULL_SIZE}
+    map_kw["max_queries"] = None if len(x) <= E.EXACT_MAX else E.MAP_QUERY_SAMPLE
     map_kw["max_null_elems"] = E.MAP_NULL_BUDGET
     every = np.ones(len(x), bool)
     return {
