@@ -12,7 +12,7 @@ strong batch offset + plate offset + MoA/compound/dose effect + noise.
 
 "The suite" is the raw-profile half of ``cdcl.evaluate.evaluate.evaluate_features`` called
 metric by metric with the arguments it uses (its caps: every row a query up to 10,000 rows,
-above that 2,000 seeded queries scored against all rows): logistic probe (at most 20,000
+above that 2,000 seeded queries scored against all rows, 1,000 for silhouettes and mAP): logistic probe (at most 20,000
 stratified training wells) and weighted kNN (k=10) trained on all batches but the last and
 scored on the last one (controls excluded), and on all rows NSC/NSCB, the shared kNN graph
 with kBET + iLISI, the per-treatment mixing metrics (one graph per treatment: kBET, iLISI,
