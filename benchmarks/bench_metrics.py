@@ -11,15 +11,16 @@ number of replicates grows with n (the RxRx1 / JUMP-reference-plate shape). Feat
 strong batch offset + plate offset + MoA/compound/dose effect + noise.
 
 "The suite" is the raw-profile half of ``cdcl.evaluate.evaluate.evaluate_features`` called
-metric by metric with the arguments it uses: logistic probe and weighted kNN (k=10) trained
-on all batches but the last and scored on the last one (controls excluded), and on all rows
-NSC/NSCB, kBET (its default query sampling: all rows up to 10,000, else 10% but at least
-10,000) and kBET per treatment, silhouettes of batch / treatment / MoA labels, GRIT,
-replicate and MoA mAP (plain and batch-aware, null_size=2000) and the batch classifier (its
-default 20,000-row sample). ``evaluate_features`` scores silhouettes on every row (O(n^2));
-the sampled form (``sample_size=--sil-sample`` queries against all rows) is timed next to it.
-``evaluate_features`` runs all of this twice (raw and plate-normalised profiles), plus
-``plate_normalize``, which is timed as its own row.
+metric by metric with the arguments it uses (its caps: every row a query up to 10,000 rows,
+above that 2,000 seeded queries scored against all rows, 1,000 for silhouettes and mAP): logistic probe (at most 20,000
+stratified training wells) and weighted kNN (k=10) trained on all batches but the last and
+scored on the last one (controls excluded), and on all rows NSC/NSCB, the shared kNN graph
+with kBET + iLISI, the per-treatment mixing metrics (one graph per treatment: kBET, iLISI,
+batch silhouette, graph connectivity), silhouettes of batch / treatment / MoA labels, GRIT
+(at most 2,000 controls), replicate and MoA mAP (plain and batch-aware, null_size=2000,
+queries spread over groups) and the batch classifier (its 20,000-row sample). The row
+``evaluate_features`` times one whole call with both variants (raw and plate-normalised), i.e.
+every metric of results.json, with its own peak RSS.
 
 How. Each size runs in a fresh subprocess. Time = wall clock (``time.perf_counter``) of one
 call. Memory = peak resident set size (``VmHWM``): reset before each metric by writing 5 to
@@ -27,9 +28,10 @@ call. Memory = peak resident set size (``VmHWM``): reset before each metric by w
 the RSS before the call (the profiles themselves are already resident); the size's total is
 the largest of these peaks and the RSS after making the data (``ru_maxrss`` cannot serve:
 the reset lowers it too; it is the fallback where ``clear_refs`` is unavailable). References timed in the same subprocess on
-the same inputs: ``sklearn.metrics.silhouette_score`` (cosine, every row; and with its own
-``sample_size``, which subsamples both sides) and copairs' ``average_precision`` +
-``mean_average_precision`` (replicate and MoA recipes).
+the same inputs: faiss ``IndexFlatIP`` on unit rows against our blocked kNN search (same
+sampled test queries, training bank, k=10), ``sklearn.metrics.silhouette_score`` (cosine,
+every row) and copairs' ``average_precision`` + ``mean_average_precision`` (replicate and MoA
+recipes); references whose estimate exceeds the caps are skipped.
 
 Budgets. A metric is skipped at a size when its time, extrapolated from the previous size
 with its cost model (e.g. queries x rows for kNN), exceeds ``--metric-cap-s`` or what is left
@@ -132,8 +134,9 @@ def make_screen(
 # --------------------------------------------------------------------------------------
 
 
-def _kbet_queries(n: int) -> int:
-    return n if n <= 10000 else max(10000, math.ceil(0.1 * n))
+def _queries(n: int) -> int:
+    # evaluate_features: every row a query up to EXACT_MAX rows, else QUERY_SAMPLE.
+    return n if n <= 10_000 else 2_000
 
 
 def cost_models(sil_sample: int, test_frac: float) -> dict[str, Callable[[int], float]]:
@@ -149,86 +152,68 @@ def cost_models(sil_sample: int, test_frac: float) -> dict[str, Callable[[int], 
         return float(n) * n * math.log(n)
 
     def sampled(n: int) -> float:
-        return float(min(sil_sample, n)) * n
+        return float(_queries(n)) * n
 
     return {
         "plate_normalize": lin,
-        "logistic_probe": lin,  # rows x classes x iterations, classes fixed
-        "weighted_knn": lambda n: test_frac * n * n,  # test queries x training rows
-        "nsc_nscb": lin,  # treatment and (treatment, batch) profiles: a fixed number
-        "kbet": lambda n: float(_kbet_queries(n)) * n,
-        "kbet_per_treatment": sq,  # treatments fixed: (n / T)^2 per treatment
-        "silhouette_batch_sampled": sampled,
-        "silhouette_treatment_sampled": sampled,
-        "silhouette_moa_sampled": sampled,
-        "silhouette_batch_full": sq,
-        "silhouette_treatment_full": sq,
-        "silhouette_moa_full": sq,
-        "grit": sq,  # every treated row against every control
-        "replicate_map": sq,
-        "replicate_map_batch_aware": sq,
-        "moa_map": sqlog,  # ~n^2 pairs, sorted
-        "moa_map_batch_aware": sqlog,
+        "logistic_probe": lambda n: float(min(n, 20000)),  # stratified training cap
+        "weighted_knn": lambda n: float(_queries(int(test_frac * n))) * n,
+        "knn_search_ours": lambda n: float(_queries(int(test_frac * n))) * n,
+        "nsc_nscb": lin,
+        "kbet_ilisi_graph": sampled,
+        "mixing_per_treatment": lin,  # sum of squared treatment sizes, treatments fixed ~ n
+        "silhouette_batch": sampled,
+        "silhouette_treatment": sampled,
+        "silhouette_moa": sampled,
+        "grit": lambda n: float(n) * min(n, 2000),
+        "replicate_map": sampled,
+        "replicate_map_batch_aware": sampled,
+        "moa_map": sampled,
+        "moa_map_batch_aware": sampled,
         "batch_classifier": lambda n: float(min(n, 20000)),
-        "evaluate_features_raw": sq,
+        "evaluate_features": sampled,
+        "ref_faiss_knn": lambda n: float(_queries(int(test_frac * n))) * n,
         "ref_sklearn_silhouette_full": sq,
-        "ref_sklearn_silhouette_sampled": lambda n: float(min(sil_sample, n)) ** 2,
         "ref_copairs_replicate_map": sq,
         "ref_copairs_moa_map": sqlog,
     }
 
 
-# Suite rows summed into the totals (the evaluate_features raw variant).
-SUITE_FULL = [
+# The raw-variant metrics of evaluate_features, called as it calls them (their sum is the
+# raw half of results.json; ``evaluate_features`` times both variants in one call).
+SUITE = [
     "logistic_probe",
     "weighted_knn",
     "nsc_nscb",
-    "kbet",
-    "kbet_per_treatment",
-    "silhouette_batch_full",
-    "silhouette_treatment_full",
-    "silhouette_moa_full",
+    "kbet_ilisi_graph",
+    "mixing_per_treatment",
+    "silhouette_batch",
+    "silhouette_treatment",
+    "silhouette_moa",
     "grit",
     "replicate_map",
     "replicate_map_batch_aware",
     "moa_map",
     "moa_map_batch_aware",
     "batch_classifier",
-]
-SUITE_SAMPLED = [
-    m.replace("_full", "_sampled") if m.startswith("silhouette") else m for m in SUITE_FULL
 ]
 # Our function timed against each reference, for the ours/theirs ratio.
 REF_PAIRS = {
-    "ref_sklearn_silhouette_full": "silhouette_batch_full",
+    "ref_faiss_knn": "knn_search_ours",
+    "ref_sklearn_silhouette_full": "silhouette_batch",
     "ref_copairs_replicate_map": "replicate_map",
     "ref_copairs_moa_map": "moa_map",
 }
-# Run order: the metrics that must reach the largest size first, the O(n^2) ones last.
+# Run order: the suite, then the whole evaluate_features call, then the references.
 ORDER = [
-    "weighted_knn",
-    "kbet",
-    "silhouette_batch_sampled",
-    "silhouette_treatment_sampled",
-    "silhouette_moa_sampled",
-    "nsc_nscb",
-    "batch_classifier",
     "plate_normalize",
-    "logistic_probe",
-    "kbet_per_treatment",
-    "ref_sklearn_silhouette_sampled",
-    "silhouette_batch_full",
+    *SUITE,
+    "evaluate_features",
+    "knn_search_ours",
+    "ref_faiss_knn",
     "ref_sklearn_silhouette_full",
-    "silhouette_treatment_full",
-    "silhouette_moa_full",
-    "grit",
-    "replicate_map",
     "ref_copairs_replicate_map",
-    "replicate_map_batch_aware",
-    "moa_map",
     "ref_copairs_moa_map",
-    "moa_map_batch_aware",
-    "evaluate_features_raw",
 ]
 
 
@@ -263,6 +248,7 @@ def _metric_fns(
     x: np.ndarray, meta: pd.DataFrame, sil_sample: int, tmp: Path
 ) -> dict[str, Callable[[], Any]]:
     """Metric name -> zero-argument call returning the headline value."""
+    from cdcl.evaluate import evaluate as E
     from cdcl.evaluate import metrics as M
     from cdcl.evaluate.evaluate import evaluate_features
     from cdcl.evaluate.profiles import plate_normalize
@@ -323,45 +309,71 @@ def _metric_fns(
             silhouette_score(x, batch, metric="cosine", sample_size=sample, random_state=0)
         )
 
-    def ev_raw() -> float:
+    def ev_all() -> float:
+        # Both variants (raw + plate-normalised), as results.json holds them.
         test = batch == test_batch
         every = np.ones(len(meta), bool)
-        r = evaluate_features(x, meta, ~test, test, eval_mask=every, variants=("raw",))
+        r = evaluate_features(x, meta, ~test, test, eval_mask=every, verbose=False)
         if r.get("errors"):
             raise RuntimeError(f"metrics failed: {sorted(r['errors'])}")
         return float(r["raw"]["kbet"]["acceptance_rate"])
 
-    S = sil_sample
+    def kbet_ilisi() -> float:
+        k = M.mixing.default_kbet_k(batch)
+        rows = M.neighbours.sample_rows(len(x), E.QUERY_SAMPLE if len(x) > E.EXACT_MAX else None, 0)
+        g = M.neighbor_graph(x, max(k - 1, M.mixing.LISI_K), query_indices=rows)
+        M.ilisi(x, batch, graph=g)
+        return M.kbet(x, batch, graph=g)["acceptance_rate"]
+
+    knn_q = M.neighbours.sample_rows(int(te.sum()), E._queries(int(te.sum())), 0)
+    xq = x[te][knn_q]
+
+    def faiss_knn() -> float:
+        import faiss
+
+        bank = M.neighbours._prepare(x[tr], M.neighbours.row_norms(x[tr]), "cosine")
+        qv = M.neighbours._prepare(xq, M.neighbours.row_norms(xq), "cosine")
+        index = faiss.IndexFlatIP(bank.shape[1])
+        index.add(np.ascontiguousarray(bank))
+        sim, _ = index.search(np.ascontiguousarray(qv), 10)
+        return float(sim.mean())
+
+    def sil(mask: np.ndarray, labels: np.ndarray) -> float:
+        q = E.SILHOUETTE_SAMPLE if int(mask.sum()) > E.SILHOUETTE_EXACT_MAX else None
+        return M.silhouette(x[mask], labels[mask], sample_size=q, seed=0)
+
+    map_kw: dict[str, Any] = {"null_size": NULL_SIZE}
+    map_kw["max_queries"] = None if len(x) <= E.EXACT_MAX else E.MAP_QUERY_SAMPLE
+    map_kw["max_null_elems"] = E.MAP_NULL_BUDGET
+    every = np.ones(len(x), bool)
     return {
         "plate_normalize": lambda: float(plate_normalize(x, meta)[0, 0]),
         "logistic_probe": lambda: M.logistic_probe_accuracy(
-            x[tr], treat[tr], x[te], treat[te], seed=0
+            x[tr], treat[tr], x[te], treat[te], seed=0, max_train=E.PROBE_MAX_TRAIN
         )["accuracy"],
-        "weighted_knn": lambda: M.weighted_knn_accuracy(x[tr], treat[tr], x[te], treat[te], k=10)[
-            "accuracy"
-        ],
+        "weighted_knn": lambda: M.weighted_knn_accuracy(
+            x[tr], treat[tr], x[te], treat[te], k=10, max_queries=E._queries(int(te.sum()))
+        )["accuracy"],
+        "knn_search_ours": lambda: float(M.knn_indices(x[tr], 10, query=xq)[1].mean()),
         "nsc_nscb": lambda: M.nsc_nscb(x, meta)["nscb"],
-        "kbet": lambda: M.kbet(x, batch, seed=0)["acceptance_rate"],
-        "kbet_per_treatment": lambda: M.kbet_per_group(x, batch, treat, min_group_size=4, seed=0)[
-            "mean_acceptance"
+        "kbet_ilisi_graph": kbet_ilisi,
+        "mixing_per_treatment": lambda: M.mixing_per_treatment(
+            x, batch, treat, min_group_size=4, seed=0
+        )["kbet"],
+        "silhouette_batch": lambda: sil(every, batch),
+        "silhouette_treatment": lambda: sil(nc, treat),
+        "silhouette_moa": lambda: sil(moa_ok, moa),
+        "grit": lambda: M.grit_summary(M.grit(x, meta, max_controls=E.GRIT_MAX_CONTROLS))[
+            "mean_grit"
         ],
-        "silhouette_batch_sampled": lambda: M.silhouette(x, batch, sample_size=S),
-        "silhouette_treatment_sampled": lambda: M.silhouette(x[nc], treat[nc], sample_size=S),
-        "silhouette_moa_sampled": lambda: M.silhouette(x[moa_ok], moa[moa_ok], sample_size=S),
-        "silhouette_batch_full": lambda: M.batch_silhouette_score(x, batch)["silhouette"],
-        "silhouette_treatment_full": lambda: M.silhouette(x[nc], treat[nc]),
-        "silhouette_moa_full": lambda: M.silhouette(x[moa_ok], moa[moa_ok]),
-        "grit": lambda: M.grit_summary(M.grit(x, meta))["mean_grit"],
-        "replicate_map": lambda: M.replicate_map(x, meta, False, null_size=NULL_SIZE)[0]["map"],
-        "replicate_map_batch_aware": lambda: M.replicate_map(x, meta, True, null_size=NULL_SIZE)[0][
-            "map"
-        ],
-        "moa_map": lambda: M.moa_map(x, meta, False, null_size=NULL_SIZE)[0]["map"],
-        "moa_map_batch_aware": lambda: M.moa_map(x, meta, True, null_size=NULL_SIZE)[0]["map"],
+        "replicate_map": lambda: M.replicate_map(x, meta, False, **map_kw)[0]["map"],
+        "replicate_map_batch_aware": lambda: M.replicate_map(x, meta, True, **map_kw)[0]["map"],
+        "moa_map": lambda: M.moa_map(x, meta, False, **map_kw)[0]["map"],
+        "moa_map_batch_aware": lambda: M.moa_map(x, meta, True, **map_kw)[0]["map"],
         "batch_classifier": lambda: M.batch_classifier_accuracy(x, batch, seed=0)["accuracy"],
-        "evaluate_features_raw": ev_raw,
+        "evaluate_features": ev_all,
+        "ref_faiss_knn": faiss_knn,
         "ref_sklearn_silhouette_full": lambda: sk_sil(None),
-        "ref_sklearn_silhouette_sampled": lambda: sk_sil(S),
         "ref_copairs_replicate_map": copairs_replicate,
         "ref_copairs_moa_map": copairs_moa,
     }
@@ -393,12 +405,10 @@ def worker(args: argparse.Namespace) -> int:
             if name not in plan:
                 continue
             est = plan[name]
-            if name == "evaluate_features_raw":
-                parts = [measured.get(m) for m in SUITE_FULL]
-                est = None if None in parts else sum(p for p in parts if p is not None)
-                if est is None:
-                    _emit({"kind": "metric", "name": name, "skipped": "parts skipped"})
-                    continue
+            if name == "evaluate_features":
+                parts = [measured.get(m) for m in SUITE]
+                # Two variants of the suite (+ plate normalisation).
+                est = None if None in parts else 2 * sum(p for p in parts if p is not None)
             left = args.size_budget_s - (time.perf_counter() - start)
             if est is not None and (est > args.metric_cap_s or est > left):
                 why = "cap" if est > args.metric_cap_s else "budget"
@@ -408,6 +418,8 @@ def worker(args: argparse.Namespace) -> int:
             ok = _reset_peak()
             resets &= ok
             rss0 = _status_kib("VmRSS")
+            c = time.process_time()
+            load = os.getloadavg()[0]
             t = time.perf_counter()
             try:
                 value = fns[name]()
@@ -415,9 +427,12 @@ def worker(args: argparse.Namespace) -> int:
             except Exception as e:  # one failing metric must not lose the others
                 value, err = None, f"{type(e).__name__}: {e}"
             dt = time.perf_counter() - t
+            cpu = time.process_time() - c
             hwm = _status_kib("VmHWM") if ok else None
             measured[name] = dt
             rec: dict[str, Any] = {"kind": "metric", "name": name, "seconds": dt}
+            rec["cpu_s"] = cpu  # CPU time of all the process' threads: robust to a busy host
+            rec["load"] = load
             rec["value"] = None if value is None else float(value)
             if hwm is not None and rss0 is not None:
                 rec["peak_rss_mib"] = hwm / 1024
@@ -489,7 +504,8 @@ def _progress(n: int, rec: dict[str, Any]) -> None:
         est = rec.get("estimate_s")
         msg = f"skipped ({rec['skipped']}" + (f", ~{est:.0f} s est.)" if est else ")")
     else:
-        msg = f"{rec['seconds']:.2f} s, +{rec.get('extra_mib', float('nan')):.0f} MiB"
+        msg = f"{rec['seconds']:.2f} s (cpu {rec.get('cpu_s', float('nan')):.2f} s)"
+        msg += f", +{rec.get('extra_mib', float('nan')):.0f} MiB, load {rec.get('load', 0):.1f}"
     print(f"  n={n:>7}  {rec['name']:<32} {msg}", file=sys.stderr, flush=True)
 
 
@@ -515,7 +531,7 @@ def _fmt_time(rec: dict[str, Any] | None, est: float | None) -> str:
         return f"skip (~{e:.0f} s est.)" if e else f"skip ({rec['skipped']})"
     if "error" in rec:
         return "error"
-    return f"{rec['seconds']:.2f}"
+    return f"{rec['seconds']:.1f} (cpu {rec.get('cpu_s', float('nan')):.1f})"
 
 
 def _fmt_mem(rec: dict[str, Any] | None) -> str:
@@ -550,7 +566,9 @@ def report(
 
     # Totals: measured time, plus the estimate of what was skipped.
     print("\nSuite totals per size (evaluate_features' raw variant, metric by metric)")
-    for label, names in (("full silhouettes", SUITE_FULL), ("sampled silhouettes", SUITE_SAMPLED)):
+    for label, names in (("raw-variant metrics, summed", SUITE), ("", [])):
+        if not label:
+            continue
         line = f"{label:<32}"
         for r, plan in zip(results, plans):
             done = sum(
@@ -571,6 +589,21 @@ def report(
             txt += f" (+{unknown} unknown)" if unknown else ""
             line += f"{txt:>30}"
         print(line)
+    line = f"{'  the same, CPU seconds':<32}"
+    for r in results:
+        cpu = sum(r["metrics"][m].get("cpu_s", 0.0) for m in SUITE if m in r["metrics"])
+        line += f"{cpu:>30.1f}"
+    print(line)
+    line = f"{'evaluate_features, both variants':<32}"
+    for r in results:
+        rec = r["metrics"].get("evaluate_features")
+        line += f"{_fmt_time(rec, None) if rec else 'not run':>30}"
+    print(line)
+    line = f"{'  its peak RSS (MiB)':<32}"
+    for r in results:
+        rec = r["metrics"].get("evaluate_features") or {}
+        line += f"{rec.get('peak_rss_mib', float('nan')):>30.0f}"
+    print(line)
     line = f"{'peak RSS of the process (MiB)':<32}"
     line += "".join(f"{r['peak_rss_mib']:>30.0f}" for r in results)
     print(line)
@@ -591,18 +624,6 @@ def report(
             else:
                 line += f"  n={r['n']}: -"
         print(line)
-    for r in results:
-        a = r["metrics"].get("silhouette_batch_sampled")
-        b = r["metrics"].get("ref_sklearn_silhouette_sampled")
-        c = r["metrics"].get("silhouette_batch_full")
-        if a and b and "value" in a and "value" in b:
-            full = f", full {c['value']:.4f}" if c and c.get("value") is not None else ""
-            print(
-                f"  n={r['n']}: batch silhouette sampled: ours {a['value']:.4f} "
-                f"({a['seconds']:.2f} s, queries vs all rows), sklearn {b['value']:.4f} "
-                f"({b['seconds']:.2f} s, both sides subsampled){full}"
-            )
-
     if len(results) > 1:
         print("\nGrowth: time ratio between consecutive sizes and exponent p in t ~ n^p")
         print(f"{'metric':<32}" + "".join(
@@ -637,10 +658,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=12)
     ap.add_argument("--treatments", type=int, default=300)
     ap.add_argument("--sil-sample", type=int, default=2000, help="silhouette query sample")
-    ap.add_argument("--size-budget-s", type=float, default=240.0, help="per-size time budget")
-    ap.add_argument("--metric-cap-s", type=float, default=120.0, help="skip above this est.")
-    ap.add_argument("--no-refs", action="store_true", help="skip sklearn / copairs")
+    ap.add_argument("--size-budget-s", type=float, default=3600.0, help="per-size time budget")
+    ap.add_argument("--metric-cap-s", type=float, default=1200.0, help="skip above this est.")
+    ap.add_argument("--no-refs", action="store_true", help="skip sklearn / copairs (not faiss)")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--skip", default="", help="comma-separated metric rows not to run")
+    ap.add_argument(
+        "--no-calibration", action="store_true", help="no 2,000-profile size for estimates"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -653,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 100:
         ap.error("--sizes: give sizes of at least 100 profiles")
-    if sizes[0] > CALIBRATION_N:
+    if sizes[0] > CALIBRATION_N and not args.no_calibration:
         sizes.insert(0, CALIBRATION_N)  # estimates need a size where everything runs
         print(f"(adding n={CALIBRATION_N} to calibrate the time estimates)", file=sys.stderr)
     test_frac = 1.0 / args.batches
@@ -670,8 +695,10 @@ def main(argv: list[str] | None = None) -> int:
     results, plans = [], []
     for n in sizes:
         plan = plan_for(n, history, models)
+        for name in args.skip.split(","):
+            plan.pop(name.strip(), None)
         if args.no_refs:
-            plan = {k: v for k, v in plan.items() if not k.startswith("ref_")}
+            plan = {k: v for k, v in plan.items() if not k.startswith("ref_") or "faiss" in k}
         res = run_size(n, plan, args)
         results.append(res)
         for name, est in plan.items():

@@ -46,6 +46,8 @@ COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("replicate mAP (other batch)", ("map", "replicate_batch_aware", "map")),
     ("MoA mAP", ("map", "moa", "map")),
     ("kBET", ("kbet", "acceptance_rate")),
+    ("kBET per treatment", ("mixing_per_treatment", "kbet")),
+    ("iLISI per treatment", ("mixing_per_treatment", "ilisi")),
     ("batch 1-abs(sil)", ("silhouette", "batch_1_minus_abs")),
     ("batch-classifier acc", ("batch_classifier", "accuracy")),
 )

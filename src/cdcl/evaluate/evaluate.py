@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -34,8 +35,17 @@ from cdcl.evaluate.feasibility import classification_unavailable, unavailable
 from cdcl.evaluate.results import RESULTS_FILE, to_jsonable, versions, write_results
 
 VARIANTS = ("raw", "plate_normalized")
-SILHOUETTE_EXACT_MAX = 20_000  # profiles; above, silhouettes score a sample of query rows
-SILHOUETTE_SAMPLE = 10_000
+# Every row is a query up to EXACT_MAX rows; above, QUERY_SAMPLE seeded query rows are scored
+# against all rows (kNN accuracy, kBET, iLISI, silhouettes, mAP), each reported with its
+# standard error.
+EXACT_MAX = 10_000
+QUERY_SAMPLE = 2_000
+SILHOUETTE_EXACT_MAX = EXACT_MAX  # profiles; above, silhouettes score a sample of query rows
+SILHOUETTE_SAMPLE = 1_000  # per label set (x3); s.e. ~ sd(s_i) / 32, ~0.005 for sd 0.15
+MAP_QUERY_SAMPLE = 1_000  # mAP (x4): queries spread over groups; s.e. reported per summary
+PROBE_MAX_TRAIN = 10_000  # logistic probe: stratified sample of training wells above this
+GRIT_MAX_CONTROLS = 2_000  # GRIT: control sample for each row's null mean/std
+MAP_NULL_BUDGET = 1 << 32  # random ranks drawn for mAP p-values; beyond, p-values are skipped
 RESULTS_VERSION = 1
 PROTOCOL = {
     "profiles": "well level: mean of the image embeddings over sites",
@@ -47,6 +57,16 @@ PROTOCOL = {
     "unsupervised": "NSC/NSCB, kBET, silhouettes, GRIT, mAP and batch classifier on eval rows",
     "plate_normalized": "each plate standardised (mean/std) against its own control profiles",
     "tvn": "PCA whitening fitted on all control profiles (Ando et al. 2017); +coral: per batch",
+    "sampling": (
+        f"above {EXACT_MAX:,} rows, {QUERY_SAMPLE:,} seeded query rows (kNN accuracy, kBET, "
+        f"iLISI; {SILHOUETTE_SAMPLE:,} for silhouettes and mAP, spread over groups for mAP) "
+        f"are scored against all rows, with a standard error; logistic probe on at most {PROBE_MAX_TRAIN:,} training wells; GRIT "
+        f"against at most {GRIT_MAX_CONTROLS:,} controls"
+    ),
+    "mixing_per_treatment": (
+        "kBET, iLISI, batch silhouette and graph connectivity within each treatment present "
+        "in >= 2 evaluated batches, averaged over treatments; others listed, left out"
+    ),
 }
 
 
@@ -96,13 +116,46 @@ def _safe(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
         return None
 
 
+class _Log:
+    """Wraps metric calls to print one line with its time to stderr (large or verbose runs)."""
+
+    def __init__(self, on: bool, prefix: str) -> None:
+        self.on, self.prefix = on, prefix
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` that, when on, reports its wall time as ``prefix name: T s``."""
+        if not self.on:
+            return fn
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                dt = time.perf_counter() - t0
+                print(f"  {self.prefix} {name}: {dt:.1f} s", file=sys.stderr, flush=True)
+
+        return timed
+
+
+def _queries(n: int) -> int | None:
+    """Query sample size for n rows: None (every row) up to EXACT_MAX."""
+    return None if n <= EXACT_MAX else QUERY_SAMPLE
+
+
 def _n_labels_ok(labels: np.ndarray) -> bool:
     n_lab = pd.Series(labels).nunique()
     return 2 <= n_lab <= len(labels) - 1
 
 
 def _classification(
-    x: np.ndarray, meta: pd.DataFrame, train: np.ndarray, test: np.ndarray, k: int, seed: int
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    train: np.ndarray,
+    test: np.ndarray,
+    k: int,
+    seed: int,
+    log: _Log | None = None,
 ) -> dict[str, Any]:
     ctrl = meta["is_control"].to_numpy(bool)
     tr, te = train & ~ctrl, test & ~ctrl
@@ -115,8 +168,21 @@ def _classification(
         # Nothing to learn across batches (e.g. BBBC021: each treatment on one week only).
         out["note"] = "no held-out treatment occurs in the training batches"
         return out
-    out["logistic"] = M.logistic_probe_accuracy(x[tr], y[tr], x[te], y[te], seed=seed)
-    out["knn"] = M.weighted_knn_accuracy(x[tr], y[tr], x[te], y[te], k=min(k, int(tr.sum())))
+    log = log or _Log(False, "")
+    out["logistic"] = log(
+        "logistic probe",
+        lambda: M.logistic_probe_accuracy(
+            x[tr], y[tr], x[te], y[te], seed=seed, max_train=PROBE_MAX_TRAIN
+        ),
+    )()
+    kk = min(k, int(tr.sum()))
+    nq = _queries(int(te.sum()))
+    out["knn"] = log(
+        "weighted kNN",
+        lambda: M.weighted_knn_accuracy(
+            x[tr], y[tr], x[te], y[te], k=kk, max_queries=nq, seed=seed
+        ),
+    )()
     return out
 
 
@@ -128,12 +194,15 @@ def _unsupervised(
     errors: dict[str, str],
     pre: str,
     skipped: dict[str, str] | None = None,
+    log: _Log | None = None,
 ) -> dict[str, Any]:
     """Every metric that needs no training split, on the given rows.
 
     A metric the rows cannot support is not run; ``skipped`` gets one line saying why.
     """
     out: dict[str, Any] = {}
+    log = log or _Log(False, pre)
+    nq = _queries(len(x))
     ctrl = meta["is_control"].to_numpy(bool)
     batch = meta["batch"].astype(str).to_numpy()
     treat = meta["treatment"].astype(str).to_numpy()
@@ -146,24 +215,42 @@ def _unsupervised(
         return None if key in why else _safe(errors, f"{pre}.{key}", fn)
 
     if has_moa:
-        out["moa_matching"] = run("moa_matching", lambda: M.nsc_nscb(x, meta))
+        out["moa_matching"] = run("moa_matching", log("NSC/NSCB", lambda: M.nsc_nscb(x, meta)))
 
-    def kbet_all() -> dict[str, Any]:
-        r = M.kbet(x, batch, seed=seed)
-        per = M.kbet_per_group(x, batch, treat, min_group_size=4, seed=seed)
-        r["per_treatment_mean"] = per["mean_acceptance"]
-        r["per_treatment_n"] = per["n_groups"]
-        r["per_treatment"] = per["per_group"]
-        return r
+    def per_treatment() -> dict[str, Any]:
+        # One kNN graph per treatment serves kBET, iLISI and graph connectivity.
+        return M.mixing_per_treatment(x, batch, treat, min_group_size=4, seed=seed)
 
-    out["kbet"] = run("kbet", kbet_all)
+    mix = _safe(errors, f"{pre}.mixing_per_treatment", log("mixing per treatment", per_treatment))
+    out["mixing_per_treatment"] = mix
+
+    def global_mixing() -> dict[str, Any]:
+        # One kNN graph over all rows (sampled queries above EXACT_MAX) for kBET and iLISI.
+        if pd.Series(batch).nunique() < 2:
+            return {"kbet": M.kbet(x, batch), "ilisi": M.ilisi(x, batch)}
+        k_kbet = M.mixing.default_kbet_k(batch)
+        rows = M.neighbours.sample_rows(len(x), nq, seed)
+        graph = M.neighbor_graph(x, max(k_kbet - 1, M.mixing.LISI_K), query_indices=rows)
+        return {"kbet": M.kbet(x, batch, graph=graph), "ilisi": M.ilisi(x, batch, graph=graph)}
+
+    glob = run("kbet", log("kBET + iLISI", global_mixing))
+    if glob is not None:
+        r = glob["kbet"]
+        if mix is not None:
+            r["per_treatment_mean"] = mix["kbet"]
+            r["per_treatment_n"] = mix["n_treatments"]
+            r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
+        out["kbet"] = r
+        out["ilisi"] = glob["ilisi"]
+    else:
+        out["kbet"] = None
 
     def silhouettes() -> dict[str, Any]:
         # Exact up to SILHOUETTE_EXACT_MAX rows; beyond, a seeded sample of query rows scored
         # against all rows (O(sample * n) instead of O(n^2)).
         kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
         kw["seed"] = seed
-        s: dict[str, Any] = {}
+        s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
         b = M.batch_silhouette_score(x, batch, **kw)
         s["batch_1_minus_abs"] = b["score"]
         s["batch"] = b["silhouette"]
@@ -177,34 +264,41 @@ def _unsupervised(
             s["moa"] = M.silhouette(x[moa_ok], m, **kw) if _n_labels_ok(m) else float("nan")
         return s
 
-    out["silhouette"] = run("silhouette", silhouettes)
+    out["silhouette"] = run("silhouette", log("silhouettes", silhouettes))
 
     def grit() -> dict[str, Any]:
         if ctrl.sum() < 2:
             return {"mean_grit": float("nan"), "note": "fewer than 2 control profiles"}
-        table = M.grit(x, meta)
+        table = M.grit(x, meta, max_controls=GRIT_MAX_CONTROLS, seed=seed)
         r = dict(M.grit_summary(table))
         r["per_treatment"] = dict(zip(table["treatment"].astype(str), table["grit"]))
         return r
 
-    out["grit"] = run("grit", grit)
+    out["grit"] = run("grit", log("GRIT", grit))
 
     maps: dict[str, Any] = {}
+    map_kw = {"null_size": null_size, "seed": seed}
+    map_kw["max_queries"] = None if len(x) <= EXACT_MAX else MAP_QUERY_SAMPLE
+    map_kw["max_null_elems"] = MAP_NULL_BUDGET
     for aware in (False, True):
         suffix = "_batch_aware" if aware else ""
         if ctrl.any() and (~ctrl).any():
             maps[f"replicate{suffix}"] = run(
                 f"map.replicate{suffix}",
-                lambda a=aware: M.replicate_map(x, meta, a, null_size=null_size, seed=seed)[0],
+                log(
+                    f"replicate mAP{suffix}",
+                    lambda a=aware: M.replicate_map(x, meta, a, **map_kw)[0],
+                ),
             )
         if has_moa:
             maps[f"moa{suffix}"] = run(
                 f"map.moa{suffix}",
-                lambda a=aware: M.moa_map(x, meta, a, null_size=null_size, seed=seed)[0],
+                log(f"MoA mAP{suffix}", lambda a=aware: M.moa_map(x, meta, a, **map_kw)[0]),
             )
     out["map"] = maps
     out["batch_classifier"] = run(
-        "batch_classifier", lambda: M.batch_classifier_accuracy(x, batch, seed=seed)
+        "batch_classifier",
+        log("batch classifier", lambda: M.batch_classifier_accuracy(x, batch, seed=seed)),
     )
     return out
 
@@ -222,6 +316,7 @@ def evaluate_features(
     variants: tuple[str, ...] = VARIANTS,
     timer: Timer | None = None,
     name: str = "features",
+    verbose: bool | None = None,
 ) -> dict[str, Any]:
     """All metrics of one feature set: ``{"raw": {...}, "plate_normalized": {...}, "n": ...}``.
 
@@ -229,6 +324,10 @@ def evaluate_features(
     and ``compound`` where known), one row per profile. Classification needs both masks
     (training rows, held-out rows); the other metrics run on ``eval_mask`` (default: the test
     rows, or all rows without a split). Failed metrics are listed under ``errors``.
+
+    ``verbose`` (default: on above ``EXACT_MAX`` profiles) prints one line per metric with its
+    wall time to stderr. Each variant also gets ``aggregate``, the scib-style overall score
+    (:func:`aggregate_scores`).
     """
     x = np.asarray(features, dtype=np.float32)
     n = x.shape[0]
@@ -263,7 +362,10 @@ def evaluate_features(
             "eval_batches": int(meta.loc[ev, "batch"].nunique()),
         }
     }
+    if verbose is None:
+        verbose = n > EXACT_MAX
     for variant in variants:
+        log = _Log(bool(verbose), f"{name} {variant}")
         with timer(f"{name}.{variant}"):
             if variant == "raw":
                 xv = x
@@ -278,19 +380,67 @@ def evaluate_features(
                 res["classification"] = _safe(
                     errors,
                     f"{variant}.classification",
-                    lambda xv=xv: _classification(xv, meta, train, test, k, seed),
+                    lambda xv=xv, log=log: _classification(xv, meta, train, test, k, seed, log),
                 )
                 why = classification_unavailable(meta, train, test)
                 if why:
                     skipped[f"{variant}.classification"] = why
             sub_meta = meta.loc[ev].reset_index(drop=True)
-            res.update(_unsupervised(xv[ev], sub_meta, null_size, seed, errors, variant, skipped))
+            xe = xv if ev.all() else xv[ev]  # no copy of the whole table when scoring every row
+            res.update(_unsupervised(xe, sub_meta, null_size, seed, errors, variant, skipped, log))
+            res["aggregate"] = aggregate_scores(res)
             out[variant] = res
+    first = out.get(variants[0], {}) if variants else {}
+    mix = first.get("mixing_per_treatment") or {}
+    if mix.get("n_single_batch"):
+        shown = ", ".join(mix["single_batch_treatments"][:5])
+        more = " ..." if mix["n_single_batch"] > 5 else ""
+        print(
+            f"note: {name}: {mix['n_single_batch']} treatment(s) occur in only one evaluated "
+            f"batch ({shown}{more}); left out of the per-treatment mixing metrics",
+            file=sys.stderr,
+        )
     if errors:
         out["errors"] = errors
     if skipped:
         out["unavailable"] = skipped
     return out
+
+
+def _get(d: Any, *path: str) -> float:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return float("nan")
+        d = d[key]
+    return float(d) if isinstance(d, (int, float)) else float("nan")
+
+
+def aggregate_scores(res: dict[str, Any]) -> dict[str, Any]:
+    """scib-style overall score of one variant: 0.4 x batch-mixing mean + 0.6 x biology mean.
+
+    Batch-mixing components (all per treatment, so that design imbalance cannot pass for a
+    batch effect): kBET acceptance, scaled iLISI, 1 - |batch silhouette| and graph
+    connectivity (:func:`cdcl.evaluate.metrics.mixing_per_treatment`). Biology components:
+    NSC and NSCB (MoA of the nearest other compound, the latter across batches), MoA
+    retrieval mAP, and held-out treatment accuracy of the weighted kNN classifier (where a
+    train/test split exists). Each is in [0, 1] with 1 = best; missing ones are dropped and
+    named (``dropped``). Batch-classifier accuracy is left out: its chance level depends on
+    the batch sizes, so it is not on the [0, 1] best-is-1 scale of the others.
+    """
+    mix = ("mixing_per_treatment",)
+    batch = {
+        "kbet_per_treatment": _get(res, *mix, "kbet"),
+        "ilisi_per_treatment": _get(res, *mix, "ilisi"),
+        "batch_silhouette_per_treatment": _get(res, *mix, "batch_silhouette"),
+        "graph_connectivity": _get(res, *mix, "graph_connectivity"),
+    }
+    bio = {
+        "nsc": _get(res, "moa_matching", "nsc"),
+        "nscb": _get(res, "moa_matching", "nscb"),
+        "moa_map": _get(res, "map", "moa", "map"),
+        "treatment_knn_accuracy": _get(res, "classification", "knn", "accuracy"),
+    }
+    return M.scib_aggregate(batch, bio)
 
 
 def online_probe_scores(

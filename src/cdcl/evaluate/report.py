@@ -37,6 +37,10 @@ HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("NSCB", ("moa_matching", "nscb"), True),
     ("kBET acceptance", ("kbet", "acceptance_rate"), True),
     ("kBET acceptance per treatment", ("kbet", "per_treatment_mean"), True),
+    ("iLISI (scaled)", ("ilisi", "ilisi"), True),
+    ("iLISI per treatment", ("mixing_per_treatment", "ilisi"), True),
+    ("batch 1-|s| per treatment", ("mixing_per_treatment", "batch_silhouette"), True),
+    ("graph connectivity", ("mixing_per_treatment", "graph_connectivity"), True),
     ("batch silhouette 1-|s|", ("silhouette", "batch_1_minus_abs"), True),
     ("treatment silhouette", ("silhouette", "treatment"), True),
     ("MoA silhouette", ("silhouette", "moa"), True),
@@ -55,6 +59,7 @@ HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("MoA retrieved, batch-aware", ("map", "moa_batch_aware", "fraction_significant"), True),
     ("batch classifier accuracy", ("batch_classifier", "accuracy"), False),
     ("batch classifier chance", ("batch_classifier", "chance"), False),
+    ("scib-style aggregate (0.4 batch + 0.6 bio)", ("aggregate", "score"), True),
 )
 ONLINE_PROBE = (
     ("online probe accuracy", ("online_probe", "accuracy"), True),

@@ -9,7 +9,8 @@ One module per family, each naming its definitions and references:
 - :mod:`.neighbours`: blocked exact kNN search; weighted kNN treatment accuracy (Wu et al.,
   CVPR 2018; DINO's ``eval_knn``, Caron et al., ICCV 2021);
 - :mod:`.classification`: label prediction scores, logistic probe, batch classifier;
-- :mod:`.mixing`: kBET (Buttner et al., Nat Methods 2019) and silhouettes (Rousseeuw 1987);
+- :mod:`.mixing`: kBET (Buttner et al., Nat Methods 2019), silhouettes (Rousseeuw 1987), iLISI
+  (Korsunsky et al., Nat Methods 2019) and graph connectivity (scib), also per treatment;
 - retrieval: :mod:`.matching` (NSC/NSCB, Ljosa et al., J Biomol Screen 2013), :mod:`.reproducibility`
   (Way et al., Cell Systems 2022) and :mod:`.retrieval` (mAP with copairs conventions,
   Kalinin et al., Nat Commun 2025).
@@ -21,8 +22,23 @@ from cdcl.evaluate.metrics.classification import (
     logistic_probe_accuracy,
 )
 from cdcl.evaluate.metrics.matching import nsc_nscb, treatment_profiles
-from cdcl.evaluate.metrics.mixing import batch_silhouette_score, kbet, kbet_per_group, silhouette
-from cdcl.evaluate.metrics.neighbours import knn_indices, weighted_knn_accuracy
+from cdcl.evaluate.metrics.mixing import (
+    batch_silhouette_score,
+    graph_connectivity,
+    ilisi,
+    kbet,
+    kbet_per_group,
+    lisi_values,
+    mixing_per_treatment,
+    scib_aggregate,
+    silhouette,
+)
+from cdcl.evaluate.metrics.neighbours import (
+    NeighborGraph,
+    knn_indices,
+    neighbor_graph,
+    weighted_knn_accuracy,
+)
 from cdcl.evaluate.metrics.reproducibility import grit, grit_summary
 from cdcl.evaluate.metrics.retrieval import (
     average_precision,
@@ -33,21 +49,28 @@ from cdcl.evaluate.metrics.retrieval import (
 )
 
 __all__ = [
+    "NeighborGraph",
     "average_precision",
     "batch_classifier_accuracy",
     "batch_silhouette_score",
     "classification_scores",
     "grit",
+    "graph_connectivity",
     "grit_summary",
+    "ilisi",
     "kbet",
     "kbet_per_group",
     "knn_indices",
+    "lisi_values",
     "logistic_probe_accuracy",
     "map_pvalues",
     "mean_average_precision",
+    "mixing_per_treatment",
     "moa_map",
+    "neighbor_graph",
     "nsc_nscb",
     "replicate_map",
+    "scib_aggregate",
     "silhouette",
     "treatment_profiles",
     "weighted_knn_accuracy",

@@ -63,12 +63,29 @@ def _has_label(values: pd.Series) -> np.ndarray:
     return (s.notna() & (s.astype(str).str.strip() != "")).to_numpy()
 
 
-def _group_mean(features: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Mean of the rows of each group (codes 0..n_groups-1, every group non-empty)."""
+def _group_mean(
+    features: np.ndarray,
+    codes: np.ndarray,
+    n_groups: int,
+    rows: np.ndarray | None = None,
+    chunk: int = 16384,
+) -> np.ndarray:
+    """Mean of the rows of each group (codes 0..n_groups-1, every group non-empty).
+
+    ``rows``: the rows of ``features`` that ``codes`` label (default all). Sums are float64,
+    accumulated over chunks of ``chunk`` sorted rows: no float64 copy of the whole table.
+    """
     order = np.argsort(codes, kind="stable")
+    src = order if rows is None else np.asarray(rows)[order]
+    sorted_codes = codes[order]
     counts = np.bincount(codes, minlength=n_groups)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    sums = np.add.reduceat(np.asarray(features[order], dtype=np.float64), starts, axis=0)
+    sums = np.zeros((n_groups, features.shape[1]))
+    for a in range(0, order.size, chunk):
+        b = min(order.size, a + chunk)
+        seg = sorted_codes[a:b]
+        starts = np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]])
+        blk = np.asarray(features[src[a:b]], dtype=np.float64)
+        sums[seg[starts]] += np.add.reduceat(blk, starts, axis=0)
     return (sums / counts[:, None]).astype(np.float32)
 
 

@@ -57,6 +57,7 @@ def logistic_probe_accuracy(
     max_iter: int = 1000,
     C: float = 1.0,
     seed: int = 0,
+    max_train: int | None = None,
 ) -> dict[str, float]:
     """Linear-probe accuracy: sklearn ``LogisticRegression`` on train-standardised features.
 
@@ -66,13 +67,20 @@ def logistic_probe_accuracy(
     their count is reported as ``n_test_unseen_label`` (and the number of such classes as
     ``n_unseen_classes``).
 
+    ``max_train``: with more training rows than that, the probe is fitted on a seeded sample
+    of ``max_train`` rows stratified by label (every label keeps at least one row), which
+    bounds the lbfgs cost on large screens; ``n_train`` reports the rows used.
+
     Returns:
-        ``{"accuracy", "macro_f1", "n_test_unseen_label", "n_unseen_classes"}``.
+        ``{"accuracy", "macro_f1", "n_test_unseen_label", "n_unseen_classes", "n_train"}``.
     """
     tr = _features(train_x, "train_x")
     te = _features(test_x, "test_x")
     ytr = _labels(train_y, tr.shape[0], "train_y")
     yte = _labels(test_y, te.shape[0], "test_y")
+    if max_train is not None and tr.shape[0] > max_train:
+        keep = _stratified_sample(ytr, int(max_train), seed)
+        tr, ytr = tr[keep], ytr[keep]
     classes = np.unique(ytr)
     scaler = StandardScaler().fit(tr)
     if classes.size == 1:
@@ -86,7 +94,23 @@ def logistic_probe_accuracy(
     unseen = ~np.isin(yte, classes)
     out["n_test_unseen_label"] = int(unseen.sum())
     out["n_unseen_classes"] = int(np.unique(yte[unseen]).size)
+    out["n_train"] = int(tr.shape[0])
     return out
+
+
+def _stratified_sample(y: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """About ``size`` row indices, each label in proportion to its count (at least one)."""
+    codes, _ = _codes(y, "labels")
+    counts = np.bincount(codes)
+    take = np.maximum(1, np.floor(counts * size / codes.size).astype(np.int64))
+    rng = np.random.default_rng(seed)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    picks = [
+        rng.choice(order[bounds[g] : bounds[g + 1]], take[g], replace=False)
+        for g in range(counts.size)
+    ]
+    return np.sort(np.concatenate(picks))
 
 
 def batch_classifier_accuracy(

@@ -151,7 +151,7 @@ def nsc_nscb(
         out.update(nsc=float("nan"), nscb=float("nan"), n_nsc=0, n_nscb=0)
         out.update(n_skipped_nsc=int(n_t), n_skipped_nscb=int(n_t), n_moas=0)
         return out
-    profiles = _unit_rows(_group_mean(x[rows], tcodes, n_t))
+    profiles = _unit_rows(_group_mean(x, tcodes, n_t, rows=rows))
 
     # One MoA and one compound per treatment; the most frequent wins if rows disagree.
     def per_treatment(col: str) -> np.ndarray:
@@ -187,7 +187,7 @@ def nsc_nscb(
     gcodes, groups = pd.factorize(pd.Series(pair), sort=True)
     g_t = groups.to_numpy() // (int(bcodes.max()) + 1)
     g_b = groups.to_numpy() % (int(bcodes.max()) + 1)
-    gprof = _unit_rows(_group_mean(x[rows][ok], gcodes.astype(np.int64), len(groups)))
+    gprof = _unit_rows(_group_mean(x, gcodes.astype(np.int64), len(groups), rows=rows[ok]))
     hits, counted = _nearest_moa_hits(gprof, moa_codes[g_t], comp_codes[g_t], g_b)
     out.update(nscb=hits / counted if counted else float("nan"), n_nscb=counted)
     out["n_skipped_nscb"] = int(len(groups) - counted)

@@ -11,6 +11,7 @@ the number of reference points (1e5-1e6 profiles fit in a few hundred MiB).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -18,7 +19,18 @@ from numpy.typing import ArrayLike
 from cdcl.evaluate.metrics._inputs import _features, _labels
 from cdcl.evaluate.metrics.classification import classification_scores
 
-__all__ = ["BLOCK_ELEMS", "iter_blocks", "knn_indices", "row_norms", "weighted_knn_accuracy"]
+__all__ = [
+    "BLOCK_ELEMS",
+    "NeighborGraph",
+    "group_graphs",
+    "iter_blocks",
+    "knn_indices",
+    "neighbor_graph",
+    "row_norms",
+    "rows_graph",
+    "sample_rows",
+    "weighted_knn_accuracy",
+]
 
 # About 8 M numbers per similarity block: 32 MiB in float32 (64 MiB for argpartition indices).
 BLOCK_ELEMS = 1 << 23
@@ -199,6 +211,116 @@ def knn_indices(
     return out_idx, out_val
 
 
+@dataclass(frozen=True)
+class NeighborGraph:
+    """The k nearest neighbours of some query rows: one search shared by several metrics.
+
+    The shape of scib-metrics' ``NeighborsResults``: ``indices[i]`` are the rows nearest to
+    row ``queries[i]`` (itself excluded), sorted by decreasing ``similarities`` (cosine
+    similarity, or *negative* Euclidean distance), ties by the lowest row number. Row numbers
+    refer to the ``n`` rows of the feature set the graph was built on.
+    """
+
+    queries: np.ndarray
+    indices: np.ndarray
+    similarities: np.ndarray
+    metric: str
+    n: int
+
+    @property
+    def k(self) -> int:
+        """Number of neighbours per query."""
+        return int(self.indices.shape[1])
+
+    def distances(self) -> np.ndarray:
+        """Distances of the neighbours: Euclidean, or ``1 - cos`` for cosine graphs."""
+        if self.metric == "euclidean":
+            return -self.similarities.astype(np.float64)
+        return 1.0 - self.similarities.astype(np.float64)
+
+
+def sample_rows(n: int, size: int | None, seed: int) -> np.ndarray:
+    """All rows (``size`` None or >= n), else a seeded uniform sample, sorted."""
+    if size is None or size >= n:
+        return np.arange(n, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, int(size), replace=False)).astype(np.int64)
+
+
+def neighbor_graph(
+    features: np.ndarray,
+    k: int,
+    *,
+    query_indices: np.ndarray | None = None,
+    metric: str = "euclidean",
+    chunk_size: int = 2048,
+) -> NeighborGraph:
+    """Exact k-nearest-neighbour graph of ``query_indices`` (default all rows), self excluded.
+
+    One :func:`knn_indices` search whose result every neighbourhood metric (kBET, iLISI) reads;
+    ``k`` is capped at ``n - 1``.
+    """
+    x = _as_2d_float(features, "features")
+    n = x.shape[0]
+    q = np.arange(n, dtype=np.int64) if query_indices is None else np.asarray(query_indices)
+    k = int(min(k, n - 1))
+    idx, sim = knn_indices(
+        x, k, query_indices=q, exclude_self=True, chunk_size=chunk_size, metric=metric
+    )
+    return NeighborGraph(q.astype(np.int64), idx, sim, metric, n)
+
+
+def group_graphs(
+    features: np.ndarray,
+    group_codes: np.ndarray,
+    k: int,
+    *,
+    groups: np.ndarray | None = None,
+    max_rows: int | None = None,
+    metric: str = "euclidean",
+    seed: int = 0,
+    chunk_size: int = 2048,
+) -> dict[int, NeighborGraph]:
+    """One kNN graph per group, neighbours searched among the group's own rows only.
+
+    For each group code in ``groups`` (default every code) the group's rows (sorted, so ties
+    resolve as a search on ``features[rows]`` alone would) are the queries and the reference
+    set; ``k`` is capped at the group size - 1. A group larger than ``max_rows`` is replaced
+    by a seeded sample of ``max_rows`` of its rows (queries and references). Indices are row
+    numbers of ``features``. Cost: sum of squared group sizes, not n squared.
+    """
+    x = _as_2d_float(features, "features")
+    codes = np.asarray(group_codes, dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes))])
+    wanted = np.unique(codes) if groups is None else np.asarray(groups, dtype=np.int64)
+    out: dict[int, NeighborGraph] = {}
+    for g in wanted:
+        rows = order[bounds[g] : bounds[g + 1]]
+        if max_rows is not None and rows.size > max_rows:
+            rows = rows[sample_rows(rows.size, max_rows, seed + int(g))]
+        if rows.size < 2:
+            continue
+        out[int(g)] = rows_graph(x, rows, k, metric=metric, chunk_size=chunk_size)
+    return out
+
+
+def rows_graph(
+    features: np.ndarray,
+    rows: np.ndarray,
+    k: int,
+    *,
+    metric: str = "euclidean",
+    chunk_size: int = 2048,
+) -> NeighborGraph:
+    """kNN graph of the given rows among themselves only (``k`` capped at len(rows) - 1)."""
+    x = _as_2d_float(features, "features")
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    kg = int(min(k, rows.size - 1))
+    idx, sim = knn_indices(x[rows], kg, exclude_self=True, chunk_size=chunk_size, metric=metric)
+    return NeighborGraph(rows, rows[idx], sim, metric, x.shape[0])
+
+
 def weighted_knn_accuracy(
     train_x: ArrayLike,
     train_y: ArrayLike,
@@ -208,6 +330,8 @@ def weighted_knn_accuracy(
     temperature: float = 0.1,
     *,
     chunk_size: int = 2048,
+    max_queries: int | None = None,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Weighted kNN classifier accuracy (Wu et al., CVPR 2018; DINO ``eval_knn``).
 
@@ -217,8 +341,12 @@ def weighted_knn_accuracy(
     absent from the training set can never be predicted and count as errors
     (``n_test_unseen_label`` says how many).
 
+    With ``max_queries`` and more test rows than that, a seeded uniform sample of
+    ``max_queries`` test rows is scored (accuracy is a mean over test rows, so the sample
+    estimates it without bias; its binomial standard error sqrt(p(1-p)/m) is ``stderr``).
+
     Returns:
-        ``{"accuracy", "macro_f1", "k", "n_test_unseen_label"}``.
+        ``{"accuracy", "macro_f1", "k", "n_test_unseen_label", "n_queries", "stderr"}``.
     """
     tr = _features(train_x, "train_x")
     te = _features(test_x, "test_x")
@@ -226,6 +354,9 @@ def weighted_knn_accuracy(
     yte = _labels(test_y, te.shape[0], "test_y")
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
+    keep = sample_rows(te.shape[0], max_queries, seed)
+    if keep.size < te.shape[0]:
+        te, yte = te[keep], yte[keep]
     classes, ycodes = np.unique(ytr, return_inverse=True)
     k_eff = min(int(k), tr.shape[0])
     idx, sim = knn_indices(tr, k_eff, query=te, chunk_size=chunk_size)
@@ -245,4 +376,8 @@ def weighted_knn_accuracy(
     out: dict[str, float] = dict(classification_scores(yte, pred))
     out["k"] = k_eff
     out["n_test_unseen_label"] = int((~np.isin(yte, classes)).sum())
+    out["n_queries"] = int(te.shape[0])
+    acc = out["accuracy"]
+    sampled = keep.size < int(np.asarray(test_y).shape[0])
+    out["stderr"] = float(np.sqrt(acc * (1 - acc) / te.shape[0])) if sampled else 0.0
     return out

@@ -22,11 +22,12 @@ from cdcl.evaluate.metrics._inputs import (
     _codes,
     _features,
     _has_label,
+    _unit_rows,
 )
-from cdcl.evaluate.metrics.neighbours import BLOCK_ELEMS, iter_blocks, row_norms
+from cdcl.evaluate.metrics.neighbours import BLOCK_ELEMS, iter_blocks
 
-# Query rows per block times all rows; each pair entry costs ~40 bytes in the AP step.
-_MAP_BLOCK = 1 << 21
+# Query rows per block times all rows (pair masks and similarities of one block).
+_MAP_BLOCK = 1 << 23
 
 
 def _pair_mask(
@@ -52,6 +53,8 @@ def average_precision(
     neg_diffby: Sequence[str],
     batch_aware: bool = False,
     batch_col: str = "batch",
+    query_indices: np.ndarray | None = None,
+    unit_rows: bool = False,
 ) -> pd.DataFrame:
     """Average precision of every row as a query, with the pair rules of ``copairs``.
 
@@ -64,6 +67,12 @@ def average_precision(
     ``1 - sim``; a positive tied with a negative is ranked first, as copairs' stable sort) and
     ``AP = mean over positives of precision at the positive's rank``. ``batch_aware=True``
     adds ``batch_col`` to ``pos_diffby``: positives must come from another batch.
+
+    Per query the positives' keys are sorted and the negatives ranked before each positive
+    counted by binary search (O(n log n_pos), no sort of all pairs). ``query_indices``: score
+    only these rows as queries (each still ranked against all rows); the output then holds
+    those rows only. ``unit_rows=True``: ``features`` already have unit L2 rows (float32), no
+    normalised copy is made.
 
     Returns:
         ``meta`` (index reset) plus ``n_pos_pairs``, ``n_total_pairs`` and
@@ -93,48 +102,49 @@ def average_precision(
     ps, pd_ = [col_ix[c] for c in pos_same], [col_ix[c] for c in pos_diff]
     ns, nd = [col_ix[c] for c in neg_same], [col_ix[c] for c in neg_diff]
 
-    norms = row_norms(x)
-    ap = np.full(n, np.nan)
-    n_pos = np.zeros(n, dtype=np.int64)
-    n_tot = np.zeros(n, dtype=np.int64)
-    qb = max(1, _MAP_BLOCK // n)
-    rb = max(1, BLOCK_ELEMS // qb)
-    for qa, qz in iter_blocks(n, qb):
-        m = qz - qa
-        qv = (x[qa:qz] / np.maximum(norms[qa:qz], 1e-12)[:, None]).astype(np.float32)
-        sims = np.empty((m, n), dtype=np.float32)
-        for ra, rz in iter_blocks(n, rb):
-            rv = (x[ra:rz] / np.maximum(norms[ra:rz], 1e-12)[:, None]).astype(np.float32)
-            sims[:, ra:rz] = qv @ rv.T
-        q_codes = [c[qa:qz] for c in codes]
+    queries = np.arange(n) if query_indices is None else np.sort(np.asarray(query_indices))
+    nq = queries.size
+    if unit_rows:
+        unit = x
+    else:
+        unit = np.empty(x.shape, dtype=np.float32)
+        for a, b in iter_blocks(n, 65536):
+            unit[a:b] = _unit_rows(x[a:b])
+    ap = np.full(nq, np.nan)
+    n_pos = np.zeros(nq, dtype=np.int64)
+    n_tot = np.zeros(nq, dtype=np.int64)
+    qb = max(1, min(256, _MAP_BLOCK // max(n, 1)))
+    for qa, qz in iter_blocks(nq, qb):
+        q_rows = queries[qa:qz]
+        m = q_rows.size
+        q_codes = [c[q_rows] for c in codes]
         local = np.arange(m)
         pos = _pair_mask(q_codes, codes, ps, pd_)
-        pos[local, local + qa] = False
+        pos[local, q_rows] = False
         neg = _pair_mask(q_codes, codes, ns, nd)
-        neg[local, local + qa] = False
-        rp, cp = np.nonzero(pos)
-        rn, cn = np.nonzero(neg)
-        del pos, neg
-        qid = np.concatenate([rp, rn])
-        key = np.float32(1.0) - np.concatenate([sims[rp, cp], sims[rn, cn]])
-        rel = np.concatenate([np.ones(rp.size, np.int64), np.zeros(rn.size, np.int64)])
-        del sims
-        # Stable: within a query, by key; equal keys keep positives (listed first) ahead.
-        order = np.lexsort((key, qid))
-        qs, rel = qid[order], rel[order]
-        counts = np.bincount(qid, minlength=m)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        rank = np.arange(qs.size) - starts[qs] + 1
-        cum = np.cumsum(rel)
-        before = np.concatenate([[0], cum])[starts][qs]
-        prec = (cum - before) / rank
-        ap_sum = np.bincount(qs, weights=prec * rel, minlength=m)
-        npos = np.bincount(rp, minlength=m)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ap[qa:qz] = np.where(npos > 0, ap_sum / npos, np.nan)
-        n_pos[qa:qz] = npos
-        n_tot[qa:qz] = counts
-    out = frame.copy()
+        neg[local, q_rows] = False
+        cand = np.flatnonzero((pos | neg).any(axis=0))
+        # Similarities only to the rows that are a positive or negative of some query.
+        if cand.size == n:
+            sims = unit[q_rows] @ unit.T
+        else:
+            sims = unit[q_rows] @ unit[cand].T
+            pos, neg = pos[:, cand], neg[:, cand]
+        key = np.float32(1.0) - sims
+        for i in range(m):
+            kp = np.sort(key[i, pos[i]])
+            kn = key[i, neg[i]]
+            n_pos[qa + i] = kp.size
+            n_tot[qa + i] = kp.size + kn.size
+            if kp.size == 0:
+                continue
+            # Negatives ranked before the j-th positive: keys strictly smaller (a positive
+            # tied with a negative ranks first, as copairs' stable sort of pos-then-neg pairs).
+            first_after = np.searchsorted(kp, kn, side="right")
+            before = np.cumsum(np.bincount(first_after, minlength=kp.size + 1))[: kp.size]
+            j = np.arange(1, kp.size + 1)
+            ap[qa + i] = float(np.mean(j / (j + before)))
+    out = frame.iloc[queries].reset_index(drop=True) if nq < n else frame.copy()
     out["n_pos_pairs"] = n_pos
     out["n_total_pairs"] = n_tot
     out["average_precision"] = ap
@@ -180,6 +190,7 @@ def map_pvalues(
     null_size: int = 10000,
     seed: int = 0,
     threshold: float = 0.05,
+    max_null_elems: int | None = None,
 ) -> pd.DataFrame:
     """Per-group mAP with permutation-free p-values and BH correction (copairs conventions).
 
@@ -190,6 +201,10 @@ def map_pvalues(
     ``p = (#{null > mAP} + 1) / (null_size + 1)``. ``corrected_p_value`` is the
     Benjamini-Hochberg adjustment over groups; ``below_p``/``below_corrected_p`` compare with
     ``threshold``.
+
+    Drawing the nulls costs ``null_size x n_total`` random numbers per configuration; when
+    their sum exceeds ``max_null_elems`` (large screens: ~n configurations x n ranks) the
+    p-value columns are NaN instead and ``table.attrs["note"]`` says why.
 
     Returns:
         one row per group: ``sameby`` columns, ``mean_average_precision``, ``n_queries``,
@@ -211,6 +226,23 @@ def map_pvalues(
     confs = scores[["n_pos_pairs", "n_total_pairs"]].to_numpy(dtype=np.int64)
     uconfs, conf_ix = np.unique(confs, axis=0, return_inverse=True)
     conf_ix = conf_ix.ravel()
+    null_cost = int(null_size) * int(uconfs[:, 1].sum())
+    if max_null_elems is not None and null_cost > max_null_elems:
+        table = scores.groupby(keys, sort=True, observed=True).agg(
+            mean_average_precision=("average_precision", "mean"),
+            n_queries=("average_precision", "size"),
+        )
+        table = table.reset_index()
+        for col in ("p_value", "corrected_p_value"):
+            table[col] = np.nan
+        table["below_p"] = False
+        table["below_corrected_p"] = False
+        table = table[cols]
+        table.attrs["note"] = (
+            f"p-values skipped: the null of {len(uconfs)} (n_pos, n_total) configurations "
+            f"needs {null_cost:.2e} random ranks (> {max_null_elems:.2e})"
+        )
+        return table
     seeds = np.random.default_rng(seed).integers(8096, size=len(uconfs))
     nulls = np.stack(
         [_null_ap(int(p), int(t), null_size, int(s)) for (p, t), s in zip(uconfs, seeds)]
@@ -241,17 +273,50 @@ def map_pvalues(
     return table[cols]
 
 
+def _map_stderr(ap: pd.DataFrame, keys: list[str]) -> float:
+    """Standard error of the mean of group mAPs when each group's queries are a sample."""
+    ok = ap["average_precision"].notna() & (ap["n_pos_pairs"] > 0)
+    grouped = ap.loc[ok].groupby(keys, sort=True, observed=True)["average_precision"]
+    var = grouped.var(ddof=1).fillna(0.0) / grouped.size()
+    return float(np.sqrt(var.sum()) / len(var)) if len(var) else float("nan")
+
+
+def stratified_queries(group_codes: np.ndarray, total: int | None, seed: int) -> np.ndarray | None:
+    """About ``total`` query rows spread evenly over groups (None: every row).
+
+    Each group contributes ``ceil(total / n_groups)`` seeded random rows, or all its rows
+    if it has fewer, so that every group's mAP rests on some queries.
+    """
+    n = group_codes.size
+    if total is None or total >= n:
+        return None
+    rng = np.random.default_rng(seed)
+    n_groups = int(group_codes.max()) + 1
+    per = max(1, -(-int(total) // n_groups))
+    order = np.argsort(group_codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(group_codes, minlength=n_groups))])
+    picks = []
+    for g in range(n_groups):
+        rows = order[bounds[g] : bounds[g + 1]]
+        picks.append(rows if rows.size <= per else rng.choice(rows, per, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
 def _map_summary(ap: pd.DataFrame, table: pd.DataFrame) -> dict[str, Any]:
     scored = ap["average_precision"].notna() & (ap["n_pos_pairs"] > 0)
-    return {
+    skipped = "note" in table.attrs
+    out = {
         "map": float(table["mean_average_precision"].mean()) if len(table) else float("nan"),
         "fraction_significant": (
-            float(table["below_corrected_p"].mean()) if len(table) else float("nan")
+            float(table["below_corrected_p"].mean()) if len(table) and not skipped else float("nan")
         ),
         "n_groups": int(len(table)),
         "n_queries": int(scored.sum()),
         "n_queries_without_positive": int((~scored).sum()),
     }
+    if skipped:
+        out["note"] = table.attrs["note"]
+    return out
 
 
 def mean_average_precision(
@@ -268,6 +333,9 @@ def mean_average_precision(
     batch_col: str = "batch",
     group_by: Sequence[str] | None = None,
     threshold: float = 0.05,
+    max_queries: int | None = None,
+    unit_rows: bool = False,
+    max_null_elems: int | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """mAP of retrieval with copairs conventions: :func:`average_precision` + :func:`map_pvalues`.
 
@@ -276,12 +344,24 @@ def mean_average_precision(
     AP, its p-value against random rankings and the Benjamini-Hochberg correction.
     ``batch_aware=True``: positives must come from another ``batch_col``.
 
+    ``max_queries``: with more rows than that, about ``max_queries`` query rows spread evenly
+    over the groups (:func:`stratified_queries`) are scored, each ranked against all rows; a
+    group's mAP is then the mean AP of its sampled queries (unbiased) and its p-value tests
+    that mean against the matching null. ``stderr`` is the standard error of ``map`` from
+    that sampling, sqrt(sum_g var_g / q_g) / G (0 when every row is a query).
+
     Returns:
         ``(summary, table)``: ``summary = {"map", "fraction_significant", "n_groups",
-        "n_queries", "n_queries_without_positive"}`` where ``map`` is the mean of the group
-        mAPs and ``fraction_significant`` the fraction of groups with corrected p < threshold;
-        ``table`` as :func:`map_pvalues`.
+        "n_queries", "n_queries_without_positive", "stderr"}`` where ``map`` is the mean of
+        the group mAPs and ``fraction_significant`` the fraction of groups with corrected
+        p < threshold; ``table`` as :func:`map_pvalues`.
     """
+    keys = _as_list(group_by) if group_by is not None else _as_list(pos_sameby)
+    missing = [c for c in keys if c not in meta.columns]
+    if missing:
+        raise KeyError(f"columns not in meta: {missing}")
+    gcodes = meta.groupby(keys, sort=True, dropna=False).ngroup().to_numpy().astype(np.int64)
+    queries = stratified_queries(gcodes, max_queries, seed) if len(meta) else None
     ap = average_precision(
         features,
         meta,
@@ -291,13 +371,26 @@ def mean_average_precision(
         neg_diffby=neg_diffby,
         batch_aware=batch_aware,
         batch_col=batch_col,
+        query_indices=queries,
+        unit_rows=unit_rows,
     )
-    keys = _as_list(group_by) if group_by is not None else _as_list(pos_sameby)
-    table = map_pvalues(ap, keys, null_size=null_size, seed=seed, threshold=threshold)
-    return _map_summary(ap, table), table
+    table = map_pvalues(
+        ap, keys, null_size=null_size, seed=seed, threshold=threshold, max_null_elems=max_null_elems
+    )
+    summary = _map_summary(ap, table)
+    summary["stderr"] = 0.0 if queries is None else _map_stderr(ap, keys)
+    return summary, table
 
 
 _REF_COL = "_cdcl_reference_index"
+
+
+def _unit_copy(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Unit-norm float32 copy of the selected rows, built in chunks (one copy, no float64)."""
+    out = np.empty((rows.size, x.shape[1]), dtype=np.float32)
+    for a, b in iter_blocks(rows.size, 65536):
+        out[a:b] = _unit_rows(x[rows[a:b]])
+    return out
 
 
 def replicate_map(
@@ -311,6 +404,8 @@ def replicate_map(
     null_size: int = 10000,
     seed: int = 0,
     threshold: float = 0.05,
+    max_queries: int | None = None,
+    max_null_elems: int | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Replicate retrieval mAP ("phenotypic activity"), the copairs/JUMP convention.
 
@@ -335,7 +430,7 @@ def replicate_map(
     ctrl = _bool_column(frame, control_col)
     frame[_REF_COL] = np.where(ctrl, np.arange(len(frame)), -1)
     return mean_average_precision(
-        x[keep],
+        _unit_copy(x, np.flatnonzero(keep)),
         frame,
         pos_sameby=[treatment_col, _REF_COL],
         pos_diffby=[],
@@ -347,6 +442,9 @@ def replicate_map(
         batch_col=batch_col,
         group_by=[treatment_col],
         threshold=threshold,
+        max_queries=max_queries,
+        unit_rows=True,
+        max_null_elems=max_null_elems,
     )
 
 
@@ -362,6 +460,8 @@ def moa_map(
     null_size: int = 10000,
     seed: int = 0,
     threshold: float = 0.05,
+    max_queries: int | None = None,
+    max_null_elems: int | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """MoA retrieval mAP: positives share the MoA but not the compound (copairs conventions).
 
@@ -384,7 +484,7 @@ def moa_map(
     if batch_aware:
         keep &= frame[batch_col].notna().to_numpy()
     return mean_average_precision(
-        x[keep],
+        _unit_copy(x, np.flatnonzero(keep)),
         frame.loc[keep].reset_index(drop=True),
         pos_sameby=[moa_col],
         pos_diffby=[compound_col],
@@ -396,4 +496,7 @@ def moa_map(
         batch_col=batch_col,
         group_by=[moa_col],
         threshold=threshold,
+        max_queries=max_queries,
+        unit_rows=True,
+        max_null_elems=max_null_elems,
     )
