@@ -8,7 +8,7 @@ from pathlib import Path
 
 HELP = (
     "Run the demo's methods over several seeds and/or held-out-batch folds, and report the mean, "
-    "95% CI and the paired difference from a reference (with a paired t-test and a verdict) for "
+    "95 percent CI and the paired difference from a reference (with a paired t-test and a verdict) for "
     "every metric: study.json, study.md, report.html."
 )
 
