@@ -20,7 +20,30 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cdcl.config import load_config
+from cdcl.data.dataset_dir import atomic_write_text, open_dataset, validate
+from cdcl.data.montage import montage
+from cdcl.data.splits import assign_split, treatment_paired_split
+from cdcl.data.synthetic import build_key, generate, reusable
+from cdcl.data.table import TableOptions, build_table
 from cdcl.errors import CdclError
+from cdcl.evaluate.baselines import IntensityFeatures
+from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
+from cdcl.evaluate.embed import make_view_fn
+from cdcl.evaluate.evaluate import evaluate_images, random_like_run
+from cdcl.evaluate.report import (
+    _img,
+    _plt,
+    _save,
+    draw_umap_panels,
+    read_metrics_jsonl,
+    table_html,
+    umap_frame,
+    write_html,
+)
+from cdcl.evaluate.results import to_jsonable, versions
+from cdcl.train.checkpoint import load_for_eval
+from cdcl.train.loop import train
 
 # label -> (method key used in run dirs, preset suffix)
 METHODS: dict[str, str] = {
@@ -108,8 +131,6 @@ def prepare_data(spec: DemoSpec) -> Path:
     """The demo's dataset directory, built or reused."""
     out = spec.data_dir or spec.out / "data"
     if spec.dataset == "synthetic":
-        from cdcl.data.synthetic import build_key, generate, reusable
-
         preset = "tiny" if spec.quick else "small"
         # Reuse the screen when it was built from the same preset and seed; rebuild otherwise.
         stale = out.exists() and not reusable(out, build_key(preset, spec.seed))
@@ -122,8 +143,6 @@ def prepare_data(spec: DemoSpec) -> Path:
 
 
 def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
-    from cdcl.data.dataset_dir import validate
-    from cdcl.data.table import TableOptions, build_table
 
     src = Path(spec.bbbc021_dir or default_bbbc021_dir())
     npz, csv = src / "cells_subset.npz", src / "metadata_subset.csv"
@@ -180,7 +199,6 @@ def bbbc021_test_plates(table: pd.DataFrame, split: int | None) -> set[str]:
     """
     if split is None:
         return set(BBBC021_TEST_PLATES)
-    from cdcl.data.splits import treatment_paired_split
 
     plates = pd.DataFrame(
         {"batch": table["plate"].astype(str), "is_control": table["compound"] == "DMSO"}
@@ -236,8 +254,6 @@ def budget_overrides(spec: DemoSpec) -> list[str]:
 
 def train_method(spec: DemoSpec, label: str, data: Path) -> tuple[Path, dict[str, Any]]:
     """Train (or reuse, or resume) one method's run; returns the run dir and its train stats."""
-    from cdcl.config import load_config
-    from cdcl.train.loop import train
 
     key = METHODS[label]
     preset = f"{'bbbc021' if spec.dataset == 'bbbc021' else 'synthetic'}-{key}"
@@ -255,7 +271,6 @@ def train_method(spec: DemoSpec, label: str, data: Path) -> tuple[Path, dict[str
 
 def _train_stats(run: Path) -> dict[str, Any]:
     """Images/s and final loss from a run's metrics.jsonl."""
-    from cdcl.evaluate.report import read_metrics_jsonl
 
     path = run / "metrics.jsonl"
     if not path.is_file():
@@ -279,12 +294,6 @@ def evaluate_runs(
     spec: DemoSpec, data: Path, runs: dict[str, Path]
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
     """Score every run and the baselines on the held-out batches with the same code."""
-    from cdcl.data.dataset_dir import open_dataset
-    from cdcl.data.splits import assign_split
-    from cdcl.evaluate.baselines import IntensityFeatures
-    from cdcl.evaluate.embed import make_view_fn
-    from cdcl.evaluate.evaluate import evaluate_images, random_like_run
-    from cdcl.train.checkpoint import load_for_eval
 
     ds = open_dataset(data)
     split = assign_split(ds.samples, ds.info.source, spec.split)
@@ -382,7 +391,6 @@ def figure1(
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]], names: list[str], path: Path, seed: int
 ) -> Path | None:
     """The paper's Figure 1: UMAP of well profiles, one row per method, by batch and treatment."""
-    from cdcl.evaluate.report import _plt, _save, draw_umap_panels, umap_frame
 
     names = [n for n in names if n in profiles]
     if not names:
@@ -398,7 +406,6 @@ def figure1(
 
 def training_curves(runs: dict[str, Path], path: Path) -> Path | None:
     """Loss, teacher entropy and throughput of every run against the step, one line per method."""
-    from cdcl.evaluate.report import _plt, _save, read_metrics_jsonl
 
     frames = {
         label: read_metrics_jsonl(run / "metrics.jsonl")
@@ -436,9 +443,6 @@ def write_outputs(
     pictures: dict[str, Path | None],
 ) -> dict[str, Path]:
     """results.json, results.md and the self-contained report.html."""
-    from cdcl.data.dataset_dir import atomic_write_text, open_dataset
-    from cdcl.evaluate.report import _img, write_html
-    from cdcl.evaluate.results import to_jsonable, versions
 
     ds = open_dataset(data)
     tables = {v: comparison_table(feature_sets, v) for v in ("plate_normalized", "raw")}
@@ -496,7 +500,6 @@ def write_outputs(
     atomic_write_text(out / "results.md", "\n".join(md) + "\n")
 
     def html_table(df: pd.DataFrame) -> str:
-        from cdcl.evaluate.report import table_html
 
         t = df.T
         higher = {c: c not in LOWER_IS_BETTER for c in t.index}
@@ -530,7 +533,6 @@ def correction_note(feature_sets: dict[str, Any]) -> str:
     """The transductive-fit statement when the table has post-hoc corrected rows, else ''."""
     if not any(name.rsplit("+", 1)[-1] in CORRECTIONS for name in feature_sets if "+" in name):
         return ""
-    from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
 
     return TRANSDUCTIVE_NOTE
 
@@ -548,7 +550,6 @@ def single_replicate_note(spec: DemoSpec) -> str:
 
 def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None:
     """Put the report stage's own time into results.json once that stage has ended."""
-    from cdcl.data.dataset_dir import atomic_write_text
 
     results = json.loads(results_json.read_text())
     results["timings_s"] = timings
@@ -557,8 +558,6 @@ def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None
 
 def run_demo(spec: DemoSpec) -> dict[str, Any]:
     """Run every stage; returns the paths written and the plate-normalised table."""
-    from cdcl.data.dataset_dir import open_dataset
-    from cdcl.data.montage import montage
 
     spec.out.mkdir(parents=True, exist_ok=True)
     with _Stage(spec, "data"):

@@ -40,6 +40,7 @@ from cdcl.demo import (
 )
 from cdcl.errors import CdclError
 from cdcl.evaluate import statistics as st
+from cdcl.evaluate.report import _img, _plt, _save, write_html
 from cdcl.evaluate.results import to_jsonable, versions
 
 VARIANTS = ("plate_normalized", "raw")
@@ -505,7 +506,6 @@ def forest_plot(
     diffs: list[dict[str, Any]], variant: str, reference: str, path: Path
 ) -> Path | None:
     """Difference from the reference per metric with its 95% CI, one panel per feature set."""
-    from cdcl.evaluate.report import _plt, _save
 
     recs = [d for d in diffs if d["variant"] == variant and d["reference"] == reference]
     rows = _headline_first(list(dict.fromkeys(d["features"] for d in recs)))
@@ -549,7 +549,6 @@ def forest_plot(
 
 def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Path | None]) -> Path:
     """The self-contained report.html: headline, forest plots, tables, replicates, times."""
-    from cdcl.evaluate.report import _img, write_html
 
     cfg, n_total = study["config"], len(study["replicates"])
 

@@ -14,6 +14,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import timm
+import torch
+
+from cdcl.errors import CdclError
+
 INTENSITY_PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 INTENSITY_STATS = (
     "mean",
@@ -33,7 +38,6 @@ class IntensityFeatures:
 
     def __call__(self, images: Any) -> Any:
         """Per-channel mean, std, percentiles and bright-pixel fraction of each image."""
-        import torch
 
         x = images.float().flatten(2)  # (n, C, P)
         q = torch.tensor([p / 100 for p in INTENSITY_PERCENTILES], dtype=x.dtype)
@@ -52,7 +56,6 @@ class IntensityFeatures:
 
 def _reinit(module: Any, seed: int) -> Any:
     """Re-initialise every parameter of a module in place (its own init rules where it has them)."""
-    import torch
 
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -81,10 +84,6 @@ def random_timm_backbone(
     arch: str, in_chans: int, img_size: int | None = None, seed: int = 0
 ) -> Any:
     """A randomly initialised timm network with ``in_chans`` inputs and no classifier head."""
-    import timm
-    import torch
-
-    from cdcl.errors import CdclError
 
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
     if img_size is not None and ("vit" in arch or "deit" in arch):

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
@@ -314,7 +315,6 @@ def to_csv(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Path:
 
 def to_anndata(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Path:
     """Write profiles as .h5ad: ``X`` and ``obsm["X_cdcl"]`` = features, ``obs`` = metadata."""
-    import anndata as ad
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -358,8 +358,6 @@ def read_profile_table(path: str | Path) -> pd.DataFrame:
         if name.endswith((".tsv", ".tsv.gz", ".txt")):
             return pd.read_csv(path, sep="\t")
         if name.endswith(".h5ad"):
-            import anndata as ad
-
             a = ad.read_h5ad(path)
             x = np.asarray(a.obsm[OBSM_KEY] if OBSM_KEY in a.obsm else a.X, dtype=np.float32)
             return profile_table(x, a.obs.reset_index(drop=True))

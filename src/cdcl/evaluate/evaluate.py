@@ -23,16 +23,35 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from cdcl.data.dataset_dir import open_dataset
+from cdcl.data.splits import assign_split, rotating_batch_split
 from cdcl.errors import CdclError
 from cdcl.evaluate import metrics as M
+from cdcl.evaluate.baselines import IntensityFeatures, random_backbone_like, random_timm_backbone
+from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE, apply_corrections
+from cdcl.evaluate.embed import (
+    image_meta,
+    make_view_fn,
+    read_profile_table,
+    split_table,
+    well_profiles,
+)
+from cdcl.evaluate.embed_job import embed_resumable
 from cdcl.evaluate.feasibility import classification_unavailable, unavailable
+from cdcl.evaluate.profiles import plate_normalize, resolve_table_meta, tvn
+from cdcl.evaluate.profiles import tvn as tvn_fn
+from cdcl.evaluate.report import make_plots, render_report
 from cdcl.evaluate.results import RESULTS_FILE, to_jsonable, versions, write_results
+from cdcl.models.backbones import build_backbone
+from cdcl.train.checkpoint import load_for_eval
 
 VARIANTS = ("raw", "plate_normalized")
 # Every row is a query up to EXACT_MAX rows; above, QUERY_SAMPLE seeded query rows are scored
@@ -370,8 +389,6 @@ def evaluate_features(
             if variant == "raw":
                 xv = x
             elif variant == "plate_normalized":
-                from cdcl.evaluate.profiles import plate_normalize
-
                 xv = plate_normalize(x, meta)
             else:
                 raise ValueError(f"unknown variant {variant!r}")
@@ -451,7 +468,6 @@ def online_probe_scores(
     mask: np.ndarray,
 ) -> dict[str, Any]:
     """Accuracy and macro F1 of the checkpoint's online linear probe on the masked images."""
-    import torch
 
     t = np.asarray(treatments).astype(str)
     keep = np.asarray(mask, bool) & np.isin(t, list(label_of))
@@ -506,7 +522,6 @@ def corrected_sets(
     name: str,
 ) -> dict[str, np.ndarray]:
     """``{"<name>+<correction>": profiles}``: each post-hoc correction of one feature set, timed."""
-    from cdcl.evaluate.correction import apply_corrections
 
     out: dict[str, np.ndarray] = {}
     for c in corrections:
@@ -525,7 +540,6 @@ def protocol_with(corrections: tuple[str, ...]) -> dict[str, str]:
     """PROTOCOL, plus the transductive-fit statement when post-hoc corrections were scored."""
     if not corrections:
         return PROTOCOL
-    from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
 
     return {**PROTOCOL, "corrections": TRANSDUCTIVE_NOTE}
 
@@ -579,9 +593,6 @@ def evaluate_images(
     parts there (keyed by ``cache_key`` and the feature set's name), so a killed evaluation
     skips the finished ones when rerun.
     """
-    from cdcl.evaluate.embed import image_meta, well_profiles
-    from cdcl.evaluate.embed_job import embed_resumable
-    from cdcl.evaluate.profiles import tvn
 
     timer = timer or Timer()
     samples = dataset.samples
@@ -690,8 +701,6 @@ def resolve_source(spec: str, which: str = "best", dataset: Any = None, seed: in
     Baselines need ``dataset`` (channel count and image size); a run's evaluation view is the
     trainer's ``center_view`` with the run's resolved views config.
     """
-    from cdcl.evaluate.baselines import IntensityFeatures, random_timm_backbone
-    from cdcl.evaluate.embed import make_view_fn
 
     if spec == "intensity":
         return Source("intensity", IntensityFeatures(), None, {"baseline": "intensity"})
@@ -707,7 +716,6 @@ def resolve_source(spec: str, which: str = "best", dataset: Any = None, seed: in
         raise CdclError(
             f"{spec}: no such run directory or checkpoint (or use random:<timm arch> / intensity)"
         )
-    from cdcl.train.checkpoint import load_for_eval
 
     em = load_for_eval(path, which=which)
     method_name = str(getattr(getattr(em.config, "method", None), "name", "model"))
@@ -724,15 +732,8 @@ def resolve_source(spec: str, which: str = "best", dataset: Any = None, seed: in
 
 def random_like_run(em: Any, dataset: Any, seed: int = 0) -> Callable[[Any], Any]:
     """A randomly initialised backbone of the run's architecture (the ``random`` baseline)."""
-    import torch
-
-    from cdcl.evaluate.baselines import random_backbone_like
 
     try:
-        from dataclasses import replace
-
-        from cdcl.models.backbones import build_backbone
-
         torch.manual_seed(seed)
         h, _ = dataset.image_size
         size = int(getattr(em.views_cfg, "global_size", None) or h)
@@ -775,10 +776,6 @@ def evaluate_run(
     ``level="well"`` scores well profiles (mean over sites); ``"image"`` scores every image
     (single-cell crops such as BBBC021's, where a well holds one profile per plate).
     """
-    from cdcl.data.dataset_dir import open_dataset
-    from cdcl.data.splits import assign_split
-    from cdcl.evaluate.baselines import IntensityFeatures
-    from cdcl.evaluate.report import make_plots, render_report
 
     timer = Timer()
     run = Path(run)
@@ -881,11 +878,6 @@ def evaluate_table(
     on the held-out batches only (``"test"``, as for a run). ``corrections`` adds the table
     after each post-hoc correction (``sphering``, ``harmony``, ``combat``), fitted on all rows.
     """
-    from cdcl.data.splits import rotating_batch_split
-    from cdcl.evaluate.embed import read_profile_table, split_table
-    from cdcl.evaluate.profiles import resolve_table_meta
-    from cdcl.evaluate.profiles import tvn as tvn_fn
-    from cdcl.evaluate.report import make_plots, render_report
 
     if eval_on not in ("all", "test"):
         raise CdclError(f"--eval-on {eval_on}: use all or test")

@@ -8,6 +8,9 @@ import torch
 
 from cdcl.errors import ConfigError
 from cdcl.methods.base import METHOD_NAMES, Method, MethodConfig, StepState
+from cdcl.methods.byol import BYOL
+from cdcl.methods.dino import DINO
+from cdcl.methods.supervised import Supervised
 from cdcl.models.backbones import ModelConfig, build_backbone
 
 __all__ = ["METHOD_NAMES", "Method", "MethodConfig", "StepState", "build_method"]
@@ -29,9 +32,6 @@ def build_method(
     ``batch_shares`` (n_batches,): fraction of training images in each training batch (CDCL's
     r_d); None = uniform. ``n_local``: local crops per image (sets ``n_views`` of the DINO family).
     """
-    from cdcl.methods.byol import BYOL
-    from cdcl.methods.dino import DINO
-    from cdcl.methods.supervised import Supervised
 
     cfg = cfg.resolved()
     student, feat_dim = build_backbone(model_cfg, in_chans, img_size)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 from cdcl.atomic import atomic_path
+from cdcl.config import config_from_dict
 from cdcl.errors import CdclError
+from cdcl.methods import build_method
 
 FORMAT = "cdcl-checkpoint"
 VERSION = 1
@@ -154,8 +156,6 @@ class EvalModel:
 
 def build_method_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[Any, torch.nn.Module]:
     """(Config, Method with the checkpoint's weights loaded) from a loaded checkpoint dict."""
-    from cdcl.config import config_from_dict
-    from cdcl.methods import build_method
 
     cfg = config_from_dict(ckpt["config"], where=f"{path} (stored config)")
     b = ckpt["build"]
