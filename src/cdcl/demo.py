@@ -96,14 +96,14 @@ class DemoSpec:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-class _Stage:
-    """Times one stage and prints when it starts and ends."""
+class Stage:
+    """Times one stage into ``spec.timings`` and prints when it starts and ends."""
 
-    def __init__(self, spec: DemoSpec, name: str) -> None:
-        self.spec, self.name = spec, name
+    def __init__(self, spec: Any, name: str, marker: str = "==") -> None:
+        self.spec, self.name, self.marker = spec, name, marker
 
-    def __enter__(self) -> _Stage:
-        print(f"== {self.name}", flush=True)
+    def __enter__(self) -> Stage:
+        print(f"{self.marker} {self.name}", flush=True)
         self.t0 = time.perf_counter()
         return self
 
@@ -111,7 +111,7 @@ class _Stage:
         dt = time.perf_counter() - self.t0
         self.spec.timings[self.name] = round(dt, 2)
         if exc[0] is None:
-            print(f"   {self.name}: {dt:.1f} s", flush=True)
+            print(f"{' ' * len(self.marker)} {self.name}: {dt:.1f} s", flush=True)
 
 
 def default_bbbc021_dir() -> Path:
@@ -560,17 +560,17 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
     """Run every stage; returns the paths written and the plate-normalised table."""
 
     spec.out.mkdir(parents=True, exist_ok=True)
-    with _Stage(spec, "data"):
+    with Stage(spec, "data"):
         data = prepare_data(spec)
     labels = method_labels(spec)
     runs: dict[str, Path] = {}
     training: dict[str, Any] = {}
     for label in labels:
-        with _Stage(spec, f"train {label}"):
+        with Stage(spec, f"train {label}"):
             runs[label], training[label] = train_method(spec, label, data)
-    with _Stage(spec, "evaluate"):
+    with Stage(spec, "evaluate"):
         feature_sets, profiles = evaluate_runs(spec, data, runs)
-    with _Stage(spec, "report"):
+    with Stage(spec, "report"):
         pictures = {
             "montage": montage(open_dataset(data), spec.out / "montage.png"),
             "figure1": figure1(

@@ -20,7 +20,6 @@ import json
 import math
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from cdcl.demo import (
     LOWER_IS_BETTER,
     METHODS,
     DemoSpec,
+    Stage,
     budget_overrides,
     method_labels,
     run_demo,
@@ -626,24 +626,6 @@ def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Pat
 # ---------------------------------------------------------------- the study
 
 
-class _Stage:
-    """Times one study stage and prints when it starts and ends."""
-
-    def __init__(self, spec: StudySpec, name: str) -> None:
-        self.spec, self.name = spec, name
-
-    def __enter__(self) -> _Stage:
-        print(f"=== {self.name}", flush=True)
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        dt = time.perf_counter() - self.t0
-        self.spec.timings[self.name] = round(dt, 2)
-        if exc[0] is None:
-            print(f"    {self.name}: {dt:.1f} s", flush=True)
-
-
 def _replicate_definition(spec: StudySpec) -> str:
     what = (
         "a replicate is a screen seed and training seed together (the simulated screen is "
@@ -670,7 +652,7 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     figures: list[dict[str, dict[str, dict[str, Any]]]] = []
     for i, rep in enumerate(reps, 1):
-        with _Stage(spec, f"replicate {rep.name} ({i}/{len(reps)})"):
+        with Stage(spec, f"replicate {rep.name} ({i}/{len(reps)})", marker="==="):
             results, reused = run_replicate(spec, rep)
             if reused:
                 print(f"    reused replicates/{rep.name}/results.json", flush=True)
@@ -703,7 +685,7 @@ def finish_study(
     """Aggregate the replicates' figures and write study.json, study.md and report.html."""
     reps = [Replicate(r["seed"], r["fold"]) for r in records]
     spec.out.mkdir(parents=True, exist_ok=True)
-    with _Stage(spec, "aggregate"):
+    with Stage(spec, "aggregate", marker="==="):
         agg = aggregate_study(figures, spec.references, spec.alpha)
     first = _demo_spec(spec, reps[0])
     study: dict[str, Any] = {
@@ -738,7 +720,7 @@ def finish_study(
         "versions": versions(),
     }
     study["notes"] = _notes(study)
-    with _Stage(spec, "report"):
+    with Stage(spec, "report", marker="==="):
         pictures: dict[str, Path | None] = {}
         ref = agg["references_present"][0] if agg["references_present"] else None
         if ref is not None:
