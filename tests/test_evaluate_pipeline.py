@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA, write_random_dataset
 
-from cdcl.evaluate.evaluate import evaluate_features, evaluate_images
+from cdcl.evaluate.evaluate import evaluate_images
 from cdcl.evaluate.profiles import resolve_table_meta, tvn
 from cdcl.evaluate.results import to_jsonable
+from cdcl.evaluate.score import evaluate_features
 
 BBBC021_PROFILES = (
     SHARED_DATA / "bbbc021_metadata" / "BBBC021_well_profiles_feature_selected_mad_robustize.csv.gz"

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 
 from cdcl.evaluate import metrics as M
-from cdcl.evaluate.evaluate import evaluate_features
 from cdcl.evaluate.metrics.mixing import (
     graph_connectivity,
     ilisi,
@@ -22,6 +21,7 @@ from cdcl.evaluate.metrics.mixing import (
     silhouette,
 )
 from cdcl.evaluate.metrics.neighbours import neighbor_graph, sample_rows, weighted_knn_accuracy
+from cdcl.evaluate.score import evaluate_features
 
 
 def _dense_lisi(x: np.ndarray, labels: np.ndarray, k: int, perplexity: float) -> np.ndarray:

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 from test_evaluate_pipeline import planted_profiles
 
-from cdcl.evaluate.evaluate import base_results, evaluate_features
 from cdcl.evaluate.report import (
     make_report,
     metrics_table,
@@ -22,6 +21,7 @@ from cdcl.evaluate.report import (
     table_html,
 )
 from cdcl.evaluate.results import write_results
+from cdcl.evaluate.score import base_results, evaluate_features
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -30,7 +30,7 @@ from cdcl.errors import CdclError
 from cdcl.evaluate.baselines import IntensityFeatures
 from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
 from cdcl.evaluate.embed import make_view_fn
-from cdcl.evaluate.evaluate import evaluate_images, random_like_run
+from cdcl.evaluate.evaluate import evaluate_images
 from cdcl.evaluate.report import (
     _img,
     _plt,
@@ -42,6 +42,7 @@ from cdcl.evaluate.report import (
     write_html,
 )
 from cdcl.evaluate.results import to_jsonable, versions
+from cdcl.evaluate.sources import random_like_run
 from cdcl.train.checkpoint import load_for_eval
 from cdcl.train.loop import train
 

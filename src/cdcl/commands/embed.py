@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         write_image_profiles,
         write_well_profiles,
     )
-    from cdcl.evaluate.evaluate import resolve_source
+    from cdcl.evaluate.sources import resolve_source
     from cdcl.train import distributed as D
 
     out = Path(args.out)

@@ -76,9 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the table or the run evaluation and print where the results went."""
-    from cdcl.evaluate.evaluate import evaluate_run, evaluate_table
+    from cdcl.evaluate.evaluate import evaluate_run
     from cdcl.evaluate.report import metrics_table
     from cdcl.evaluate.results import read_results
+    from cdcl.evaluate.table import evaluate_table
 
     corrections: tuple[str, ...] = ()
     if args.correct is not None:
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         with pd.option_context("display.width", 160, "display.max_columns", 12):
             print(table.apply(pd.to_numeric).round(3).to_string(na_rep="-"))
     if corrections:
-        from cdcl.evaluate.evaluate import protocol_with
+        from cdcl.evaluate.score import protocol_with
 
         print(protocol_with(corrections)["corrections"])
     print(f"results: {path}")

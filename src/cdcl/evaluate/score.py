@@ -1,0 +1,538 @@
+"""Scoring one feature set: every metric of DESIGN §7, and the shared parts of a results.json.
+
+:func:`evaluate_features` (profiles + canonical metadata + train/test masks -> nested dict of
+figures) is the common core of a run's evaluation (:mod:`cdcl.evaluate.evaluate`), of
+``cdcl evaluate --features`` (:mod:`cdcl.evaluate.table`), of the demo and of the study.
+
+Conventions (stated in results.json under ``protocol``):
+- profiles are well-level (mean over sites); the logistic probe and the kNN bank are fitted on
+  the wells of the training batches and scored on the wells of the held-out (test) batches,
+  controls excluded; the online probe (from the checkpoint) is scored on test *images*;
+- the unsupervised metrics (NSC/NSCB, kBET, silhouettes, GRIT, mAP, batch classifier) are
+  computed on the evaluation rows (the test batches for a run; all rows for a table unless
+  asked otherwise);
+- every figure is given twice: on the raw profiles and after per-plate standardisation of
+  each plate's profiles against that plate's control profiles (``plate_normalized``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cdcl.errors import CdclError
+from cdcl.evaluate import metrics as M
+from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE, apply_corrections
+from cdcl.evaluate.feasibility import classification_unavailable, unavailable
+from cdcl.evaluate.profiles import plate_normalize
+from cdcl.evaluate.results import versions
+
+VARIANTS = ("raw", "plate_normalized")
+# Every row is a query up to EXACT_MAX rows; above, QUERY_SAMPLE seeded query rows are scored
+# against all rows (kNN accuracy, kBET, iLISI, silhouettes, mAP), each reported with its
+# standard error.
+EXACT_MAX = 10_000
+QUERY_SAMPLE = 2_000
+SILHOUETTE_EXACT_MAX = EXACT_MAX  # profiles; above, silhouettes score a sample of query rows
+SILHOUETTE_SAMPLE = 1_000  # per label set (x3); s.e. ~ sd(s_i) / 32, ~0.005 for sd 0.15
+MAP_QUERY_SAMPLE = 1_000  # mAP (x4): queries spread over groups; s.e. reported per summary
+PROBE_MAX_TRAIN = 10_000  # logistic probe: stratified sample of training wells above this
+GRIT_MAX_CONTROLS = 2_000  # GRIT: control sample for each row's null mean/std
+MAP_NULL_BUDGET = 1 << 32  # random ranks drawn for mAP p-values; beyond, p-values are skipped
+RESULTS_VERSION = 1
+PROTOCOL = {
+    "profiles": "well level: mean of the image embeddings over sites",
+    "classification": (
+        "logistic probe and weighted kNN (k=10, cosine, exp(sim/0.1)) fitted on training-batch "
+        "wells, scored on held-out-batch wells; controls excluded"
+    ),
+    "online_probe": "the checkpoint's linear probe on held-out-batch images, controls excluded",
+    "unsupervised": "NSC/NSCB, kBET, silhouettes, GRIT, mAP and batch classifier on eval rows",
+    "plate_normalized": "each plate standardised (mean/std) against its own control profiles",
+    "tvn": "PCA whitening fitted on all control profiles (Ando et al. 2017); +coral: per batch",
+    "sampling": (
+        f"above {EXACT_MAX:,} rows, {QUERY_SAMPLE:,} seeded query rows (kNN accuracy, kBET, "
+        f"iLISI; {SILHOUETTE_SAMPLE:,} for silhouettes and mAP, spread over groups for mAP) "
+        f"are scored against all rows, with a standard error; logistic probe on at most {PROBE_MAX_TRAIN:,} training wells; GRIT "
+        f"against at most {GRIT_MAX_CONTROLS:,} controls"
+    ),
+    "mixing_per_treatment": (
+        "kBET, iLISI, batch silhouette and graph connectivity within each treatment present "
+        "in >= 2 evaluated batches, averaged over treatments; others listed, left out"
+    ),
+}
+
+
+class Timer:
+    """Collects wall-clock seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str) -> _Stage:
+        """A context manager timing one stage (times of the same name add up)."""
+        return _Stage(self, name)
+
+
+class _Stage:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        dt = time.perf_counter() - self.t0
+        self.timer.times[self.name] = round(self.timer.times.get(self.name, 0.0) + dt, 3)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: scikit-learn's multi-line reports keep their last error line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    if errs:
+        return errs[-1][:300]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _safe(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
+    """Run one metric; a failure is recorded as one line instead of losing the others.
+
+    Library warnings are silenced here; the command prints the recorded lines once.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+    except Exception as e:  # a metric failing must not lose the evaluation of the rest
+        errors[name] = _one_line(e)
+        return None
+
+
+class _Log:
+    """Wraps metric calls to print one line with its time to stderr (large or verbose runs)."""
+
+    def __init__(self, on: bool, prefix: str) -> None:
+        self.on, self.prefix = on, prefix
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` that, when on, reports its wall time as ``prefix name: T s``."""
+        if not self.on:
+            return fn
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                dt = time.perf_counter() - t0
+                print(f"  {self.prefix} {name}: {dt:.1f} s", file=sys.stderr, flush=True)
+
+        return timed
+
+
+def _queries(n: int) -> int | None:
+    """Query sample size for n rows: None (every row) up to EXACT_MAX."""
+    return None if n <= EXACT_MAX else QUERY_SAMPLE
+
+
+def _n_labels_ok(labels: np.ndarray) -> bool:
+    n_lab = pd.Series(labels).nunique()
+    return 2 <= n_lab <= len(labels) - 1
+
+
+def _classification(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    train: np.ndarray,
+    test: np.ndarray,
+    k: int,
+    seed: int,
+    log: _Log | None = None,
+) -> dict[str, Any]:
+    ctrl = meta["is_control"].to_numpy(bool)
+    tr, te = train & ~ctrl, test & ~ctrl
+    y = meta["treatment"].astype(str).to_numpy()
+    out: dict[str, Any] = {"n_train": int(tr.sum()), "n_test": int(te.sum())}
+    if tr.sum() < 2 or te.sum() < 1 or np.unique(y[tr]).size < 2:
+        out["note"] = "too few training or test wells with treatments"
+        return out
+    if not np.isin(y[te], y[tr]).any():
+        # Nothing to learn across batches (e.g. BBBC021: each treatment on one week only).
+        out["note"] = "no held-out treatment occurs in the training batches"
+        return out
+    log = log or _Log(False, "")
+    out["logistic"] = log(
+        "logistic probe",
+        lambda: M.logistic_probe_accuracy(
+            x[tr], y[tr], x[te], y[te], seed=seed, max_train=PROBE_MAX_TRAIN
+        ),
+    )()
+    kk = min(k, int(tr.sum()))
+    nq = _queries(int(te.sum()))
+    out["knn"] = log(
+        "weighted kNN",
+        lambda: M.weighted_knn_accuracy(
+            x[tr], y[tr], x[te], y[te], k=kk, max_queries=nq, seed=seed
+        ),
+    )()
+    return out
+
+
+def _unsupervised(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    null_size: int,
+    seed: int,
+    errors: dict[str, str],
+    pre: str,
+    skipped: dict[str, str] | None = None,
+    log: _Log | None = None,
+) -> dict[str, Any]:
+    """Every metric that needs no training split, on the given rows.
+
+    A metric the rows cannot support is not run; ``skipped`` gets one line saying why.
+    """
+    out: dict[str, Any] = {}
+    log = log or _Log(False, pre)
+    nq = _queries(len(x))
+    ctrl = meta["is_control"].to_numpy(bool)
+    batch = meta["batch"].astype(str).to_numpy()
+    treat = meta["treatment"].astype(str).to_numpy()
+    has_moa = bool("moa" in meta.columns and meta.loc[~ctrl, "moa"].notna().any())
+    why = unavailable(meta, has_moa)
+    skipped = {} if skipped is None else skipped
+    skipped.update({f"{pre}.{k}": v for k, v in why.items()})
+
+    def run(key: str, fn: Callable[[], Any]) -> Any:
+        return None if key in why else _safe(errors, f"{pre}.{key}", fn)
+
+    if has_moa:
+        out["moa_matching"] = run("moa_matching", log("NSC/NSCB", lambda: M.nsc_nscb(x, meta)))
+
+    def per_treatment() -> dict[str, Any]:
+        # One kNN graph per treatment serves kBET, iLISI and graph connectivity.
+        return M.mixing_per_treatment(x, batch, treat, min_group_size=4, seed=seed)
+
+    mix = _safe(errors, f"{pre}.mixing_per_treatment", log("mixing per treatment", per_treatment))
+    out["mixing_per_treatment"] = mix
+
+    def global_mixing() -> dict[str, Any]:
+        # One kNN graph over all rows (sampled queries above EXACT_MAX) for kBET and iLISI.
+        if pd.Series(batch).nunique() < 2:
+            return {"kbet": M.kbet(x, batch), "ilisi": M.ilisi(x, batch)}
+        k_kbet = M.mixing.default_kbet_k(batch)
+        rows = M.neighbours.sample_rows(len(x), nq, seed)
+        graph = M.neighbor_graph(x, max(k_kbet - 1, M.mixing.LISI_K), query_indices=rows)
+        return {"kbet": M.kbet(x, batch, graph=graph), "ilisi": M.ilisi(x, batch, graph=graph)}
+
+    glob = run("kbet", log("kBET + iLISI", global_mixing))
+    if glob is not None:
+        r = glob["kbet"]
+        if mix is not None:
+            r["per_treatment_mean"] = mix["kbet"]
+            r["per_treatment_n"] = mix["n_treatments"]
+            r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
+        out["kbet"] = r
+        out["ilisi"] = glob["ilisi"]
+    else:
+        out["kbet"] = None
+
+    def silhouettes() -> dict[str, Any]:
+        # Exact up to SILHOUETTE_EXACT_MAX rows; beyond, a seeded sample of query rows scored
+        # against all rows (O(sample * n) instead of O(n^2)).
+        kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
+        kw["seed"] = seed
+        s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
+        b = M.batch_silhouette_score(x, batch, **kw)
+        s["batch_1_minus_abs"] = b["score"]
+        s["batch"] = b["silhouette"]
+        nc = ~ctrl
+        s["treatment"] = (
+            M.silhouette(x[nc], treat[nc], **kw) if _n_labels_ok(treat[nc]) else float("nan")
+        )
+        if has_moa:
+            moa_ok = nc & meta["moa"].notna().to_numpy()
+            m = meta["moa"].astype(str).to_numpy()[moa_ok]
+            s["moa"] = M.silhouette(x[moa_ok], m, **kw) if _n_labels_ok(m) else float("nan")
+        return s
+
+    out["silhouette"] = run("silhouette", log("silhouettes", silhouettes))
+
+    def grit() -> dict[str, Any]:
+        if ctrl.sum() < 2:
+            return {"mean_grit": float("nan"), "note": "fewer than 2 control profiles"}
+        table = M.grit(x, meta, max_controls=GRIT_MAX_CONTROLS, seed=seed)
+        r = dict(M.grit_summary(table))
+        r["per_treatment"] = dict(zip(table["treatment"].astype(str), table["grit"]))
+        return r
+
+    out["grit"] = run("grit", log("GRIT", grit))
+
+    maps: dict[str, Any] = {}
+    map_kw = {"null_size": null_size, "seed": seed}
+    map_kw["max_queries"] = None if len(x) <= EXACT_MAX else MAP_QUERY_SAMPLE
+    map_kw["max_null_elems"] = MAP_NULL_BUDGET
+    for aware in (False, True):
+        suffix = "_batch_aware" if aware else ""
+        if ctrl.any() and (~ctrl).any():
+            maps[f"replicate{suffix}"] = run(
+                f"map.replicate{suffix}",
+                log(
+                    f"replicate mAP{suffix}",
+                    lambda a=aware: M.replicate_map(x, meta, a, **map_kw)[0],
+                ),
+            )
+        if has_moa:
+            maps[f"moa{suffix}"] = run(
+                f"map.moa{suffix}",
+                log(f"MoA mAP{suffix}", lambda a=aware: M.moa_map(x, meta, a, **map_kw)[0]),
+            )
+    out["map"] = maps
+    out["batch_classifier"] = run(
+        "batch_classifier",
+        log("batch classifier", lambda: M.batch_classifier_accuracy(x, batch, seed=seed)),
+    )
+    return out
+
+
+def evaluate_features(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    train_mask: np.ndarray | None = None,
+    test_mask: np.ndarray | None = None,
+    *,
+    eval_mask: np.ndarray | None = None,
+    k: int = 10,
+    null_size: int = 2000,
+    seed: int = 0,
+    variants: tuple[str, ...] = VARIANTS,
+    timer: Timer | None = None,
+    name: str = "features",
+    verbose: bool | None = None,
+) -> dict[str, Any]:
+    """All metrics of one feature set: ``{"raw": {...}, "plate_normalized": {...}, "n": ...}``.
+
+    ``meta`` holds the canonical columns (``plate, well, batch, treatment, is_control``; ``moa``
+    and ``compound`` where known), one row per profile. Classification needs both masks
+    (training rows, held-out rows); the other metrics run on ``eval_mask`` (default: the test
+    rows, or all rows without a split). Failed metrics are listed under ``errors``.
+
+    ``verbose`` (default: on above ``EXACT_MAX`` profiles) prints one line per metric with its
+    wall time to stderr. Each variant also gets ``aggregate``, the scib-style overall score
+    (:func:`aggregate_scores`).
+    """
+    x = np.asarray(features, dtype=np.float32)
+    n = x.shape[0]
+    if n == 0 or x.ndim != 2 or x.shape[1] == 0:
+        raise CdclError(f"{name}: empty feature set (shape {x.shape}); nothing to evaluate")
+    if len(meta) != n:
+        raise ValueError(f"{n} profiles but {len(meta)} metadata rows")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise CdclError(
+            f"{name}: {bad} profiles contain NaN or infinite values; drop or impute them"
+        )
+    meta = meta.reset_index(drop=True)
+    timer = timer or Timer()
+    all_rows = np.ones(n, dtype=bool)
+    test = all_rows if test_mask is None else np.asarray(test_mask, bool)
+    train = None if train_mask is None else np.asarray(train_mask, bool)
+    ev = (
+        (test if test_mask is not None else all_rows)
+        if eval_mask is None
+        else np.asarray(eval_mask, bool)
+    )
+    errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}  # metric -> why the rows cannot support it
+    out: dict[str, Any] = {
+        "n": {
+            "profiles": n,
+            "dims": int(x.shape[1]),
+            "train": int(train.sum()) if train is not None else 0,
+            "test": int(test.sum()),
+            "eval": int(ev.sum()),
+            "eval_batches": int(meta.loc[ev, "batch"].nunique()),
+        }
+    }
+    if verbose is None:
+        verbose = n > EXACT_MAX
+    for variant in variants:
+        log = _Log(bool(verbose), f"{name} {variant}")
+        with timer(f"{name}.{variant}"):
+            if variant == "raw":
+                xv = x
+            elif variant == "plate_normalized":
+                xv = plate_normalize(x, meta)
+            else:
+                raise ValueError(f"unknown variant {variant!r}")
+            res: dict[str, Any] = {}
+            if train is not None and train.any():
+                res["classification"] = _safe(
+                    errors,
+                    f"{variant}.classification",
+                    lambda xv=xv, log=log: _classification(xv, meta, train, test, k, seed, log),
+                )
+                why = classification_unavailable(meta, train, test)
+                if why:
+                    skipped[f"{variant}.classification"] = why
+            sub_meta = meta.loc[ev].reset_index(drop=True)
+            xe = xv if ev.all() else xv[ev]  # no copy of the whole table when scoring every row
+            res.update(_unsupervised(xe, sub_meta, null_size, seed, errors, variant, skipped, log))
+            res["aggregate"] = aggregate_scores(res)
+            out[variant] = res
+    first = out.get(variants[0], {}) if variants else {}
+    mix = first.get("mixing_per_treatment") or {}
+    if mix.get("n_single_batch"):
+        shown = ", ".join(mix["single_batch_treatments"][:5])
+        more = " ..." if mix["n_single_batch"] > 5 else ""
+        print(
+            f"note: {name}: {mix['n_single_batch']} treatment(s) occur in only one evaluated "
+            f"batch ({shown}{more}); left out of the per-treatment mixing metrics",
+            file=sys.stderr,
+        )
+    if errors:
+        out["errors"] = errors
+    if skipped:
+        out["unavailable"] = skipped
+    return out
+
+
+def _get(d: Any, *path: str) -> float:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return float("nan")
+        d = d[key]
+    return float(d) if isinstance(d, (int, float)) else float("nan")
+
+
+def aggregate_scores(res: dict[str, Any]) -> dict[str, Any]:
+    """scib-style overall score of one variant: 0.4 x batch-mixing mean + 0.6 x biology mean.
+
+    Batch-mixing components (all per treatment, so that design imbalance cannot pass for a
+    batch effect): kBET acceptance, scaled iLISI, 1 - |batch silhouette| and graph
+    connectivity (:func:`cdcl.evaluate.metrics.mixing_per_treatment`). Biology components:
+    NSC and NSCB (MoA of the nearest other compound, the latter across batches), MoA
+    retrieval mAP, and held-out treatment accuracy of the weighted kNN classifier (where a
+    train/test split exists). Each is in [0, 1] with 1 = best; missing ones are dropped and
+    named (``dropped``). Batch-classifier accuracy is left out: its chance level depends on
+    the batch sizes, so it is not on the [0, 1] best-is-1 scale of the others.
+    """
+    mix = ("mixing_per_treatment",)
+    batch = {
+        "kbet_per_treatment": _get(res, *mix, "kbet"),
+        "ilisi_per_treatment": _get(res, *mix, "ilisi"),
+        "batch_silhouette_per_treatment": _get(res, *mix, "batch_silhouette"),
+        "graph_connectivity": _get(res, *mix, "graph_connectivity"),
+    }
+    bio = {
+        "nsc": _get(res, "moa_matching", "nsc"),
+        "nscb": _get(res, "moa_matching", "nscb"),
+        "moa_map": _get(res, "map", "moa", "map"),
+        "treatment_knn_accuracy": _get(res, "classification", "knn", "accuracy"),
+    }
+    return M.scib_aggregate(batch, bio)
+
+
+def online_probe_scores(
+    probe: Any,
+    image_features: np.ndarray,
+    treatments: np.ndarray,
+    label_of: dict[str, int],
+    mask: np.ndarray,
+) -> dict[str, Any]:
+    """Accuracy and macro F1 of the checkpoint's online linear probe on the masked images."""
+
+    t = np.asarray(treatments).astype(str)
+    keep = np.asarray(mask, bool) & np.isin(t, list(label_of))
+    if not keep.any():
+        return {
+            "note": "online probe: needs held-out images of a treatment seen in training; have 0",
+            "n_test": 0,
+        }
+    classes = np.empty(max(label_of.values()) + 1, dtype=object)
+    for name, i in label_of.items():
+        classes[i] = name
+    preds = []
+    with torch.inference_mode():
+        probe.eval()
+        for a in range(0, int(keep.sum()), 4096):
+            block = torch.from_numpy(image_features[keep][a : a + 4096])
+            preds.append(probe(block).argmax(dim=1).cpu().numpy())
+    pred = classes[np.concatenate(preds)].astype(str)
+    out: dict[str, Any] = dict(M.classification_scores(t[keep], pred))
+    out["n_test"] = int(keep.sum())
+    return out
+
+
+def file_sha256(path: str | Path, n_hex: int = 16) -> str:
+    """First ``n_hex`` hex digits of a file's SHA-256."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:n_hex]
+
+
+def base_results(kind: str, **fields: Any) -> dict[str, Any]:
+    """The common header of a results.json."""
+    return {
+        "results_version": RESULTS_VERSION,
+        "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "protocol": PROTOCOL,
+        **fields,
+    }
+
+
+def corrected_sets(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    corrections: tuple[str, ...],
+    *,
+    seed: int,
+    timer: Timer,
+    name: str,
+) -> dict[str, np.ndarray]:
+    """``{"<name>+<correction>": profiles}``: each post-hoc correction of one feature set, timed."""
+
+    out: dict[str, np.ndarray] = {}
+    for c in corrections:
+        with timer(f"{name}+{c}.fit"):
+            out[f"{name}+{c}"] = apply_corrections(
+                x,
+                meta["batch"].astype(str).to_numpy(),
+                meta["is_control"].to_numpy(bool),
+                (c,),
+                seed=seed,
+            )[c]
+    return out
+
+
+def protocol_with(corrections: tuple[str, ...]) -> dict[str, str]:
+    """PROTOCOL, plus the transductive-fit statement when post-hoc corrections were scored."""
+    if not corrections:
+        return PROTOCOL
+
+    return {**PROTOCOL, "corrections": TRANSDUCTIVE_NOTE}
+
+
+def split_masks(samples: pd.DataFrame, split: pd.Series) -> dict[str, Any]:
+    """Train/test batch lists of a split (per image)."""
+    s = split.astype(str).to_numpy()
+    b = samples["batch"].astype(str).to_numpy()
+    return {
+        "train_batches": sorted(set(b[s == "train"])),
+        "val_batches": sorted(set(b[s == "val"])),
+        "test_batches": sorted(set(b[s == "test"])),
+    }
