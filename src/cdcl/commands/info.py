@@ -25,6 +25,7 @@ def _store_bytes(path: Path) -> int:
 def summarize(path: Path, deep: bool = False) -> str:
     """The text `cdcl info` prints; raises DatasetError when the directory is invalid."""
     from cdcl.data.dataset_dir import IMAGES_DIR, open_dataset, validate
+    from cdcl.data.design import design_summary
     from cdcl.data.split_check import split_summary
 
     info = validate(path, deep=deep)
@@ -64,13 +65,8 @@ def summarize(path: Path, deep: bool = False) -> str:
     except CdclError as e:  # e.g. a single batch: nothing can be held out
         lines.append(f"held out    none ({e})")
     lines.append(f"store       {_store_bytes(path / IMAGES_DIR) / 2**20:.1f} MiB in {IMAGES_DIR}")
-    try:
-        from cdcl.data.design import design_summary
-    except ImportError:  # the design table arrives with the real-data adapters
-        design_summary = None
-    if design_summary is not None:
-        lines.append("")
-        lines.append(design_summary(ds))
+    lines.append("")
+    lines.append(design_summary(ds))
     lines.append("")
     lines.append(
         "validation  OK"
