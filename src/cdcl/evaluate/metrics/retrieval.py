@@ -393,6 +393,31 @@ def _unit_copy(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _map_of_rows(
+    x: np.ndarray,
+    keep: np.ndarray,
+    frame: pd.DataFrame,
+    *,
+    pos_sameby: list[str],
+    pos_diffby: list[str],
+    neg_diffby: list[str],
+    group_by: list[str],
+    **options: Any,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """mAP of the kept rows (one unit-norm float32 copy) with the given pair rules."""
+    return mean_average_precision(
+        _unit_copy(x, np.flatnonzero(keep)),
+        frame,
+        pos_sameby=pos_sameby,
+        pos_diffby=pos_diffby,
+        neg_sameby=[],
+        neg_diffby=neg_diffby,
+        group_by=group_by,
+        unit_rows=True,
+        **options,
+    )
+
+
 def replicate_map(
     features: ArrayLike,
     meta: pd.DataFrame,
@@ -429,21 +454,20 @@ def replicate_map(
     frame = frame.loc[keep].reset_index(drop=True)
     ctrl = _bool_column(frame, control_col)
     frame[_REF_COL] = np.where(ctrl, np.arange(len(frame)), -1)
-    return mean_average_precision(
-        _unit_copy(x, np.flatnonzero(keep)),
+    return _map_of_rows(
+        x,
+        keep,
         frame,
         pos_sameby=[treatment_col, _REF_COL],
         pos_diffby=[],
-        neg_sameby=[],
         neg_diffby=[treatment_col, _REF_COL],
-        null_size=null_size,
-        seed=seed,
+        group_by=[treatment_col],
         batch_aware=batch_aware,
         batch_col=batch_col,
-        group_by=[treatment_col],
+        null_size=null_size,
+        seed=seed,
         threshold=threshold,
         max_queries=max_queries,
-        unit_rows=True,
         max_null_elems=max_null_elems,
     )
 
@@ -483,20 +507,19 @@ def moa_map(
     keep &= frame[compound_col].notna().to_numpy()
     if batch_aware:
         keep &= frame[batch_col].notna().to_numpy()
-    return mean_average_precision(
-        _unit_copy(x, np.flatnonzero(keep)),
+    return _map_of_rows(
+        x,
+        keep,
         frame.loc[keep].reset_index(drop=True),
         pos_sameby=[moa_col],
         pos_diffby=[compound_col],
-        neg_sameby=[],
         neg_diffby=[moa_col],
-        null_size=null_size,
-        seed=seed,
+        group_by=[moa_col],
         batch_aware=batch_aware,
         batch_col=batch_col,
-        group_by=[moa_col],
+        null_size=null_size,
+        seed=seed,
         threshold=threshold,
         max_queries=max_queries,
-        unit_rows=True,
         max_null_elems=max_null_elems,
     )
