@@ -19,6 +19,7 @@ from cdcl.evaluate.report import (
     plot_training_curves,
     read_metrics_jsonl,
     table_html,
+    umap_coords,
 )
 from cdcl.evaluate.results import write_results
 from cdcl.evaluate.score import base_results, evaluate_features
@@ -126,3 +127,17 @@ def test_compare_rejects_missing_results(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "results.json" in r.stderr
+
+
+def test_umap_leaves_torch_thread_count_alone() -> None:
+    """UMAP (numba's OpenMP layer shares torch's libgomp) must not change torch's thread count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        xy = umap_coords(np.random.default_rng(0).normal(size=(60, 8)), seed=0, n_epochs=20)
+        assert xy.shape == (60, 2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

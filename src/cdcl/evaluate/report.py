@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import umap
 
 from cdcl.data.dataset_dir import atomic_write_text
@@ -137,6 +138,11 @@ def umap_coords(
         k = min(2, u.shape[1])
         out[:, :k] = u[:, :k] * s[:k]
         return out
+    # numba's OpenMP layer shares torch's libgomp: UMAP's numba.set_num_threads(...) and its
+    # restore to numba's default (every core) would leave torch on every core, and a later
+    # training step in this process (demo, study) oversubscribed (measured 5x slower next to
+    # another job with OMP_NUM_THREADS=1). Torch's count is put back afterwards.
+    torch_threads = torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs overridden by random_state, etc.
         reducer = umap.UMAP(
@@ -146,7 +152,10 @@ def umap_coords(
             init="pca" if n < 4000 else "spectral",
             metric="euclidean",
         )
-        return reducer.fit_transform(x).astype(np.float32)
+        try:
+            return reducer.fit_transform(x).astype(np.float32)
+        finally:
+            torch.set_num_threads(torch_threads)
 
 
 def _colour_axes(ax: Any, xy: np.ndarray, labels: pd.Series, title: str, grey: Any = None) -> None:
