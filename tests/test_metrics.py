@@ -679,3 +679,19 @@ def test_memory_bounded_on_50k_profiles():
     assert abs(s) < 0.05  # random labels on noise
     # A dense 50k x 50k float32 matrix alone would be 9.3 GiB.
     assert peak < 512 * 2**20, f"peak traced memory {peak / 2**20:.0f} MiB"
+
+
+def test_label_isin_matches_numpy_on_labels() -> None:
+    """The hashed membership test gives np.isin's answer on string, object and integer labels."""
+    from cdcl.evaluate.metrics._inputs import label_isin
+
+    rng = np.random.default_rng(0)
+    words = np.array([f"cmpd_{i:03d}" for i in rng.integers(0, 40, 500)])
+    allowed = words[rng.random(500) < 0.3]
+    for values, ref in (
+        (words, allowed),
+        (words.astype(object), allowed.astype(object)),
+        (rng.integers(0, 40, 300), np.arange(0, 40, 3)),
+    ):
+        assert np.array_equal(label_isin(values, ref), np.isin(values, ref))
+    assert not label_isin(np.array(["a"]), np.array([], dtype=object)).any()

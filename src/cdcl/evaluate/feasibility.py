@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from cdcl.evaluate.metrics._inputs import label_isin
+
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}es" if word.endswith("ch") else f"{n} {word}s"
@@ -129,7 +131,7 @@ def classification_unavailable(
             f"the training batches and some in the held-out batches; have {int(tr.sum())} "
             f"training ({np.unique(y[tr]).size} treatments) and {int(te.sum())} held-out"
         )
-    known = np.isin(y[te], y[tr])
+    known = label_isin(y[te], y[tr])
     if not known.any():
         return (
             "treatment accuracy (logistic, kNN): needs held-out treatments that the training "

@@ -33,6 +33,7 @@ from cdcl.errors import CdclError
 from cdcl.evaluate import metrics as M
 from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE, apply_corrections
 from cdcl.evaluate.feasibility import classification_unavailable, unavailable
+from cdcl.evaluate.metrics._inputs import label_isin
 from cdcl.evaluate.profiles import plate_normalize
 from cdcl.evaluate.results import versions
 
@@ -166,7 +167,7 @@ def _classification(
     if tr.sum() < 2 or te.sum() < 1 or np.unique(y[tr]).size < 2:
         out["note"] = "too few training or test wells with treatments"
         return out
-    if not np.isin(y[te], y[tr]).any():
+    if not label_isin(y[te], y[tr]).any():
         # Nothing to learn across batches (e.g. BBBC021: each treatment on one week only).
         out["note"] = "no held-out treatment occurs in the training batches"
         return out
@@ -453,7 +454,7 @@ def online_probe_scores(
     """Accuracy and macro F1 of the checkpoint's online linear probe on the masked images."""
 
     t = np.asarray(treatments).astype(str)
-    keep = np.asarray(mask, bool) & np.isin(t, list(label_of))
+    keep = np.asarray(mask, bool) & label_isin(t, list(label_of))
     if not keep.any():
         return {
             "note": "online probe: needs held-out images of a treatment seen in training; have 0",

@@ -24,6 +24,7 @@ from cdcl.evaluate.metrics._inputs import (
     _codes,
     _features,
     _labels,
+    label_isin,
 )
 
 
@@ -91,7 +92,7 @@ def logistic_probe_accuracy(
         clf.fit(scaler.transform(tr), ytr)
         pred = clf.predict(scaler.transform(te))
     out: dict[str, float] = dict(classification_scores(yte, pred))
-    unseen = ~np.isin(yte, classes)
+    unseen = ~label_isin(yte, classes)
     out["n_test_unseen_label"] = int(unseen.sum())
     out["n_unseen_classes"] = int(np.unique(yte[unseen]).size)
     out["n_train"] = int(tr.shape[0])

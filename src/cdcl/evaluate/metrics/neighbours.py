@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from cdcl.evaluate.metrics._inputs import _features, _labels
+from cdcl.evaluate.metrics._inputs import _features, _labels, label_isin
 from cdcl.evaluate.metrics.classification import classification_scores
 
 __all__ = [
@@ -375,7 +375,7 @@ def weighted_knn_accuracy(
     pred = classes[pred_codes]
     out: dict[str, float] = dict(classification_scores(yte, pred))
     out["k"] = k_eff
-    out["n_test_unseen_label"] = int((~np.isin(yte, classes)).sum())
+    out["n_test_unseen_label"] = int((~label_isin(yte, classes)).sum())
     out["n_queries"] = int(te.shape[0])
     acc = out["accuracy"]
     sampled = keep.size < int(np.asarray(test_y).shape[0])
