@@ -37,6 +37,15 @@ def load(dirs: list[Path], variant: str) -> list[dict[str, dict[str, object]]]:
     return out
 
 
+def _ci_verdict(d: dict[str, object]) -> str:
+    """Whether the 95% CI of the difference holds 0 (identical figures count as holding it)."""
+    if d["mean_diff"] == 0 and (d["n"] < 2 or d["sd_diff"] == 0):
+        return "identical"
+    if d["n"] < 2:
+        return "n < 2"
+    return "CI holds 0" if d["ci_low"] <= 0 <= d["ci_high"] else "CI excludes 0"
+
+
 def compare(
     before: list[dict[str, dict[str, object]]],
     after: list[dict[str, dict[str, object]]],
@@ -62,7 +71,7 @@ def compare(
                     f"{d['mean_diff']:+.3f}",
                     f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]",
                     f"{d['p']:.2g}",
-                    "CI holds 0" if d["ci_low"] <= 0 <= d["ci_high"] else "CI excludes 0",
+                    _ci_verdict(d),
                 ]
             )
     return lines
