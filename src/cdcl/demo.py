@@ -43,6 +43,7 @@ from cdcl.evaluate.report import (
 )
 from cdcl.evaluate.results import to_jsonable, versions
 from cdcl.evaluate.sources import random_like_run
+from cdcl.parquet import read_parquet
 from cdcl.train.checkpoint import load_for_eval
 from cdcl.train.loop import train
 
@@ -155,7 +156,7 @@ def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
     if out.exists() and not spec.fresh:
         try:
             validate(out)
-            built = pd.read_parquet(out / "samples.parquet", columns=["plate", "split"])
+            built = read_parquet(out / "samples.parquet", columns=["plate", "split"])
             if set(built.loc[built["split"] == "test", "plate"].astype(str)) == test_plates:
                 return out
             shutil.rmtree(out)  # built for another fold

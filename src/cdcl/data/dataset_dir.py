@@ -35,6 +35,7 @@ from cdcl.atomic import (  # noqa: F401  (atomic_write_* are also imported from 
     disk_full_error,
 )
 from cdcl.errors import DatasetError
+from cdcl.parquet import read_parquet, write_parquet
 
 FORMAT_VERSION = 1
 INFO_FILE = "dataset.json"
@@ -116,7 +117,7 @@ def partial_dir(out: Path) -> Path:
 def atomic_write_parquet(df: pd.DataFrame, path: Path) -> None:
     """Write a DataFrame as Parquet atomically (a full disk leaves the previous file intact)."""
     with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
+        write_parquet(df, tmp)
 
 
 class DatasetWriter:
@@ -397,7 +398,7 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
     if not samples_file.exists():
         raise DatasetError(f"{samples_file}: not found; rebuild the dataset")
     try:
-        samples = pd.read_parquet(samples_file)
+        samples = read_parquet(samples_file)
     except Exception as e:
         raise DatasetError(
             f"{samples_file}: unreadable Parquet ({type(e).__name__}); rebuild the dataset"
@@ -429,7 +430,7 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
     stats_file = path / PLATE_STATS_FILE
     if not stats_file.exists():
         raise DatasetError(f"{stats_file}: not found; rebuild the dataset")
-    stats = pd.read_parquet(stats_file)
+    stats = read_parquet(stats_file)
     for col in ("plate", "channel", "mean", "std"):
         if col not in stats.columns:
             raise DatasetError(f"{stats_file}: column `{col}` missing; rebuild the dataset")
@@ -464,9 +465,9 @@ class Dataset:
         self.path = Path(path)
         self.info = validate(self.path) if validate_on_open else _read_info(self.path)
         self.samples = (
-            pd.read_parquet(self.path / SAMPLES_FILE).sort_values("image").reset_index(drop=True)
+            read_parquet(self.path / SAMPLES_FILE).sort_values("image").reset_index(drop=True)
         )
-        self.plate_stats = pd.read_parquet(self.path / PLATE_STATS_FILE)
+        self.plate_stats = read_parquet(self.path / PLATE_STATS_FILE)
         self._array: Any = None
         self._pid: int | None = None
         self._mean, self._std = self._stats_per_image()

@@ -21,6 +21,7 @@ import pandas as pd
 
 from cdcl.data.build import ArrayFields, BuildReport, FileFields, build_dataset, jsonable
 from cdcl.errors import CdclError
+from cdcl.parquet import read_parquet
 
 
 def read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
@@ -30,7 +31,7 @@ def read_table(path: Path, sep: str | None = None) -> pd.DataFrame:
         raise CdclError(f"{path}: file not found; pass the samples table with --samples")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
+            return read_parquet(path)
         if sep is None:
             sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
         return pd.read_csv(path, sep=sep, low_memory=False)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from cdcl.data.views import center_view
 from cdcl.errors import CdclError
+from cdcl.parquet import read_parquet, write_parquet
 
 # Metadata carried from samples.parquet into profiles, in export order.
 META_COLUMNS = (
@@ -297,7 +298,7 @@ def to_parquet(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
-    profile_table(features, meta).to_parquet(tmp, index=False)
+    write_parquet(profile_table(features, meta), tmp)
     os.replace(tmp, path)
     return path
 
@@ -352,7 +353,7 @@ def read_profile_table(path: str | Path) -> pd.DataFrame:
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):
-            return pd.read_parquet(path)
+            return read_parquet(path)
         if name.endswith((".csv", ".csv.gz")):
             return pd.read_csv(path)
         if name.endswith((".tsv", ".tsv.gz", ".txt")):
