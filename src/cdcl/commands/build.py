@@ -132,7 +132,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--control-query",
         required=True,
-        help="pandas query selecting negative controls, e.g. 'compound == \"DMSO\"'",
+        help="condition selecting negative controls, e.g. 'compound == \"DMSO\"' (column "
+        "comparisons ==, !=, <, >, <=, >=, in [...], joined with &, |, ~; nothing else)",
     )
     p.add_argument(
         "--control-treatment",

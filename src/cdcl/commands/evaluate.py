@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--well-col", help="well column (default Metadata_well)")
     g.add_argument(
         "--control-query",
-        help="pandas query selecting negative controls, e.g. \"Metadata_Compound == 'DMSO'\"",
+        help="condition selecting negative controls, e.g. \"Metadata_Compound == 'DMSO'\" "
+        "(column comparisons ==, !=, <, >, <=, >=, in [...], joined with &, |, ~; nothing else)",
     )
     g.add_argument(
         "--eval-on",

@@ -34,7 +34,8 @@ from cdcl.atomic import (  # noqa: F401  (atomic_write_* are also imported from 
     disk_full_cause,
     disk_full_error,
 )
-from cdcl.errors import DatasetError
+from cdcl.data.query import check_stored_query
+from cdcl.errors import CdclError, DatasetError
 from cdcl.parquet import read_parquet, write_parquet
 
 FORMAT_VERSION = 1
@@ -104,6 +105,12 @@ class DatasetInfo:
             raise DatasetError(
                 f"{where}: `channels` must be a non-empty list of channel names in order"
             )
+        args = (d.get("build") or {}).get("args") if isinstance(d.get("build"), dict) else None
+        if isinstance(args, dict):
+            try:
+                check_stored_query(args.get("control_query"), where, "build.args.control_query")
+            except CdclError as e:
+                raise DatasetError(str(e)) from None
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 

@@ -2,7 +2,7 @@
 
 Each table row is one image (a field of view or a single-cell crop). Columns are mapped by
 options (batch, plate, well, site, treatment, dose, MoA, ...); controls are the rows matching a
-pandas query (e.g. ``compound == "DMSO"``). Pixels come either from one file per channel, found
+control query (e.g. ``compound == "DMSO"``, grammar in cdcl.data.query). Pixels come either from one file per channel, found
 through a path template such as ``images/{plate}/{well}_s{site}_w{channel_index}.png``
 (placeholders: any column, ``{channel}`` = the channel's name, ``{channel_index}`` = its
 1-based position), or from one multi-channel array file (``--npz``) whose rows follow the
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from cdcl.data.build import ArrayFields, BuildReport, FileFields, build_dataset, jsonable
+from cdcl.data.query import query_mask
 from cdcl.errors import CdclError
 from cdcl.parquet import read_parquet
 
@@ -58,17 +59,8 @@ def format_treatment(compound: Any, dose: Any) -> str:
 
 
 def control_mask(df: pd.DataFrame, query: str, where: str) -> np.ndarray:
-    """Rows matching a pandas query such as ``compound == "DMSO"``."""
-    try:
-        mask = df.eval(query, engine="python")
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CdclError(
-            f"--control-query {query!r}: cannot be evaluated on {where} ({msg})"
-        ) from None
-    if not isinstance(mask, pd.Series) or not pd.api.types.is_bool_dtype(mask):
-        raise CdclError(f"--control-query {query!r}: must be a condition (True/False per row)")
-    return mask.to_numpy(bool)
+    """Rows matching a control query such as ``compound == "DMSO"`` (see cdcl.data.query)."""
+    return query_mask(df, query, option=f"--control-query (on {where})")
 
 
 def template_fields(template: str) -> list[str]:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from cdcl.data.query import query_mask
 from cdcl.errors import CdclError
 from cdcl.evaluate.metrics._inputs import _codes, _features, _labels
 
@@ -97,7 +98,7 @@ def resolve_table_meta(
     defaults to ``Metadata_batch`` and then to the plate; ``batch_pattern`` is a regular
     expression whose first group (or whole match) is taken from the batch column's values
     (e.g. ``^(Week\\d+)`` turns BBBC021 plates into imaging weeks). Controls come from
-    ``control_query`` (a ``DataFrame.query`` expression on the table), else a boolean
+    ``control_query`` (a control query on the table's columns, see cdcl.data.query), else a boolean
     ``Metadata_is_control`` column, else treatments/compounds named like DMSO.
     """
     t = meta_table.reset_index(drop=True)
@@ -155,15 +156,7 @@ def resolve_table_meta(
 def control_mask(table: pd.DataFrame, canon: pd.DataFrame, query: str | None) -> np.ndarray:
     """Boolean control flag per row: the query, a Metadata_is_control column, or DMSO-like names."""
     if query:
-        try:
-            hit = table.query(query, engine="python")
-        except Exception as e:
-            raise CdclError(
-                f"--control-query {query!r}: cannot evaluate ({type(e).__name__}: {e})"
-            ) from None
-        mask = np.zeros(len(table), dtype=bool)
-        mask[table.index.get_indexer(hit.index)] = True
-        return mask
+        return query_mask(table, query)
     col = _find_column([str(c) for c in table.columns], "Metadata_is_control")
     if col is not None:
         v = table[col]

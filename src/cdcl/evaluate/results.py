@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cdcl.data.dataset_dir import atomic_write_text
+from cdcl.data.query import check_stored_query
 from cdcl.errors import CdclError
 
 RESULTS_FILE = "results.json"
@@ -73,6 +74,11 @@ def read_results(path: str | Path) -> dict[str, Any]:
     if not f.is_file():
         raise CdclError(f"{f}: not found; run `cdcl evaluate` first")
     try:
-        return json.loads(f.read_text())
+        results = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CdclError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    source = results.get("source") if isinstance(results, dict) else None
+    columns = source.get("columns") if isinstance(source, dict) else None
+    if isinstance(columns, dict):
+        check_stored_query(columns.get("control_query"), str(f), "source.columns.control_query")
+    return results
