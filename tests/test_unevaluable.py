@@ -151,11 +151,10 @@ def test_evaluate_with_nothing_to_score_says_why_and_exits_2(
     assert any("treatment accuracy" in ln for ln in notes)
     assert lines[-1].startswith("cdcl evaluate: error: no metric could be computed")
     assert "--split N" in lines[-1] and "--level image" in lines[-1]
-    results = json.loads((tmp_path / "ev" / "results.json").read_text())
-    reasons = results["feature_sets"]["cdcl"]["unavailable"]
-    assert reasons["raw.kbet"].startswith("kBET: needs")
-    report = (tmp_path / "ev" / "report.html").read_text()
-    assert "Metrics not computed" in report and "kBET: needs &gt;= 3 profiles" in report
+    # Refused before writing: an earlier results.json or report.html would have been kept.
+    assert "nothing was written" in lines[-1]
+    assert not (tmp_path / "ev" / "results.json").exists()
+    assert not (tmp_path / "ev" / "report.html").exists()
 
 
 def _figures(path: Path) -> dict:

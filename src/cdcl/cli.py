@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except CdclError as e:
-        print(f"cdcl {args.command}: error: {e}", file=sys.stderr)
+        print(f"cdcl {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cdcl {args.command}: interrupted", file=sys.stderr)
@@ -54,3 +54,21 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def one_line(error: CdclError) -> str:
+    """The user-facing message of ``error``, without the traceback a DataLoader worker adds.
+
+    torch re-raises an exception from a loader worker as the same type whose message is
+    "Caught X in DataLoader worker process N." plus the worker's traceback; the original
+    message is the traceback's last line, after the exception's name.
+    """
+    text = str(error)
+    if text.startswith("Caught ") and "\n" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        name = type(error).__name__
+        for prefix in (f"{type(error).__module__}.{name}: ", f"{name}: "):
+            if last.startswith(prefix):
+                return last[len(prefix) :]
+        return last
+    return text

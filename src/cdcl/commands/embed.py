@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         write_image_profiles,
         write_well_profiles,
     )
-    from cdcl.evaluate.sources import resolve_source
+    from cdcl.evaluate.sources import check_channels, resolve_source
     from cdcl.train import distributed as D
 
     out = Path(args.out)
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.source}: the checkpoint's dataset {path} is not found; pass --data"
             )
         ds = open_dataset(path)
+    check_channels(src, ds, args.source)
     samples = ds.samples
     number = args.split_number
     if args.split == "all":

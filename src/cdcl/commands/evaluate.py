@@ -82,6 +82,21 @@ def run(args: argparse.Namespace) -> int:
     from cdcl.evaluate.results import read_results
     from cdcl.evaluate.table import evaluate_table
 
+    def refuse_empty(results: dict[str, Any]) -> None:
+        # Called before anything is written: an earlier results.json in --out stays intact.
+        if any_figure(results):
+            return
+        lines = why_missing(results)
+        for line in lines:
+            print(f"cdcl evaluate: note: {line}", file=sys.stderr)
+        first = lines[0] if lines else "every metric came out empty"
+        level = "" if args.features is not None or args.level == "image" else "; or --level image"
+        raise CdclError(
+            f"no metric could be computed on the held-out profiles ({first}); evaluate a fold "
+            f"whose held-out batches carry treatments the training batches have (--split N){level}"
+            "; nothing was written"
+        )
+
     corrections: tuple[str, ...] = ()
     if args.correct is not None:
         from cdcl.evaluate.correction import parse_corrections
@@ -112,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             umap=not args.no_umap,
             name=args.name,
+            before_write=refuse_empty,
         )
     else:
         if args.run is None:
@@ -129,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             umap=not args.no_umap,
             level=args.level,
+            before_write=refuse_empty,
         )
     results = read_results(path)
     table = metrics_table(results)
@@ -143,16 +160,8 @@ def run(args: argparse.Namespace) -> int:
         print(protocol_with(corrections)["corrections"])
     print(f"results: {path}")
     print(f"report:  {path.parent / 'report.html'}")
-    lines = why_missing(results)
-    for line in lines:
+    for line in [*((results.get("source") or {}).get("notes") or []), *why_missing(results)]:
         print(f"cdcl evaluate: note: {line}", file=sys.stderr)
-    if not any_figure(results):
-        first = lines[0] if lines else "every metric came out empty"
-        level = "" if args.features is not None or args.level == "image" else "; or --level image"
-        raise CdclError(
-            f"no metric could be computed on the held-out profiles ({first}); evaluate a fold "
-            f"whose held-out batches carry treatments the training batches have (--split N){level}"
-        )
     return 0
 
 

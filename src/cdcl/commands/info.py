@@ -24,7 +24,7 @@ def _store_bytes(path: Path) -> int:
 
 def summarize(path: Path, deep: bool = False) -> str:
     """The text `cdcl info` prints; raises DatasetError when the directory is invalid."""
-    from cdcl.data.dataset_dir import IMAGES_DIR, open_dataset, validate
+    from cdcl.data.dataset_dir import IMAGES_DIR, has_checksums, open_dataset, validate
     from cdcl.data.design import design_summary
     from cdcl.data.split_check import split_summary
 
@@ -65,6 +65,16 @@ def summarize(path: Path, deep: bool = False) -> str:
     except CdclError as e:  # e.g. a single batch: nothing can be held out
         lines.append(f"held out    none ({e})")
     lines.append(f"store       {_store_bytes(path / IMAGES_DIR) / 2**20:.1f} MiB in {IMAGES_DIR}")
+    if has_checksums(ds.array):
+        lines.append(
+            "checksums   crc32c per image chunk, verified on every read"
+            + (" (all verified)" if deep else "")
+        )
+    else:
+        lines.append(
+            "checksums   none (store written before chunk checksums): a changed byte may decode "
+            "to wrong pixels unnoticed; rebuild the dataset to add them"
+        )
     lines.append("")
     lines.append(design_summary(ds))
     lines.append("")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cdcl.atomic import (  # noqa: F401  (atomic_write_* are also imported from here)
     atomic_path,
@@ -168,7 +168,12 @@ class DatasetWriter:
                 shape=(info.n_images, len(info.channels), h, w),
                 chunks=(1, len(info.channels), h, w),
                 dtype=info.dtype,
-                compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+                # crc32c after compression: a changed byte anywhere in a chunk file fails the
+                # read instead of decoding to wrong pixels.
+                compressors=(
+                    BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+                    Crc32cCodec(),
+                ),
                 fill_value=0,
             )
             self.done = np.zeros(info.n_images, dtype=bool)
@@ -346,6 +351,48 @@ def compute_plate_stats(
     return pd.DataFrame(rows)
 
 
+def has_checksums(array: Any) -> bool:
+    """True when every chunk of the zarr array carries a crc32c checksum verified on read."""
+    codecs = getattr(array.metadata, "codecs", ())
+    return any(isinstance(c, Crc32cCodec) for c in codecs)
+
+
+def chunk_file(store: Path, array: Any, index: int) -> Path:
+    """The file holding image ``index`` (one chunk per image) in the store directory."""
+    return Path(store) / array.metadata.encode_chunk_key((int(index), 0, 0, 0))
+
+
+def image_read_error(store: Path, array: Any, index: int, exc: BaseException) -> DatasetError:
+    """The one-line error for an image whose chunk cannot be read or fails its checksum."""
+    text = str(exc)
+    if "checksum do not match" in text:
+        why = "checksum mismatch: the file changed after it was written"
+    elif isinstance(exc, FileNotFoundError):
+        why = "file missing"
+    else:
+        why = f"corrupted chunk, {type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return DatasetError(
+        f"{store}: image {int(index)} cannot be read ({why}); file {chunk_file(store, array, index)}; "
+        "rebuild the dataset (or restore that file)"
+    )
+
+
+def read_checked(store: Path, array: Any, indices: np.ndarray) -> np.ndarray:
+    """:func:`read_images`, with a failing chunk reported as a DatasetError naming image and file."""
+    try:
+        return read_images(array, indices)
+    except Exception as e:
+        if disk_full_cause(e) is not None:
+            raise
+        # Find the first image that fails on its own, to name it.
+        for i in np.unique(np.asarray(indices, dtype=np.int64)):
+            try:
+                array[int(i)]
+            except Exception as inner:
+                raise image_read_error(store, array, int(i), inner) from None
+        raise
+
+
 def read_images(array: Any, indices: np.ndarray) -> np.ndarray:
     """Read images at arbitrary indices with one vectorised zarr call (order preserved)."""
     indices = np.asarray(indices, dtype=np.int64)
@@ -459,9 +506,7 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
             try:
                 arr[i]
             except Exception as e:
-                raise DatasetError(
-                    f"{store}: image {i} cannot be decoded ({type(e).__name__}: corrupted chunk); rebuild"
-                ) from None
+                raise image_read_error(store, arr, i, e) from None
     return info
 
 
@@ -507,11 +552,16 @@ class Dataset:
 
     def read(self, index: int) -> np.ndarray:
         """One image (C, H, W) in its stored dtype."""
-        return np.asarray(self.array[int(index)])
+        try:
+            return np.asarray(self.array[int(index)])
+        except Exception as e:
+            if disk_full_cause(e) is not None:
+                raise
+            raise image_read_error(self.path / IMAGES_DIR, self.array, int(index), e) from None
 
     def read_many(self, indices: np.ndarray | list[int]) -> np.ndarray:
         """Images (n, C, H, W) at the given indices, in that order."""
-        return read_images(self.array, np.asarray(indices))
+        return read_checked(self.path / IMAGES_DIR, self.array, np.asarray(indices))
 
     def _stats_per_image(self) -> tuple[np.ndarray, np.ndarray]:
         st = self.plate_stats.assign(plate=self.plate_stats["plate"].astype(str))

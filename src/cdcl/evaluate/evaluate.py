@@ -31,7 +31,7 @@ from cdcl.evaluate.score import (
     protocol_with,
     split_masks,
 )
-from cdcl.evaluate.sources import random_like_run, resolve_source
+from cdcl.evaluate.sources import check_channels, random_like_run, resolve_source
 
 
 def evaluate_images(
@@ -174,15 +174,21 @@ def evaluate_run(
     umap: bool = True,
     progress: bool = True,
     level: str = "well",
+    before_write: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report.
 
     ``level="well"`` scores well profiles (mean over sites); ``"image"`` scores every image
     (single-cell crops such as BBBC021's, where a well holds one profile per plate).
+    ``before_write`` sees the results before anything but the embedding cache is written and
+    may refuse them (raise). A checkpoint file of another run is refused unless ``out`` says
+    where its results go (they would otherwise land in ``run``).
     """
 
     timer = Timer()
     run = Path(run)
+    if checkpoint not in ("best", "last"):
+        check_checkpoint_owner(run, Path(checkpoint), out)
     spec = checkpoint if checkpoint not in ("best", "last") else str(run)
     which = checkpoint if checkpoint in ("best", "last") else "best"
     with timer("load"):
@@ -194,6 +200,7 @@ def evaluate_run(
     if not Path(data_path).exists():
         raise CdclError(f"{data_path}: dataset not found; pass --data DIR")
     ds = open_dataset(data_path)
+    check_channels(src, ds, str(run))
     number = split_number if split_number is not None else getattr(em.config.data, "split", None)
     split = assign_split(ds.samples, ds.info.source, number)
     backbones: dict[str, Callable[[Any], Any]] = {src.name: src.backbone}
@@ -240,6 +247,8 @@ def evaluate_run(
             **results["protocol"],
             "profiles": "image level: one profile per image",
         }
+    if before_write is not None:
+        before_write(results)
     with timer("plots"):
         if umap or run.is_dir():
             make_plots(
@@ -252,3 +261,17 @@ def evaluate_run(
     write_results(results, out_dir)
     render_report(results, out_dir)
     return out_dir / RESULTS_FILE
+
+
+def check_checkpoint_owner(run: Path, checkpoint: Path, out: str | Path | None) -> None:
+    """Refuse writing results of a checkpoint from another run into ``run`` (without --out)."""
+    if not checkpoint.is_file():
+        raise CdclError(f"--checkpoint {checkpoint}: no such file (or use best / last)")
+    inside = checkpoint.resolve().is_relative_to(run.resolve())
+    if inside or out is not None:
+        return
+    raise CdclError(
+        f"--checkpoint {checkpoint} is not a checkpoint of {run}; its results would be written "
+        f"into {run}. Evaluate its own run (cdcl evaluate RUN_OF_THAT_CHECKPOINT --checkpoint "
+        "PATH), or pass --out DIR for its results"
+    )

@@ -86,3 +86,17 @@ def random_like_run(em: Any, dataset: Any, seed: int = 0) -> Callable[[Any], Any
     except (ImportError, AttributeError, TypeError):
         # No model factory / config: re-initialise a copy of the whole method instead.
         return random_backbone_like(em.method, seed=seed).embed
+
+
+def check_channels(source: Source, dataset: Any, where: str) -> None:
+    """Refuse a trained model on a dataset with another number of channels (one line)."""
+    if source.model is None:
+        return
+    trained = source.model.dataset.get("channels")
+    if not isinstance(trained, list) or len(trained) == len(dataset.channels):
+        return
+    raise CdclError(
+        f"{where}: the checkpoint was trained on {len(trained)} channels ({', '.join(trained)}) "
+        f"but {dataset.path} has {len(dataset.channels)} ({', '.join(dataset.channels)}); "
+        "embed a dataset with the channels the model was trained on"
+    )

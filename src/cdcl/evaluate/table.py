@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pandas as pd
 from cdcl.data.splits import rotating_batch_split
 from cdcl.errors import CdclError
 from cdcl.evaluate.embed import (
+    METADATA_PREFIX,
     read_profile_table,
     split_table,
 )
@@ -49,6 +51,7 @@ def evaluate_table(
     seed: int = 0,
     umap: bool = True,
     name: str | None = None,
+    before_write: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """``cdcl evaluate --features FILE``: score any ``Metadata_*`` profile table with the same code.
 
@@ -56,6 +59,8 @@ def evaluate_table(
     tests on its held-out batches; the other metrics run on all rows (``eval_on="all"``) or
     on the held-out batches only (``"test"``, as for a run). ``corrections`` adds the table
     after each post-hoc correction (``sphering``, ``harmony``, ``combat``), fitted on all rows.
+    ``before_write`` sees the results first and may refuse them (raise): then nothing in
+    ``out`` is touched. Exact duplicate rows are dropped (said in ``source.notes``).
     """
 
     if eval_on not in ("all", "test"):
@@ -72,7 +77,7 @@ def evaluate_table(
         "control_query": control_query,
     }
     with timer("load"):
-        x, meta, names = _load_table(features_file, columns)
+        x, meta, names, notes = _load_table(features_file, columns)
     train, test, split_info = _held_out_split(meta, split_number)
     ev = np.ones(len(meta), bool) if eval_on == "all" else test
     set_name = name or "features"
@@ -111,6 +116,7 @@ def evaluate_table(
             "n_controls": int(meta["is_control"].sum()),
         },
         "corrections": list(corrections),
+        "notes": notes,
     }
     results = base_results(
         "features",
@@ -119,6 +125,8 @@ def evaluate_table(
         split=split_info,
         feature_sets=results_sets,
     )
+    if before_write is not None:
+        before_write(results)
     out = Path(out)
     if umap:
         with timer("plots"):
@@ -131,13 +139,50 @@ def evaluate_table(
 
 def _load_table(
     features_file: str | Path, columns: dict[str, str | None]
-) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
-    """Profiles, canonical metadata (batch, treatment, controls, ...) and feature names."""
+) -> tuple[np.ndarray, pd.DataFrame, list[str], list[str]]:
+    """Profiles, canonical metadata, feature names and notes (duplicates dropped)."""
     table = read_profile_table(features_file)
     if len(table) == 0:
         raise CdclError(f"{features_file}: the table has no rows")
+    table, notes = drop_duplicate_rows(table, features_file)
     x, meta_table, names = split_table(table)
-    return x, resolve_table_meta(meta_table, **columns), names
+    require_variance(x, features_file)
+    return x, resolve_table_meta(meta_table, **columns), names, notes
+
+
+def drop_duplicate_rows(table: pd.DataFrame, where: str | Path) -> tuple[pd.DataFrame, list[str]]:
+    """The table without repeated rows (same features and metadata), and a note saying so.
+
+    A row listed twice counts twice as its own replicate and inflates retrieval scores.
+    """
+    dup = table.duplicated(keep="first").to_numpy()
+    if not dup.any():
+        return table, []
+    hashes = pd.util.hash_pandas_object(table, index=False).to_numpy()
+    first = int(np.flatnonzero(dup)[0])
+    twin = int(np.flatnonzero(hashes == hashes[first])[0])
+    keys = [c for c in table.columns if str(c).startswith(METADATA_PREFIX)][:3]
+    shown = ", ".join(f"{k}={table.iloc[first][k]}" for k in keys)
+    note = (
+        f"{where}: {int(dup.sum())} duplicated rows (identical features and metadata) dropped; "
+        f"the first is row {first}{f' ({shown})' if shown else ''}, a copy of row {twin}"
+    )
+    return table.loc[~dup].reset_index(drop=True), [note]
+
+
+def require_variance(x: np.ndarray, where: str | Path) -> None:
+    """Refuse a table whose every feature is constant: any score on it is meaningless."""
+    if len(x) < 2:
+        raise CdclError(
+            f"{where}: {len(x)} profile(s); scoring needs profiles of several treatments and "
+            "controls"
+        )
+    spread = np.ptp(x, axis=0)
+    if np.all(spread[np.isfinite(spread)] == 0) and np.isfinite(spread).any():
+        raise CdclError(
+            f"{where}: every one of the {x.shape[1]} feature columns is constant (no variance); "
+            "check the export, nothing can be scored on it"
+        )
 
 
 def _held_out_split(
