@@ -132,7 +132,7 @@ def test_truncated_store_is_detected(random_dataset: Path) -> None:
 def test_corrupted_chunk_is_detected(random_dataset: Path) -> None:
     chunk = _chunk_files(random_dataset)[3]
     chunk.write_bytes(chunk.read_bytes()[:10])
-    with pytest.raises(DatasetError, match=r"cannot be decoded .*corrupted chunk"):
+    with pytest.raises(DatasetError, match=r"image \d+ cannot be decoded \(checksum mismatch"):
         validate(random_dataset, deep=True)
 
 

@@ -372,7 +372,7 @@ def image_read_error(store: Path, array: Any, index: int, exc: BaseException) ->
     else:
         why = f"corrupted chunk, {type(exc).__name__}: {text.splitlines()[0] if text else ''}"
     return DatasetError(
-        f"{store}: image {int(index)} cannot be read ({why}); file {chunk_file(store, array, index)}; "
+        f"{store}: image {int(index)} cannot be decoded ({why}); file {chunk_file(store, array, index)}; "
         "rebuild the dataset (or restore that file)"
     )
 
