@@ -558,9 +558,33 @@ def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None
     atomic_write_text(results_json, json.dumps(results, indent=2))
 
 
+def check_demo_spec(spec: DemoSpec) -> list[str]:
+    """Validate every option before anything is built or trained; returns the method labels."""
+    if spec.dataset not in ("synthetic", "bbbc021"):
+        raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
+    if spec.epochs is not None and spec.epochs < 1:
+        raise CdclError(f"--epochs {spec.epochs}: train at least 1 epoch")
+    if spec.seed < 0:
+        raise CdclError(f"seed {spec.seed}: seeds are non-negative integers")
+    if spec.split is not None and spec.split < 1:
+        raise CdclError(f"fold {spec.split}: folds are numbered from 1")
+    if spec.out.exists() and not spec.out.is_dir():
+        raise CdclError(f"--out {spec.out}: is a file; choose a directory")
+    labels = method_labels(spec)
+    if spec.dataset == "bbbc021":
+        src = Path(spec.bbbc021_dir or default_bbbc021_dir())
+        for f in (src / "cells_subset.npz", src / "metadata_subset.csv"):
+            if not f.is_file():
+                raise CdclError(f"{f}: not found; pass --bbbc021-dir with the BBBC021 week-4 crops")
+        table = pd.read_csv(src / "metadata_subset.csv", usecols=["plate", "compound"])
+        bbbc021_test_plates(table, spec.split)  # an impossible fold fails here, not mid-run
+    return labels
+
+
 def run_demo(spec: DemoSpec) -> dict[str, Any]:
     """Run every stage; returns the paths written and the plate-normalised table."""
 
+    check_demo_spec(spec)
     spec.out.mkdir(parents=True, exist_ok=True)
     with Stage(spec, "data"):
         data = prepare_data(spec)

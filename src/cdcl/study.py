@@ -35,6 +35,7 @@ from cdcl.demo import (
     DemoSpec,
     Stage,
     budget_overrides,
+    check_demo_spec,
     method_labels,
     run_demo,
 )
@@ -133,7 +134,14 @@ def check_spec(spec: StudySpec) -> list[str]:
     if spec.folds is not None and any(f < 1 for f in spec.folds):
         folds = ",".join(map(str, spec.folds))
         raise CdclError(f"--folds {folds}: folds are numbered from 1")
-    labels = method_labels(_demo_spec(spec, Replicate(spec.seeds[0], None)))
+    if any(s < 0 for s in spec.seeds):
+        raise CdclError(f"--seeds {','.join(map(str, spec.seeds))}: seeds are non-negative")
+    if spec.out.exists() and not spec.out.is_dir():
+        raise CdclError(f"--out {spec.out}: is a file; choose a directory")
+    # Every replicate's options (epochs, methods, BBBC021 files and folds) before any work.
+    labels = check_demo_spec(_demo_spec(spec, Replicate(spec.seeds[0], None)))
+    for fold in spec.folds or ():
+        check_demo_spec(_demo_spec(spec, Replicate(spec.seeds[0], fold)))
     if not spec.references:
         raise CdclError("--reference: name at least one row, e.g. --reference DINO")
     known = set(METHODS) | set(BBBC021_METHODS)

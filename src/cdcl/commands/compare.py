@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
         names = [n.strip() for n in args.names.split(",")]
         if len(names) != len(args.runs):
             raise CdclError(f"--names has {len(names)} names for {len(args.runs)} runs")
-    path = compare(args.runs, args.out, names=names)
+    from cdcl.locking import command_lock
+
+    with command_lock(args.out, "cdcl compare"):
+        path = compare(args.runs, args.out, names=names)
     print(f"comparison: {path}")
     return 0

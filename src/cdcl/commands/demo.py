@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo and print the table and the report's path."""
     import torch
 
-    from cdcl.demo import DemoSpec, run_demo, to_text
+    from cdcl.demo import DemoSpec, check_demo_spec, run_demo, to_text
+    from cdcl.locking import command_lock
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     spec = DemoSpec(
@@ -51,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         bbbc021_dir=args.bbbc021_dir,
         progress=not args.no_progress,
     )
+    check_demo_spec(spec)  # every option, before the lock or any file exists
     t0 = time.perf_counter()
-    result = run_demo(spec)
+    with command_lock(spec.out, "cdcl demo"):
+        result = run_demo(spec)
     print()
     print("Held-out batches, well profiles standardised per plate against controls:")
     print(to_text(result["table"]))

@@ -68,7 +68,31 @@ def _dataset_fingerprint(ds: object) -> dict[str, object]:
     return {"path": str(Path(ds.path).resolve()), "sha256": h.hexdigest()[:16]}
 
 
+def output_path(args: argparse.Namespace) -> Path:
+    """The output file: --out, with the extension of --format added when missing."""
+    out = Path(args.out)
+    ext = {"parquet": ".parquet", "h5ad": ".h5ad", "csv": ".csv"}
+    if (
+        args.format
+        and not str(out).lower().endswith(ext[args.format])
+        and not (args.format == "csv" and str(out).lower().endswith(".csv.gz"))
+    ):
+        return out.with_name(out.name + ext[args.format])
+    if not args.format and not str(out).lower().endswith((".parquet", ".h5ad", ".csv", ".csv.gz")):
+        return out.with_name(out.name + ".parquet")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    """Embed under the output file's lock: a second embed into the same file stops at once."""
+    from cdcl.locking import command_lock
+
+    out = output_path(args)
+    with command_lock(out, "cdcl embed"):
+        return _embed(args, out)
+
+
+def _embed(args: argparse.Namespace, out: Path) -> int:
     """Embed (sharded over torchrun processes, resumable), merge on rank 0 and write."""
     import time
 
@@ -90,18 +114,6 @@ def run(args: argparse.Namespace) -> int:
     from cdcl.evaluate.sources import check_channels, resolve_source
     from cdcl.train import distributed as D
 
-    out = Path(args.out)
-    ext = {"parquet": ".parquet", "h5ad": ".h5ad", "csv": ".csv"}
-    if (
-        args.format
-        and not str(out).lower().endswith(ext[args.format])
-        and not (args.format == "csv" and str(out).lower().endswith(".csv.gz"))
-    ):
-        out = out.with_name(out.name + ext[args.format])
-    elif not args.format and not str(out).lower().endswith(
-        (".parquet", ".h5ad", ".csv", ".csv.gz")
-    ):
-        out = out.with_name(out.name + ".parquet")
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise CdclError("--batch-size must be >= 1 and --workers >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the table or the run evaluation and print where the results went."""
-    from cdcl.evaluate.evaluate import evaluate_run
     from cdcl.evaluate.report import metrics_table
     from cdcl.evaluate.results import read_results
-    from cdcl.evaluate.table import evaluate_table
+    from cdcl.locking import command_lock
 
     def refuse_empty(results: dict[str, Any]) -> None:
         # Called before anything is written: an earlier results.json in --out stays intact.
@@ -108,7 +108,39 @@ def run(args: argparse.Namespace) -> int:
             raise CdclError("give either a RUN directory or --features FILE, not both")
         if args.out is None:
             raise CdclError("--features needs --out DIR for results.json and the report")
-        path = evaluate_table(
+    elif args.run is None:
+        raise CdclError("give a RUN directory, or --features FILE --out DIR")
+    with command_lock(args.out or args.run, "cdcl evaluate"):
+        path = _evaluate(args, corrections, refuse_empty)
+    results = read_results(path)
+    table = metrics_table(results)
+    if not table.empty:
+        import pandas as pd
+
+        with pd.option_context("display.width", 160, "display.max_columns", 12):
+            print(table.apply(pd.to_numeric).round(3).to_string(na_rep="-"))
+    if corrections:
+        from cdcl.evaluate.score import protocol_with
+
+        print(protocol_with(corrections)["corrections"])
+    print(f"results: {path}")
+    print(f"report:  {path.parent / 'report.html'}")
+    for line in [*((results.get("source") or {}).get("notes") or []), *why_missing(results)]:
+        print(f"cdcl evaluate: note: {line}", file=sys.stderr)
+    return 0
+
+
+def _evaluate(
+    args: argparse.Namespace,
+    corrections: tuple[str, ...],
+    before_write: Callable[[dict[str, Any]], None],
+) -> Path:
+    """Run the table or the run evaluation; the path of its results.json."""
+    from cdcl.evaluate.evaluate import evaluate_run
+    from cdcl.evaluate.table import evaluate_table
+
+    if args.features is not None:
+        return evaluate_table(
             args.features,
             args.out,
             batch_col=args.batch_col,
@@ -127,42 +159,23 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             umap=not args.no_umap,
             name=args.name,
-            before_write=refuse_empty,
+            before_write=before_write,
         )
-    else:
-        if args.run is None:
-            raise CdclError("give a RUN directory, or --features FILE --out DIR")
-        path = evaluate_run(
-            args.run,
-            checkpoint=args.checkpoint,
-            data=args.data,
-            split_number=args.split,
-            out=args.out,
-            baselines=() if args.no_baselines else ("intensity", "random"),
-            corrections=corrections,
-            batch_size=args.batch_size,
-            null_size=args.null_size,
-            seed=args.seed,
-            umap=not args.no_umap,
-            level=args.level,
-            before_write=refuse_empty,
-        )
-    results = read_results(path)
-    table = metrics_table(results)
-    if not table.empty:
-        import pandas as pd
-
-        with pd.option_context("display.width", 160, "display.max_columns", 12):
-            print(table.apply(pd.to_numeric).round(3).to_string(na_rep="-"))
-    if corrections:
-        from cdcl.evaluate.score import protocol_with
-
-        print(protocol_with(corrections)["corrections"])
-    print(f"results: {path}")
-    print(f"report:  {path.parent / 'report.html'}")
-    for line in [*((results.get("source") or {}).get("notes") or []), *why_missing(results)]:
-        print(f"cdcl evaluate: note: {line}", file=sys.stderr)
-    return 0
+    return evaluate_run(
+        args.run,
+        checkpoint=args.checkpoint,
+        data=args.data,
+        split_number=args.split,
+        out=args.out,
+        baselines=() if args.no_baselines else ("intensity", "random"),
+        corrections=corrections,
+        batch_size=args.batch_size,
+        null_size=args.null_size,
+        seed=args.seed,
+        umap=not args.no_umap,
+        level=args.level,
+        before_write=before_write,
+    )
 
 
 def why_missing(results: dict[str, Any]) -> list[str]:

@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cdcl.errors import CdclError
-    from cdcl.study import StudySpec, headline_text, parse_ints, run_study
+    from cdcl.locking import command_lock
+    from cdcl.study import StudySpec, check_spec, headline_text, parse_ints, run_study
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not 0 < args.alpha < 1:
@@ -92,8 +93,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         alpha=args.alpha,
     )
+    check_spec(spec)  # every option, before the lock or any file exists
     t0 = time.perf_counter()
-    result = run_study(spec)
+    with command_lock(spec.out, "cdcl study"):
+        result = run_study(spec)
     print()
     print(headline_text(result["study"]))
     print()
