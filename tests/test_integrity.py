@@ -105,7 +105,10 @@ def test_old_store_without_checksums_is_said_and_a_broken_header_is_one_line(
     for offset in range(4):  # the Blosc header: version, flags, type size
         _flip(target, offset)
     out = tmp_path / "profiles.parquet"
-    embed = one_error(cdcl("embed", "intensity", "--data", ds, "--out", out, "--no-progress"))
+    # In a loader worker process: torch re-raises there with the worker's traceback attached.
+    embed = one_error(
+        cdcl("embed", "intensity", "--data", ds, "--out", out, "--no-progress", "--workers", 1)
+    )
     assert "image 2" in embed and str(target) in embed
     assert not out.exists()
     deep = one_error(cdcl("info", "--deep", ds))
