@@ -221,3 +221,9 @@ def test_query_stored_in_dataset_json_or_results_json_is_checked(tmp_path: Path)
         read_results(res)
     res.write_text(json.dumps({"source": {"columns": {"control_query": "x == 1"}}}))
     assert read_results(res)["source"]["columns"]["control_query"] == "x == 1"
+
+
+def test_unicode_column_names_need_no_backticks() -> None:
+    df = pd.DataFrame({"dose_µM": [0.5, 2.0, 3.0], "Behandlung": ["DMSO", "x", "DMSO"]})
+    mask = query_mask(df, "dose_µM > 1 & Behandlung == 'DMSO'")
+    assert mask.tolist() == [False, False, True]
