@@ -49,10 +49,10 @@ PENDING_PAGES = {
 FORBIDDEN = [
     re.compile(r"\bthe seed\b", re.I),  # say "the reference implementation (cfredinh/CDCL)"
     re.compile(r"DESIGN §|DESIGN section"),  # cite docs/design.md instead
-    re.compile(r"\b(this|previous|earlier|next) stop\b", re.I),
-    re.compile(r"\bthe issue'?s?\b", re.I),
+    re.compile(r"\b(this|the|previous|earlier|next|last) stop\b", re.I),
+    re.compile(r"\bthe issue's\b|\bissue #?\d+", re.I),
     re.compile(r"\bthe prototype\b", re.I),
-    re.compile(r"\bhelpers?\b|\bsessions?\b", re.I),
+    re.compile(r"\b(this|the|previous|next|a) session\b|\bhelpers?\b(?! function)", re.I),
 ]
 
 
