@@ -24,7 +24,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from conftest import SHARED_DATA
 
 from cdcl.cli import build_parser
 from cdcl.config import load_config
@@ -277,3 +279,36 @@ def test_site_builds_strict(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "design" / "index.html").exists()
+
+
+BBBC021 = SHARED_DATA / "bbbc021_week4_singlecell"
+
+
+@pytest.mark.skipif(not BBBC021.exists(), reason="shared/data/bbbc021_week4_singlecell missing")
+def test_bbbc021_held_out_plates_in_the_docs_match_the_code() -> None:
+    """The fold table of docs/datasets.md is what `--split k` holds out; the demo pair is too."""
+    from cdcl.data.splits import assign_split
+    from cdcl.data.table import TableOptions, samples_from_table
+    from cdcl.demo import BBBC021_TEST_PLATES
+
+    opts = TableOptions(
+        batch_col="plate",
+        plate_col="plate",
+        well_col="well",
+        site_col="site",
+        treatment_col="compound",
+        dose_col="concentration_uM",
+        compound_col="compound",
+        moa_col="moa",
+        control_query='compound == "DMSO"',
+    )
+    samples = samples_from_table(pd.read_csv(BBBC021 / "metadata_subset.csv"), opts, "meta")
+    page = (ROOT / "docs" / "datasets.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d)[^|]*\| (Week4_\d+) \+ (Week4_\d+) \|$", page, flags=re.M)
+    assert [int(k) for k, _, _ in rows] == [1, 2, 3]
+    for k, a, b in rows:
+        split = assign_split(samples, "table", int(k))
+        assert set(samples.loc[split == "test", "batch"]) == {a, b}, f"--split {k}"
+    fixed = re.search(r"holds out a fixed pair,(.*?)which is", " ".join(page.split()))
+    assert fixed, "docs/datasets.md no longer names the demo's held-out pair"
+    assert set(re.findall(r"Week4_\d+", fixed.group(1))) == set(BBBC021_TEST_PLATES)
