@@ -42,7 +42,7 @@ HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("iLISI per treatment", ("mixing_per_treatment", "ilisi"), True),
     ("batch 1-|s| per treatment", ("mixing_per_treatment", "batch_silhouette"), True),
     ("graph connectivity", ("mixing_per_treatment", "graph_connectivity"), True),
-    ("batch silhouette 1-|s|", ("silhouette", "batch_1_minus_abs"), True),
+    ("batch silhouette 1-|s_i| (scib)", ("silhouette", "batch_scib"), True),
     ("treatment silhouette", ("silhouette", "treatment"), True),
     ("MoA silhouette", ("silhouette", "moa"), True),
     ("GRIT (mean)", ("grit", "mean_grit"), True),
