@@ -46,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also score every feature set after post-hoc batch corrections, comma-separated: "
         "sphering, harmony, combat (Harmony and ComBat are fitted on the evaluated profiles)",
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also score the main feature set's design under a null (profiles permuted within "
+        "treatment) and injected batch effects (0.25-4 x the median treatment effect, and a "
+        "non-linear one); metrics that cannot see the strongest are marked 'no power'",
+    )
     g = parser.add_argument_group("profile tables (--features)")
     g.add_argument("--features", type=Path, help="profile table: .csv[.gz], .parquet or .h5ad")
     g.add_argument("--batch-col", help="batch column (default Metadata_batch, else the plate)")
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             umap=not args.no_umap,
             name=args.name,
+            calibrate=args.calibrate,
         )
     else:
         if args.run is None:
@@ -128,8 +136,10 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             umap=not args.no_umap,
             level=args.level,
+            calibrate=args.calibrate,
         )
     results = read_results(path)
+    _print_calibration(results)
     table = metrics_table(results)
     if not table.empty:
         import pandas as pd
@@ -153,6 +163,23 @@ def run(args: argparse.Namespace) -> int:
             f"whose held-out batches carry treatments the training batches have (--split N){level}"
         )
     return 0
+
+
+def _print_calibration(results: dict[str, Any]) -> None:
+    """The calibration table of each calibrated feature set, and its metrics without power."""
+    from cdcl.evaluate.calibration import calibration_table
+
+    for name, res in (results.get("feature_sets") or {}).items():
+        cal = res.get("calibration") if isinstance(res, dict) else None
+        if not cal:
+            continue
+        import pandas as pd
+
+        print(f"calibration of {name} (raw profiles, {cal['design']['n_profiles']} rows):")
+        with pd.option_context("display.width", 200, "display.max_columns", 12):
+            print(calibration_table(cal).round(3).to_string(index=False, na_rep="-"))
+        for label in cal.get("no_power", []):
+            print(f"  {label}: {cal['metrics'][label]['reason']}")
 
 
 def why_missing(results: dict[str, Any]) -> list[str]:

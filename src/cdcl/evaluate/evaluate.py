@@ -14,6 +14,7 @@ from cdcl.data.dataset_dir import open_dataset
 from cdcl.data.splits import assign_split
 from cdcl.errors import CdclError
 from cdcl.evaluate.baselines import IntensityFeatures
+from cdcl.evaluate.calibration import calibrate as calibrate_fn
 from cdcl.evaluate.embed import (
     image_meta,
     well_profiles,
@@ -174,11 +175,14 @@ def evaluate_run(
     umap: bool = True,
     progress: bool = True,
     level: str = "well",
+    calibrate: bool = False,
 ) -> Path:
     """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report.
 
     ``level="well"`` scores well profiles (mean over sites); ``"image"`` scores every image
     (single-cell crops such as BBBC021's, where a well holds one profile per plate).
+    ``calibrate`` adds the run's null and injected-batch-effect scores on its held-out
+    profiles (:func:`cdcl.evaluate.calibration.calibrate`) under ``calibration``.
     """
 
     timer = Timer()
@@ -221,6 +225,13 @@ def evaluate_run(
         cache_key=cache_key,
         level=level,
     )
+    if calibrate:
+        with timer("calibration"):
+            wp, wmeta = profiles[src.name]
+            results_sets[src.name]["calibration"] = calibrate_fn(
+                wp, wmeta, eval_mask=(wmeta["split"] == "test").to_numpy(), seed=seed,
+                name=src.name,
+            )  # fmt: skip
     results = base_results(
         "run",
         source={

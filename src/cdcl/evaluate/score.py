@@ -225,7 +225,7 @@ def _unsupervised(
 
     def per_treatment() -> dict[str, Any]:
         # One kNN graph per treatment serves kBET, iLISI and graph connectivity.
-        return M.mixing_per_treatment(x, batch, treat, min_group_size=4, seed=seed)
+        return M.mixing_per_treatment(x, batch, treat, seed=seed)
 
     mix = _safe(errors, f"{pre}.mixing_per_treatment", log("mixing per treatment", per_treatment))
     out["mixing_per_treatment"] = mix

@@ -10,6 +10,7 @@ import pandas as pd
 
 from cdcl.data.splits import rotating_batch_split
 from cdcl.errors import CdclError
+from cdcl.evaluate.calibration import calibrate as calibrate_fn
 from cdcl.evaluate.embed import (
     read_profile_table,
     split_table,
@@ -49,6 +50,7 @@ def evaluate_table(
     seed: int = 0,
     umap: bool = True,
     name: str | None = None,
+    calibrate: bool = False,
 ) -> Path:
     """``cdcl evaluate --features FILE``: score any ``Metadata_*`` profile table with the same code.
 
@@ -56,6 +58,8 @@ def evaluate_table(
     tests on its held-out batches; the other metrics run on all rows (``eval_on="all"``) or
     on the held-out batches only (``"test"``, as for a run). ``corrections`` adds the table
     after each post-hoc correction (``sphering``, ``harmony``, ``combat``), fitted on all rows.
+    ``calibrate`` adds the table's null and injected-batch-effect scores
+    (:func:`cdcl.evaluate.calibration.calibrate`) under ``calibration`` of the table's set.
     """
 
     if eval_on not in ("all", "test"):
@@ -95,6 +99,11 @@ def evaluate_table(
         )
         for set_, xs in sets.items()
     }
+    if calibrate:
+        with timer("calibration"):
+            results_sets[set_name]["calibration"] = calibrate_fn(
+                x, meta, eval_mask=ev, seed=seed, name=set_name
+            )
     source = {
         "features_file": str(Path(features_file).resolve()),
         "features_sha256": file_sha256(features_file),
