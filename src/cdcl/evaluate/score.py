@@ -71,7 +71,10 @@ PROTOCOL = {
     ),
     "mixing_per_treatment": (
         "kBET, iLISI, batch silhouette and graph connectivity within each treatment present "
-        "in >= 2 evaluated batches, averaged over treatments; others listed, left out"
+        "in >= 2 evaluated batches, averaged over treatments; others listed, left out. kBET and "
+        "iLISI follow scib's per-label rules (treatments under 10 profiles skipped, k0 from the "
+        "treatment's batch sizes, fragmented treatments scored 0) and are not averaged over "
+        "fewer than 3 treatments; graph connectivity is scib's, on one kNN graph of all rows"
     ),
 }
 
@@ -434,7 +437,7 @@ def aggregate_scores(res: dict[str, Any]) -> dict[str, Any]:
     """scib-style overall score of one variant: 0.4 x batch-mixing mean + 0.6 x biology mean.
 
     Batch-mixing components (all per treatment, so that design imbalance cannot pass for a
-    batch effect): kBET acceptance, scaled iLISI, 1 - |batch silhouette| and graph
+    batch effect): kBET acceptance, scaled iLISI, scib's batch silhouette (mean 1 - |s_i|) and graph
     connectivity (:func:`cdcl.evaluate.metrics.mixing_per_treatment`). Biology components:
     NSC and NSCB (MoA of the nearest other compound, the latter across batches), MoA
     retrieval mAP, and held-out treatment accuracy of the weighted kNN classifier (where a

@@ -5,14 +5,18 @@
   acceptance rate at alpha = 0.05 (higher = better mixed); ``kbet_per_group`` averages it within
   groups (e.g. treatments) so that design imbalance is not read as batch effect.
 - Silhouette (Rousseeuw, J Comput Appl Math 1987) of batch, treatment or MoA labels, exact or on
-  sampled query rows; ``batch_silhouette_score`` reports 1 - |s| of the batch labels (scib's
-  convention, Luecken et al., Nat Methods 2022).
-- iLISI (Korsunsky et al., Nat Methods 2019; scaled as scib's ``ilisi_graph``): the effective
+  sampled query rows; ``batch_silhouette_score`` is scib's ``silhouette_batch`` (Luecken et
+  al., Nat Methods 2022): the mean over labels of the mean ``1 - |s_i|`` of the batch labels
+  within each label; ``batch_silhouette_global`` (1 - |mean s|) is not scib's and is kept
+  under its own name.
+- iLISI (Korsunsky et al., Nat Methods 2019; scaled as scib's ``ilisi_knn``): the effective
   number of batches in each neighbourhood.
-- Graph connectivity (scib): is each label one connected piece of the kNN graph?
-- ``mixing_per_treatment``: kBET, iLISI, batch silhouette and graph connectivity within each
-  treatment present in at least two batches, so that a design where treatments differ between
-  batches is not read as a batch effect; ``scib_aggregate`` combines batch and biology scores.
+- Graph connectivity (scib): is each label one strongly connected piece of its subgraph of ONE
+  kNN graph over all rows?
+- ``mixing_per_treatment``: kBET (scib-metrics' ``kbet_per_label`` rules), iLISI, batch
+  silhouette and graph connectivity within each treatment present in at least two batches, so
+  that a design where treatments differ between batches is not read as a batch effect;
+  ``scib_aggregate`` combines batch and biology scores.
 
 Every neighbourhood metric reads a :class:`~.neighbours.NeighborGraph`: one search per feature
 set (or per treatment) serves kBET, iLISI and graph connectivity.
