@@ -392,3 +392,20 @@ def test_lisi_hand_checked() -> None:
     res = ilisi(x, np.array(["A", "B"] * 100), k=30)
     assert res["median_lisi"] == pytest.approx(2.0) and res["ilisi"] == pytest.approx(1.0)
     assert math.isnan(ilisi(x, np.zeros(200))["ilisi"])
+
+
+def test_constant_table_is_noted_and_not_a_perfect_score() -> None:
+    from cdcl.evaluate.score import evaluate_features
+
+    rows = [
+        {"plate": f"P{b}", "well": f"{t}{w}", "batch": f"B{b}", "treatment": t, "compound": t,
+         "moa": {"DMSO": None, "a": "m0", "b": "m0", "c": "m1", "d": "m1"}[t],
+         "is_control": t == "DMSO"}
+        for b in range(3) for t in ("DMSO", "a", "b", "c", "d") for w in range(4)
+    ]  # fmt: skip
+    meta = pd.DataFrame(rows)
+    res = evaluate_features(np.full((len(meta), 6), 3.0, np.float32), meta, null_size=200)
+    assert "every feature is constant" in res["note"]
+    for key in ("replicate", "moa"):
+        summary = res["raw"]["map"][key]
+        assert summary["map"] < 0.6 and summary["fraction_significant"] == 0.0

@@ -247,7 +247,9 @@ def _unsupervised(
         r = glob["kbet"]
         if mix is not None:
             r["per_treatment_mean"] = mix["kbet"]
-            r["per_treatment_n"] = mix["n_treatments"]
+            r["per_treatment_n"] = mix["kbet_n"]  # treatments scored under scib's rules
+            if mix.get("kbet_note"):
+                r["per_treatment_note"] = mix["kbet_note"]
             r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
         out["kbet"] = r
         out["ilisi"] = glob["ilisi"]

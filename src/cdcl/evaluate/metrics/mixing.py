@@ -256,7 +256,8 @@ def kbet_per_group(
     scib-metrics ``metrics/_kbet.py``: a group with fewer than ``min_group_size`` (10) rows or
     one batch is skipped; ``k0 = min(70, max(10, floor(mean batch size / 4)))`` (capped at
     the group size - 1); the group's subgraph of one global kNN graph (``CONNECTIVITY_K``,
-    over all rows, or a seeded sample of ``max_graph_rows`` above that) is split into
+    over all rows, or a seeded sample of ``max_graph_rows`` above that, where fragmentation
+    is judged only for groups whose rows are all in the sample) is split into
     connected components: one component -> kBET on the group; several -> kBET on the
     components of at least ``3 k0`` rows if they hold >= 75% of the group, else 0. Convention
     difference: the neighbours are Euclidean kNN among the group's rows, where scib-metrics
