@@ -78,7 +78,7 @@ def test_evaluate_features_plate_normalisation_removes_plate_effect() -> None:
     assert raw["batch_classifier"]["accuracy"] > 0.9
     assert norm["batch_classifier"]["accuracy"] < raw["batch_classifier"]["accuracy"]
     assert norm["kbet"]["acceptance_rate"] > raw["kbet"]["acceptance_rate"]
-    assert norm["silhouette"]["batch_1_minus_abs"] >= raw["silhouette"]["batch_1_minus_abs"] - 0.05
+    assert norm["silhouette"]["batch_scib"] >= raw["silhouette"]["batch_scib"] - 0.05
     assert norm["moa_matching"]["nsc"] == 1.0 and norm["moa_matching"]["nscb"] == 1.0
     assert norm["moa_matching"]["nsc"] >= raw["moa_matching"]["nsc"]
     assert norm["classification"]["logistic"]["accuracy"] > 0.7  # chance 0.25

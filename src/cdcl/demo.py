@@ -73,7 +73,7 @@ COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kBET", ("kbet", "acceptance_rate")),
     ("kBET per treatment", ("mixing_per_treatment", "kbet")),
     ("iLISI per treatment", ("mixing_per_treatment", "ilisi")),
-    ("batch 1-abs(sil)", ("silhouette", "batch_1_minus_abs")),
+    ("batch 1-abs(sil) (scib)", ("silhouette", "batch_scib")),
     ("batch-classifier acc", ("batch_classifier", "accuracy")),
 )
 LOWER_IS_BETTER = {"batch-classifier acc"}

@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also score every feature set after post-hoc batch corrections, comma-separated: "
         "sphering, harmony, combat (Harmony and ComBat are fitted on the evaluated profiles)",
     )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also score the main feature set's design under a null (profiles permuted within "
+        "treatment) and injected batch effects (0.25-4 x the median treatment effect, and a "
+        "non-linear one); metrics that cannot see the strongest are marked 'no power'",
+    )
     g = parser.add_argument_group("profile tables (--features)")
     g.add_argument("--features", type=Path, help="profile table: .csv[.gz], .parquet or .h5ad")
     g.add_argument("--batch-col", help="batch column (default Metadata_batch, else the plate)")
@@ -113,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     with command_lock(args.out or args.run, "cdcl evaluate"):
         path = _evaluate(args, corrections, refuse_empty)
     results = read_results(path)
+    _print_calibration(results)
     table = metrics_table(results)
     if not table.empty:
         import pandas as pd
@@ -160,6 +168,7 @@ def _evaluate(
             umap=not args.no_umap,
             name=args.name,
             before_write=before_write,
+            calibrate=args.calibrate,
         )
     return evaluate_run(
         args.run,
@@ -176,6 +185,23 @@ def _evaluate(
         level=args.level,
         before_write=before_write,
     )
+
+
+def _print_calibration(results: dict[str, Any]) -> None:
+    """The calibration table of each calibrated feature set, and its metrics without power."""
+    from cdcl.evaluate.calibration import calibration_table
+
+    for name, res in (results.get("feature_sets") or {}).items():
+        cal = res.get("calibration") if isinstance(res, dict) else None
+        if not cal:
+            continue
+        import pandas as pd
+
+        print(f"calibration of {name} (raw profiles, {cal['design']['n_profiles']} rows):")
+        with pd.option_context("display.width", 200, "display.max_columns", 12):
+            print(calibration_table(cal).round(3).to_string(index=False, na_rep="-"))
+        for label in cal.get("no_power", []):
+            print(f"  {label}: {cal['metrics'][label]['reason']}")
 
 
 def why_missing(results: dict[str, Any]) -> list[str]:

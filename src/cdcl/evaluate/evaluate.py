@@ -14,6 +14,7 @@ from cdcl.data.dataset_dir import open_dataset
 from cdcl.data.splits import assign_split
 from cdcl.errors import CdclError
 from cdcl.evaluate.baselines import IntensityFeatures
+from cdcl.evaluate.calibration import calibrate as calibrate_fn
 from cdcl.evaluate.embed import (
     image_meta,
     well_profiles,
@@ -175,6 +176,7 @@ def evaluate_run(
     progress: bool = True,
     level: str = "well",
     before_write: Callable[[dict[str, Any]], None] | None = None,
+    calibrate: bool = False,
 ) -> Path:
     """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report.
 
@@ -183,6 +185,8 @@ def evaluate_run(
     ``before_write`` sees the results before anything but the embedding cache is written and
     may refuse them (raise). A checkpoint file of another run is refused unless ``out`` says
     where its results go (they would otherwise land in ``run``).
+    ``calibrate`` adds the run's null and injected-batch-effect scores on its held-out
+    profiles (:func:`cdcl.evaluate.calibration.calibrate`) under ``calibration``.
     """
 
     timer = Timer()
@@ -228,6 +232,13 @@ def evaluate_run(
         cache_key=cache_key,
         level=level,
     )
+    if calibrate:
+        with timer("calibration"):
+            wp, wmeta = profiles[src.name]
+            results_sets[src.name]["calibration"] = calibrate_fn(
+                wp, wmeta, eval_mask=(wmeta["split"] == "test").to_numpy(), seed=seed,
+                name=src.name,
+            )  # fmt: skip
     results = base_results(
         "run",
         source={

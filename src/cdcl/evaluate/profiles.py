@@ -170,22 +170,39 @@ def control_mask(table: pd.DataFrame, canon: pd.DataFrame, query: str | None) ->
     return mask.to_numpy()
 
 
+def _is_constant(var: np.ndarray, mean: np.ndarray, n: int) -> np.ndarray:
+    """Features indistinguishable from a constant (scikit-learn's ``StandardScaler`` rule).
+
+    A variance below the rounding error of the two-pass algorithm (Chan, Golub & LeVeque),
+    ``n eps var + (n mean eps)^2``, is zero for practical purposes.
+    """
+    eps = np.finfo(np.float64).eps
+    return var <= n * eps * var + (n * mean * eps) ** 2
+
+
 def standardize_per_plate(
     features: ArrayLike,
     plates: ArrayLike,
     is_control: ArrayLike,
     *,
-    eps: float = 1e-6,
     robust: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Standardise each plate against its own negative controls.
+    """Standardise each plate against its own negative controls (pycytominer's conventions).
 
-    For every plate: ``(x - mean_c) / (std_c + eps)`` where mean/std (ddof=0) are those of
-    the plate's control rows, per feature (pycytominer ``normalize(method="standardize")``
-    with controls as the reference). ``robust=True`` uses pycytominer's ``mad_robustize``:
-    ``(x - median_c) / (1.4826 * MAD_c + eps)``, MAD the median absolute deviation. A plate
-    without control rows falls back to all its rows, with a ``warnings.warn`` naming the
-    plate (never an error).
+    For every plate: ``(x - mean_c) / std_c`` where mean/std (ddof=0) are those of the plate's
+    control rows, per feature: pycytominer ``normalize(method="standardize",
+    samples=<controls>)`` applied plate by plate, i.e. scikit-learn's ``StandardScaler``. A
+    feature whose controls do not vary on the plate (variance within rounding error of 0,
+    scikit-learn's rule) gets scale 1: it is centred, not blown up. ``robust=True`` is
+    pycytominer's ``mad_robustize``: ``(x - median_c) / (1.4826 MAD_c)``, MAD the median
+    absolute deviation; where the controls' MAD is 0 the scale is 1 as well (pycytominer
+    divides by its ``mad_robustize_epsilon``, 1e-18, there, which sends such a feature to
+    about 1e18). A plate without control rows falls back to all its rows, with a
+    ``warnings.warn`` naming the plate (never an error).
+
+    ``info``: when given, receives ``zero_scale_pairs`` (plate x feature pairs that got scale
+    1) and ``zero_scale_plates`` (plates with at least one).
 
     Returns:
         float32 array of the same shape as ``features``.
@@ -198,6 +215,8 @@ def standardize_per_plate(
         raise ValueError(f"is_control must have {n} entries, got shape {ctrl.shape}")
     codes, uniq = _codes(plate, "plates")
     out = np.empty(x.shape, dtype=np.float32)
+    zero_pairs = 0
+    zero_plates = 0
     for p in range(uniq.size):
         rows = np.flatnonzero(codes == p)
         block = np.asarray(x[rows], dtype=np.float64)
@@ -213,23 +232,51 @@ def standardize_per_plate(
         if robust:
             centre = np.median(ref, axis=0)
             scale = 1.4826 * np.median(np.abs(ref - centre), axis=0)
+            zero = scale == 0
         else:
             centre = ref.mean(axis=0)
-            scale = ref.std(axis=0)
-        out[rows] = ((block - centre) / (scale + eps)).astype(np.float32)
+            var = ref.var(axis=0)
+            zero = _is_constant(var, centre, ref.shape[0])
+            scale = np.sqrt(var)
+        scale = np.where(zero, 1.0, scale)
+        zero_pairs += int(zero.sum())
+        zero_plates += int(zero.any())
+        out[rows] = ((block - centre) / scale).astype(np.float32)
+    if info is not None:
+        info["zero_scale_pairs"] = zero_pairs
+        info["zero_scale_plates"] = zero_plates
     return out
 
 
-def plate_normalize(features: np.ndarray, meta: pd.DataFrame, robust: bool = False) -> np.ndarray:
-    """Standardise each plate's profiles against that plate's control profiles."""
+ZERO_SCALE_NOTE = (
+    "features whose control wells do not vary on a plate get scale 1 (centred only), "
+    "pycytominer's and scikit-learn's convention"
+)
+
+
+def plate_normalize(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    robust: bool = False,
+    info: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Standardise each plate's profiles against that plate's control profiles.
+
+    ``info`` receives the counts of :func:`standardize_per_plate` and a ``note`` stating the
+    zero-variance convention.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # plates without controls fall back to all rows
-        return standardize_per_plate(
+        out = standardize_per_plate(
             features,
             meta["plate"].astype(str).to_numpy(),
             meta["is_control"].to_numpy(bool),
             robust=robust,
+            info=info,
         )
+    if info is not None:
+        info["note"] = ZERO_SCALE_NOTE
+    return out
 
 
 def covariance_eigh(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
     ("iLISI per treatment", ("mixing_per_treatment", "ilisi"), True),
     ("batch 1-|s| per treatment", ("mixing_per_treatment", "batch_silhouette"), True),
     ("graph connectivity", ("mixing_per_treatment", "graph_connectivity"), True),
-    ("batch silhouette 1-|s|", ("silhouette", "batch_1_minus_abs"), True),
+    ("batch silhouette 1-|s_i| (scib)", ("silhouette", "batch_scib"), True),
     ("treatment silhouette", ("silhouette", "treatment"), True),
     ("MoA silhouette", ("silhouette", "moa"), True),
     ("GRIT (mean)", ("grit", "mean_grit"), True),
@@ -402,6 +402,9 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
         )
     if curves.is_file():
         sections.append(("Training curves", _img(curves, "training curves")))
+    for name, res in (results.get("feature_sets") or {}).items():
+        if isinstance(res, dict) and res.get("calibration"):
+            sections.append((f"Calibration of {name}", _calibration_html(res["calibration"])))
     info = {
         k: results.get(k)
         for k in ("kind", "created", "split", "timings_s")
@@ -427,6 +430,27 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
         items = "".join(f"<li>{html.escape(t)}</li>" for t in reasons)
         sections.append(("Metrics not computed", f"<ul>{items}</ul>"))
     return write_html(out / "report.html", title, sections)
+
+
+def _calibration_html(cal: dict[str, Any]) -> str:
+    """Null and injected-effect values of every metric, with the metrics that lack power."""
+    from cdcl.evaluate.calibration import calibration_table
+
+    table = calibration_table(cal).set_index("metric")
+    design = cal.get("design", {})
+    intro = (
+        f'<p class="small">Raw profiles of the {design.get("n_profiles")} evaluated rows '
+        f"({design.get('n_batches')} batches, {design.get('n_treatments')} treatments); "
+        f"median treatment effect {design.get('median_treatment_effect', float('nan')):.3g}. "
+        + "; ".join(html.escape(f"{k}: {v}") for k, v in cal.get("conditions", {}).items())
+        + "</p>"
+    )
+    body = table.to_html(float_format=lambda v: f"{v:.3f}", na_rep="-", escape=True)
+    reasons = "".join(
+        f"<li>{html.escape(label)}: {html.escape(cal['metrics'][label]['reason'])}</li>"
+        for label in cal.get("no_power", [])
+    )
+    return intro + body + (f"<ul>{reasons}</ul>" if reasons else "")
 
 
 def make_report(

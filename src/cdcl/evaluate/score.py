@@ -58,7 +58,10 @@ PROTOCOL = {
     ),
     "online_probe": "the checkpoint's linear probe on held-out-batch images, controls excluded",
     "unsupervised": "NSC/NSCB, kBET, silhouettes, GRIT, mAP and batch classifier on eval rows",
-    "plate_normalized": "each plate standardised (mean/std) against its own control profiles",
+    "plate_normalized": (
+        "each plate standardised (mean/std) against its own control profiles; a feature whose "
+        "controls do not vary on a plate gets scale 1 (pycytominer/scikit-learn convention)"
+    ),
     "tvn": "PCA whitening fitted on all control profiles (Ando et al. 2017); +coral: per batch",
     "sampling": (
         f"above {EXACT_MAX:,} rows, {QUERY_SAMPLE:,} seeded query rows (kNN accuracy, kBET, "
@@ -68,7 +71,10 @@ PROTOCOL = {
     ),
     "mixing_per_treatment": (
         "kBET, iLISI, batch silhouette and graph connectivity within each treatment present "
-        "in >= 2 evaluated batches, averaged over treatments; others listed, left out"
+        "in >= 2 evaluated batches, averaged over treatments; others listed, left out. kBET and "
+        "iLISI follow scib's per-label rules (treatments under 10 profiles skipped, k0 from the "
+        "treatment's batch sizes, fragmented treatments scored 0) and are not averaged over "
+        "fewer than 3 treatments; graph connectivity is scib's, on one kNN graph of all rows"
     ),
 }
 
@@ -222,7 +228,7 @@ def _unsupervised(
 
     def per_treatment() -> dict[str, Any]:
         # One kNN graph per treatment serves kBET, iLISI and graph connectivity.
-        return M.mixing_per_treatment(x, batch, treat, min_group_size=4, seed=seed)
+        return M.mixing_per_treatment(x, batch, treat, seed=seed)
 
     mix = _safe(errors, f"{pre}.mixing_per_treatment", log("mixing per treatment", per_treatment))
     out["mixing_per_treatment"] = mix
@@ -241,7 +247,9 @@ def _unsupervised(
         r = glob["kbet"]
         if mix is not None:
             r["per_treatment_mean"] = mix["kbet"]
-            r["per_treatment_n"] = mix["n_treatments"]
+            r["per_treatment_n"] = mix["kbet_n"]  # treatments scored under scib's rules
+            if mix.get("kbet_note"):
+                r["per_treatment_note"] = mix["kbet_note"]
             r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
         out["kbet"] = r
         out["ilisi"] = glob["ilisi"]
@@ -254,8 +262,11 @@ def _unsupervised(
         kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
         kw["seed"] = seed
         s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
-        b = M.batch_silhouette_score(x, batch, **kw)
-        s["batch_1_minus_abs"] = b["score"]
+        # scib's silhouette_batch with every row in one label: mean of 1 - |s_i| (Euclidean).
+        s["batch_scib"] = M.batch_silhouette_score(x, batch, **kw)["score"]
+        # 1 - |mean s| (positive and negative s_i cancel): not scib's; kept for comparison.
+        b = M.mixing.batch_silhouette_global(x, batch, **kw)
+        s["batch_global_1_minus_abs"] = b["score"]
         s["batch"] = b["silhouette"]
         nc = ~ctrl
         s["treatment"] = (
@@ -344,6 +355,7 @@ def evaluate_features(
             f"{name}: {bad} profiles contain NaN or infinite values; drop or impute them"
         )
     meta = meta.reset_index(drop=True)
+    constant = bool(n > 1 and (x.min(axis=0) == x.max(axis=0)).all())
     timer = timer or Timer()
     all_rows = np.ones(n, dtype=bool)
     test = all_rows if test_mask is None else np.asarray(test_mask, bool)
@@ -370,13 +382,14 @@ def evaluate_features(
     for variant in variants:
         log = _Log(bool(verbose), f"{name} {variant}")
         with timer(f"{name}.{variant}"):
+            norm_info: dict[str, Any] = {}
             if variant == "raw":
                 xv = x
             elif variant == "plate_normalized":
-                xv = plate_normalize(x, meta)
+                xv = plate_normalize(x, meta, info=norm_info)
             else:
                 raise ValueError(f"unknown variant {variant!r}")
-            res: dict[str, Any] = {}
+            res: dict[str, Any] = {"normalization": norm_info} if norm_info else {}
             if train is not None and train.any():
                 res["classification"] = _safe(
                     errors,
@@ -401,6 +414,12 @@ def evaluate_features(
             f"batch ({shown}{more}); left out of the per-treatment mixing metrics",
             file=sys.stderr,
         )
+    if constant:
+        out["note"] = (
+            f"{name}: every feature is constant over the profiles: all similarities tie, so "
+            "retrieval scores chance (ties count as chance) and no figure here says anything"
+        )
+        print(f"note: {out['note']}", file=sys.stderr)
     if errors:
         out["errors"] = errors
     if skipped:
@@ -420,7 +439,7 @@ def aggregate_scores(res: dict[str, Any]) -> dict[str, Any]:
     """scib-style overall score of one variant: 0.4 x batch-mixing mean + 0.6 x biology mean.
 
     Batch-mixing components (all per treatment, so that design imbalance cannot pass for a
-    batch effect): kBET acceptance, scaled iLISI, 1 - |batch silhouette| and graph
+    batch effect): kBET acceptance, scaled iLISI, scib's batch silhouette (mean 1 - |s_i|) and graph
     connectivity (:func:`cdcl.evaluate.metrics.mixing_per_treatment`). Biology components:
     NSC and NSCB (MoA of the nearest other compound, the latter across batches), MoA
     retrieval mAP, and held-out treatment accuracy of the weighted kNN classifier (where a

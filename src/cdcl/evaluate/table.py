@@ -11,6 +11,7 @@ import pandas as pd
 
 from cdcl.data.splits import rotating_batch_split
 from cdcl.errors import CdclError
+from cdcl.evaluate.calibration import calibrate as calibrate_fn
 from cdcl.evaluate.embed import (
     METADATA_PREFIX,
     read_profile_table,
@@ -52,6 +53,7 @@ def evaluate_table(
     umap: bool = True,
     name: str | None = None,
     before_write: Callable[[dict[str, Any]], None] | None = None,
+    calibrate: bool = False,
 ) -> Path:
     """``cdcl evaluate --features FILE``: score any ``Metadata_*`` profile table with the same code.
 
@@ -61,6 +63,8 @@ def evaluate_table(
     after each post-hoc correction (``sphering``, ``harmony``, ``combat``), fitted on all rows.
     ``before_write`` sees the results first and may refuse them (raise): then nothing in
     ``out`` is touched. Exact duplicate rows are dropped (said in ``source.notes``).
+    ``calibrate`` adds the table's null and injected-batch-effect scores
+    (:func:`cdcl.evaluate.calibration.calibrate`) under ``calibration`` of the table's set.
     """
 
     if eval_on not in ("all", "test"):
@@ -100,6 +104,11 @@ def evaluate_table(
         )
         for set_, xs in sets.items()
     }
+    if calibrate:
+        with timer("calibration"):
+            results_sets[set_name]["calibration"] = calibrate_fn(
+                x, meta, eval_mask=ev, seed=seed, name=set_name
+            )
     source = {
         "features_file": str(Path(features_file).resolve()),
         "features_sha256": file_sha256(features_file),

@@ -23,6 +23,7 @@ from cdcl.evaluate.metrics.classification import (
 )
 from cdcl.evaluate.metrics.matching import nsc_nscb, treatment_profiles
 from cdcl.evaluate.metrics.mixing import (
+    batch_silhouette_global,
     batch_silhouette_score,
     graph_connectivity,
     ilisi,
@@ -52,6 +53,7 @@ __all__ = [
     "NeighborGraph",
     "average_precision",
     "batch_classifier_accuracy",
+    "batch_silhouette_global",
     "batch_silhouette_score",
     "classification_scores",
     "grit",

@@ -5,14 +5,18 @@
   acceptance rate at alpha = 0.05 (higher = better mixed); ``kbet_per_group`` averages it within
   groups (e.g. treatments) so that design imbalance is not read as batch effect.
 - Silhouette (Rousseeuw, J Comput Appl Math 1987) of batch, treatment or MoA labels, exact or on
-  sampled query rows; ``batch_silhouette_score`` reports 1 - |s| of the batch labels (scib's
-  convention, Luecken et al., Nat Methods 2022).
-- iLISI (Korsunsky et al., Nat Methods 2019; scaled as scib's ``ilisi_graph``): the effective
+  sampled query rows; ``batch_silhouette_score`` is scib's ``silhouette_batch`` (Luecken et
+  al., Nat Methods 2022): the mean over labels of the mean ``1 - |s_i|`` of the batch labels
+  within each label; ``batch_silhouette_global`` (1 - |mean s|) is not scib's and is kept
+  under its own name.
+- iLISI (Korsunsky et al., Nat Methods 2019; scaled as scib's ``ilisi_knn``): the effective
   number of batches in each neighbourhood.
-- Graph connectivity (scib): is each label one connected piece of the kNN graph?
-- ``mixing_per_treatment``: kBET, iLISI, batch silhouette and graph connectivity within each
-  treatment present in at least two batches, so that a design where treatments differ between
-  batches is not read as a batch effect; ``scib_aggregate`` combines batch and biology scores.
+- Graph connectivity (scib): is each label one strongly connected piece of its subgraph of ONE
+  kNN graph over all rows?
+- ``mixing_per_treatment``: kBET (scib-metrics' ``kbet_per_label`` rules), iLISI, batch
+  silhouette and graph connectivity within each treatment present in at least two batches, so
+  that a design where treatments differ between batches is not read as a batch effect;
+  ``scib_aggregate`` combines batch and biology scores.
 
 Every neighbourhood metric reads a :class:`~.neighbours.NeighborGraph`: one search per feature
 set (or per treatment) serves kBET, iLISI and graph connectivity.
@@ -39,7 +43,6 @@ from cdcl.evaluate.metrics._inputs import (
 from cdcl.evaluate.metrics.neighbours import (
     BLOCK_ELEMS,
     NeighborGraph,
-    group_graphs,
     iter_blocks,
     neighbor_graph,
     row_norms,
@@ -53,7 +56,16 @@ from cdcl.evaluate.metrics.neighbours import (
 EXACT_MAX = 10_000
 QUERY_SAMPLE = 2_000
 LISI_K = 90  # scib's ilisi_graph k0 (perplexity k / 3 = 30, Harmony's default)
-CONNECTIVITY_K = 15  # scanpy's default n_neighbors, on which scib builds its graph
+CONNECTIVITY_K = 15  # scanpy's default n_neighbors (the row itself included), as scib's graph
+# scib-metrics kbet_per_label (metrics/_kbet.py): labels under 10 rows are skipped, k0 is a
+# quarter of the mean batch size clipped to [10, 70], and a label whose subgraph of the global
+# kNN graph falls apart is scored on its components of >= 3 k0 rows if they hold >= 75% of it,
+# else 0.
+MIN_GROUP_ROWS = 10
+KBET_K0_MAX = 70
+FRAGMENT_MIN_COVER = 0.75
+# Below this many scored treatments a per-treatment kBET / iLISI mean is not reported.
+MIN_SCORED_GROUPS = 3
 
 
 def _default_kbet_k(batch_sizes: np.ndarray, n: int) -> int:
@@ -61,6 +73,13 @@ def _default_kbet_k(batch_sizes: np.ndarray, n: int) -> int:
     # of kBET's own k search) and capped at 100 for cost, and at n - 1.
     k = int(math.floor(batch_sizes.mean() / 4.0))
     return int(min(max(k, 10), 100, n - 1))
+
+
+def _scib_kbet_k0(batch_sizes: np.ndarray, n: int) -> int:
+    # scib-metrics kbet_per_label: k0 = min(70, max(10, floor(mean batch size / 4))); here also
+    # capped at n - 1 (the neighbourhood is the query plus k - 1 others).
+    k = int(math.floor(batch_sizes.mean() / 4.0))
+    return int(min(max(k, 10), KBET_K0_MAX, n - 1))
 
 
 def default_kbet_k(batch: ArrayLike) -> int:
@@ -165,48 +184,145 @@ def kbet(
     }
 
 
+def _fragments(adj: csr_matrix | None, rows: np.ndarray) -> np.ndarray | None:
+    """Weakly connected component of each of ``rows`` in the global graph's subgraph on them.
+
+    ``adj`` is the global kNN graph (directed, over all rows); None when no global graph over
+    these rows exists (then fragmentation is not judged).
+    """
+    if adj is None:
+        return None
+    sub = adj[rows][:, rows]
+    return connected_components(sub, directed=True, connection="weak")[1]
+
+
+def _kbet_group(
+    x: np.ndarray,
+    bcodes: np.ndarray,
+    rows: np.ndarray,
+    comps: np.ndarray | None,
+    *,
+    alpha: float,
+    metric: str,
+    graph: NeighborGraph | None = None,
+) -> tuple[float, dict[str, Any]]:
+    """scib-metrics' ``kbet_per_label`` rules for one group of rows (see MIN_GROUP_ROWS).
+
+    ``comps``: component of each row in the group's subgraph of the global kNN graph (None:
+    not judged). One component: kBET on all rows with k0 from the group's batch sizes.
+    Several: kBET on the rows of components with at least ``3 k0`` rows if they hold at least
+    75% of the group, else 0 (100% rejection). ``graph``: a kNN graph of ``rows`` among
+    themselves (reused when the whole group is scored). Returns ``(acceptance, info)``.
+    """
+    sizes = np.unique(bcodes[rows], return_counts=True)[1]
+    k0 = _scib_kbet_k0(sizes, rows.size)
+    info: dict[str, Any] = {"k": int(k0), "n_components": 1}
+    keep = rows
+    if comps is not None and np.unique(comps).size > 1:
+        comp_ids, comp_sizes = np.unique(comps, return_counts=True)
+        info["n_components"] = int(comp_ids.size)
+        big = np.isin(comps, comp_ids[comp_sizes >= 3 * k0])
+        if big.sum() / rows.size < FRAGMENT_MIN_COVER:
+            info["fragmented"] = True
+            return 0.0, info
+        keep = rows[big]
+        graph = None
+    local, lsizes = np.unique(bcodes[keep], return_inverse=True, return_counts=True)[1:]
+    if lsizes.size < 2:
+        return 1.0, info  # the scored part holds one batch: kBET's single-batch convention
+    k = min(k0, keep.size - 1)
+    info["k"] = int(k)
+    if graph is None or graph.k < k - 1:
+        graph = rows_graph(x, keep, k - 1, metric=metric)
+    pos = np.searchsorted(keep, graph.indices[:, : k - 1])
+    env = np.concatenate([local[:, None], local[pos]], axis=1)
+    pvals = _kbet_pvalues(env, lsizes, k)
+    return float(np.mean(pvals >= alpha)), info
+
+
 def kbet_per_group(
     features: ArrayLike,
     batch: ArrayLike,
     groups: ArrayLike,
     *,
-    min_group_size: int = 10,
-    **kw: Any,
+    min_group_size: int = MIN_GROUP_ROWS,
+    alpha: float = 0.05,
+    metric: str = "euclidean",
+    max_graph_rows: int | None = EXACT_MAX,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """kBET within each group (e.g. per treatment), as kBET's "complex study design" mode.
+    """kBET within each group (e.g. per treatment), with scib-metrics' ``kbet_per_label`` rules.
 
-    Each group with at least 2 batches and ``min_group_size`` rows is tested on its own rows
-    against its own batch frequencies (:func:`kbet`, same keyword arguments; the default ``k``
-    is recomputed from the group's batch sizes). Other groups are skipped and counted.
+    scib-metrics ``metrics/_kbet.py``: a group with fewer than ``min_group_size`` (10) rows or
+    one batch is skipped; ``k0 = min(70, max(10, floor(mean batch size / 4)))`` (capped at
+    the group size - 1); the group's subgraph of one global kNN graph (``CONNECTIVITY_K``,
+    over all rows, or a seeded sample of ``max_graph_rows`` above that, where fragmentation
+    is judged only for groups whose rows are all in the sample) is split into
+    connected components: one component -> kBET on the group; several -> kBET on the
+    components of at least ``3 k0`` rows if they hold >= 75% of the group, else 0. Convention
+    difference: the neighbours are Euclidean kNN among the group's rows, where scib-metrics
+    uses diffusion distances on the group's subgraph.
 
     Returns:
-        ``{"mean_acceptance", "n_groups", "n_skipped", "per_group": {group: acceptance}}``
-        where the mean is over tested groups (NaN if none).
+        ``{"mean_acceptance", "n_groups", "n_skipped", "n_fragmented", "per_group"}``; the
+        mean is over scored groups (NaN if none).
     """
     x = _features(features)
     n = x.shape[0]
-    b = _labels(batch, n, "batch")
+    bcodes, _ = _codes(_labels(batch, n, "batch"), "batch")
     gcodes, guniq = _codes(_labels(groups, n, "groups"), "groups")
+    adj, in_graph = _global_adjacency(x, max_graph_rows, metric, seed)
     per_group: dict[Hashable, float] = {}
-    skipped = 0
+    skipped = fragmented = 0
     order = np.argsort(gcodes, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(gcodes, minlength=guniq.size))])
     for g in range(guniq.size):
-        rows = order[bounds[g] : bounds[g + 1]]
-        if rows.size < max(3, min_group_size) or np.unique(b[rows]).size < 2:
+        rows = np.sort(order[bounds[g] : bounds[g + 1]])
+        if rows.size < max(3, min_group_size) or np.unique(bcodes[rows]).size < 2:
             skipped += 1
             continue
-        kw_g = dict(kw)
-        if kw_g.get("k") is not None:
-            kw_g["k"] = min(int(kw_g["k"]), rows.size - 1)
-        per_group[guniq[g]] = kbet(x[rows], b[rows], **kw_g)["acceptance_rate"]
+        comps = _group_components(adj, in_graph, rows)
+        acc, info = _kbet_group(x, bcodes, rows, comps, alpha=alpha, metric=metric)
+        fragmented += int(bool(info.get("fragmented")))
+        per_group[guniq[g]] = acc
     vals = list(per_group.values())
     return {
         "mean_acceptance": float(np.mean(vals)) if vals else float("nan"),
         "n_groups": len(vals),
         "n_skipped": skipped,
+        "n_fragmented": fragmented,
         "per_group": per_group,
     }
+
+
+def _global_adjacency(
+    x: np.ndarray, max_rows: int | None, metric: str, seed: int
+) -> tuple[csr_matrix, np.ndarray]:
+    """Directed kNN adjacency (``CONNECTIVITY_K - 1`` others per row) over all rows or a sample.
+
+    Returns ``(adj, rows)``: ``adj`` is over ``rows`` (positions 0..len(rows)-1), the sorted
+    rows of ``x`` the graph was built on (all rows up to ``max_rows``).
+    """
+    n = x.shape[0]
+    rows = sample_rows(n, max_rows, seed)
+    sub = x if rows.size == n else x[rows]
+    graph = neighbor_graph(sub, CONNECTIVITY_K - 1, metric=metric)
+    kk = graph.k
+    src = np.repeat(np.arange(rows.size), kk)
+    adj = csr_matrix(
+        (np.ones(src.size, dtype=np.int8), (src, graph.indices.ravel())),
+        shape=(rows.size, rows.size),
+    )
+    return adj, rows
+
+
+def _group_components(adj: csr_matrix, in_graph: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """Weak components of ``rows`` in the global graph; None if the graph misses some of them."""
+    pos = np.searchsorted(in_graph, rows)
+    pos = np.minimum(pos, in_graph.size - 1)
+    if not np.array_equal(in_graph[pos], rows):
+        return None  # the global graph is a sample that does not hold every row of the group
+    return _fragments(adj, pos)
 
 
 def silhouette(
@@ -317,17 +433,61 @@ def silhouette_values(
 def batch_silhouette_score(
     features: ArrayLike,
     batch: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    metric: str = "euclidean",
+    sample_size: int | None = None,
+    seed: int = 0,
+    chunk_size: int = 2048,
+) -> dict[str, Any]:
+    """Batch mixing as scib's ``silhouette_batch``: mean over labels of mean ``1 - |s_i|``.
+
+    scib-metrics ``metrics/_silhouette.py``: within each label (e.g. treatment; ``labels``
+    None = one label holding every row) the silhouette width ``s_i`` of every row is computed
+    with the *batch* as cluster label, among that label's rows only; each row scores
+    ``1 - |s_i|`` (1 = its batch overlaps the others, 0 = batch-specific), the scores are
+    averaged per label and the label means averaged. Labels with one batch, or with as many
+    batches as rows, are skipped (as scib). Euclidean by default, as scib. ``sample_size``:
+    at most that many seeded query rows per label, scored against all its rows.
+
+    Returns:
+        ``{"score", "n_labels", "per_label"}`` (score NaN with a ``note`` if no label has two
+        batches).
+    """
+    x = _features(features)
+    n = x.shape[0]
+    bcodes, _ = _codes(_labels(batch, n, "batch"), "batch")
+    lab = np.zeros(n, dtype=np.int64) if labels is None else _labels(labels, n, "labels")
+    lcodes, luniq = _codes(lab, "labels")
+    per: dict[Any, float] = {}
+    for g in range(luniq.size):
+        rows = np.flatnonzero(lcodes == g)
+        local = np.unique(bcodes[rows], return_inverse=True)[1]
+        nb = int(local.max()) + 1
+        if nb < 2 or nb == rows.size:
+            continue
+        q = sample_rows(rows.size, sample_size, seed + g)
+        s = silhouette_values(x[rows], local, q, metric=metric, chunk_size=chunk_size)
+        per[luniq[g] if labels is not None else "all"] = float(np.mean(1.0 - np.abs(s)))
+    if not per:
+        return {"score": float("nan"), "n_labels": 0, "per_label": {}, "note": "single batch"}
+    return {"score": float(np.mean(list(per.values()))), "n_labels": len(per), "per_label": per}
+
+
+def batch_silhouette_global(
+    features: ArrayLike,
+    batch: ArrayLike,
     *,
     metric: str = "cosine",
     sample_size: int | None = None,
     seed: int = 0,
     chunk_size: int = 2048,
 ) -> dict[str, Any]:
-    """Batch mixing as ``1 - |s|``, s the silhouette of the batch labels (DESIGN section 7).
+    """``1 - |s|`` with ``s`` the mean silhouette of the batch labels over all rows.
 
-    ``s`` near 0 means batches overlap (score near 1: well mixed); ``|s|`` near 1 means batch
-    clusters (score near 0). Same arguments as :func:`silhouette`. A single batch returns
-    NaN with a ``note``.
+    Not scib's convention (positive and negative ``s_i`` cancel in the mean, so this reads
+    higher than :func:`batch_silhouette_score`); kept under its own name for comparison with
+    earlier results. Same arguments as :func:`silhouette`; one batch gives NaN with a note.
 
     Returns:
         ``{"score": 1 - |s|, "silhouette": s}`` (+ ``note``).
@@ -474,50 +634,53 @@ def ilisi(
     }
 
 
-def _largest_component_fraction(graph: NeighborGraph, k: int) -> float:
-    rows = graph.queries
-    kk = min(k, graph.k)
-    pos = np.searchsorted(rows, graph.indices[:, :kk])
-    src = np.repeat(np.arange(rows.size), kk)
-    adj = csr_matrix((np.ones(src.size), (src, pos.ravel())), shape=(rows.size, rows.size))
-    _, comp = connected_components(adj, directed=False)
-    return float(np.bincount(comp).max() / rows.size)
+def _label_connectivity(adj: csr_matrix, pos: np.ndarray) -> float:
+    """Largest strongly connected share of the rows ``pos`` in the subgraph of ``adj`` on them."""
+    if pos.size < 2:
+        return 1.0
+    comps = connected_components(adj[pos][:, pos], directed=True, connection="strong")[1]
+    return float(np.bincount(comps).max() / pos.size)
 
 
 def graph_connectivity(
     features: ArrayLike,
     labels: ArrayLike,
     *,
-    k: int = CONNECTIVITY_K,
     metric: str = "euclidean",
     max_rows: int | None = EXACT_MAX,
     seed: int = 0,
-    graphs: dict[int, NeighborGraph] | None = None,
+    adjacency: tuple[csr_matrix, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Graph connectivity (scib): mean over labels of the largest connected share of the label.
+    """Graph connectivity (scib): mean over labels of the label's largest connected share.
 
-    Luecken et al., Nat Methods 2022: for each label, the fraction of its rows in the largest
-    connected component of the (undirected) kNN graph of those rows; 1 = every label is one
-    piece whatever the batch, ``1 / n_batches`` or less = the label falls apart by batch.
-    scib restricts one graph over all rows to the label's rows; here each label's graph is
-    built among its own rows (:func:`~.neighbours.group_graphs`, ``k`` = 15 as scanpy's
-    default), which costs the sum of squared label sizes instead of n squared and is the same
-    graph whenever a row's nearest neighbours share its label. A label with more than
-    ``max_rows`` rows is represented by a seeded sample of that many rows. ``graphs``:
-    precomputed per-label graphs (label code -> graph over that label's rows).
+    scib-metrics ``metrics/_graph_connectivity.py`` (Luecken et al., Nat Methods 2022): ONE
+    kNN graph over all rows (``CONNECTIVITY_K`` = 15 neighbours counting the row itself,
+    scanpy's default, Euclidean; directed, each row to its neighbours); for each label the
+    subgraph on that label's rows is split into strongly connected components (scipy
+    ``connected_components(connection="strong")``, as scib-metrics) and the label scores the
+    share of its rows in the largest one. 1 = every label is one piece; a label whose rows
+    sit in batch-specific pieces, or among other labels' rows, scores low. With more than
+    ``max_rows`` rows the graph is built on a seeded sample of that many rows (``n_rows``
+    says how many). ``adjacency``: a precomputed ``(adj, rows)`` from the same construction.
 
     Returns:
-        ``{"score", "n_labels", "per_label": {label: fraction}}`` (labels with >= 2 rows).
+        ``{"score", "n_labels", "n_rows", "per_label": {label: fraction}}``.
     """
     x = _features(features)
-    codes, uniq = _codes(_labels(labels, x.shape[0], "labels"), "labels")
-    if graphs is None:
-        graphs = group_graphs(x, codes, k, max_rows=max_rows, metric=metric, seed=seed)
-    per = {uniq[g]: _largest_component_fraction(gr, k) for g, gr in sorted(graphs.items())}
+    n = x.shape[0]
+    codes, uniq = _codes(_labels(labels, n, "labels"), "labels")
+    if n < 2:
+        return {"score": float("nan"), "n_labels": 0, "n_rows": n, "per_label": {}}
+    adj, rows = adjacency if adjacency is not None else _global_adjacency(x, max_rows, metric, seed)
+    sub_codes = codes[rows]
+    per: dict[Any, float] = {}
+    for g in np.unique(sub_codes):
+        per[uniq[g]] = _label_connectivity(adj, np.flatnonzero(sub_codes == g))
     vals = list(per.values())
     return {
         "score": float(np.mean(vals)) if vals else float("nan"),
         "n_labels": len(vals),
+        "n_rows": int(rows.size),
         "per_label": per,
     }
 
@@ -527,7 +690,7 @@ def mixing_per_treatment(
     batch: ArrayLike,
     treatment: ArrayLike,
     *,
-    min_group_size: int = 4,
+    min_group_size: int = MIN_GROUP_ROWS,
     max_group_rows: int = EXACT_MAX,
     silhouette_queries: int = 500,
     alpha: float = 0.05,
@@ -537,85 +700,100 @@ def mixing_per_treatment(
     """Batch mixing within each treatment: kBET, iLISI, batch silhouette, graph connectivity.
 
     A design where treatments are spread unevenly over batches makes global mixing metrics
-    measure composition (e.g. a batch holding only controls looks "unmixed" however well the
-    batch effect is removed). Here every metric compares rows *of one treatment* with each
-    other, and the score is the unweighted mean over treatments present in at least two
-    batches with at least ``min_group_size`` rows. Treatments found in one batch only cannot
-    say anything about mixing: they are left out and listed (``single_batch_treatments``).
+    measure composition (a batch holding only controls looks "unmixed" however well the batch
+    effect is removed). Here every metric compares rows *of one treatment* with each other,
+    and the score is the unweighted mean over the treatments it can score; treatments found
+    in one batch only say nothing about mixing and are listed (``single_batch_treatments``).
 
-    Per treatment one kNN graph among its rows (:func:`~.neighbours.group_graphs`,
-    ``metric``) serves kBET (its default k from the treatment's batch sizes, kBET's
-    complex-design mode, same figures as :func:`kbet_per_group`), iLISI (k = min(90, n - 1),
-    perplexity k / 3, scaled by the treatment's batch count) and graph connectivity (first 15
-    neighbours). The batch silhouette is scib's ``silhouette_batch``: ``1 - |s_i|`` per row
-    (cosine), averaged within the treatment; at most ``silhouette_queries`` seeded query rows
-    per treatment, scored against all its rows. A treatment with more than
-    ``max_group_rows`` rows (typically the controls of a large screen) is represented by a
-    seeded sample of that many rows.
+    - kBET: scib-metrics' ``kbet_per_label`` rules (:func:`kbet_per_group`): treatments with
+      fewer than ``min_group_size`` (10) rows skipped, k0 from the treatment's batch sizes,
+      fragmented treatments (in one global kNN graph) scored on their large components or 0.
+    - iLISI: same skip rule; k = min(90, n - 1), perplexity k / 3, scaled by the treatment's
+      batch count (scib's ``ilisi_knn`` within the treatment).
+    - batch silhouette: scib's ``silhouette_batch`` with treatments as labels
+      (:func:`batch_silhouette_score`, Euclidean; at most ``silhouette_queries`` query rows
+      per treatment).
+    - graph connectivity: scib's definition (:func:`graph_connectivity`) on one global kNN
+      graph of all rows (a seeded sample of ``max_group_rows`` above that), treatments as
+      labels, over the treatments present in >= 2 batches.
+
+    kBET and iLISI report how many treatments they scored (``kbet_n``, ``ilisi_n``); with
+    fewer than ``MIN_SCORED_GROUPS`` (3) the mean is NaN and ``kbet_note`` / ``ilisi_note``
+    say why instead of averaging one or two treatments. A treatment with more than
+    ``max_group_rows`` rows is represented by a seeded sample of that many rows.
 
     Returns:
-        ``{"kbet", "ilisi", "batch_silhouette", "graph_connectivity", "n_treatments",
-        "n_single_batch", "single_batch_treatments", "n_too_small", "per_treatment"}``.
+        ``{"kbet", "ilisi", "batch_silhouette", "graph_connectivity", "kbet_n", "ilisi_n",
+        "n_treatments", "n_single_batch", "single_batch_treatments", "n_too_small",
+        "per_treatment"}`` (+ notes).
     """
     x = _features(features)
     n = x.shape[0]
     bcodes, _ = _codes(_labels(batch, n, "batch"), "batch")
     tcodes, tuniq = _codes(_labels(treatment, n, "treatment"), "treatment")
+    adj, in_graph = _global_adjacency(x, max_group_rows, metric, seed)
+    graph_pos = np.full(n, -1, dtype=np.int64)
+    graph_pos[in_graph] = np.arange(in_graph.size)
     order = np.argsort(tcodes, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(tcodes, minlength=tuniq.size))])
     single: list[Any] = []
     too_small = 0
     per: dict[Any, dict[str, float]] = {}
     for g in range(tuniq.size):
-        rows = order[bounds[g] : bounds[g + 1]]
-        nb_g = np.unique(bcodes[rows]).size
-        if nb_g < 2:
+        rows = np.sort(order[bounds[g] : bounds[g + 1]])
+        if np.unique(bcodes[rows]).size < 2:
             single.append(tuniq[g])
             continue
-        if rows.size < max(3, min_group_size):
-            too_small += 1
-            continue
+        pos = graph_pos[rows]
+        pos = np.sort(pos[pos >= 0])
+        rec: dict[str, float] = {
+            "graph_connectivity": _label_connectivity(adj, pos) if pos.size else float("nan"),
+            "n_rows": int(rows.size),
+        }
         if rows.size > max_group_rows:
-            rows = rows[sample_rows(rows.size, max_group_rows, seed + g)]
+            rows = np.sort(rows[sample_rows(rows.size, max_group_rows, seed + g)])
         local, sizes = np.unique(bcodes[rows], return_inverse=True, return_counts=True)[1:]
         nb_g = sizes.size
-        k_kbet = _default_kbet_k(sizes, rows.size)
-        k_lisi = min(LISI_K, rows.size - 1)
-        k_graph = max(k_kbet - 1, k_lisi, CONNECTIVITY_K)
-        rows = np.sort(rows)
-        graph = rows_graph(x, rows, k_graph, metric=metric)  # one search, three metrics
-        # Neighbour rows -> positions in ``rows`` -> batch codes local to the treatment.
-        pos = np.searchsorted(rows, graph.indices)
-        lc = local[pos]
-        env = np.concatenate([local[:, None], lc[:, : k_kbet - 1]], axis=1)
-        pvals = _kbet_pvalues(env, sizes, k_kbet)
-        lisi_graph = NeighborGraph(
-            np.arange(rows.size),
-            pos[:, :k_lisi],
-            graph.similarities[:, :k_lisi],
-            graph.metric,
-            rows.size,
-        )
-        lisi = lisi_values(lisi_graph, local, k_lisi / 3.0)
+        rec["n_batches"] = int(nb_g)
         sil_q = sample_rows(rows.size, silhouette_queries, seed + g)
         if nb_g <= rows.size - 1:
-            s = silhouette_values(x[rows], local, sil_q, metric="cosine")
-            sil = float(np.mean(1.0 - np.abs(s)))
+            s = silhouette_values(x[rows], local, sil_q, metric="euclidean")
+            rec["batch_silhouette"] = float(np.mean(1.0 - np.abs(s)))
         else:
-            sil = float("nan")  # every row its own batch: silhouette undefined
-        per[tuniq[g]] = {
-            "kbet": float(np.mean(pvals >= alpha)),
-            "ilisi": float((np.median(lisi) - 1.0) / (nb_g - 1.0)),
-            "batch_silhouette": sil,
-            "graph_connectivity": _largest_component_fraction(graph, CONNECTIVITY_K),
-            "n_rows": int(rows.size),
-            "n_batches": int(nb_g),
-        }
+            rec["batch_silhouette"] = float("nan")  # every row its own batch: undefined
+        if rows.size < max(3, min_group_size):
+            too_small += 1
+            rec["kbet"] = rec["ilisi"] = float("nan")
+            per[tuniq[g]] = rec
+            continue
+        k_lisi = min(LISI_K, rows.size - 1)
+        k_kbet = _scib_kbet_k0(sizes, rows.size)
+        graph = rows_graph(x, rows, max(k_kbet - 1, k_lisi), metric=metric)
+        comps = _group_components(adj, in_graph, rows)
+        acc, info = _kbet_group(x, bcodes, rows, comps, alpha=alpha, metric=metric, graph=graph)
+        rec["kbet"] = acc
+        rec["kbet_k"] = info["k"]
+        rec["fragmented"] = float(bool(info.get("fragmented")))
+        lpos = np.searchsorted(rows, graph.indices[:, :k_lisi])
+        lisi_graph = NeighborGraph(
+            np.arange(rows.size), lpos, graph.similarities[:, :k_lisi], graph.metric, rows.size
+        )
+        lisi = lisi_values(lisi_graph, local, k_lisi / 3.0)
+        rec["ilisi"] = float((np.median(lisi) - 1.0) / (nb_g - 1.0))
+        per[tuniq[g]] = rec
     out: dict[str, Any] = {}
     for key in ("kbet", "ilisi", "batch_silhouette", "graph_connectivity"):
         vals = np.array([v[key] for v in per.values()], dtype=np.float64)
         vals = vals[np.isfinite(vals)]
         out[key] = float(vals.mean()) if vals.size else float("nan")
+        if key in ("kbet", "ilisi"):
+            out[f"{key}_n"] = int(vals.size)
+            if vals.size < MIN_SCORED_GROUPS:
+                out[key] = float("nan")
+                out[f"{key}_note"] = (
+                    f"only {vals.size} treatment(s) have >= {min_group_size} profiles in >= 2 "
+                    f"batches (scib's rule); fewer than {MIN_SCORED_GROUPS}: not averaged"
+                )
     out["n_treatments"] = len(per)
     out["n_single_batch"] = len(single)
     out["single_batch_treatments"] = [str(t) for t in single]

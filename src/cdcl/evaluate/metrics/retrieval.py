@@ -64,12 +64,15 @@ def average_precision(
     on every ``pos_diffby`` column; a negative when it equals i on every ``neg_sameby`` and
     differs on every ``neg_diffby`` column (a pair meeting both rules is listed twice, as in
     copairs). Positives and negatives are ranked by cosine similarity (float32, key
-    ``1 - sim``; a positive tied with a negative is ranked first, as copairs' stable sort) and
-    ``AP = mean over positives of precision at the positive's rank``. ``batch_aware=True``
+    ``1 - sim``) and ``AP = mean over positives of precision at the positive's rank``. Tied
+    similarities count as chance: the AP is its expectation over random orders of the tied
+    items (:func:`_expected_ap`). copairs 0.5.5 instead ranks a positive tied with a negative
+    first (its stable sort lists positive pairs before negative ones), which scores a table
+    without variance as AP 1; without ties the two agree. ``batch_aware=True``
     adds ``batch_col`` to ``pos_diffby``: positives must come from another batch.
 
-    Per query the positives' keys are sorted and the negatives ranked before each positive
-    counted by binary search (O(n log n_pos), no sort of all pairs). ``query_indices``: score
+    Per query the negatives ranked before each distinct positive key are counted by binary
+    search (O(n log n_pos), no sort of all pairs). ``query_indices``: score
     only these rows as queries (each still ranked against all rows); the output then holds
     those rows only. ``unit_rows=True``: ``features`` already have unit L2 rows (float32), no
     normalised copy is made.
@@ -132,23 +135,45 @@ def average_precision(
             pos, neg = pos[:, cand], neg[:, cand]
         key = np.float32(1.0) - sims
         for i in range(m):
-            kp = np.sort(key[i, pos[i]])
+            kp = key[i, pos[i]]
             kn = key[i, neg[i]]
             n_pos[qa + i] = kp.size
             n_tot[qa + i] = kp.size + kn.size
-            if kp.size == 0:
-                continue
-            # Negatives ranked before the j-th positive: keys strictly smaller (a positive
-            # tied with a negative ranks first, as copairs' stable sort of pos-then-neg pairs).
-            first_after = np.searchsorted(kp, kn, side="right")
-            before = np.cumsum(np.bincount(first_after, minlength=kp.size + 1))[: kp.size]
-            j = np.arange(1, kp.size + 1)
-            ap[qa + i] = float(np.mean(j / (j + before)))
+            if kp.size:
+                ap[qa + i] = _expected_ap(kp, kn)
     out = frame.iloc[queries].reset_index(drop=True) if nq < n else frame.copy()
     out["n_pos_pairs"] = n_pos
     out["n_total_pairs"] = n_tot
     out["average_precision"] = ap
     return out
+
+
+def _expected_ap(pos_keys: np.ndarray, neg_keys: np.ndarray) -> float:
+    """AP of one query, ties between keys broken uniformly at random (expected value).
+
+    Keys rank ascending. Where no key ties this is the plain AP. A run of ``g`` tied keys
+    holding ``p`` positives after ``c`` ranked items of which ``b`` are positives contributes
+    ``sum_{i=1..g} [p/g (b + 1) + (i - 1) p (p - 1) / (g (g - 1))] / (c + i)`` to the sum of
+    precisions (McSherry & Najork, ECIR 2008), so a table without variance scores the
+    chance-level AP instead of 1.
+    """
+    uk, p_count = np.unique(pos_keys, return_counts=True)
+    # Negatives strictly before each distinct positive key, and negatives tied with it.
+    right = np.searchsorted(uk, neg_keys, side="right")
+    left = np.searchsorted(uk, neg_keys, side="left")
+    before = np.cumsum(np.bincount(right, minlength=uk.size + 1))[: uk.size]
+    tied = np.bincount(left[right > left], minlength=uk.size)
+    pos_before = np.concatenate([[0], np.cumsum(p_count)[:-1]])
+    c = pos_before + before
+    g = p_count + tied
+    plain = g == 1  # a single positive, tied with nothing: precision (b + 1) / (c + 1)
+    total = float(((pos_before[plain] + 1) / (c[plain] + 1)).sum())
+    for j in np.flatnonzero(~plain):
+        gj, pj, bj = int(g[j]), int(p_count[j]), int(pos_before[j])
+        i = np.arange(1, gj + 1, dtype=np.float64)
+        pair = pj * (pj - 1) / (gj * (gj - 1)) if gj > 1 else 0.0
+        total += float(((pj / gj * (bj + 1) + (i - 1) * pair) / (c[j] + i)).sum())
+    return total / pos_keys.size
 
 
 def _null_ap(num_pos: int, total: int, null_size: int, seed: int) -> np.ndarray:
