@@ -97,8 +97,9 @@ def resolve_table_meta(
     defaults to ``Metadata_batch`` and then to the plate; ``batch_pattern`` is a regular
     expression whose first group (or whole match) is taken from the batch column's values
     (e.g. ``^(Week\\d+)`` turns BBBC021 plates into imaging weeks). Controls come from
-    ``control_query`` (a ``DataFrame.query`` expression on the table), else a boolean
-    ``Metadata_is_control`` column, else treatments/compounds named like DMSO.
+    ``control_query`` (a ``DataFrame.query`` expression on the table), else pycytominer's
+    ``Metadata_control_type == "negcon"``, else a boolean ``Metadata_is_control`` column, else
+    treatments/compounds named like DMSO.
     """
     t = meta_table.reset_index(drop=True)
     out = pd.DataFrame(index=t.index)
@@ -164,6 +165,9 @@ def control_mask(table: pd.DataFrame, canon: pd.DataFrame, query: str | None) ->
         mask = np.zeros(len(table), dtype=bool)
         mask[table.index.get_indexer(hit.index)] = True
         return mask
+    col = _find_column([str(c) for c in table.columns], "Metadata_control_type")
+    if col is not None:  # pycytominer's convention: negcon / poscon / trt
+        return table[col].astype(str).str.lower().eq("negcon").to_numpy()
     col = _find_column([str(c) for c in table.columns], "Metadata_is_control")
     if col is not None:
         v = table[col]
