@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs docs-serve format bench clean
+.PHONY: demo test lint docs docs-serve format bench constraints clean
 
 $(VENV): $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the tested versions of the direct dependencies (make constraints).
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -c constraints.txt
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,8 +21,8 @@ test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
 
 # The documentation site, built with --strict: a broken link or anchor fails the build.
 docs: $(STAMP)
@@ -31,11 +32,14 @@ docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks tools
+	$(BIN)/ruff check --fix src tests benchmarks tools
 
 bench: $(STAMP)
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+constraints: $(STAMP)
+	$(BIN)/python tools/write_constraints.py
 
 clean:
 	rm -rf $(VENV) demo_out site .pytest_cache .ruff_cache

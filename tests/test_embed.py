@@ -92,11 +92,11 @@ def test_parquet_export_is_pycytominer_and_copairs_ready(ds32, resnet, tmp_path:
     df = pd.read_parquet(path)
     meta_cols = [c for c in df.columns if c.startswith("Metadata_")]
     feat_cols = [c for c in df.columns if not c.startswith("Metadata_")]
-    assert {"Metadata_plate", "Metadata_well", "Metadata_batch", "Metadata_treatment"} <= set(
+    assert {"Metadata_Plate", "Metadata_Well", "Metadata_Batch", "Metadata_Treatment"} <= set(
         meta_cols
     )
-    assert {"Metadata_moa", "Metadata_compound", "Metadata_is_control"} <= set(meta_cols)
-    assert feat_cols == [f"f{i}" for i in range(prof.shape[1])]
+    assert {"Metadata_MoA", "Metadata_Compound", "Metadata_Is_Control"} <= set(meta_cols)
+    assert feat_cols == [f"Cells_Embedding_{i:04d}" for i in range(prof.shape[1])]
     np.testing.assert_array_equal(df[feat_cols].to_numpy(), prof)
     assert not list(tmp_path.glob(".*tmp*"))  # the atomic write left no temporary file
     # copairs reads it directly: replicate retrieval of treatments against the rest.
@@ -105,10 +105,10 @@ def test_parquet_export_is_pycytominer_and_copairs_ready(ds32, resnet, tmp_path:
     ap = average_precision(
         df[meta_cols],
         df[feat_cols].to_numpy(),
-        pos_sameby=["Metadata_treatment"],
+        pos_sameby=["Metadata_Treatment"],
         pos_diffby=[],
         neg_sameby=[],
-        neg_diffby=["Metadata_treatment"],
+        neg_diffby=["Metadata_Treatment"],
         progress_bar=False,
     )
     assert len(ap) == len(df) and ap["average_precision"].between(0, 1).all()
@@ -127,11 +127,17 @@ def test_anndata_export(ds32, resnet, tmp_path: Path) -> None:
     a = ad.read_h5ad(path)
     assert a.obsm[OBSM_KEY].shape == feats.shape
     np.testing.assert_array_equal(a.obsm[OBSM_KEY], feats)
-    assert list(a.obs["batch"]) == list(meta["batch"])
-    assert a.obs["is_control"].dtype == bool
+    assert list(a.obs["Metadata_Batch"]) == list(meta["batch"])
+    assert a.obs["Metadata_Is_Control"].dtype == bool
+    # Readable row names (plate_well_site) and feature names in var.
+    assert a.obs_names[0] == "_".join(str(meta.loc[0, c]) for c in ("plate", "well", "site"))
+    assert a.obs_names.is_unique and list(a.var_names[:2]) == [
+        "Cells_Embedding_0000",
+        "Cells_Embedding_0001",
+    ]
     x, m, _ = split_table(read_profile_table(path))
     np.testing.assert_array_equal(x, feats)
-    assert "Metadata_treatment" in m.columns
+    assert "Metadata_Treatment" in m.columns
 
 
 def test_intensity_features_match_numpy(ds32) -> None:
@@ -165,7 +171,7 @@ def test_cli_embed_well_and_image(tmp_path: Path) -> None:
     r = _cdcl("embed", "random:resnet18", "--data", str(ds), "--out", str(out), "--no-progress")
     assert r.returncode == 0, r.stderr
     df = pd.read_parquet(out)
-    assert len(df) == 15 and "Metadata_batch" in df and "f511" in df
+    assert len(df) == 15 and "Metadata_Batch" in df and "Cells_Embedding_0511" in df
     r = _cdcl(
         "embed",
         "intensity",
@@ -186,7 +192,7 @@ def test_cli_embed_well_and_image(tmp_path: Path) -> None:
 
     a = ad.read_h5ad(tmp_path / "img.h5ad")
     assert a.obsm[OBSM_KEY].shape == (10, 50)  # one held-out batch of 10 images
-    assert a.obs["batch"].nunique() == 1
+    assert a.obs["Metadata_Batch"].nunique() == 1
 
 
 def test_cli_embed_bad_inputs(tmp_path: Path) -> None:
@@ -204,7 +210,7 @@ def test_cli_embed_bad_inputs(tmp_path: Path) -> None:
 def test_job_parts_resume_and_streaming_writers_match_in_memory(
     ds32, resnet, tmp_path: Path
 ) -> None:
-    from cdcl.evaluate.embed import to_csv
+    from cdcl.evaluate.embed import export_name, to_csv
     from cdcl.evaluate.embed_job import (
         EmbedJob,
         remove_stale_work_dirs,
@@ -243,9 +249,9 @@ def test_job_parts_resume_and_streaming_writers_match_in_memory(
     prof, wmeta = well_profiles(ref, meta)
     got = pd.read_parquet(path)
     assert n_wells == len(prof) and list(got.columns[: wmeta.shape[1]]) == [
-        f"Metadata_{c}" for c in wmeta.columns
+        export_name(c) for c in wmeta.columns
     ]
-    np.testing.assert_allclose(got.filter(regex=r"^f\d").to_numpy(), prof, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.filter(regex=r"^Cells_").to_numpy(), prof, rtol=1e-5, atol=1e-6)
     # A different command for the same output drops the old work directory.
     other = tmp_path / ".out.parquet.embed-def"
     assert remove_stale_work_dirs(tmp_path / "out.parquet", keep=other) == [job.work_dir]

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from cdcl import __version__
 from cdcl.errors import CdclError
 
 COMMANDS = ("synth", "build", "info", "train", "embed", "evaluate", "compare", "demo", "study")
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cdcl",
         description="Batch-robust representation learning and evaluation for high-content screens.",
     )
+    parser.add_argument("--version", action="version", version=f"cdcl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"cdcl.commands.{name}")

@@ -114,26 +114,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="base of relative paths (default: the table's folder)",
     )
-    p.add_argument("--batch-col", default="batch", help="column naming the batch (default batch)")
-    p.add_argument("--plate-col", default="plate", help="column naming the plate (default plate)")
-    p.add_argument("--well-col", default="well", help="column naming the well (default well)")
-    p.add_argument("--site-col", default="site", help="column with the site number ('' for none)")
     p.add_argument(
-        "--treatment-col", default="treatment", help="column naming the treatment/compound"
+        "--batch-col",
+        default=None,
+        help="column naming the batch (default Metadata_Batch or batch; none: each plate is a batch)",
     )
     p.add_argument(
-        "--dose-col", default=None, help="dose column; treatment becomes <treatment>@<dose>"
+        "--plate-col",
+        default=None,
+        help="column naming the plate (default Metadata_Plate or plate)",
     )
     p.add_argument(
-        "--compound-col", default=None, help="compound column for NSC (default: --treatment-col)"
+        "--well-col", default=None, help="column naming the well (default Metadata_Well or well)"
     )
-    p.add_argument("--moa-col", default=None, help="mechanism-of-action column")
-    p.add_argument("--cell-type-col", default=None, help="cell type column")
+    p.add_argument(
+        "--site-col",
+        default=None,
+        help="column with the site number (default Metadata_Site or site; '' for none)",
+    )
+    p.add_argument(
+        "--treatment-col",
+        default=None,
+        help="column naming the treatment (default Metadata_Treatment, treatment, "
+        "Metadata_Compound or compound)",
+    )
+    p.add_argument(
+        "--dose-col",
+        default=None,
+        help="dose column; treatment becomes <compound>@<dose> (default Metadata_Dose or dose, "
+        "unless a treatment column exists)",
+    )
+    p.add_argument(
+        "--compound-col",
+        default=None,
+        help="compound column for NSC (default Metadata_Compound or compound, else the treatment)",
+    )
+    p.add_argument(
+        "--moa-col", default=None, help="mechanism-of-action column (default Metadata_MoA)"
+    )
+    p.add_argument(
+        "--cell-type-col", default=None, help="cell type column (default Metadata_Cell_Type)"
+    )
     p.add_argument(
         "--control-query",
-        required=True,
+        default=None,
         help="condition selecting negative controls, e.g. 'compound == \"DMSO\"' (column "
-        "comparisons ==, !=, <, >, <=, >=, in [...], joined with &, |, ~; nothing else)",
+        "comparisons ==, !=, <, >, <=, >=, in [...], joined with &, |, ~; nothing else; default: "
+        "Metadata_control_type == negcon, else treatments named DMSO)",
     )
     p.add_argument(
         "--control-treatment",
@@ -208,32 +235,31 @@ def _build(args: argparse.Namespace) -> None:
             **common,
         )
     else:
-        from cdcl.data.table import TableOptions, build_table
+        from cdcl.api import build_table
 
-        opts = TableOptions(
+        build_table(
+            args.samples,
+            args.out,
+            [c.strip() for c in args.channels.split(",")],
+            path_template=args.path_template,
+            npz=args.npz,
+            npz_key=args.npz_key,
+            channel_axis=args.channel_axis,
+            root=args.root,
+            control_query=args.control_query,
             batch_col=args.batch_col,
             plate_col=args.plate_col,
             well_col=args.well_col,
-            site_col=args.site_col or None,
+            site_col=args.site_col,
             treatment_col=args.treatment_col,
             dose_col=args.dose_col,
             compound_col=args.compound_col,
             moa_col=args.moa_col,
             cell_type_col=args.cell_type_col,
-            control_query=args.control_query,
             control_treatment=args.control_treatment,
             split_col=args.split_col,
-        )
-        rep = build_table(
-            args.samples,
-            args.out,
-            [c.strip() for c in args.channels.split(",")],
-            opts,
-            path_template=args.path_template,
-            root=args.root,
-            npz=args.npz,
-            npz_key=args.npz_key,
-            channel_axis=args.channel_axis,
+            lock=False,  # run() holds the output directory's lock
             **common,
         )
+        return
     _report(rep)

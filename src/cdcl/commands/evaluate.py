@@ -25,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="best | last | PATH to a checkpoint file (default best)",
     )
     parser.add_argument("--data", type=Path, help="dataset directory (default: the run's)")
-    parser.add_argument("--split", type=int, help="held-out-batch fold (default: the run's / 1)")
+    parser.add_argument(
+        "--split",
+        type=int,
+        help="held-out-batch fold (default: the run's; for --features the table's "
+        "Metadata_Split column, else fold 1)",
+    )
     parser.add_argument("--out", type=Path, help="output directory (default: the run directory)")
     parser.add_argument(
         "--level",
@@ -56,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("profile tables (--features)")
     g.add_argument("--features", type=Path, help="profile table: .csv[.gz], .parquet or .h5ad")
-    g.add_argument("--batch-col", help="batch column (default Metadata_batch, else the plate)")
+    g.add_argument("--batch-col", help="batch column (default Metadata_Batch, else the plate)")
     g.add_argument(
         "--batch-pattern",
         help=r"regex applied to the batch column; its first group is the batch (e.g. '^(Week\d+)')",
@@ -64,10 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--treatment-col", help="treatment column(s), comma-separated to combine (e.g. A,B)"
     )
-    g.add_argument("--compound-col", help="compound column (default Metadata_compound)")
-    g.add_argument("--moa-col", help="MoA column (default Metadata_moa)")
-    g.add_argument("--plate-col", help="plate column (default Metadata_plate)")
-    g.add_argument("--well-col", help="well column (default Metadata_well)")
+    g.add_argument("--compound-col", help="compound column (default Metadata_Compound)")
+    g.add_argument("--moa-col", help="MoA column (default Metadata_MoA)")
+    g.add_argument("--plate-col", help="plate column (default Metadata_Plate)")
+    g.add_argument("--well-col", help="well column (default Metadata_Well)")
     g.add_argument(
         "--control-query",
         help="condition selecting negative controls, e.g. \"Metadata_Compound == 'DMSO'\" "
@@ -76,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--eval-on",
         choices=("all", "test"),
-        default="all",
-        help="rows for the unsupervised metrics of a table (default all)",
+        default=None,
+        help="rows for the unsupervised metrics of a table (default: the held-out rows when the "
+        "table has a Metadata_Split column, as for a run; else all)",
     )
     g.add_argument("--tvn", action="store_true", help="also score the table after TVN")
     g.add_argument("--name", help="name of the feature set in the results (default features)")
@@ -159,7 +165,7 @@ def _evaluate(
             plate_col=args.plate_col,
             well_col=args.well_col,
             control_query=args.control_query,
-            split_number=args.split or 1,
+            split_number=args.split,
             eval_on=args.eval_on,
             tvn=args.tvn,
             corrections=corrections,

@@ -92,23 +92,27 @@ def default_split(ds: Any) -> Any:
     return assign_split(ds.samples, ds.info.source, None)
 
 
-def split_warning(path: Path) -> str | None:
-    """Why the default split's held-out batches cannot be evaluated (with the fix), or None."""
+def split_warnings(path: Path) -> list[str]:
+    """Why the default split's held-out batches cannot be (fully) evaluated, with the fixes."""
     from cdcl.data.dataset_dir import open_dataset
-    from cdcl.data.split_check import heldout_problem
+    from cdcl.data.split_check import few_heldout_batches, heldout_problem
 
     ds = open_dataset(path, validate_on_open=False)
     try:
         split = default_split(ds)
     except CdclError:  # already said in the summary's `held out` line
-        return None
-    return heldout_problem(ds.samples, split, ds.info.source, "the default split")
+        return []
+    what = "the default split"
+    # One warning: a fold with nothing to score first, else one with a single held-out batch.
+    problem = heldout_problem(ds.samples, split, ds.info.source, what) or few_heldout_batches(
+        ds.samples, split, ds.info.source, what
+    )
+    return [problem] if problem else []
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the summary, then warn when the default split cannot be evaluated."""
+    """Print the summary, then warn when the default split cannot be (fully) evaluated."""
     print(summarize(args.data, deep=args.deep))
-    problem = split_warning(args.data)
-    if problem:
+    for problem in split_warnings(args.data):
         print(f"cdcl info: warning: {problem}", file=sys.stderr)
     return 0

@@ -27,17 +27,51 @@ def heldout_treatments(samples: pd.DataFrame, split: pd.Series) -> tuple[set[str
     return test, test & train
 
 
-def _usable_fold(samples: pd.DataFrame, source: str) -> tuple[int, list[str]] | None:
-    """The first numbered fold whose held-out batches carry a treatment known to training."""
+# What needs two or more held-out batches: every figure that compares batches with each other.
+BATCH_FIGURES = (
+    "kBET, iLISI, the batch silhouette, the batch classifier, batch-aware mAP, NSCB and the "
+    "per-treatment mixing"
+)
+
+
+def _usable_fold(
+    samples: pd.DataFrame, source: str, min_batches: int = 1
+) -> tuple[int, list[str]] | None:
+    """The first numbered fold whose held-out batches (at least ``min_batches`` of them) carry
+    a treatment known to training."""
     for number in range(1, MAX_FOLDS_TRIED + 1):
         try:
             split = assign_split(samples, source, number)
         except CdclError:  # past the last fold
             return None
-        if heldout_treatments(samples, split)[1]:
-            batches = samples.loc[split.astype(str).to_numpy() == "test", "batch"].astype(str)
-            return number, sorted(set(batches))
+        batches = set(samples.loc[split.astype(str).to_numpy() == "test", "batch"].astype(str))
+        if len(batches) >= min_batches and heldout_treatments(samples, split)[1]:
+            return number, sorted(batches)
     return None
+
+
+def few_heldout_batches(
+    samples: pd.DataFrame, split: pd.Series, source: str = "", what: str = "this split"
+) -> str | None:
+    """One line when ``split`` holds out a single batch (the batch figures stay empty), with a
+    fold that holds out two or more; None otherwise."""
+    part = split.astype(str).to_numpy()
+    held_out = sorted(set(samples["batch"].astype(str).to_numpy()[part == "test"]))
+    if len(held_out) != 1:
+        return None  # none: said by heldout_problem; two or more: fine
+    fold = _usable_fold(samples, source, min_batches=2)
+    if fold is not None:
+        fix = f"pass --split {fold[0]} (holds out {', '.join(fold[1])})"
+    else:
+        fix = (
+            "no numbered fold of this screen holds out two batches; build the dataset with its "
+            "own assignment putting two or more batches in `test` "
+            "(`cdcl build table ... --split-col COLUMN`)"
+        )
+    return (
+        f"{what} holds out one batch ({held_out[0]}), so {BATCH_FIGURES} cannot be computed "
+        f"(they compare held-out batches with each other); {fix}"
+    )
 
 
 def heldout_problem(

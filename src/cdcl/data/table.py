@@ -11,6 +11,7 @@ table's order.
 
 from __future__ import annotations
 
+import hashlib
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,13 +89,16 @@ def expand_paths(
 
 @dataclass
 class TableOptions:
-    """Column mapping of `cdcl build table`."""
+    """Column mapping of `cdcl build table`; None = found by convention (``CONVENTIONS``).
 
-    batch_col: str = "batch"
-    plate_col: str = "plate"
-    well_col: str = "well"
-    site_col: str | None = "site"
-    treatment_col: str = "treatment"
+    ``site_col=""`` means the table has no site column.
+    """
+
+    batch_col: str | None = None
+    plate_col: str | None = None
+    well_col: str | None = None
+    site_col: str | None = None
+    treatment_col: str | None = None
     dose_col: str | None = None
     compound_col: str | None = None
     moa_col: str | None = None
@@ -104,15 +108,158 @@ class TableOptions:
     split_col: str | None = None  # the user's own train/val/test assignment, kept as `split`
 
 
+# Field -> (column names tried in order, case-insensitively; the flag that names another column).
+# pycytominer / CellProfiler names first, then plain lower-case ones.
+CONVENTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "plate": (("Metadata_Plate", "plate", "Image_Metadata_Plate"), "--plate-col"),
+    "well": (("Metadata_Well", "well", "Image_Metadata_Well"), "--well-col"),
+    "site": (
+        ("Metadata_Site", "site", "Metadata_Field", "field", "Image_Metadata_Site"),
+        "--site-col",
+    ),
+    "batch": (("Metadata_Batch", "batch"), "--batch-col"),
+    "treatment": (
+        (
+            "Metadata_Treatment",
+            "treatment",
+            "Metadata_Compound",
+            "compound",
+            "Metadata_pert_iname",
+            "Metadata_broad_sample",
+        ),
+        "--treatment-col",
+    ),
+    "compound": (("Metadata_Compound", "compound", "Metadata_pert_iname"), "--compound-col"),
+    "dose": (("Metadata_Dose", "dose", "Metadata_Concentration", "concentration"), "--dose-col"),
+    "moa": (("Metadata_MoA", "moa", "Metadata_Mechanism"), "--moa-col"),
+    "cell_type": (("Metadata_Cell_Type", "Metadata_CellType", "cell_type"), "--cell-type-col"),
+}
+REQUIRED = ("plate", "well", "treatment")
+CONTROL_TYPE_COLUMN = "Metadata_control_type"  # pycytominer: negcon / poscon / trt
+CONTROL_NAMES = ("dmso", "negcon", "negative_control", "untreated", "empty")
+
+
+def _find(columns: list[str], names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` among ``columns``, exact match first, then ignoring case."""
+    for n in names:
+        if n in columns:
+            return n
+    low = {c.lower(): c for c in columns}
+    for n in names:
+        if n.lower() in low:
+            return low[n.lower()]
+    return None
+
+
+def _default_controls(df: pd.DataFrame, treatment_col: str, compound_col: str | None) -> str | None:
+    """A control query by convention: ``Metadata_control_type == "negcon"``, else DMSO-like names."""
+    cols = [str(c) for c in df.columns]
+    ctype = _find(cols, (CONTROL_TYPE_COLUMN,))
+    if ctype is not None:
+        hit = sorted({v for v in df[ctype].astype(str).unique() if v.strip().lower() == "negcon"})
+        if hit:
+            return f"`{ctype}` in {hit!r}"
+    for col in dict.fromkeys(c for c in (compound_col, treatment_col) if c):
+        names = df[col].astype(str)
+        hit = sorted({v for v in names.unique() if v.strip().lower() in CONTROL_NAMES})
+        if hit:
+            return f"`{col}` in {hit!r}"
+    return None
+
+
+def resolve_options(
+    df: pd.DataFrame, opt: TableOptions, where: str
+) -> tuple[TableOptions, list[str]]:
+    """Fill unnamed columns from the conventions; one CdclError listing everything missing.
+
+    Returns the options with every column named, and notices (e.g. plates used as batches).
+    """
+    cols = [str(c) for c in df.columns]
+    given = {
+        "plate": opt.plate_col,
+        "well": opt.well_col,
+        "site": opt.site_col,
+        "batch": opt.batch_col,
+        "treatment": opt.treatment_col,
+        "compound": opt.compound_col,
+        "dose": opt.dose_col,
+        "moa": opt.moa_col,
+        "cell_type": opt.cell_type_col,
+    }
+    found: dict[str, str | None] = {}
+    problems: list[str] = []
+    for field_name, (names, flag) in CONVENTIONS.items():
+        name = given[field_name]
+        if name == "":  # explicitly none
+            found[field_name] = None
+        elif name is not None:
+            found[field_name] = name if name in cols else None
+            if name not in cols:
+                problems.append(f"column `{name}` missing (given as {flag} {name})")
+        else:
+            found[field_name] = _find(cols, names)
+            if found[field_name] is None and field_name in REQUIRED:
+                problems.append(
+                    f"no {field_name} column (looked for {', '.join(names[:4])}); "
+                    f"name it with {flag} COLUMN"
+                )
+    if (
+        found["site"] is None
+        and given["site"] is None
+        and found["plate"]
+        and found["well"]
+        and df.duplicated([found["plate"], found["well"]]).any()
+    ):
+        names, flag = CONVENTIONS["site"]
+        problems.append(
+            f"no site column although wells hold several images (looked for "
+            f"{', '.join(names[:4])}); name it with {flag} COLUMN"
+        )
+    if opt.split_col and opt.split_col not in cols:
+        problems.append(f"column `{opt.split_col}` missing (given as --split-col {opt.split_col})")
+    control_query = opt.control_query
+    if control_query is None and found["treatment"]:
+        control_query = _default_controls(df, found["treatment"], found["compound"])
+        if control_query is None:
+            problems.append(
+                "no negative controls found (no Metadata_control_type == negcon, no treatment "
+                "named DMSO); say which rows they are with --control-query, e.g. "
+                "\"Metadata_Compound == 'DMSO'\""
+            )
+    if problems:
+        have = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
+        raise CdclError(f"{where}: {'; '.join(problems)} (columns: {have})")
+    notes = []
+    if found["batch"] is None:
+        found["batch"] = found["plate"]
+        notes.append(
+            f"no batch column (Metadata_Batch): every plate ({found['plate']}) is its own "
+            "batch; name one with --batch-col"
+        )
+    if found["dose"] and given["dose"] is None and given["treatment"] is None:
+        if _find(cols, ("Metadata_Treatment", "treatment")) is not None:
+            found["dose"] = None  # a treatment column names the treatment, dose included
+    resolved = TableOptions(
+        batch_col=found["batch"],
+        plate_col=found["plate"],
+        well_col=found["well"],
+        site_col=found["site"],
+        treatment_col=found["treatment"],
+        dose_col=found["dose"],
+        compound_col=found["compound"],
+        moa_col=found["moa"],
+        cell_type_col=found["cell_type"],
+        control_query=control_query,
+        control_treatment=opt.control_treatment,
+        split_col=opt.split_col,
+    )
+    return resolved, notes
+
+
 def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.DataFrame:
     """Map a user's table onto the dataset schema (no image column yet)."""
-    cols = [opt.batch_col, opt.plate_col, opt.well_col, opt.treatment_col]
-    cols += [
-        c
-        for c in (opt.site_col, opt.dose_col, opt.compound_col, opt.moa_col, opt.cell_type_col)
-        if c
-    ]
-    require_columns(df, cols, where)
+    opt, _ = resolve_options(df, opt, where)
+    assert opt.batch_col and opt.plate_col and opt.well_col and opt.treatment_col
     for c in (opt.batch_col, opt.plate_col, opt.well_col, opt.treatment_col):
         empty = df[c].isna().to_numpy()
         if empty.any():
@@ -174,7 +321,7 @@ def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.Da
 
 
 def build_table(
-    samples_file: Path,
+    samples_file: Path | pd.DataFrame,
     out: Path,
     channels: list[str],
     options: TableOptions,
@@ -199,23 +346,31 @@ def build_table(
         raise CdclError(f"--channels {','.join(channels)}: channel names must be unique")
     if (path_template is None) == (npz is None):
         raise CdclError("give exactly one image source: --path-template TEMPLATE or --npz FILE")
-    samples_file = Path(samples_file)
-    df = read_table(samples_file)
-    where = str(samples_file)
+    if isinstance(samples_file, pd.DataFrame):
+        df = samples_file.reset_index(drop=True)
+        where, stem = "samples table", "samples"
+        digest = pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()
+        origin: Any = f"DataFrame sha256:{hashlib.sha256(digest).hexdigest()[:16]}"
+        base_dir = Path(root) if root is not None else Path.cwd()
+    else:
+        samples_file = Path(samples_file)
+        df = read_table(samples_file)
+        where, stem, origin = str(samples_file), samples_file.stem, samples_file
+        base_dir = Path(root) if root is not None else samples_file.parent
+    options, notes = resolve_options(df, options, where)
     samples = samples_from_table(df, options, where)
     if npz is not None:
         fields: Any = ArrayFields(str(npz), npz_key, channel_axis, len(channels))
         if len(fields) != len(df):
             raise CdclError(
-                f"{npz}: {len(fields)} images but {samples_file.name} has {len(df)} rows; "
+                f"{npz}: {len(fields)} images but {where} has {len(df)} rows; "
                 "the table must list the array's images in order"
             )
     else:
-        base = Path(root) if root is not None else samples_file.parent
-        fields = FileFields(expand_paths(df, path_template or "", channels, base))
+        fields = FileFields(expand_paths(df, path_template or "", channels, base_dir))
     args = jsonable(
         {
-            "samples": samples_file,
+            "samples": origin,
             "channels": list(channels),
             "path_template": path_template,
             "root": root,
@@ -227,11 +382,11 @@ def build_table(
             **(extra_args or {}),
         }
     )
-    return build_dataset(
+    report = build_dataset(
         Path(out),
         samples,
         fields,
-        name=name or samples_file.stem,
+        name=name or stem,
         source_name="table",
         channels=list(channels),
         image_size=image_size,
@@ -239,3 +394,5 @@ def build_table(
         workers=workers,
         skip_bad=skip_bad,
     )
+    report.warnings[:0] = notes
+    return report

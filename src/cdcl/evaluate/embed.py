@@ -6,8 +6,13 @@ Images are read in batches with their plate's control standardisation (``Dataset
 cropped to the evaluation view and embedded under ``torch.inference_mode``; features are float32.
 
 Exported tables follow the profiling conventions of pycytominer and copairs: metadata columns
-are ``Metadata_<name>`` and every other column is a feature; AnnData files keep the features in
-``obsm["X_cdcl"]`` (and ``X``) with the metadata in ``obs``.
+are ``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Site``, ``Metadata_Batch``, ... and the
+features are named ``Cells_Embedding_0000`` onwards. pycytominer infers features by their
+compartment prefix (``Cells_``, ``Nuclei_``, ``Cytoplasm_``), so ``aggregate``, ``normalize`` and
+``feature_select`` find them with their default arguments. AnnData files keep the features in
+``X`` (and ``obsm["X_cdcl"]``), the metadata in ``obs`` (named ``<plate>_<well>[_<site>]``),
+the feature names in ``var`` and the provenance in ``uns["cdcl"]``. Older exports
+(``Metadata_plate``, ``f0`` ...) are still read.
 """
 
 from __future__ import annotations
@@ -44,6 +49,24 @@ META_COLUMNS = (
 )
 METADATA_PREFIX = "Metadata_"
 OBSM_KEY = "X_cdcl"
+UNS_KEY = "cdcl"
+FEATURE_PREFIX = "Cells_Embedding_"  # a compartment prefix pycytominer's infer_cp_features finds
+# Exported names of the metadata columns (pycytominer / CellProfiler capitalisation).
+EXPORT_NAMES = {
+    "image": "Metadata_Image",
+    "plate": "Metadata_Plate",
+    "well": "Metadata_Well",
+    "site": "Metadata_Site",
+    "batch": "Metadata_Batch",
+    "treatment": "Metadata_Treatment",
+    "moa": "Metadata_MoA",
+    "compound": "Metadata_Compound",
+    "dose": "Metadata_Dose",
+    "is_control": "Metadata_Is_Control",
+    "cell_type": "Metadata_Cell_Type",
+    "split": "Metadata_Split",
+    "n_sites": "Metadata_N_Sites",
+}
 
 ViewFn = Callable[[Any], Any]  # Tensor (C, H, W) or (n, C, H, W) -> same, cropped/resized
 
@@ -268,25 +291,104 @@ def well_profiles(
     return acc.result()
 
 
+def export_name(column: str) -> str:
+    """``plate`` -> ``Metadata_Plate``; unknown names get the prefix; prefixed ones are kept."""
+    c = str(column)
+    if c.startswith(METADATA_PREFIX):
+        return c
+    return EXPORT_NAMES.get(c, f"{METADATA_PREFIX}{c}")
+
+
 def to_metadata_frame(meta: pd.DataFrame) -> pd.DataFrame:
-    """Prefix metadata column names with ``Metadata_`` (already prefixed ones are kept)."""
-    return meta.rename(
-        columns={
-            c: c if str(c).startswith(METADATA_PREFIX) else f"{METADATA_PREFIX}{c}"
-            for c in meta.columns
-        }
-    ).reset_index(drop=True)
+    """Metadata columns under their exported ``Metadata_*`` names (see ``EXPORT_NAMES``)."""
+    return meta.rename(columns={c: export_name(c) for c in meta.columns}).reset_index(drop=True)
 
 
-def profile_table(features: np.ndarray, meta: pd.DataFrame, prefix: str = "f") -> pd.DataFrame:
-    """One table: ``Metadata_*`` columns then feature columns ``f0, f1, ...``."""
+def feature_names(dim: int) -> list[str]:
+    """Exported feature column names: ``Cells_Embedding_0000`` ... (zero-padded, sortable)."""
+    return [f"{FEATURE_PREFIX}{i:04d}" for i in range(int(dim))]
+
+
+def profile_table(
+    features: np.ndarray, meta: pd.DataFrame, names: list[str] | None = None
+) -> pd.DataFrame:
+    """One table: ``Metadata_*`` columns then the feature columns (default ``feature_names``)."""
     if len(meta) != len(features):
         raise ValueError(f"{len(features)} feature rows but {len(meta)} metadata rows")
-    feats = pd.DataFrame(
-        np.asarray(features, dtype=np.float32),
-        columns=[f"{prefix}{i}" for i in range(features.shape[1])],
-    )
+    x = np.asarray(features, dtype=np.float32).reshape(len(features), -1)
+    feats = pd.DataFrame(x, columns=names if names is not None else feature_names(x.shape[1]))
     return pd.concat([to_metadata_frame(meta), feats], axis=1)
+
+
+def profile_ids(meta: pd.DataFrame) -> list[str]:
+    """Readable unique row names: ``<plate>_<well>_<site>`` (``<plate>_<well>`` for wells)."""
+    m = meta.reset_index(drop=True)
+
+    def col(*names: str) -> pd.Series | None:
+        for n in names:
+            if n in m.columns:
+                return m[n].astype(str)
+        return None
+
+    plate = col("plate", "Metadata_Plate", "Metadata_plate")
+    well = col("well", "Metadata_Well", "Metadata_well")
+    site = col("site", "Metadata_Site", "Metadata_site")
+    if plate is None or well is None:
+        return [str(i) for i in range(len(m))]
+    ids = plate + "_" + well + ("_" + site if site is not None else "")
+    dup = ids.duplicated(keep=False).to_numpy()
+    if dup.any():  # e.g. several crops per site: number them in table order
+        k = ids.groupby(ids).cumcount().astype(str)
+        ids = ids.where(~dup, ids + "_" + k)
+    return ids.tolist()
+
+
+def _anndata(
+    x: np.ndarray, meta: pd.DataFrame, names: list[str], provenance: dict[str, Any] | None
+) -> ad.AnnData:
+    """AnnData with ``X`` = features, ``obs`` = ``Metadata_*`` metadata, ``var`` = names."""
+    obs = to_metadata_frame(meta).copy()
+    for c in obs.columns:  # h5ad wants plain strings/numbers; mixed object columns become str
+        if obs[c].dtype == object:
+            obs[c] = obs[c].map(lambda v: "" if v is None or v != v else str(v)).astype(str)
+    obs.index = pd.Index(profile_ids(meta), dtype=str)
+    x = np.asarray(x, dtype=np.float32).reshape(len(obs), -1)
+    adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
+    adata.obsm[OBSM_KEY] = x
+    if provenance:
+        adata.uns[UNS_KEY] = uns_provenance(provenance)
+    return adata
+
+
+def frame_to_anndata(table: pd.DataFrame, provenance: dict[str, Any] | None = None) -> ad.AnnData:
+    """An AnnData of a profile table (``X``, ``obs``, ``var``; provenance in ``uns["cdcl"]``)."""
+    x, meta, names = split_table(table)
+    return _anndata(x, meta, names, provenance)
+
+
+def anndata_to_frame(adata: ad.AnnData) -> pd.DataFrame:
+    """A profile table of an AnnData: ``obs`` as ``Metadata_*`` columns, then the features."""
+    x = adata.obsm[OBSM_KEY] if OBSM_KEY in adata.obsm else adata.X
+    x = np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float32)
+    names = None
+    if x.shape[1] == adata.n_vars and not adata.var_names.astype(str).str.isdigit().all():
+        names = [str(v) for v in adata.var_names]
+    return profile_table(x, adata.obs.reset_index(drop=True), names)
+
+
+def uns_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
+    """Provenance as h5ad can store it: plain strings, with nested values as JSON text."""
+    import json
+
+    out: dict[str, Any] = {}
+    for k, v in provenance.items():
+        if isinstance(v, dict) and all(isinstance(x, str) for x in v.values()):
+            out[str(k)] = {str(a): b for a, b in v.items()}
+        elif isinstance(v, str | int | float | bool) and v is not None:
+            out[str(k)] = v
+        else:
+            out[str(k)] = json.dumps(v, default=str, sort_keys=True)
+    return out
 
 
 def _tmp_path(path: Path) -> Path:
@@ -314,32 +416,36 @@ def to_csv(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def to_anndata(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Path:
-    """Write profiles as .h5ad: ``X`` and ``obsm["X_cdcl"]`` = features, ``obs`` = metadata."""
+def to_anndata(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    path: str | Path,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write profiles as .h5ad (see :func:`frame_to_anndata`), provenance in ``uns["cdcl"]``."""
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    obs = meta.reset_index(drop=True).copy()
-    for c in obs.columns:  # h5ad wants plain strings/numbers; mixed object columns become str
-        if obs[c].dtype == object:
-            obs[c] = obs[c].map(lambda v: "" if v is None or v != v else str(v)).astype(str)
-    obs.index = [str(i) for i in range(len(obs))]
-    x = np.asarray(features, dtype=np.float32)
-    adata = ad.AnnData(X=x, obs=obs)
-    adata.obsm[OBSM_KEY] = x
+    x = np.asarray(features, dtype=np.float32).reshape(len(meta), -1)
+    adata = _anndata(x, meta, feature_names(x.shape[1]), provenance)
     tmp = _tmp_path(path).with_suffix(".h5ad")
     adata.write_h5ad(tmp)
     os.replace(tmp, path)
     return path
 
 
-def write_profiles(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Path:
-    """Write by file extension: .parquet, .h5ad, .csv or .csv.gz."""
+def write_profiles(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    path: str | Path,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write by file extension: .parquet, .h5ad (with provenance), .csv or .csv.gz."""
     name = str(path).lower()
     if name.endswith(".parquet"):
         return to_parquet(features, meta, path)
     if name.endswith(".h5ad"):
-        return to_anndata(features, meta, path)
+        return to_anndata(features, meta, path, provenance)
     if name.endswith(".csv") or name.endswith(".csv.gz"):
         return to_csv(features, meta, path)
     raise CdclError(f"{path}: unknown profile format; use a .parquet, .h5ad, .csv or .csv.gz name")
@@ -359,9 +465,7 @@ def read_profile_table(path: str | Path) -> pd.DataFrame:
         if name.endswith((".tsv", ".tsv.gz", ".txt")):
             return pd.read_csv(path, sep="\t")
         if name.endswith(".h5ad"):
-            a = ad.read_h5ad(path)
-            x = np.asarray(a.obsm[OBSM_KEY] if OBSM_KEY in a.obsm else a.X, dtype=np.float32)
-            return profile_table(x, a.obs.reset_index(drop=True))
+            return anndata_to_frame(ad.read_h5ad(path))
     except CdclError:
         raise
     except Exception as e:

@@ -35,6 +35,7 @@ from cdcl.evaluate.embed import (
     WellAccumulator,
     cut_batches,
     embed_images,
+    feature_names,
     iter_embeddings,
     profile_table,
     to_anndata,
@@ -219,7 +220,7 @@ def _parquet_schema(meta: pd.DataFrame, dim: int) -> pa.Schema:
     """Schema of the profile table: ``Metadata_*`` columns (typed from all rows) then f0..f{D-1}."""
     meta_schema = pa.Schema.from_pandas(to_metadata_frame(meta), preserve_index=False)
     fields = [meta_schema.field(i) for i in range(len(meta_schema))]
-    fields += [pa.field(f"f{i}", pa.float32()) for i in range(dim)]
+    fields += [pa.field(name, pa.float32()) for name in feature_names(dim)]
     return pa.schema(fields)
 
 
@@ -236,7 +237,7 @@ def write_image_profiles(
     name = path.name.lower()
     if name.endswith(".h5ad"):
         x = job.gather()
-        to_anndata(x, meta, path)
+        to_anndata(x, meta, path, provenance)
         return path, len(x), x.shape[1]
     tmp = _tmp(path)
     writer: Any = None
@@ -293,7 +294,7 @@ def write_well_profiles(
     prof, wmeta = acc.result()
     path = Path(path)
     if not str(path).lower().endswith(".parquet"):
-        return write_profiles(prof, wmeta, path), len(prof), prof.shape[1]
+        return write_profiles(prof, wmeta, path, provenance), len(prof), prof.shape[1]
     # Parquet: the same table as ``to_parquet`` plus provenance in its key-value metadata.
     table = pa.Table.from_pandas(profile_table(prof, wmeta), preserve_index=False)
     info = {**(provenance or {}), "part_ranks": sorted(ranks), "merged_by_rank": 0}

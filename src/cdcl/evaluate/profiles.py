@@ -98,7 +98,8 @@ def resolve_table_meta(
     defaults to ``Metadata_batch`` and then to the plate; ``batch_pattern`` is a regular
     expression whose first group (or whole match) is taken from the batch column's values
     (e.g. ``^(Week\\d+)`` turns BBBC021 plates into imaging weeks). Controls come from
-    ``control_query`` (a control query on the table's columns, see cdcl.data.query), else a boolean
+    ``control_query`` (a control query on the table's columns, see :mod:`cdcl.data.query`),
+    else pycytominer's ``Metadata_control_type == "negcon"``, else a boolean
     ``Metadata_is_control`` column, else treatments/compounds named like DMSO.
     """
     t = meta_table.reset_index(drop=True)
@@ -157,6 +158,9 @@ def control_mask(table: pd.DataFrame, canon: pd.DataFrame, query: str | None) ->
     """Boolean control flag per row: the query, a Metadata_is_control column, or DMSO-like names."""
     if query:
         return query_mask(table, query)
+    col = _find_column([str(c) for c in table.columns], "Metadata_control_type")
+    if col is not None:  # pycytominer's convention: negcon / poscon / trt
+        return table[col].astype(str).str.lower().eq("negcon").to_numpy()
     col = _find_column([str(c) for c in table.columns], "Metadata_is_control")
     if col is not None:
         v = table[col]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,11 @@ from cdcl.evaluate.score import (
     split_masks,
 )
 
+SPLIT_COLUMN = "Metadata_Split"  # what `cdcl embed` writes: the run's train / val / test part
+
 
 def evaluate_table(
-    features_file: str | Path,
+    features_file: str | Path | pd.DataFrame,
     out: str | Path,
     *,
     batch_col: str | None = None,
@@ -44,8 +48,8 @@ def evaluate_table(
     plate_col: str | None = None,
     well_col: str | None = None,
     control_query: str | None = None,
-    split_number: int = 1,
-    eval_on: str = "all",
+    split_number: int | None = None,
+    eval_on: str | None = None,
     tvn: bool = False,
     corrections: tuple[str, ...] = (),
     null_size: int = 2000,
@@ -57,17 +61,22 @@ def evaluate_table(
 ) -> Path:
     """``cdcl evaluate --features FILE``: score any ``Metadata_*`` profile table with the same code.
 
-    Classification trains on the batches of fold ``split_number`` (``rotating_batch_split``) and
-    tests on its held-out batches; the other metrics run on all rows (``eval_on="all"``) or
-    on the held-out batches only (``"test"``, as for a run). ``corrections`` adds the table
-    after each post-hoc correction (``sphering``, ``harmony``, ``combat``), fitted on all rows.
+    ``features_file`` is a file or a DataFrame. Without ``split_number``, a ``Metadata_Split``
+    column (``cdcl embed`` writes the run's split there) decides: classification trains on its
+    ``train`` rows and tests on its ``test`` rows, and the other metrics run on the ``test``
+    rows, as ``cdcl evaluate RUN`` does. Otherwise classification trains on the batches of fold
+    ``split_number`` (default 1, ``rotating_batch_split``) and tests on its held-out batches,
+    and the other metrics run on all rows. ``eval_on`` (``"all"`` or ``"test"``) overrides that
+    choice of rows. Which batches are held out, and why, is printed and kept in the results.
+    ``corrections`` adds the table after each post-hoc correction (``sphering``, ``harmony``,
+    ``combat``), fitted on all rows.
     ``before_write`` sees the results first and may refuse them (raise): then nothing in
     ``out`` is touched. Exact duplicate rows are dropped (said in ``source.notes``).
     ``calibrate`` adds the table's null and injected-batch-effect scores
     (:func:`cdcl.evaluate.calibration.calibrate`) under ``calibration`` of the table's set.
     """
 
-    if eval_on not in ("all", "test"):
+    if eval_on not in (None, "all", "test"):
         raise CdclError(f"--eval-on {eval_on}: use all or test")
     timer = Timer()
     columns = {
@@ -81,8 +90,12 @@ def evaluate_table(
         "control_query": control_query,
     }
     with timer("load"):
-        x, meta, names, notes = _load_table(features_file, columns)
-    train, test, split_info = _held_out_split(meta, split_number)
+        x, meta, names, parts, notes = _load_table(features_file, columns)
+    train, test, split_info = _held_out_split(meta, split_number, parts)
+    if eval_on is None:
+        eval_on = "test" if split_info.get("from_column") else "all"
+    split_info["eval_on"] = eval_on
+    print(f"held out: {split_info['how']}; metrics on {eval_on} rows", file=sys.stderr)
     ev = np.ones(len(meta), bool) if eval_on == "all" else test
     set_name = name or "features"
     sets = {set_name: x}
@@ -109,9 +122,19 @@ def evaluate_table(
             results_sets[set_name]["calibration"] = calibrate_fn(
                 x, meta, eval_mask=ev, seed=seed, name=set_name
             )
+    if isinstance(features_file, pd.DataFrame):
+        digest = pd.util.hash_pandas_object(features_file, index=False).to_numpy().tobytes()
+        origin = {
+            "features_file": None,
+            "features_sha256": hashlib.sha256(digest).hexdigest()[:16],
+        }
+    else:
+        origin = {
+            "features_file": str(Path(features_file).resolve()),
+            "features_sha256": file_sha256(features_file),
+        }
     source = {
-        "features_file": str(Path(features_file).resolve()),
-        "features_sha256": file_sha256(features_file),
+        **origin,
         "n_profiles": len(meta),
         "n_features": len(names),
         "eval_on": eval_on,
@@ -147,16 +170,27 @@ def evaluate_table(
 
 
 def _load_table(
-    features_file: str | Path, columns: dict[str, str | None]
-) -> tuple[np.ndarray, pd.DataFrame, list[str], list[str]]:
-    """Profiles, canonical metadata, feature names and notes (duplicates dropped)."""
-    table = read_profile_table(features_file)
+    features_file: str | Path | pd.DataFrame, columns: dict[str, str | None]
+) -> tuple[np.ndarray, pd.DataFrame, list[str], pd.Series | None, list[str]]:
+    """Profiles, canonical metadata, feature names, the ``Metadata_Split`` column if any, notes.
+
+    Exact duplicate rows are dropped (the notes say so) and a table without variance is refused.
+    """
+    if isinstance(features_file, pd.DataFrame):
+        table, where = features_file.reset_index(drop=True), "profile table"
+    else:
+        table, where = read_profile_table(features_file), str(features_file)
     if len(table) == 0:
-        raise CdclError(f"{features_file}: the table has no rows")
-    table, notes = drop_duplicate_rows(table, features_file)
+        raise CdclError(f"{where}: the table has no rows")
+    table, notes = drop_duplicate_rows(table, where)
     x, meta_table, names = split_table(table)
-    require_variance(x, features_file)
-    return x, resolve_table_meta(meta_table, **columns), names, notes
+    require_variance(x, where)
+    low = {str(c).lower(): c for c in meta_table.columns}
+    split_col = low.get(SPLIT_COLUMN.lower())
+    parts = None
+    if split_col is not None:
+        parts = meta_table[split_col].astype(str).str.strip().str.lower()
+    return x, resolve_table_meta(meta_table, **columns), names, parts, notes
 
 
 def drop_duplicate_rows(table: pd.DataFrame, where: str | Path) -> tuple[pd.DataFrame, list[str]]:
@@ -195,13 +229,40 @@ def require_variance(x: np.ndarray, where: str | Path) -> None:
 
 
 def _held_out_split(
-    meta: pd.DataFrame, split_number: int
+    meta: pd.DataFrame, split_number: int | None, parts: pd.Series | None = None
 ) -> tuple[np.ndarray | None, np.ndarray, dict[str, Any]]:
-    """Train and test masks of fold ``split_number``; one batch: no train set, all rows test."""
-    if meta["batch"].nunique() < 2:
-        note = {"number": None, "note": "one batch: no held-out-batch classification"}
+    """Train and test masks: the table's ``Metadata_Split`` column, else fold ``split_number``.
+
+    One batch: no train set, all rows test. The returned dict says which batches are held out
+    and why (``how``).
+    """
+    batches = sorted(meta["batch"].astype(str).unique())
+    if len(batches) < 2:
+        how = f"nothing (one batch, {batches[0] if batches else '-'}): no held-out-batch classification"
+        note = {"number": None, "note": "one batch: no held-out-batch classification", "how": how}
         return None, np.ones(len(meta), bool), note
-    split = rotating_batch_split(meta, split_number)
-    train = (split == "train").to_numpy()
-    test = (split == "test").to_numpy()
-    return train, test, {"number": split_number, **split_masks(meta, split)}
+    if split_number is None and parts is not None:
+        split = parts.where(parts.isin(["train", "test"]), "unused").reset_index(drop=True)
+        if (split == "train").any() and (split == "test").any():
+            info = split_masks(meta, split.rename("split"))
+            how = (
+                f"{', '.join(info['test_batches'])} (the table's {SPLIT_COLUMN} column: the "
+                "batches the run held out)"
+            )
+            out = {"number": None, "from_column": SPLIT_COLUMN, "how": how, **info}
+            return (split == "train").to_numpy(), (split == "test").to_numpy(), out
+    number = 1 if split_number is None else int(split_number)
+    split = rotating_batch_split(meta, number)
+    info = split_masks(meta, split)
+    if split_number is not None:
+        why = f"fold {number} as asked"
+    elif parts is not None:
+        why = f"fold {number}: the table's {SPLIT_COLUMN} column has no train and test rows"
+    else:
+        why = f"fold {number}: the table has no {SPLIT_COLUMN} column; --split N picks another"
+    how = (
+        f"{', '.join(info['test_batches'])} ({why}; the rotation over {len(batches)} batches "
+        "holds out a third of them, at least two from four)"
+    )
+    out = {"number": number, "how": how, **info}
+    return (split == "train").to_numpy(), (split == "test").to_numpy(), out

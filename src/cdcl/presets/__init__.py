@@ -1,0 +1,1 @@
+"""Training presets (YAML files, found by name) and the sizing of the ``generic-*`` family."""
