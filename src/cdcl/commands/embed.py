@@ -15,7 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cdcl embed`."""
     parser.add_argument(
         "source",
-        help="run directory, checkpoint file, random:<timm arch> or intensity",
+        nargs="?",
+        help="run directory, checkpoint file, random:<timm arch> or intensity "
+        "(omit with --features cellprofiler)",
     )
     parser.add_argument("--data", type=Path, help="dataset directory (default: the run's)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best")
@@ -43,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-size",
         type=int,
-        default=4096,
-        help="images per resumable part (a killed run redoes at most one part per process)",
+        default=None,
+        help="images per resumable part (a killed run redoes at most one part per process; "
+        "default 4096, 64 for --features cellprofiler)",
     )
     parser.add_argument(
         "--device",
@@ -54,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of a random backbone")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from cdcl.commands.embed_cellprofiler import add_cellprofiler_arguments
+
+    add_cellprofiler_arguments(parser)
 
 
 def _dataset_fingerprint(ds: object) -> dict[str, object]:
@@ -70,6 +76,17 @@ def _dataset_fingerprint(ds: object) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     """Embed (sharded over torchrun processes, resumable), merge on rank 0 and write."""
+    from cdcl.errors import CdclError
+
+    if args.features is not None or args.source == "cellprofiler":
+        from cdcl.commands.embed_cellprofiler import run_cellprofiler
+
+        return run_cellprofiler(args)
+    if args.source is None:
+        raise CdclError("give a SOURCE (run, checkpoint, random:<arch>, intensity) or --features")
+    if args.chunk_size is None:
+        args.chunk_size = 4096
+
     import time
 
     import numpy as np
@@ -77,7 +94,6 @@ def run(args: argparse.Namespace) -> int:
 
     from cdcl.data.dataset_dir import open_dataset
     from cdcl.data.splits import assign_split
-    from cdcl.errors import CdclError
     from cdcl.evaluate.embed import image_meta
     from cdcl.evaluate.embed_job import (
         EmbedJob,
