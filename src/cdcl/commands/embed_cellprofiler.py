@@ -73,13 +73,12 @@ def run_cellprofiler(args: argparse.Namespace) -> int:
     from cdcl.data.dataset_dir import open_dataset
     from cdcl.data.splits import assign_split
     from cdcl.errors import CdclError
-    from cdcl.evaluate.cellprofiler import CHUNK_SIZE, parse_families
-    from cdcl.evaluate.cellprofiler_profiles import (
+    from cdcl.evaluate.cellprofiler import (
+        CHUNK_SIZE,
         CellProfilerOptions,
-        cellprofiler_profiles,
-        write_named_profiles,
+        parse_families,
+        resolve_objects,
     )
-    from cdcl.evaluate.embed import image_meta
     from cdcl.locking import command_lock
 
     if args.features is None:
@@ -110,6 +109,11 @@ def run_cellprofiler(args: argparse.Namespace) -> int:
         idx = np.flatnonzero((split == args.split).to_numpy())
         if len(idx) == 0:
             raise CdclError(f"--split {args.split}: no images in that part of the split")
+    resolve_objects(ds, options.segmentation)  # no masks where asked for: say so before any work
+    # Heavy imports (torch through the profile writers, pycytominer) only once the input is good.
+    from cdcl.evaluate.cellprofiler_profiles import cellprofiler_profiles, write_named_profiles
+    from cdcl.evaluate.embed import image_meta
+
     meta = image_meta(samples, idx)
     work = out.parent / f".{out.name}.cellprofiler"
     key = f"{Path(ds.path).resolve()}|{_fingerprint(ds)}|{args.split}|{args.split_number}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +44,8 @@ SEGMENTATIONS = ("auto", "masks", "otsu")  # auto: stored masks when present, el
 NORMALIZATIONS = ("mad_robustize", "standardize", "none")  # pycytominer normalize methods
 CHUNK_SIZE = 64  # fields per resumable part: a killed run loses at most this many fields' work
 DEFAULT_FAMILIES = ("intensity", "sizeshape", "zernike", "granularity", "radial_distribution")
-# Where an object sits in the field, not what it looks like (pycytominer's blocklist drops these).
+# Where an object sits in the field, not what it looks like (pycytominer's blocklist drops these):
+# the AreaShape centre and bounding box, and the intensity family's Location_* coordinates.
 LOCATION_KEYS = frozenset(
     {
         "Center_X",
@@ -54,6 +56,11 @@ LOCATION_KEYS = frozenset(
         "BoundingBoxMaximum_Y",
     }
 )
+
+
+def is_location(key: str) -> bool:
+    """Whether a cp-measure key is an object's position in the field."""
+    return key in LOCATION_KEYS or key.startswith("Location_")
 
 
 def parse_families(spec: str | Sequence[str] | None) -> tuple[str, ...]:
@@ -73,6 +80,44 @@ def parse_families(spec: str | Sequence[str] | None) -> tuple[str, ...]:
             f"{', '.join(FAMILIES)} (or all, default)"
         )
     return tuple(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class CellProfilerOptions:
+    """What determines the CellProfiler profiles besides the images."""
+
+    families: tuple[str, ...] = DEFAULT_FAMILIES
+    segmentation: str = "auto"  # auto: stored masks when the dataset has them, else otsu
+    normalize: str = "mad_robustize"
+    select: bool = True
+    nucleus_diameter: float | None = None  # otsu: None = estimated per image
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "families", parse_families(list(self.families)))
+        if self.segmentation not in SEGMENTATIONS:
+            raise CdclError(
+                f"--segmentation {self.segmentation}: choose from {', '.join(SEGMENTATIONS)}"
+            )
+        if self.normalize not in NORMALIZATIONS:
+            raise CdclError(
+                f"--normalize {self.normalize}: choose from {', '.join(NORMALIZATIONS)}"
+            )
+        if self.nucleus_diameter is not None and not self.nucleus_diameter > 0:
+            raise CdclError(f"--nucleus-diameter {self.nucleus_diameter}: must be positive (px)")
+
+
+def resolve_objects(dataset: Any, segmentation: str) -> tuple[str, list[str]]:
+    """``("masks", stored object names)`` or ``("otsu", ["cells", "nuclei"])``."""
+    from cdcl.data.segmentation import OBJECTS as SEGMENTED_OBJECTS
+
+    stored = dataset.mask_objects
+    if segmentation == "masks" and not stored:
+        raise CdclError(
+            f"{dataset.path}: no stored masks (masks.zarr); use --segmentation otsu or auto"
+        )
+    if segmentation in ("masks", "auto") and stored:
+        return "masks", list(stored)
+    return "otsu", list(SEGMENTED_OBJECTS)
 
 
 def pixel_scale(dtype: Any) -> float:
@@ -113,7 +158,7 @@ def measure_objects(
         if reads_pixels:
             continue
         for key, values in _measure(core[fam], labels, None).items():
-            if key not in LOCATION_KEYS:
+            if not is_location(key):
                 columns[f"{prefix}{key}"] = np.asarray(values, dtype=np.float64)
     for c, channel in enumerate(channels):
         for fam in families:
@@ -121,7 +166,8 @@ def measure_objects(
             if not reads_pixels:
                 continue
             for key, values in _measure(core[fam], labels, image[c]).items():
-                columns[f"{prefix}{key}_{channel}"] = np.asarray(values, dtype=np.float64)
+                if not is_location(key):
+                    columns[f"{prefix}{key}_{channel}"] = np.asarray(values, dtype=np.float64)
     names = list(columns)
     x = np.column_stack([columns[k].reshape(-1) for k in names])
     if x.shape[0] != n:
@@ -174,15 +220,18 @@ def object_prefix(name: str) -> str:
 
 __all__ = [
     "CHUNK_SIZE",
+    "CellProfilerOptions",
     "DEFAULT_FAMILIES",
     "NORMALIZATIONS",
     "SEGMENTATIONS",
     "FAMILIES",
     "LOCATION_KEYS",
+    "is_location",
     "measure_field",
     "measure_objects",
     "object_prefix",
     "parse_families",
     "pixel_scale",
     "relabel",
+    "resolve_objects",
 ]

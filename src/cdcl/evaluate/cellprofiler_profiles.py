@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,59 +41,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cdcl.data.segmentation import OBJECTS as SEGMENTED_OBJECTS
 from cdcl.data.segmentation import segment_field
 from cdcl.errors import CdclError
 from cdcl.evaluate.cellprofiler import (
     CHUNK_SIZE,
-    DEFAULT_FAMILIES,
-    NORMALIZATIONS,
-    SEGMENTATIONS,
+    CellProfilerOptions,
     measure_field,
     object_prefix,
-    parse_families,
+    resolve_objects,
 )
 from cdcl.evaluate.embed import WellAccumulator, to_metadata_frame
 from cdcl.evaluate.embed_job import EmbedJob, job_key
 
 SELECTION = ("drop_na_columns", "variance_threshold", "correlation_threshold", "drop_outliers")
 PROGRESS_EVERY_S = 10.0  # without a progress bar, one line at least this often
-
-
-@dataclass(frozen=True)
-class CellProfilerOptions:
-    """What determines the CellProfiler profiles besides the images."""
-
-    families: tuple[str, ...] = DEFAULT_FAMILIES
-    segmentation: str = "auto"  # auto: stored masks when the dataset has them, else otsu
-    normalize: str = "mad_robustize"
-    select: bool = True
-    nucleus_diameter: float | None = None  # otsu: None = estimated per image
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "families", parse_families(list(self.families)))
-        if self.segmentation not in SEGMENTATIONS:
-            raise CdclError(
-                f"--segmentation {self.segmentation}: choose from {', '.join(SEGMENTATIONS)}"
-            )
-        if self.normalize not in NORMALIZATIONS:
-            raise CdclError(
-                f"--normalize {self.normalize}: choose from {', '.join(NORMALIZATIONS)}"
-            )
-        if self.nucleus_diameter is not None and not self.nucleus_diameter > 0:
-            raise CdclError(f"--nucleus-diameter {self.nucleus_diameter}: must be positive (px)")
-
-
-def resolve_objects(dataset: Any, segmentation: str) -> tuple[str, list[str]]:
-    """``("masks", stored object names)`` or ``("otsu", ["cells", "nuclei"])``."""
-    stored = dataset.mask_objects
-    if segmentation == "masks" and not stored:
-        raise CdclError(
-            f"{dataset.path}: no stored masks (masks.zarr); use --segmentation otsu or auto"
-        )
-    if segmentation in ("masks", "auto") and stored:
-        return "masks", list(stored)
-    return "otsu", list(SEGMENTED_OBJECTS)
 
 
 def _progress_line(desc: str, done: int, total: int, cells: int, t0: float) -> None:
@@ -340,7 +302,7 @@ def cellprofiler_profiles(
     *,
     level: str = "well",
     options: CellProfilerOptions | None = None,
-    work_dir: Path,
+    work_dir: Path | None,
     key: str = "",
     chunk_size: int = CHUNK_SIZE,
     progress: bool = True,
@@ -349,8 +311,8 @@ def cellprofiler_profiles(
     """The CellProfiler profiles of ``indices`` (one ``image_meta`` row each, same order).
 
     Measurements go through resumable parts in a job directory under ``work_dir`` named by
-    ``key``, the dataset's images and the options; the caller removes the returned job once
-    its output is written. ``level`` is ``well`` (median over the cells of all sites of a
+    ``key``, the dataset's images and the options (a temporary directory when ``work_dir`` is
+    None); the caller removes the returned job once its output is written. ``level`` is ``well`` (median over the cells of all sites of a
     well) or ``image``.
     """
     options = options or CellProfilerOptions()
@@ -364,7 +326,13 @@ def cellprofiler_profiles(
         "nucleus_diameter": options.nucleus_diameter,
         "chunk_size": chunk_size,
     }
-    job = CellJob(Path(work_dir) / f".cellprofiler-{job_key(fields)}", len(indices), chunk_size)
+    # Without a work directory the parts go to a private temporary one (removed with the job).
+    job_dir = (
+        Path(tempfile.mkdtemp(prefix="cdcl-cellprofiler-"))
+        if work_dir is None
+        else Path(work_dir) / f".cellprofiler-{job_key(fields)}"
+    )
+    job = CellJob(job_dir, len(indices), chunk_size)
     job.prepare(fields)
     pending = job.pending()
     if len(pending) < job.n_chunks:
@@ -470,7 +438,7 @@ class CellProfilerSource:
         indices: np.ndarray,
         image_meta: pd.DataFrame,
         level: str,
-        work_dir: Path,
+        work_dir: Path | None,
         key: str,
         progress: bool,
         desc: str = "cellprofiler",
@@ -493,14 +461,12 @@ class CellProfilerSource:
 __all__ = [
     "SELECTION",
     "CellJob",
-    "CellProfilerOptions",
     "CellProfilerResult",
     "CellProfilerSource",
     "cellprofiler_profiles",
     "finish_profiles",
     "median_profiles",
     "normalize_per_plate",
-    "resolve_objects",
     "select_features",
     "write_named_profiles",
 ]
