@@ -280,3 +280,35 @@ def test_otsu_watershed_finds_cellprofilers_nuclei_on_a_cell_painting_field() ->
 def test_measure_objects_without_objects_is_empty() -> None:
     x, names = measure_objects(np.zeros((8, 8), np.int32), np.zeros((1, 8, 8)), ["DNA"])
     assert x.shape == (0, 0) and names == []
+
+
+@pytest.mark.slow
+def test_cellprofiler_row_and_its_corrections_in_the_evaluation(screen: Path) -> None:
+    from cdcl.data.splits import assign_split
+    from cdcl.evaluate.cellprofiler import CellProfilerOptions
+    from cdcl.evaluate.cellprofiler_profiles import CellProfilerSource, cellprofiler_profiles
+    from cdcl.evaluate.embed import image_meta
+    from cdcl.evaluate.evaluate import evaluate_images
+
+    ds = open_dataset(screen)
+    split = assign_split(ds.samples, ds.info.source, None)
+    options = CellProfilerOptions(families=("intensity", "sizeshape"))
+    results, profiles = evaluate_images(
+        ds,
+        split,
+        {"CellProfiler": CellProfilerSource(options)},
+        corrections=("sphering", "harmony", "combat"),
+        null_size=50,
+        progress=False,
+    )
+    names = ["CellProfiler", *(f"CellProfiler+{c}" for c in ("sphering", "harmony", "combat"))]
+    assert list(results) == names and list(profiles) == names
+    assert "plate_normalized" in results["CellProfiler"]
+    # the evaluated row is the pipeline's output on the train + test images
+    idx = np.flatnonzero(split.isin(["train", "test"]).to_numpy())
+    meta = image_meta(ds.samples, idx)
+    meta["split"] = split.iloc[idx].to_numpy()
+    res, job = cellprofiler_profiles(ds, idx, meta, options=options, work_dir=None, progress=False)
+    job.remove()
+    np.testing.assert_array_equal(profiles["CellProfiler"][0], res.features)
+    assert len(res.features) == len(profiles["CellProfiler"][1])

@@ -25,7 +25,7 @@ def add_cellprofiler_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--families",
         help=f"comma-separated cp-measure families out of {', '.join(FAMILIES)}, or all "
-        f"(default {','.join(DEFAULT_FAMILIES)}: texture is left out for its cost)",
+        f"(default {','.join(DEFAULT_FAMILIES)}: the cheapest, see docs/cellprofiler.md)",
     )
     g.add_argument(
         "--segmentation",

@@ -12,10 +12,14 @@ Feature names follow CellProfiler: ``<Object>_<Family>_<Feature>[_<Channel>]``, 
 the field (centre and bounding-box coordinates) is not a property of the cell and is left out,
 as pycytominer's blocklist does.
 
-The families and their cost per object (measured by ``benchmarks/bench_cellprofiler.py``, see
-``docs/cellprofiler.md``) decide the default: every family except texture (Haralick features,
-by far the slowest on real fields), the radial Zernike moments (60 features per channel) and the
-Feret diameters.
+The default families are chosen by their measured cost (``benchmarks/bench_cellprofiler.py``,
+figures in ``docs/cellprofiler.md``): intensity and the three shape families (size and shape,
+Zernike shape moments, Feret diameters) cost at most about as much as intensity on both the
+simulated 64-px fields and a real 1080-px Cell Painting field. Texture (Haralick features,
+about 30 ms per object over the channels: 20x intensity on the simulated fields), granularity
+and the radial intensity distribution (10-15x intensity on the real field, where they work on
+the whole image) and the radial Zernike moments (60 features per channel, half of them phases
+that depend on the cell's orientation) are available with ``--families``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ FAMILIES: dict[str, tuple[bool, str]] = {
 SEGMENTATIONS = ("auto", "masks", "otsu")  # auto: stored masks when present, else otsu
 NORMALIZATIONS = ("mad_robustize", "standardize", "none")  # pycytominer normalize methods
 CHUNK_SIZE = 64  # fields per resumable part: a killed run loses at most this many fields' work
-DEFAULT_FAMILIES = ("intensity", "sizeshape", "zernike", "granularity", "radial_distribution")
+DEFAULT_FAMILIES = ("intensity", "sizeshape", "zernike", "feret")
 # Where an object sits in the field, not what it looks like (pycytominer's blocklist drops these):
 # the AreaShape centre and bounding box, and the intensity family's Location_* coordinates.
 LOCATION_KEYS = frozenset(
