@@ -90,6 +90,20 @@ def test_masks_are_stored_with_the_screen(screen: Path) -> None:
     np.testing.assert_array_equal(ds.read_masks(np.arange(len(ds))), want)
 
 
+def test_a_mask_store_that_does_not_fit_is_refused(screen: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from cdcl.data.dataset_dir import create_mask_array
+    from cdcl.errors import DatasetError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(screen, bad)
+    shutil.rmtree(bad / MASKS_DIR)
+    create_mask_array(bad / MASKS_DIR, 5, ["cells"], (32, 32))  # 5 fields for 32 images
+    with pytest.raises(DatasetError, match="masks.zarr: shape"):
+        open_dataset(bad)
+
+
 def test_measure_field_equals_cp_measure_per_object(screen: Path) -> None:
     from cp_measure.bulk import get_core_measurements
 
