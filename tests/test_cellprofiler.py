@@ -213,9 +213,13 @@ def test_killed_cellprofiler_embed_resumes_with_same_profiles(screen: Path, tmp_
     assert r.returncode == 0, r.stderr
     done = int(r.stderr.split("resuming, ")[1].split(" of ")[0])
     assert done >= len(parts) and " of 16 parts" in r.stderr
+    # Uninterrupted, with two measuring processes: the same table.
     ref = tmp_path / "ref.parquet"
-    r = subprocess.run([*cmd, "--out", str(ref)], env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [*cmd, "--out", str(ref), "--workers", "2"], env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 0 and "resuming" not in r.stderr, r.stderr
+    assert "fields measured" in r.stderr  # --no-progress: plain progress lines instead
     pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(ref))
 
 

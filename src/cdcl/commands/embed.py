@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="data-loader processes reading and standardising images (0: in the main process; "
-        "default 4 with CUDA, 0 on the CPU, where inference needs the cores)",
+        "default 4 with CUDA, 0 on the CPU, where inference needs the cores); with --features "
+        "cellprofiler, processes measuring cells (default 1)",
     )
     parser.add_argument(
         "--chunk-size",

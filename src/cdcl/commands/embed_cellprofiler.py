@@ -90,6 +90,9 @@ def run_cellprofiler(args: argparse.Namespace) -> int:
     chunk = CHUNK_SIZE if args.chunk_size is None else args.chunk_size
     if chunk < 1:
         raise CdclError(f"--chunk-size {chunk}: use a positive number of images")
+    workers = 1 if args.workers is None else args.workers
+    if workers < 1:
+        raise CdclError(f"--workers {workers}: CellProfiler needs at least 1 measuring process")
     options = CellProfilerOptions(
         families=parse_families(args.families),
         segmentation=args.segmentation,
@@ -128,6 +131,7 @@ def run_cellprofiler(args: argparse.Namespace) -> int:
             work_dir=work,
             key=key,
             chunk_size=chunk,
+            workers=workers,
             progress=not args.no_progress,
         )
         cost = res.info["measured_now"]

@@ -124,6 +124,50 @@ class CellJob(EmbedJob):
         seconds = time.perf_counter() - t0
         return {"fields": done, "objects": n_objects, "seconds": round(seconds, 3)}
 
+    def run_parallel(
+        self,
+        chunks: list[int],
+        dataset: Any,
+        indices: np.ndarray,
+        options: CellProfilerOptions,
+        *,
+        workers: int = 1,
+        progress: bool = True,
+        desc: str = "cellprofiler",
+    ) -> dict[str, float]:
+        """:meth:`run_measure` with chunks spread over ``workers`` processes (same parts)."""
+        if workers <= 1 or len(chunks) <= 1:
+            return self.run_measure(chunks, dataset, indices, options, progress=progress, desc=desc)
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        n_fields = sum(self.span(c)[1] - self.span(c)[0] for c in chunks)
+        bar = tqdm(
+            total=n_fields, desc=desc, unit="field", disable=not progress, dynamic_ncols=True
+        )
+        t0 = time.perf_counter()
+        done = n_objects = 0
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            running = {
+                pool.submit(self.run_measure, [c], dataset, indices, options, progress=False)
+                for c in chunks
+            }
+            while running:
+                finished, running = wait(
+                    running, timeout=PROGRESS_EVERY_S, return_when=FIRST_COMPLETED
+                )
+                for f in finished:
+                    cost = f.result()
+                    done += int(cost["fields"])
+                    n_objects += int(cost["objects"])
+                    bar.update(int(cost["fields"]))
+                if not progress:  # parts finish in whole chunks: say something every 10 s
+                    _progress_line(desc, done, n_fields, n_objects, t0)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return {"fields": done, "objects": n_objects, "seconds": round(seconds, 3)}
+
     def _write_cells(
         self,
         c: int,
@@ -305,6 +349,7 @@ def cellprofiler_profiles(
     work_dir: Path | None,
     key: str = "",
     chunk_size: int = CHUNK_SIZE,
+    workers: int = 1,
     progress: bool = True,
     desc: str = "cellprofiler",
 ) -> tuple[CellProfilerResult, CellJob]:
@@ -313,7 +358,8 @@ def cellprofiler_profiles(
     Measurements go through resumable parts in a job directory under ``work_dir`` named by
     ``key``, the dataset's images and the options (a temporary directory when ``work_dir`` is
     None); the caller removes the returned job once its output is written. ``level`` is ``well`` (median over the cells of all sites of a
-    well) or ``image``.
+    well) or ``image``. ``workers`` processes measure chunks in parallel (the parts and the
+    profiles do not depend on their number).
     """
     options = options or CellProfilerOptions()
     indices = np.asarray(indices, dtype=np.int64)
@@ -338,7 +384,9 @@ def cellprofiler_profiles(
     if len(pending) < job.n_chunks:
         done = job.n_chunks - len(pending)
         print(f"{desc}: resuming, {done} of {job.n_chunks} parts already measured", file=sys.stderr)
-    cost = job.run_measure(pending, dataset, indices, options, progress=progress, desc=desc)
+    cost = job.run_parallel(
+        pending, dataset, indices, options, workers=workers, progress=progress, desc=desc
+    )
     if level == "well":
         acc = WellAccumulator(image_meta)
         groups, n_groups, meta = acc.codes, acc.n_wells, acc.meta.copy()
