@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 HELP = (
-    "Embed a dataset with a run's backbone (or a baseline) and export image or well profiles "
-    "with Metadata_* columns (Parquet, AnnData .h5ad or CSV)."
+    "Embed a dataset with a run's backbone (or a baseline, or CellProfiler features with "
+    "--features cellprofiler) and export image or well profiles with Metadata_* columns "
+    "(Parquet, AnnData .h5ad or CSV)."
 )
 
 

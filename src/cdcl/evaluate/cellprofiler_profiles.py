@@ -83,8 +83,12 @@ class CellJob(EmbedJob):
         *,
         progress: bool = True,
         desc: str = "cellprofiler",
+        lines: bool = True,
     ) -> dict[str, float]:
-        """Measure the given chunks, writing each part when complete; returns counts and time."""
+        """Measure the given chunks, writing each part when complete; returns counts and time.
+
+        ``progress`` shows a bar; without it, ``lines`` prints a line every 10 s instead.
+        """
         mode, objects = resolve_objects(dataset, options.segmentation)
         channels = dataset.channels
         n_fields = sum(self.span(c)[1] - self.span(c)[0] for c in chunks)
@@ -116,7 +120,7 @@ class CellJob(EmbedJob):
                         n_objects += len(x)
                 done += 1
                 bar.update(1)
-                if not progress and time.perf_counter() - last > PROGRESS_EVERY_S:
+                if lines and not progress and time.perf_counter() - last > PROGRESS_EVERY_S:
                     _progress_line(desc, done, n_fields, n_objects, t0)
                     last = time.perf_counter()
             self._write_cells(c, pos, obj, feats, names, objects)
@@ -150,7 +154,9 @@ class CellJob(EmbedJob):
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             running = {
-                pool.submit(self.run_measure, [c], dataset, indices, options, progress=False)
+                pool.submit(
+                    self.run_measure, [c], dataset, indices, options, progress=False, lines=False
+                )
                 for c in chunks
             }
             while running:
