@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-baselines", action="store_true", help="skip the intensity and random baselines"
     )
+    parser.add_argument(
+        "--cellprofiler",
+        action="store_true",
+        help="also score CellProfiler features (cp-measure on every cell, median per well, "
+        "normalised and feature-selected; see docs/cellprofiler.md), with the --correct rows",
+    )
     parser.add_argument("--no-umap", action="store_true", help="skip the UMAP plots")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--null-size", type=int, default=2000, help="mAP null distribution size")
@@ -121,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
             raise CdclError("give either a RUN directory or --features FILE, not both")
         if args.out is None:
             raise CdclError("--features needs --out DIR for results.json and the report")
+        if args.cellprofiler:
+            raise CdclError(
+                "--cellprofiler measures a run's images; for a table, make one with "
+                "`cdcl embed --features cellprofiler` and score it with --features"
+            )
     elif args.run is None:
         raise CdclError("give a RUN directory, or --features FILE --out DIR")
     with command_lock(args.out or args.run, "cdcl evaluate"):
@@ -182,7 +193,8 @@ def _evaluate(
         data=args.data,
         split_number=args.split,
         out=args.out,
-        baselines=() if args.no_baselines else ("intensity", "random"),
+        baselines=(() if args.no_baselines else ("intensity", "random"))
+        + (("cellprofiler",) if args.cellprofiler else ()),
         corrections=corrections,
         batch_size=args.batch_size,
         null_size=args.null_size,

@@ -6,6 +6,8 @@ Layout (DESIGN §2)::
     DIR/samples.parquet       one row per image (field of view / site)
     DIR/images.zarr           N x C x H x W, one chunk per image
     DIR/plate_stats.parquet   per plate and channel: mean and std of negative-control pixels
+    DIR/masks.zarr            optional: N x M x H x W object label masks (attribute `objects`
+                              names the M object types, e.g. cells and nuclei; 0 = background)
 
 A dataset is built in a hidden sibling ``.DIR.partial`` and renamed into place only once it is
 complete and valid, so a killed build never leaves a valid-looking half dataset behind; a
@@ -43,6 +45,8 @@ INFO_FILE = "dataset.json"
 SAMPLES_FILE = "samples.parquet"
 IMAGES_DIR = "images.zarr"
 PLATE_STATS_FILE = "plate_stats.parquet"
+MASKS_DIR = "masks.zarr"
+MASK_DTYPES = ("uint16", "int32")
 PROGRESS_FILE = "done.npy"
 BUILD_KEY_FILE = "build_key.json"
 
@@ -135,11 +139,17 @@ class DatasetWriter:
     """
 
     def __init__(
-        self, out: Path, info: DatasetInfo, build_key: dict[str, Any] | None = None
+        self,
+        out: Path,
+        info: DatasetInfo,
+        build_key: dict[str, Any] | None = None,
+        mask_objects: list[str] | None = None,
     ) -> None:
         self.out = Path(out)
         self.info = info
         self.tmp = partial_dir(self.out)
+        self.mask_objects = list(mask_objects or [])
+        self.masks: Any = None
         key = json.dumps(
             build_key if build_key is not None else asdict(info), sort_keys=True, default=str
         )
@@ -156,6 +166,12 @@ class DatasetWriter:
                 resumable = (
                     self.done.shape == (info.n_images,) and self.array.shape[0] == info.n_images
                 )
+                if self.mask_objects:
+                    self.masks = zarr.open_array(str(self.tmp / MASKS_DIR), mode="r+")
+                    resumable = resumable and self.masks.shape[:2] == (
+                        info.n_images,
+                        len(self.mask_objects),
+                    )
             except Exception:  # a partial build we cannot read is simply restarted
                 resumable = False
         if not resumable:
@@ -176,6 +192,10 @@ class DatasetWriter:
                 ),
                 fill_value=0,
             )
+            if self.mask_objects:
+                self.masks = create_mask_array(
+                    self.tmp / MASKS_DIR, info.n_images, self.mask_objects, (h, w)
+                )
             self.done = np.zeros(info.n_images, dtype=bool)
             self._save_progress()
             atomic_write_text(key_file, key)
@@ -189,8 +209,13 @@ class DatasetWriter:
         """Indices of images not yet written (all of them on a fresh build)."""
         return np.flatnonzero(~self.done)
 
-    def write(self, indices: np.ndarray | list[int], images: np.ndarray) -> None:
-        """Write images (n, C, H, W) at the given indices, then mark them done."""
+    def write(
+        self,
+        indices: np.ndarray | list[int],
+        images: np.ndarray,
+        masks: np.ndarray | None = None,
+    ) -> None:
+        """Write images (n, C, H, W) and their masks (n, M, H, W) at the indices, then mark done."""
         indices = np.asarray(indices, dtype=np.int64)
         expected = (len(indices), len(self.info.channels), *self.info.image_size)
         if images.shape != expected:
@@ -198,12 +223,22 @@ class DatasetWriter:
                 f"images.zarr: got a block of shape {images.shape}, expected {expected}"
             )
         images = images.astype(self.info.dtype, copy=False)
+        if (masks is None) != (self.masks is None):
+            raise ValueError("masks are written exactly when the writer was given mask_objects")
+        if masks is not None:
+            want = (len(indices), len(self.mask_objects), *self.info.image_size)
+            if masks.shape != want:
+                raise DatasetError(
+                    f"{MASKS_DIR}: got a block of shape {masks.shape}, expected {want}"
+                )
         # One chunk (image) per call: a slice write runs its chunks as concurrent tasks, and
         # when one fails (a full disk) the others are abandoned mid-flight and spill warnings
         # at exit. zarr writes each chunk to a temporary file and renames it, so the chunks
         # written before a failure stay intact; the block is not marked done, a rerun redoes it.
-        for i, img in zip(indices, images):
+        for j, (i, img) in enumerate(zip(indices, images)):
             try:
+                if masks is not None:
+                    self.masks[int(i)] = masks[j]
                 self.array[int(i)] = img
             except Exception as e:
                 cause = disk_full_cause(e)
@@ -254,6 +289,20 @@ class DatasetWriter:
         else:
             os.replace(self.tmp, self.out)
         return self.out
+
+
+def create_mask_array(path: Path, n: int, objects: list[str], size: tuple[int, int]) -> Any:
+    """An empty N x M x H x W uint16 label store, one chunk per image, naming its objects."""
+    arr = zarr.create_array(
+        store=str(path),
+        shape=(n, len(objects), *size),
+        chunks=(1, len(objects), *size),
+        dtype="uint16",
+        compressors=BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
+        fill_value=0,
+    )
+    arr.attrs["objects"] = list(objects)
+    return arr
 
 
 def _kind_ok(series: pd.Series, kind: str) -> bool:
@@ -481,6 +530,8 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
         raise DatasetError(
             f"{store}: chunks {arr.chunks}; expected one chunk per image (1, {n_ch}, H, W)"
         )
+    if (path / MASKS_DIR).exists():
+        _check_masks(path, info)
     stats_file = path / PLATE_STATS_FILE
     if not stats_file.exists():
         raise DatasetError(f"{stats_file}: not found; rebuild the dataset")
@@ -510,6 +561,31 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
     return info
 
 
+def _check_masks(path: Path, info: DatasetInfo) -> Any:
+    """Open masks.zarr and check it against dataset.json (N, M, H, W; objects named)."""
+    store = path / MASKS_DIR
+    try:
+        arr = zarr.open_array(str(store), mode="r")
+    except Exception as e:
+        raise DatasetError(
+            f"{store}: unreadable mask store ({type(e).__name__}); delete it or rebuild"
+        ) from None
+    objects = arr.attrs.get("objects")
+    if not isinstance(objects, list) or arr.ndim != 4 or arr.shape[1] != len(objects):
+        raise DatasetError(
+            f"{store}: expected N x M x H x W labels with attribute `objects` naming the M "
+            "object types; delete it or rebuild"
+        )
+    if arr.shape[0] != info.n_images or list(arr.shape[2:]) != list(info.image_size):
+        raise DatasetError(
+            f"{store}: shape {arr.shape} does not match the images (n_images={info.n_images}, "
+            f"image_size={info.image_size}); delete it or rebuild"
+        )
+    if str(arr.dtype) not in MASK_DTYPES:
+        raise DatasetError(f"{store}: label dtype {arr.dtype}; expected one of {MASK_DTYPES}")
+    return arr
+
+
 class Dataset:
     """An opened dataset directory: metadata tables plus lazy random access to images."""
 
@@ -522,6 +598,8 @@ class Dataset:
         self.plate_stats = read_parquet(self.path / PLATE_STATS_FILE)
         self._array: Any = None
         self._pid: int | None = None
+        self._masks: Any = None
+        self._masks_pid: int | None = None
         self._mean, self._std = self._stats_per_image()
 
     @property
@@ -548,6 +626,7 @@ class Dataset:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_array"] = None  # zarr handles do not cross process boundaries
+        state["_masks"] = None
         return state
 
     def read(self, index: int) -> np.ndarray:
@@ -562,6 +641,21 @@ class Dataset:
     def read_many(self, indices: np.ndarray | list[int]) -> np.ndarray:
         """Images (n, C, H, W) at the given indices, in that order."""
         return read_checked(self.path / IMAGES_DIR, self.array, np.asarray(indices))
+
+    @property
+    def mask_objects(self) -> list[str]:
+        """Names of the object label masks stored with the images ([] when none)."""
+        if not (self.path / MASKS_DIR).exists():
+            return []
+        return list(_check_masks(self.path, self.info).attrs["objects"])
+
+    def read_masks(self, indices: np.ndarray | list[int]) -> np.ndarray:
+        """Label masks (n, M, H, W) of the given images, in the order of ``mask_objects``."""
+        if self._masks is None or self._masks_pid != os.getpid():
+            if not (self.path / MASKS_DIR).exists():
+                raise DatasetError(f"{self.path / MASKS_DIR}: this dataset has no stored masks")
+            self._masks, self._masks_pid = _check_masks(self.path, self.info), os.getpid()
+        return read_images(self._masks, np.asarray(indices))
 
     def _stats_per_image(self) -> tuple[np.ndarray, np.ndarray]:
         st = self.plate_stats.assign(plate=self.plate_stats["plate"].astype(str))

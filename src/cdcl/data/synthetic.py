@@ -37,7 +37,7 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from cdcl.data.dataset_dir import INFO_FILE, DatasetInfo, DatasetWriter, validate
+from cdcl.data.dataset_dir import INFO_FILE, MASKS_DIR, DatasetInfo, DatasetWriter, validate
 from cdcl.errors import ConfigError, DatasetError
 
 VERSION = 1  # bump whenever the rendered pixels of a given (preset, seed) change
@@ -48,6 +48,8 @@ CONTROL_MOA = "control"
 GROUND_TRUTH_FILE = "ground_truth.json"
 PIXEL_SCALE = 8000.0  # clean intensity 1.0 -> 8000 grey levels in uint16
 ROWS = "ABCDEFGHIJKLMNOP"  # a 384-well plate: 16 rows x 24 columns
+MASK_OBJECTS = ["cells", "nuclei"]  # label masks exported with the screen, in this order
+MASK_DTYPE = np.uint16
 
 # Phenotype parameters: name -> (unit, kind, meaning). A treatment effect of 1.0 on a
 # parameter moves it by one unit; MoA directions are drawn in these units.
@@ -830,12 +832,16 @@ def _apply_batch_nuisance(
     return np.clip(np.rint(x * PIXEL_SCALE), 0, 65535).astype(np.uint16)
 
 
-def _render_block(d: _Design, idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _render_block(
+    d: _Design, idx: np.ndarray, rng: np.random.Generator, with_masks: bool = False
+) -> Any:
     """Render images ``idx`` (one fixed block) as uint16 (n, C, H, W).
 
     Cells are painted on a canvas with a margin (cells beyond the field edge still reach into
     it), then the field is cropped, textured and passed through the batch's optics and camera.
     The order of the random draws (cells, puncta, texture, noise) fixes the pixels for a seed.
+    ``with_masks`` also returns the cells' label masks (n, 2, H, W), see :func:`_label_masks`
+    (computed from the geometry alone: no random draw, so the pixels are the same either way).
     """
     n, size = len(idx), d.cfg.image_size
     scale = size / 64.0
@@ -852,7 +858,8 @@ def _render_block(d: _Design, idx: np.ndarray, rng: np.random.Generator) -> np.n
     x = np.ascontiguousarray(canvas[:, :, margin:-margin, margin:-margin].transpose(1, 0, 2, 3))
     x = x.astype(np.float32)
     _add_texture(x, eff, rng, scale)
-    return _apply_batch_nuisance(d, idx, x, rng)
+    images = _apply_batch_nuisance(d, idx, x, rng)
+    return (images, _label_masks(cells, n, hc, wc, margin)) if with_masks else images
 
 
 def render(
@@ -868,6 +875,81 @@ def render(
         imgs = _render_block(d, block_idx, np.random.default_rng([seed, 1, int(blk)]))
         sel = idx // BLOCK == blk
         out[sel] = imgs[idx[sel] - blk * BLOCK]
+    return out
+
+
+def render_masks(
+    preset: str = "tiny", seed: int = 0, indices: np.ndarray | None = None, **overrides: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint16 (n, C, H, W) and their cell and nucleus label masks (n, 2, H, W)."""
+    cfg = resolve_config(preset, **overrides)
+    d = _design(cfg, seed)
+    idx = np.arange(cfg.n_images) if indices is None else np.asarray(indices, dtype=np.int64)
+    size = cfg.image_size
+    out = np.zeros((len(idx), len(CHANNELS), size, size), dtype=np.uint16)
+    masks = np.zeros((len(idx), len(MASK_OBJECTS), size, size), dtype=MASK_DTYPE)
+    for blk in np.unique(idx // BLOCK):
+        block_idx = np.arange(blk * BLOCK, min((blk + 1) * BLOCK, cfg.n_images))
+        rng = np.random.default_rng([seed, 1, int(blk)])
+        imgs, labels = _render_block(d, block_idx, rng, with_masks=True)
+        sel = idx // BLOCK == blk
+        out[sel] = imgs[idx[sel] - blk * BLOCK]
+        masks[sel] = labels[idx[sel] - blk * BLOCK]
+    return out, masks
+
+
+def _owner_of_pixels(
+    flat: np.ndarray, rho: np.ndarray, inside: np.ndarray, n_pixels: int
+) -> np.ndarray:
+    """Per canvas pixel, 1 + the cell whose normalised radius there is smallest (0: none)."""
+    n_cells = flat.shape[0]
+    cell = np.broadcast_to(np.arange(n_cells)[:, None, None], flat.shape)[inside]
+    f = flat[inside]
+    # One integer key (pixel, quantised radius, cell) sorts by pixel, then nearest cell, with
+    # ties broken by cell number: one argsort instead of a lexsort, 10x faster.
+    bits_c = max(1, n_cells.bit_length())
+    bits_q = 62 - max(1, n_pixels.bit_length()) - bits_c
+    q = np.minimum(rho[inside], 1.0) * float((1 << bits_q) - 1)
+    key = (f.astype(np.int64) << (bits_q + bits_c)) | (q.astype(np.int64) << bits_c) | cell
+    key.sort()
+    f = key >> (bits_q + bits_c)
+    first = np.ones(len(f), dtype=bool)
+    first[1:] = f[1:] != f[:-1]
+    owner = np.zeros(n_pixels, dtype=np.int64)
+    owner[f[first]] = (key[first] & ((1 << bits_c) - 1)) + 1
+    return owner
+
+
+def _label_masks(cells: _Cells, n: int, hc: int, wc: int, margin: int) -> np.ndarray:
+    """Label masks (n, 2, H, W) of the field: cells, then nuclei; 0 is background.
+
+    A pixel belongs to a nucleus (cell) where it lies inside the ellipse's boundary, which is
+    where the painted profile passes half its height (normalised radius < 1); where ellipses
+    overlap, to the one whose normalised radius is smallest. A nucleus's pixels belong to its
+    own cell. Cells are numbered 1..k per image in the order they were drawn, and a nucleus
+    carries the number of its cell (CellProfiler's parent-child convention).
+    """
+    c = cells
+    total = n * hc * wc
+    labels = np.zeros((2, total), dtype=np.int64)
+    if len(c.img):
+        for layer, (yy, xx, a, b, th) in enumerate(
+            ((c.cy, c.cx, c.ca, c.cb, c.theta_c), (c.ny, c.nx, c.na, c.nb, c.theta_n))
+        ):
+            half = int(math.ceil(float(a.max()) + 1))
+            dy, dx, flat, ok = _patches(yy, xx, half, c.img, hc, wc)
+            rho = _norm_radius(dy, dx, a, b, th)
+            labels[layer] = _owner_of_pixels(flat, rho, ok & (rho < 1.0), total)
+        labels[0] = np.where(labels[1] > 0, labels[1], labels[0])
+    field = labels.reshape(2, n, hc, wc)[:, :, margin:-margin, margin:-margin]
+    field = np.ascontiguousarray(field.transpose(1, 0, 2, 3))
+    out = np.zeros(field.shape, dtype=MASK_DTYPE)
+    for i in range(n):  # renumber 1..k per image, in drawing order
+        ids = np.unique(field[i])
+        ids = ids[ids > 0]
+        lut = np.zeros(int(ids[-1]) + 1 if len(ids) else 1, dtype=np.int64)
+        lut[ids] = np.arange(1, len(ids) + 1)
+        out[i] = lut[field[i]]
     return out
 
 
@@ -888,7 +970,8 @@ def reusable(out: Path, key: dict[str, Any]) -> bool:
         info = validate(out)
     except DatasetError:
         return False
-    return json.dumps(info.build, sort_keys=True) == json.dumps(key, sort_keys=True)
+    same = json.dumps(info.build, sort_keys=True) == json.dumps(key, sort_keys=True)
+    return same and (out / MASKS_DIR).exists()  # built before cell masks were exported: redo
 
 
 def generate(
@@ -935,7 +1018,7 @@ def generate(
         n_images=cfg.n_images,
         build=key,
     )
-    writer = DatasetWriter(out, info, build_key=key)
+    writer = DatasetWriter(out, info, build_key=key, mask_objects=MASK_OBJECTS)
     pending = writer.pending()
     blocks = np.unique(pending // BLOCK)
     bar = None
@@ -946,9 +1029,10 @@ def generate(
             bar.write(f"resuming: {done} of {cfg.n_images} images already done", file=sys.stderr)
     for blk in blocks:
         block_idx = np.arange(blk * BLOCK, min((blk + 1) * BLOCK, cfg.n_images))
-        imgs = _render_block(d, block_idx, np.random.default_rng([seed, 1, int(blk)]))
+        rng = np.random.default_rng([seed, 1, int(blk)])
+        imgs, masks = _render_block(d, block_idx, rng, with_masks=True)
         todo = np.isin(block_idx, pending)
-        writer.write(block_idx[todo], imgs[todo])
+        writer.write(block_idx[todo], imgs[todo], masks[todo])
         if bar is not None:
             bar.update(int(todo.sum()))
     if bar is not None:

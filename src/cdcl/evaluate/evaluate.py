@@ -34,6 +34,8 @@ from cdcl.evaluate.score import (
 )
 from cdcl.evaluate.sources import check_channels, random_like_run, resolve_source
 
+CELLPROFILER_NAME = "CellProfiler"  # the feature set's name in results and reports
+
 
 def evaluate_images(
     dataset: Any,
@@ -83,30 +85,46 @@ def evaluate_images(
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
     jobs = []
     for name, backbone in backbones.items():
-        with timer(f"embed.{name}"):
-            feats, job = embed_resumable(
-                backbone,
-                dataset,
-                idx,
-                view_fn,
-                work_dir,
-                f"{cache_key}/{name}",
-                batch_size=batch_size,
-                progress=progress,
-                desc=name,
-            )
-            jobs.append(job)
-        if level == "image":
-            wp, wmeta = feats, img_meta.reset_index(drop=True)
+        if hasattr(backbone, "profiles"):
+            # A profiling pipeline (CellProfiler): measures cells and aggregates them itself.
+            with timer(f"embed.{name}"):
+                wp, wmeta, job = backbone.profiles(
+                    dataset,
+                    idx,
+                    img_meta,
+                    level,
+                    Path(work_dir) if work_dir is not None else None,
+                    f"{cache_key}/{name}",
+                    progress,
+                    desc=name,
+                )
+                jobs.append(job)
+            feats = None
         else:
-            wp, wmeta = well_profiles(feats, img_meta)
+            with timer(f"embed.{name}"):
+                feats, job = embed_resumable(
+                    backbone,
+                    dataset,
+                    idx,
+                    view_fn,
+                    work_dir,
+                    f"{cache_key}/{name}",
+                    batch_size=batch_size,
+                    progress=progress,
+                    desc=name,
+                )
+                jobs.append(job)
+            if level == "image":
+                wp, wmeta = feats, img_meta.reset_index(drop=True)
+            else:
+                wp, wmeta = well_profiles(feats, img_meta)
         profiles[name] = (wp, wmeta)
         train = (wmeta["split"] == "train").to_numpy()
         test = (wmeta["split"] == "test").to_numpy()
         res = evaluate_features(
             wp, wmeta, train, test, k=k, null_size=null_size, seed=seed, timer=timer, name=name
         )
-        if online_probe is not None and online_probe.get("set") == name:
+        if online_probe is not None and online_probe.get("set") == name and feats is not None:
             with timer(f"{name}.online_probe"):
                 mask = (img_meta["split"] == "test").to_numpy() & ~img_meta["is_control"].to_numpy(
                     bool
@@ -212,6 +230,10 @@ def evaluate_run(
         backbones["intensity"] = IntensityFeatures()
     if "random" in baselines:
         backbones["random"] = random_like_run(em, ds, seed=seed)
+    if "cellprofiler" in baselines:
+        from cdcl.evaluate.cellprofiler_profiles import CellProfilerSource
+
+        backbones[CELLPROFILER_NAME] = CellProfilerSource()
     out_dir = Path(out) if out else run
     # What determines the embeddings besides the images: resumable parts are keyed by it.
     cache_key = json.dumps([src.provenance, str(Path(data_path).resolve()), number, seed])
