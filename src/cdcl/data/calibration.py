@@ -118,10 +118,16 @@ def nucleus_crops(
     return np.stack(crops), np.array(owner, dtype=np.int64)
 
 
-def batch_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """5-fold stratified logistic-regression accuracy predicting ``labels``, with chance."""
+def batch_accuracy(
+    features: np.ndarray, labels: np.ndarray, seed: int = 0, groups: np.ndarray | None = None
+) -> dict[str, float]:
+    """5-fold stratified logistic-regression accuracy predicting ``labels``, with chance.
+
+    ``groups`` (e.g. wells) keeps every group within one fold (StratifiedGroupKFold), so that
+    rows sharing a well cannot carry its identity from training to test rows.
+    """
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -129,8 +135,13 @@ def batch_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> d
     _, counts = np.unique(y, return_counts=True)
     chance = float(counts.max() / counts.sum())
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-    cv = StratifiedKFold(CV_FOLDS, shuffle=True, random_state=seed)
-    acc = float(cross_val_score(clf, np.asarray(features, np.float64), y, cv=cv).mean())
+    x = np.asarray(features, np.float64)
+    if groups is None:
+        cv = StratifiedKFold(CV_FOLDS, shuffle=True, random_state=seed)
+        acc = float(cross_val_score(clf, x, y, cv=cv).mean())
+    else:
+        cv = StratifiedGroupKFold(CV_FOLDS, shuffle=True, random_state=seed)
+        acc = float(cross_val_score(clf, x, y, cv=cv, groups=np.asarray(groups)).mean())
     return {
         "accuracy": acc,
         "chance": chance,
@@ -354,3 +365,50 @@ def measure_dataset(path: Path, splits: tuple[str, ...] = ("train", "val")) -> d
     images[keep] = ds.read_many(keep)
     radius = synthetic.BASE["nuc_radius_px"] * ds.image_size[0] / 64.0
     return measure_screen(images, s, ds.channels, radius, splits=splits)
+
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def dataset_calibration(path: Path) -> dict[str, Any]:
+    """The calibration report of a simulated screen: cached in ``calibration.json``, else measured.
+
+    The report holds the measures of the screen's training and validation batches, the real
+    targets and tolerances, and whether each measure is within its tolerance. A screen the
+    measures cannot be computed on (too few control cells or batches) gets ``{"error": ...}``.
+    """
+    from cdcl.atomic import atomic_write_text
+    from cdcl.data.dataset_dir import open_dataset
+
+    path = Path(path)
+    build = open_dataset(path).info.build
+    cache = path / CALIBRATION_FILE
+    if cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("build") == build:
+                return cached
+        except (OSError, ValueError):
+            pass  # unreadable cache: measure again
+    report: dict[str, Any] = {"build": build, "targets": REAL_TARGETS, "tolerance": TOLERANCE}
+    try:
+        measured = measure_dataset(path)
+    except ValueError as e:  # e.g. fewer cells than folds on a tiny screen
+        report["error"] = f"not measurable on this screen: {str(e).splitlines()[0]}"
+    else:
+        report["measured"] = measured
+        report["comparison"] = compare(measured)
+    atomic_write_text(cache, json.dumps(report, indent=1, default=float))
+    return report
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """The calibration report as printable lines."""
+    if "error" in report:
+        return [f"calibration: {report['error']}"]
+    m = report["measured"]
+    head = (
+        f"calibration (batches {', '.join(m['batches'])}; held-out batches excluded; "
+        "docs/calibration.md):"
+    )
+    return [head, *("  " + line for line in format_comparison(report["comparison"], m))]

@@ -49,6 +49,7 @@ KNOBS: dict[str, dict[str, float]] = {
     "edge": {"centre": 0.0, "half": 0.5},  # one-sided edge-effect strength
     "plate_log_gain_sd": {"centre": 0.0, "half": 0.05},  # plate jitter (sd, one-sided)
     "plate_log_density_sd": {"centre": 0.0, "half": 0.05},
+    "log_well_jitter": {"centre": 0.0, "half": 0.5},  # seeding / staining heterogeneity
 }
 ONE_SIDED = {
     "bleed",
@@ -110,6 +111,7 @@ class BatchNuisance:
     edge: float  # edge-effect strength
     plate_gain: np.ndarray  # (plates, C)
     plate_density: np.ndarray  # (plates,) log
+    well_jitter: float  # multiplier of the well-to-well density and intensity jitter
 
     def truth(self, channels: list[str]) -> dict[str, Any]:
         """JSON-ready description for ground_truth.json."""
@@ -137,6 +139,7 @@ class BatchNuisance:
             "cell_size_log": round(self.size_drift, 6),
             "response_multiplier": round(self.response, 6),
             "edge_strength": round(self.edge, 6),
+            "well_jitter_multiplier": round(self.well_jitter, 6),
         }
 
 
@@ -173,10 +176,11 @@ def draw_batch(
     gain_sd, dens_sd = k("plate_log_gain_sd"), k("plate_log_density_sd")
     plate_gain = np.exp(rng.normal(0.0, 1.0, (n_plates, n_channels)) * gain_sd)
     plate_density = rng.normal(0.0, 1.0, n_plates) * dens_sd
+    well_jitter = float(np.exp(k("log_well_jitter")))
     return BatchNuisance(
         gain, offset, gamma, saturation, bleed, blur, focus_sd, read_noise, shot_noise,
         grad_amp, grad_angle, vignetting, density, size_drift, response, edge,
-        plate_gain, plate_density,
+        plate_gain, plate_density, well_jitter,
     )  # fmt: skip
 
 
