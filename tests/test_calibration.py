@@ -166,3 +166,21 @@ def test_calibrated_screen_is_within_tolerance_of_the_real_targets() -> None:
     rows = calibration.compare(m)
     assert all(r["within"] for r in rows.values()), rows
     assert len(m["batches"]) == 6 and nz.KNOBS  # measured on the six non-held-out batches
+
+
+def test_study_passes_screen_options_to_its_data(tmp_path: Path) -> None:
+    from cdcl.errors import CdclError
+    from cdcl.study import Replicate, StudySpec, _demo_spec, check_spec, data_dir, replicate_key
+
+    spec = StudySpec(out=tmp_path, quick=True, seeds=(0,), test_batches=4, batch_strength=0.5)
+    check_spec(spec)
+    rep = Replicate(0, None)
+    assert _demo_spec(spec, rep).screen == {"test_batches": 4, "batch_strength": 0.5}
+    assert data_dir(spec, rep).name == "tiny-seed0-bs0.5-tb4"
+    assert replicate_key(spec, rep)["screen"] == {"test_batches": 4, "batch_strength": 0.5}
+    plain = StudySpec(out=tmp_path, quick=True, seeds=(0,))
+    assert "screen" not in replicate_key(plain, rep) and data_dir(plain, rep).name == "tiny-seed0"
+    with pytest.raises(CdclError, match="batch_strength"):
+        check_spec(StudySpec(out=tmp_path, quick=True, seeds=(0,), batch_strength=-1.0))
+    with pytest.raises(CdclError, match="simulated screen"):
+        check_spec(StudySpec(out=tmp_path, dataset="bbbc021", seeds=(0,), test_batches=3))
