@@ -1,6 +1,7 @@
 """Fit the simulated screen's nuisance half-widths to the BBBC021 calibration targets.
 
-Run: ``PYTHONPATH=src python benchmarks/fit_calibration.py --optics 1 --bio 1 [--seeds 0]``.
+Run: ``PYTHONPATH=src python benchmarks/fit_calibration.py --optics 1 --bio 1 [--seeds 0]``
+(multipliers of the current, fitted half-widths; 1 1 measures the calibrated screen).
 Two multipliers scale the half-widths in ``cdcl.data.nuisance.KNOBS``: ``--optics`` (staining
 response, bleed-through, blur and focus, noise, illumination, gain/offset) and ``--bio``
 (density, size, response, edge and plate jitter). For each pair it renders the training and

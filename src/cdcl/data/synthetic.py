@@ -12,14 +12,18 @@ carry the whole signal (DESIGN §9).
 
 Every image is rendered from cells: nuclei (DNA) as soft ellipses with chromatin texture,
 cytoplasm (ER: perinuclear gradient with texture; RNA: diffuse plus nucleoli; AGP: cortical
-ring plus diffuse actin; Mito: puncta). Batches add nuisance stronger than most treatment
-effects: per-channel gain and offset, an illumination gradient and vignetting, blur, shot and
-read noise, density and cell-size drift; plates and wells add smaller jitter.
+ring plus diffuse actin; Mito: puncta). Batches, plates, well positions and sites add the
+nuisance of ``cdcl.data.nuisance`` (affine gain and offset, and what survives per-plate
+standardisation: non-linear staining response, bleed-through, blur varying per batch and
+site, illumination, density and size drift with confluence-driven morphology, edge effects),
+scaled by ``batch_strength`` (0: none; 1: calibrated against BBBC021, docs/calibration.md).
 
-Determinism: the design (phenotypes, nuisances, plate maps) comes from ``rng([seed, 0])`` and
-the pixels of image ``i`` from the generator of its fixed block ``i // BLOCK``
-(``rng([seed, 1, block])``), so a resumed build equals an uninterrupted one byte for byte.
-The ground truth is written as ``ground_truth.json`` next to the dataset tables.
+Determinism: the treatments come from ``rng([seed, 0])``; each batch's nuisance, plate maps and
+well jitter from a stream of its own keyed by its split and index within that split; the pixels
+from fixed blocks of at most ``BLOCK`` images within one batch (see :func:`blocks`). A resumed
+build equals an uninterrupted one byte for byte, and adding held-out batches
+(``test_batches``) leaves every other batch's images identical. The ground truth is written as
+``ground_truth.json`` next to the dataset tables.
 """
 
 from __future__ import annotations
