@@ -27,16 +27,23 @@ def bench_generation(preset: str, root: Path) -> tuple[Path, float, int]:
     return out, dt, synthetic.resolve_config(preset).n_images
 
 
-def bench_render_only(preset: str, n_blocks: int = 8) -> float:
+def bench_render_only(preset: str, n_blocks: int = 8, strength: float = 1.0) -> float:
     """Images/s of rendering alone (no store writes), over the first blocks."""
-    cfg = synthetic.resolve_config(preset)
+    cfg = synthetic.resolve_config(preset, batch_strength=strength)
     d = synthetic._design(cfg, 0)
     n = 0
     t = time.perf_counter()
-    for blk in range(min(n_blocks, -(-cfg.n_images // synthetic.BLOCK))):
-        idx = np.arange(blk * synthetic.BLOCK, min((blk + 1) * synthetic.BLOCK, cfg.n_images))
-        n += len(synthetic._render_block(d, idx, np.random.default_rng([0, 1, blk])))
+    for idx, key in synthetic.blocks(cfg, 0)[:n_blocks]:
+        n += len(synthetic._render_block(d, idx, np.random.default_rng(key)))
     return n / (time.perf_counter() - t)
+
+
+def bench_strengths(preset: str, strengths: list[float], repeats: int = 3) -> dict[float, float]:
+    """Render-only milliseconds per field at each batch strength (best of ``repeats``)."""
+    return {
+        s: 1000.0 / max(bench_render_only(preset, strength=s) for _ in range(repeats))
+        for s in strengths
+    }
 
 
 def write_pngs(ds_path: Path, idx: np.ndarray, root: Path) -> list[list[Path]]:
@@ -90,7 +97,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--presets", nargs="+", default=["small", "medium"])
     parser.add_argument("--reads", type=int, default=512, help="random images read per method")
+    parser.add_argument(
+        "--strengths",
+        type=float,
+        nargs="+",
+        default=[0.0, 1.0],
+        help="batch strengths whose render time per field is compared (first preset)",
+    )
+    parser.add_argument(
+        "--strengths-only", action="store_true", help="only the per-strength render times"
+    )
     args = parser.parse_args()
+    per_field = bench_strengths(args.presets[0], args.strengths)
+    print(f"render time per field ({args.presets[0]}, render only, best of 3 x 8 blocks):")
+    for s, ms in per_field.items():
+        print(f"  batch strength {s:g}: {ms:6.2f} ms/field")
+    if args.strengths_only:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         print(

@@ -95,6 +95,8 @@ class DemoSpec:
     data_dir: Path | None = None  # None: OUT/data (a study shares one dataset between runs)
     bbbc021_dir: Path | None = None
     progress: bool = True
+    # simulated-screen overrides (e.g. test_batches, batch_strength); empty: the preset's
+    screen: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -135,9 +137,14 @@ def prepare_data(spec: DemoSpec) -> Path:
     if spec.dataset == "synthetic":
         preset = "tiny" if spec.quick else "small"
         # Reuse the screen when it was built from the same preset and seed; rebuild otherwise.
-        stale = out.exists() and not reusable(out, build_key(preset, spec.seed))
+        stale = out.exists() and not reusable(out, build_key(preset, spec.seed, **spec.screen))
         return generate(
-            out, preset, seed=spec.seed, overwrite=spec.fresh or stale, progress=spec.progress
+            out,
+            preset,
+            seed=spec.seed,
+            overwrite=spec.fresh or stale,
+            progress=spec.progress,
+            **spec.screen,
         )
     if spec.dataset == "bbbc021":
         return _build_bbbc021(spec, out)
@@ -437,6 +444,28 @@ def training_curves(runs: dict[str, Path], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _calibration(spec: DemoSpec, data: Path) -> dict[str, Any] | None:
+    """The simulated screen's calibration report (cached in the dataset), None for real data."""
+    if spec.dataset != "synthetic":
+        return None
+    from cdcl.data.calibration import dataset_calibration
+
+    return dataset_calibration(data)
+
+
+def calib_lines(calib: dict[str, Any], fenced: bool = False) -> list[str]:
+    """How the screen's batch effect compares with BBBC021, as report lines."""
+    from cdcl.data.calibration import report_lines
+
+    strength = calib.get("build", {}).get("overrides", {}).get("batch_strength", 1.0)
+    return [
+        f"Batch strength {strength:g} (1 = calibrated against BBBC021; docs/calibration.md). "
+        "Measured on this screen's training batches, next to BBBC021:",
+        "",
+        *(["```", *report_lines(calib), "```"] if fenced else report_lines(calib)),
+    ]
+
+
 def write_outputs(
     spec: DemoSpec,
     data: Path,
@@ -447,6 +476,7 @@ def write_outputs(
     """results.json, results.md and the self-contained report.html."""
 
     ds = open_dataset(data)
+    calib = _calibration(spec, data)
     tables = {v: comparison_table(feature_sets, v) for v in ("plate_normalized", "raw")}
     note = correction_note(feature_sets)
     title = f"cdcl demo: {spec.dataset}{' (quick)' if spec.quick else ''}"
@@ -467,6 +497,7 @@ def write_outputs(
         "timings_s": spec.timings,
         "tables": {v: t.reset_index().to_dict(orient="records") for v, t in tables.items()},
         "feature_sets": feature_sets,
+        **({"calibration": calib} if calib else {}),
         "versions": versions(),
     }
     out = spec.out
@@ -479,6 +510,16 @@ def write_outputs(
         *([note, ""] if note else []),
         single_replicate_note(spec),
         "",
+        *(
+            [
+                "## Batch effect of this screen against real references",
+                "",
+                *calib_lines(calib, fenced=True),
+                "",
+            ]
+            if calib
+            else []
+        ),
         "## Profiles standardised per plate against its controls",
         "",
         to_markdown(tables["plate_normalized"]),
@@ -510,6 +551,16 @@ def write_outputs(
     note_html = f'<p class="small">{note}</p>' if note else ""
     sections = [
         ("One replicate", f"<p>{html.escape(single_replicate_note(spec))}</p>"),
+        *(
+            [
+                (
+                    "Batch effect of this screen against real references",
+                    "<pre>" + html.escape("\n".join(calib_lines(calib))) + "</pre>",
+                )
+            ]
+            if calib
+            else []
+        ),
         (
             "Held-out batches, profiles standardised per plate against controls",
             note_html + html_table(tables["plate_normalized"]),

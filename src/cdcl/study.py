@@ -90,6 +90,8 @@ class StudySpec:
     bbbc021_dir: Path | None = None
     progress: bool = True
     alpha: float = st.ALPHA
+    test_batches: int | None = None  # simulated screen: held-out batches (None: the preset's)
+    batch_strength: float | None = None  # simulated screen: batch effect (None: calibrated, 1)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -134,6 +136,14 @@ def check_spec(spec: StudySpec) -> list[str]:
     if spec.folds is not None and any(f < 1 for f in spec.folds):
         folds = ",".join(map(str, spec.folds))
         raise CdclError(f"--folds {folds}: folds are numbered from 1")
+    if screen_overrides(spec):
+        if spec.dataset != "synthetic":
+            raise CdclError(
+                "--test-batches/--batch-strength: only for the simulated screen (--dataset synthetic)"
+            )
+        from cdcl.data.synthetic import resolve_config
+
+        resolve_config("tiny" if spec.quick else "small", **screen_overrides(spec))
     if any(s < 0 for s in spec.seeds):
         raise CdclError(f"--seeds {','.join(map(str, spec.seeds))}: seeds are non-negative")
     if spec.out.exists() and not spec.out.is_dir():
@@ -153,10 +163,24 @@ def check_spec(spec: StudySpec) -> list[str]:
     return labels
 
 
+def screen_overrides(spec: StudySpec) -> dict[str, Any]:
+    """The simulated screen's overrides a study asks for (empty: the preset as it is)."""
+    out: dict[str, Any] = {}
+    if spec.test_batches is not None:
+        out["test_batches"] = int(spec.test_batches)
+    if spec.batch_strength is not None:
+        out["batch_strength"] = float(spec.batch_strength)
+    return out
+
+
 def data_dir(spec: StudySpec, rep: Replicate) -> Path:
     """The dataset a replicate uses: one per screen seed (synthetic) or one for all (BBBC021)."""
     if spec.dataset == "synthetic":
-        return spec.out / "data" / f"{'tiny' if spec.quick else 'small'}-seed{rep.seed}"
+        over = screen_overrides(spec)
+        suffix = "".join(
+            f"-{'tb' if k == 'test_batches' else 'bs'}{v:g}" for k, v in sorted(over.items())
+        )
+        return spec.out / "data" / f"{'tiny' if spec.quick else 'small'}-seed{rep.seed}{suffix}"
     return spec.out / "data" / "bbbc021"
 
 
@@ -172,6 +196,7 @@ def _demo_spec(spec: StudySpec, rep: Replicate) -> DemoSpec:
         data_dir=data_dir(spec, rep),
         bbbc021_dir=spec.bbbc021_dir,
         progress=spec.progress,
+        screen=screen_overrides(spec) if spec.dataset == "synthetic" else {},
     )
 
 
@@ -187,6 +212,8 @@ def replicate_key(spec: StudySpec, rep: Replicate) -> dict[str, Any]:
         "budget": budget_overrides(demo),
         "data": str(demo.data_dir.resolve()) if demo.data_dir else None,
         "bbbc021_dir": str(Path(spec.bbbc021_dir).resolve()) if spec.bbbc021_dir else None,
+        # only when set, so that replicates of earlier studies stay reusable
+        **({"screen": demo.screen} if demo.screen else {}),
     }
 
 

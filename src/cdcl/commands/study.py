@@ -59,6 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bbbc021-dir", type=Path, default=None, help="folder with cells_subset.npz (bbbc021)"
     )
+    parser.add_argument(
+        "--test-batches",
+        type=int,
+        default=None,
+        help="simulated screen: held-out batches, added after the training batches (which "
+        "stay identical); default: the preset's",
+    )
+    parser.add_argument(
+        "--batch-strength",
+        type=float,
+        default=None,
+        help="simulated screen: batch-effect multiplier, 0 none, 1 calibrated (default 1)",
+    )
     parser.add_argument("--fresh", action="store_true", help="rebuild data and retrain everything")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -92,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         bbbc021_dir=args.bbbc021_dir,
         progress=not args.no_progress,
         alpha=args.alpha,
+        test_batches=args.test_batches,
+        batch_strength=args.batch_strength,
     )
     check_spec(spec)  # every option, before the lock or any file exists
     t0 = time.perf_counter()

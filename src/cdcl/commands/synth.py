@@ -21,8 +21,19 @@ OVERRIDES: dict[str, tuple[str, type, str]] = {
     "--sites": ("sites", int, "fields of view per well"),
     "--image-size": ("image_size", int, "image side in pixels (same field of view)"),
     "--cells-per-field": ("cells_per_field", float, "mean cells per control field"),
-    "--test-batches": ("test_batches", int, "last batches held out as test"),
+    "--test-batches": (
+        "test_batches",
+        int,
+        "held-out test batches, added after the preset's training batches (which stay "
+        "identical; with --batches: the last of those batches)",
+    ),
     "--val-batches": ("val_batches", int, "batches before the test ones used as val"),
+    "--batch-strength": (
+        "batch_strength",
+        float,
+        "multiplier of every batch, plate and well-position effect: 0 none, 1 calibrated "
+        "against BBBC021 (default 1)",
+    ),
 }
 
 
@@ -41,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace a different dataset already at --out"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="skip measuring the batch effect against the real references (calibration.json)",
+    )
     parser.add_argument(
         "--montage", type=Path, default=None, help="also save a PNG montage (one row per batch)"
     )
@@ -112,6 +128,12 @@ def _run(args: argparse.Namespace) -> int:
         from cdcl.data.montage import montage
 
         lines.append(f"montage  {montage(ds, args.montage)}")
+    lines.append(f"strength batch effect x {cfg.batch_strength:g} (1 = calibrated)")
+    if not args.no_calibration:
+        from cdcl.data.calibration import CALIBRATION_FILE, dataset_calibration, report_lines
+
+        lines.extend(report_lines(dataset_calibration(out)))
+        lines.append(f"calib    {out / CALIBRATION_FILE}")
     lines.append(f"truth    {out / synthetic.GROUND_TRUTH_FILE}")
     lines.append(f"dataset  {out}")
     print("\n".join(lines))

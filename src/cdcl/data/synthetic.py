@@ -12,14 +12,18 @@ carry the whole signal (DESIGN §9).
 
 Every image is rendered from cells: nuclei (DNA) as soft ellipses with chromatin texture,
 cytoplasm (ER: perinuclear gradient with texture; RNA: diffuse plus nucleoli; AGP: cortical
-ring plus diffuse actin; Mito: puncta). Batches add nuisance stronger than most treatment
-effects: per-channel gain and offset, an illumination gradient and vignetting, blur, shot and
-read noise, density and cell-size drift; plates and wells add smaller jitter.
+ring plus diffuse actin; Mito: puncta). Batches, plates, well positions and sites add the
+nuisance of ``cdcl.data.nuisance`` (affine gain and offset, and what survives per-plate
+standardisation: non-linear staining response, bleed-through, blur varying per batch and
+site, illumination, density and size drift with confluence-driven morphology, edge effects),
+scaled by ``batch_strength`` (0: none; 1: calibrated against BBBC021, docs/calibration.md).
 
-Determinism: the design (phenotypes, nuisances, plate maps) comes from ``rng([seed, 0])`` and
-the pixels of image ``i`` from the generator of its fixed block ``i // BLOCK``
-(``rng([seed, 1, block])``), so a resumed build equals an uninterrupted one byte for byte.
-The ground truth is written as ``ground_truth.json`` next to the dataset tables.
+Determinism: the treatments come from ``rng([seed, 0])``; each batch's nuisance, plate maps and
+well jitter from a stream of its own keyed by its split and index within that split; the pixels
+from fixed blocks of at most ``BLOCK`` images within one batch (see :func:`blocks`). A resumed
+build equals an uninterrupted one byte for byte, and adding held-out batches
+(``test_batches``) leaves every other batch's images identical. The ground truth is written as
+``ground_truth.json`` next to the dataset tables.
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
+from cdcl.data import nuisance as nz
 from cdcl.data.dataset_dir import INFO_FILE, MASKS_DIR, DatasetInfo, DatasetWriter, validate
 from cdcl.errors import ConfigError, DatasetError
 
-VERSION = 1  # bump whenever the rendered pixels of a given (preset, seed) change
+VERSION = 2  # bump whenever the rendered pixels of a given (preset, seed) change
 BLOCK = 64  # images per fixed rendering block; part of the determinism contract
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito"]
 CONTROL = "DMSO"
@@ -106,6 +111,7 @@ class ScreenConfig:
     cells_per_field: float
     test_batches: int  # the last batches are held out for testing
     val_batches: int  # the batches just before the test batches
+    batch_strength: float = 1.0  # 0: no batch effect; 1: calibrated against BBBC021
 
     @property
     def n_wells(self) -> int:
@@ -165,13 +171,28 @@ def resolve_config(preset: str = "tiny", **overrides: Any) -> ScreenConfig:
             continue
         if key == "doses":
             changes[key] = _parse_doses(value)
-        elif key == "cells_per_field":
-            changes[key] = float(value)
+        elif key in ("cells_per_field", "batch_strength"):
+            try:
+                changes[key] = float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"synthetic override {key}={value!r}: expected a number"
+                ) from None
         else:
             if isinstance(value, bool) or int(value) != value:
                 raise ConfigError(f"synthetic override {key}={value!r}: expected a whole number")
             changes[key] = int(value)
-    cfg = replace(PRESETS[preset], **changes)
+    base = PRESETS[preset]
+    if "batches" not in changes and ("test_batches" in changes or "val_batches" in changes):
+        # held-out batches are added to (or removed from) the preset's training batches,
+        # which stay the same batches with the same pixels
+        train = base.batches - base.test_batches - base.val_batches
+        changes["batches"] = (
+            train
+            + changes.get("val_batches", base.val_batches)
+            + changes.get("test_batches", base.test_batches)
+        )
+    cfg = replace(base, **changes)
     _check_config(cfg)
     return cfg
 
@@ -205,6 +226,8 @@ def _check_config(cfg: ScreenConfig) -> None:
         )
     if not 0 < cfg.cells_per_field <= 200:
         raise ConfigError(f"cells_per_field={cfg.cells_per_field}: must be in (0, 200]")
+    if not 0.0 <= cfg.batch_strength <= 5.0:
+        raise ConfigError(f"batch_strength={cfg.batch_strength}: must be in [0, 5]")
     if cfg.image_size > 1024:
         raise ConfigError(f"image_size={cfg.image_size}: at most 1024 px")
 
@@ -214,7 +237,7 @@ def _clean_overrides(preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
     cfg = resolve_config(preset, **overrides)
     base = PRESETS[preset]
     out: dict[str, Any] = {}
-    for key in sorted(overrides):
+    for key in sorted(f.name for f in fields(ScreenConfig)):
         value, default = getattr(cfg, key), getattr(base, key)
         if value != default:
             out[key] = list(value) if isinstance(value, tuple) else value
@@ -247,21 +270,29 @@ class _Design:
     batch_of: np.ndarray  # (N,)
     plate_of: np.ndarray  # (N,) global plate number
     well_of: np.ndarray  # (N,) global well number
+    nuisance: list[nz.BatchNuisance]  # one per batch
     batch_gain: np.ndarray  # (B, C)
     batch_offset: np.ndarray  # (B, C) in clean-intensity units
-    batch_blur: np.ndarray  # (B,) px
+    batch_gamma: np.ndarray  # (B, C)
+    batch_saturation: np.ndarray  # (B, C)
+    batch_bleed: np.ndarray  # (B, len(nz.BLEED_PAIRS))
     batch_read_noise: np.ndarray  # (B,)
     batch_shot_noise: np.ndarray  # (B,)
-    batch_density: np.ndarray  # (B,) log
     batch_size_drift: np.ndarray  # (B,) log
     batch_response: np.ndarray  # (B,) multiplier of treatment effects
     illumination: np.ndarray  # (B, H, W) multiplicative field
     plate_gain: np.ndarray  # (n_plates, C)
-    plate_density: np.ndarray  # (n_plates,)
-    well_density: np.ndarray  # (n_wells_total,)
-    well_intensity: np.ndarray  # (n_wells_total, C) log
+    image_blur: np.ndarray  # (N,) px: the batch's blur with site-to-site focus variation
+    nuisance_density: np.ndarray  # (N,) log: batch + plate + edge (drives confluence)
+    well_density: np.ndarray  # (n_wells_total,) biological replicate jitter, log
+    well_intensity: np.ndarray  # (n_wells_total, C) log: replicate jitter + edge effect
     well_effect: np.ndarray  # (n_wells_total, n_params) applied changes
     truth: dict[str, Any]
+
+
+def _well_positions(n_wells: int) -> np.ndarray:
+    """Positions (0..383) of a plate's wells, spread over the whole 384-well plate."""
+    return np.round(np.linspace(0, len(ROWS) * 24 - 1, n_wells)).astype(np.int64)
 
 
 def _well_name(position: int) -> str:
@@ -338,54 +369,6 @@ def _draw_treatments(cfg: ScreenConfig, rng: np.random.Generator) -> _Treatments
     return t
 
 
-@dataclass
-class _BatchNuisance:
-    """Per-batch nuisance: stronger than most treatment effects, as in real screens."""
-
-    gain: np.ndarray  # (B, C)
-    offset: np.ndarray  # (B, C) in clean-intensity units
-    blur: np.ndarray  # (B,) px
-    read_noise: np.ndarray  # (B,)
-    shot_noise: np.ndarray  # (B,)
-    density: np.ndarray  # (B,) log
-    size_drift: np.ndarray  # (B,) log
-    response: np.ndarray  # (B,) multiplier of treatment effects
-    grad_amp: np.ndarray  # (B,)
-    grad_angle: np.ndarray  # (B,) rad
-    vignetting: np.ndarray  # (B,)
-    illumination: np.ndarray  # (B, H, W) multiplicative field
-
-
-def _draw_batch_nuisance(cfg: ScreenConfig, rng: np.random.Generator) -> _BatchNuisance:
-    """Gain/offset per channel, blur, noise, density and size drift, illumination per batch."""
-    B, size, n_ch = cfg.batches, cfg.image_size, len(CHANNELS)
-    scale = size / 64.0
-    gain = np.exp(rng.normal(0.0, 0.3, (B, n_ch)))
-    offset = rng.uniform(0.02, 0.12, (B, n_ch))
-    blur = rng.uniform(0.3, 1.3, B) * scale
-    read_noise = rng.uniform(0.01, 0.04, B)
-    shot_noise = rng.uniform(0.002, 0.02, B)
-    density = rng.normal(0.0, 0.2, B)
-    size_drift = rng.normal(0.0, 0.06, B)
-    # cells respond more or less strongly from one batch to the next (culture state)
-    response = np.exp(rng.normal(0.0, 0.15, B))
-    grad_amp = rng.uniform(0.05, 0.35, B)
-    grad_angle = rng.uniform(0.0, 2 * np.pi, B)
-    vignetting = rng.uniform(0.0, 0.35, B)
-    coords = (np.arange(size) + 0.5) / size * 2.0 - 1.0
-    yy, xx = np.meshgrid(coords, coords, indexing="ij")
-    illumination = (
-        1.0
-        + grad_amp[:, None, None]
-        * (np.cos(grad_angle)[:, None, None] * xx + np.sin(grad_angle)[:, None, None] * yy)
-        - vignetting[:, None, None] * (xx**2 + yy**2) / 2.0
-    ).astype(np.float32)
-    return _BatchNuisance(
-        gain, offset, blur, read_noise, shot_noise, density, size_drift, response,
-        grad_amp, grad_angle, vignetting, illumination,
-    )  # fmt: skip
-
-
 def _batch_splits(cfg: ScreenConfig, batch_names: list[str]) -> dict[str, str]:
     """The last batches are test, the ones before them val, the rest train."""
     split_of = {}
@@ -401,35 +384,72 @@ def _batch_splits(cfg: ScreenConfig, batch_names: list[str]) -> dict[str, str]:
     return split_of
 
 
-def _lay_out_plates(
-    cfg: ScreenConfig, rng: np.random.Generator, batch_names: list[str], t: _Treatments
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """Plate maps (every treatment on every plate, positions shuffled per plate) -> samples.
+def _batch_streams(cfg: ScreenConfig, seed: int, batch_names: list[str]) -> list[tuple[str, int]]:
+    """Each batch's (split, index within split): the key of its own random stream."""
+    split_of = _batch_splits(cfg, batch_names)
+    seen: dict[str, int] = {}
+    keys = []
+    for name in batch_names:
+        sp = split_of[name]
+        keys.append((sp, seen.get(sp, 0)))
+        seen[sp] = seen.get(sp, 0) + 1
+    return keys
 
-    Returns the samples table, each image's treatment row, global plate and global well, and
-    the plate names.
-    """
-    contents = [i for i in range(1, len(t.names)) for _ in range(cfg.wells_per_treatment)]
-    contents += [0] * cfg.control_wells
-    contents_arr = np.array(contents)
+
+@dataclass
+class _BatchDraw:
+    """What one batch's own stream holds: nuisance, plate maps, well jitter, site focus."""
+
+    nuisance: nz.BatchNuisance
+    layouts: np.ndarray  # (plates, n_wells) treatment row at each well slot
+    well_density: np.ndarray  # (plates * n_wells,)
+    well_intensity: np.ndarray  # (plates * n_wells, C)
+    well_effect: np.ndarray  # (plates * n_wells, n_params) in units
+    focus: np.ndarray  # (plates * n_wells * sites,) standard normal focus deviations
+
+
+def _draw_batch(
+    cfg: ScreenConfig, seed: int, key: tuple[str, int], contents: np.ndarray, units: np.ndarray
+) -> _BatchDraw:
+    """One batch from its own stream; the order of the draws fixes the batch for a seed."""
+    rng = nz.batch_rng(seed, *key)
+    n_ch = len(CHANNELS)
+    nuis = nz.draw_batch(
+        rng, n_ch, cfg.plates, cfg.image_size / 64.0, cfg.batch_strength, key[0] == "test"
+    )
+    layouts = np.stack([contents[rng.permutation(len(contents))] for _ in range(cfg.plates)])
+    n_w = cfg.plates * cfg.n_wells
+    # how heterogeneous wells are (seeding, staining) differs between batches
+    well_density = rng.normal(0.0, 0.1, n_w) * nuis.well_jitter
+    well_intensity = rng.normal(0.0, 0.04, (n_w, n_ch)) * nuis.well_jitter
+    # replicate wells differ in phenotype too (biological variability), in parameter units
+    well_effect = rng.normal(0.0, 0.2, (n_w, len(PARAM_NAMES))) * units[None, :]
+    focus = rng.standard_normal(n_w * cfg.sites)
+    return _BatchDraw(nuis, layouts, well_density, well_intensity, well_effect, focus)
+
+
+def _samples_table(
+    cfg: ScreenConfig, batch_names: list[str], draws: list[_BatchDraw], t: _Treatments
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Plate maps -> samples; returns the table, each image's treatment row, global plate and
+    global well, and the plate names."""
+    positions = _well_positions(cfg.n_wells)
     rows: dict[str, list[Any]] = {k: [] for k in ("batch", "plate", "well", "site", "t")}
-    plate_of, well_of = [], []
-    plate_names = []
-    for b in range(cfg.batches):
+    plate_of, well_of, plate_names = [], [], []
+    for b, draw in enumerate(draws):
         for p in range(cfg.plates):
             g_plate = b * cfg.plates + p
             plate = f"{batch_names[b]}_P{p + 1}"
             plate_names.append(plate)
-            layout = contents_arr[rng.permutation(len(contents_arr))]
-            for pos, ti in enumerate(layout):
+            for slot, ti in enumerate(draw.layouts[p]):
                 for s in range(cfg.sites):
                     rows["batch"].append(batch_names[b])
                     rows["plate"].append(plate)
-                    rows["well"].append(_well_name(pos))
+                    rows["well"].append(_well_name(int(positions[slot])))
                     rows["site"].append(s + 1)
                     rows["t"].append(int(ti))
                     plate_of.append(g_plate)
-                    well_of.append(g_plate * cfg.n_wells + pos)
+                    well_of.append(g_plate * cfg.n_wells + slot)
     t_idx = np.array(rows["t"], dtype=np.int64)
     split_of = _batch_splits(cfg, batch_names)
     samples = pd.DataFrame(
@@ -464,18 +484,16 @@ def _ground_truth(
     cfg: ScreenConfig,
     seed: int,
     t: _Treatments,
-    nuisance: _BatchNuisance,
+    draws: list[_BatchDraw],
     batch_names: list[str],
     plate_names: list[str],
-    plate_gain: np.ndarray,
-    plate_density: np.ndarray,
 ) -> dict[str, Any]:
     """Everything the screen was drawn from, for ground_truth.json."""
     split_of = _batch_splits(cfg, batch_names)
-    n = nuisance
     return {
         "version": VERSION,
         "seed": int(seed),
+        "batch_strength": cfg.batch_strength,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "channels": CHANNELS,
         "pixel_scale": PIXEL_SCALE,
@@ -483,8 +501,19 @@ def _ground_truth(
         "params": {p: {"unit": u, "kind": k, "meaning": d} for p, (u, k, d) in PARAMS.items()},
         "note": (
             "Effects are in parameter units (value x unit = change applied, see `params`). "
-            "Batch gain/offset act on clean intensities (cells ~1.0) before pixel_scale."
+            "Batch gain/offset act on clean intensities (cells ~1.0) before pixel_scale. "
+            "Nuisance knobs are centre + batch_strength x half-width x z (see `nuisance_model`); "
+            "held-out (test) batches have |z| beyond the training range."
         ),
+        "nuisance_model": {
+            "knobs": {
+                k: {kk: round(float(vv), 6) for kk, vv in v.items()} for k, v in nz.KNOBS.items()
+            },
+            "one_sided": sorted(nz.ONE_SIDED),
+            "held_out_abs_z": list(nz.HELD_OUT_Z),
+            "confluence": nz.CONFLUENCE,
+            "edge": nz.EDGE,
+        },
         "moas": t.truth_moas,
         "compounds": t.truth_compounds,
         "treatments": {
@@ -499,27 +528,16 @@ def _ground_truth(
             for i, name in enumerate(t.names)
         },
         "batches": {
-            name: {
-                "split": split_of[name],
-                "gain": _by_channel(n.gain[b]),
-                "offset": _by_channel(n.offset[b]),
-                "illumination_gradient": round(float(n.grad_amp[b]), 6),
-                "illumination_angle_rad": round(float(n.grad_angle[b]), 6),
-                "vignetting": round(float(n.vignetting[b]), 6),
-                "blur_sigma_px": round(float(n.blur[b]), 6),
-                "read_noise": round(float(n.read_noise[b]), 6),
-                "shot_noise": round(float(n.shot_noise[b]), 6),
-                "density_log": round(float(n.density[b]), 6),
-                "cell_size_log": round(float(n.size_drift[b]), 6),
-                "response_multiplier": round(float(n.response[b]), 6),
-            }
+            name: {"split": split_of[name], **draws[b].nuisance.truth(CHANNELS)}
             for b, name in enumerate(batch_names)
         },
         "plates": {
             name: {
                 "batch": batch_names[g // cfg.plates],
-                "gain": _by_channel(plate_gain[g]),
-                "density_log": round(float(plate_density[g]), 6),
+                "gain": _by_channel(draws[g // cfg.plates].nuisance.plate_gain[g % cfg.plates]),
+                "density_log": round(
+                    float(draws[g // cfg.plates].nuisance.plate_density[g % cfg.plates]), 6
+                ),
             }
             for g, name in enumerate(plate_names)
         },
@@ -528,51 +546,67 @@ def _ground_truth(
 
 
 def _design(cfg: ScreenConfig, seed: int) -> _Design:
-    """Draw the whole screen design; the order of the draws fixes the screen for a seed."""
+    """Draw the whole screen design.
+
+    Treatments come from ``rng([seed, 0])``; every batch (its nuisance, plate maps, well jitter
+    and site focus) from its own stream (``nuisance.batch_rng``), so adding held-out batches
+    changes no other batch.
+    """
     rng = np.random.default_rng([seed, 0])
-    n_par, n_ch = len(PARAM_NAMES), len(CHANNELS)
     units = np.array([PARAMS[p][0] for p in PARAM_NAMES])
     treatments = _draw_treatments(cfg, rng)
-    nuisance = _draw_batch_nuisance(cfg, rng)
-
-    n_plates = cfg.batches * cfg.plates
-    plate_gain = np.exp(rng.normal(0.0, 0.05, (n_plates, n_ch)))
-    plate_density = rng.normal(0.0, 0.05, n_plates)
-    n_wells_total = n_plates * cfg.n_wells
-    well_density = rng.normal(0.0, 0.1, n_wells_total)
-    well_intensity = rng.normal(0.0, 0.04, (n_wells_total, n_ch))
-    # replicate wells differ in phenotype too (biological variability), in parameter units
-    well_effect = rng.normal(0.0, 0.2, (n_wells_total, n_par)) * units[None, :]
+    contents = [i for i in range(1, len(treatments.names)) for _ in range(cfg.wells_per_treatment)]
+    contents_arr = np.array(contents + [0] * cfg.control_wells, dtype=np.int64)
 
     batch_names = [f"B{b + 1:02d}" for b in range(cfg.batches)]
-    samples, t_idx, plate_of, well_of, plate_names = _lay_out_plates(
-        cfg, rng, batch_names, treatments
+    keys = _batch_streams(cfg, seed, batch_names)
+    draws = [_draw_batch(cfg, seed, key, contents_arr, units) for key in keys]
+    samples, t_idx, plate_of, well_of, plate_names = _samples_table(
+        cfg, batch_names, draws, treatments
     )
-    truth = _ground_truth(
-        cfg, seed, treatments, nuisance, batch_names, plate_names, plate_gain, plate_density
+    truth = _ground_truth(cfg, seed, treatments, draws, batch_names, plate_names)
+    nus = [d.nuisance for d in draws]
+    batch_of = np.repeat(np.arange(cfg.batches), cfg.plates * cfg.n_wells * cfg.sites)
+
+    # well-position (edge) effects: fewer cells and brighter stain near the plate's edge
+    edge_w = nz.edge_weight(_well_positions(cfg.n_wells))
+    edge = np.concatenate([np.tile(edge_w, cfg.plates) * n.edge for n in nus])
+    well_intensity = np.concatenate([d.well_intensity for d in draws])
+    well_intensity = well_intensity + nz.EDGE["log_intensity"] * edge[:, None]
+    plate_density = np.concatenate([n.plate_density for n in nus])
+    nuisance_density = (
+        np.array([n.density for n in nus])[batch_of]
+        + plate_density[plate_of]
+        + nz.EDGE["log_density"] * edge[well_of]
     )
+    blur = np.array([n.blur for n in nus])[batch_of]
+    focus_sd = np.array([n.focus_sd for n in nus])[batch_of]
+    image_blur = blur * np.exp(focus_sd * np.concatenate([d.focus for d in draws]))
     return _Design(
         cfg=cfg,
         samples=samples,
         effects=treatments.effects * units[None, :],  # stored as applied changes
         treat_of=t_idx,
-        batch_of=np.repeat(np.arange(cfg.batches), cfg.plates * cfg.n_wells * cfg.sites),
+        batch_of=batch_of,
         plate_of=plate_of,
         well_of=well_of,
-        batch_gain=nuisance.gain,
-        batch_offset=nuisance.offset,
-        batch_blur=nuisance.blur,
-        batch_read_noise=nuisance.read_noise,
-        batch_shot_noise=nuisance.shot_noise,
-        batch_density=nuisance.density,
-        batch_size_drift=nuisance.size_drift,
-        batch_response=nuisance.response,
-        illumination=nuisance.illumination,
-        plate_gain=plate_gain,
-        plate_density=plate_density,
-        well_density=well_density,
+        nuisance=nus,
+        batch_gain=np.stack([n.gain for n in nus]),
+        batch_offset=np.stack([n.offset for n in nus]),
+        batch_gamma=np.stack([n.gamma for n in nus]),
+        batch_saturation=np.stack([n.saturation for n in nus]),
+        batch_bleed=np.stack([n.bleed for n in nus]),
+        batch_read_noise=np.array([n.read_noise for n in nus]),
+        batch_shot_noise=np.array([n.shot_noise for n in nus]),
+        batch_size_drift=np.array([n.size_drift for n in nus]),
+        batch_response=np.array([n.response for n in nus]),
+        illumination=np.stack([nz.illumination(n, cfg.image_size) for n in nus]),
+        plate_gain=np.concatenate([n.plate_gain for n in nus]),
+        image_blur=image_blur,
+        nuisance_density=nuisance_density,
+        well_density=np.concatenate([d.well_density for d in draws]),
         well_intensity=well_intensity,
-        well_effect=well_effect,
+        well_effect=np.concatenate([d.well_effect for d in draws]),
         truth=truth,
     )
 
@@ -680,17 +714,18 @@ def _place_cells(
     n, size = len(idx), cfg.image_size
     scale = size / 64.0
     hc = wc = size + 2 * margin
-    b_of, w_of, pl_of = d.batch_of[idx], d.well_of[idx], d.plate_of[idx]
-    log_density = (
-        eff[:, P["density"]] + d.batch_density[b_of] + d.plate_density[pl_of] + d.well_density[w_of]
-    )
+    b_of, w_of = d.batch_of[idx], d.well_of[idx]
+    nuis_density = d.nuisance_density[idx]
+    log_density = eff[:, P["density"]] + nuis_density + d.well_density[w_of]
     area_factor = (hc * wc) / (size * size)
     counts = rng.poisson(cfg.cells_per_field * area_factor * np.exp(log_density))
     T = int(counts.sum())
     img = np.repeat(np.arange(n), counts)
-    size_drift = d.batch_size_drift[b_of]
+    # confluence: cells in crowded fields (batch, plate, edge density) are smaller
+    size_drift = d.batch_size_drift[b_of] + nz.CONFLUENCE["cell_size"] * nuis_density
+    nuc_drift = 0.5 * d.batch_size_drift[b_of] + nz.CONFLUENCE["nuc_size"] * nuis_density
     rc_img = BASE["cell_radius_px"] * scale * np.exp(eff[:, P["cell_size"]] + size_drift)
-    rn_img = BASE["nuc_radius_px"] * scale * np.exp(eff[:, P["nuc_size"]] + 0.5 * size_drift)
+    rn_img = BASE["nuc_radius_px"] * scale * np.exp(eff[:, P["nuc_size"]] + nuc_drift)
     clust = np.clip(BASE["clustering"] + eff[:, P["clustering"]], 0.0, 0.9)
     n_centres = 3
     centres = margin + rng.random((n, n_centres, 2)) * size
@@ -816,13 +851,15 @@ def _add_texture(x: np.ndarray, eff: np.ndarray, rng: np.random.Generator, scale
 def _apply_batch_nuisance(
     d: _Design, idx: np.ndarray, x: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
-    """Optics blur, illumination, gain/offset, shot and read noise; then 16-bit pixels."""
+    """Bleed-through, blur (per site), illumination, staining response, gain/offset, shot and
+    read noise; then 16-bit pixels."""
     b_of, pl_of = d.batch_of[idx], d.plate_of[idx]
-    for b in np.unique(b_of):
-        sel = b_of == b
-        x[sel] = ndimage.gaussian_filter(x[sel], sigma=(0, 0, d.batch_blur[b], d.batch_blur[b]))
-    gain = (d.batch_gain[b_of] * d.plate_gain[pl_of]).astype(np.float32)
+    x = nz.bleed_through(x, d.batch_bleed[b_of])
+    for i, sigma in enumerate(d.image_blur[idx]):
+        x[i] = ndimage.gaussian_filter(x[i], sigma=(0, sigma, sigma))
     x *= d.illumination[b_of][:, None]
+    x = nz.stain_response(x, d.batch_gamma[b_of], d.batch_saturation[b_of]).astype(np.float32)
+    gain = (d.batch_gain[b_of] * d.plate_gain[pl_of]).astype(np.float32)
     x *= gain[:, :, None, None]
     x += d.batch_offset[b_of].astype(np.float32)[:, :, None, None]
     var = (d.batch_read_noise[b_of] ** 2).astype(np.float32)[:, None, None, None] + (
@@ -848,10 +885,10 @@ def _render_block(
     margin = int(math.ceil(14 * scale))
     hc = wc = size + 2 * margin
     b_of = d.batch_of[idx]
-    # applied changes (n, n_params): treatment x batch response, plus replicate-well variation
-    eff = (
-        d.effects[d.treat_of[idx]] * d.batch_response[b_of][:, None] + d.well_effect[d.well_of[idx]]
-    )
+    # applied changes (n, n_params): treatment x batch response (weaker in crowded fields:
+    # confluence interacts with the treatment), plus replicate-well variation
+    response = d.batch_response[b_of] * np.exp(nz.CONFLUENCE["response"] * d.nuisance_density[idx])
+    eff = d.effects[d.treat_of[idx]] * response[:, None] + d.well_effect[d.well_of[idx]]
     cells = _place_cells(d, idx, eff, rng, margin)
     canvas = _paint_cells(cells, n, hc, wc, scale)
     _paint_puncta(canvas, cells, eff, rng, scale)
@@ -870,11 +907,29 @@ def render(
     d = _design(cfg, seed)
     idx = np.arange(cfg.n_images) if indices is None else np.asarray(indices, dtype=np.int64)
     out = np.zeros((len(idx), len(CHANNELS), cfg.image_size, cfg.image_size), dtype=np.uint16)
-    for blk in np.unique(idx // BLOCK):
-        block_idx = np.arange(blk * BLOCK, min((blk + 1) * BLOCK, cfg.n_images))
-        imgs = _render_block(d, block_idx, np.random.default_rng([seed, 1, int(blk)]))
-        sel = idx // BLOCK == blk
-        out[sel] = imgs[idx[sel] - blk * BLOCK]
+    for block_idx, key in blocks(cfg, seed):
+        sel = np.isin(idx, block_idx)
+        if sel.any():
+            imgs = _render_block(d, block_idx, np.random.default_rng(key))
+            out[sel] = imgs[idx[sel] - block_idx[0]]
+    return out
+
+
+def blocks(cfg: ScreenConfig, seed: int) -> list[tuple[np.ndarray, list[int]]]:
+    """The fixed rendering blocks: (image indices, random-stream key).
+
+    Blocks never straddle batches: each batch's images are cut into runs of ``BLOCK`` and
+    keyed by the batch's split and index within it, so adding batches changes no pixel of
+    the others.
+    """
+    per_batch = cfg.plates * cfg.n_wells * cfg.sites
+    names = [f"B{b + 1:02d}" for b in range(cfg.batches)]
+    out = []
+    for b, (split, k) in enumerate(_batch_streams(cfg, seed, names)):
+        start = b * per_batch
+        for j, a in enumerate(range(0, per_batch, BLOCK)):
+            idx = np.arange(start + a, start + min(a + BLOCK, per_batch))
+            out.append((idx, [seed, 1, nz.SPLIT_CODE[split], k, j]))
     return out
 
 
@@ -888,13 +943,14 @@ def render_masks(
     size = cfg.image_size
     out = np.zeros((len(idx), len(CHANNELS), size, size), dtype=np.uint16)
     masks = np.zeros((len(idx), len(MASK_OBJECTS), size, size), dtype=MASK_DTYPE)
-    for blk in np.unique(idx // BLOCK):
-        block_idx = np.arange(blk * BLOCK, min((blk + 1) * BLOCK, cfg.n_images))
-        rng = np.random.default_rng([seed, 1, int(blk)])
-        imgs, labels = _render_block(d, block_idx, rng, with_masks=True)
-        sel = idx // BLOCK == blk
-        out[sel] = imgs[idx[sel] - blk * BLOCK]
-        masks[sel] = labels[idx[sel] - blk * BLOCK]
+    for block_idx, key in blocks(cfg, seed):
+        sel = np.isin(idx, block_idx)
+        if not sel.any():
+            continue
+        imgs, labels = _render_block(d, block_idx, np.random.default_rng(key), with_masks=True)
+        pos = np.searchsorted(block_idx, idx[sel])
+        out[sel] = imgs[pos]
+        masks[sel] = labels[pos]
     return out, masks
 
 
@@ -1020,18 +1076,17 @@ def generate(
     )
     writer = DatasetWriter(out, info, build_key=key, mask_objects=MASK_OBJECTS)
     pending = writer.pending()
-    blocks = np.unique(pending // BLOCK)
     bar = None
     if progress:
         bar = tqdm(total=len(pending), unit="img", desc=f"synth {preset}", leave=False)
         if writer.resumed:
             done = cfg.n_images - len(pending)
             bar.write(f"resuming: {done} of {cfg.n_images} images already done", file=sys.stderr)
-    for blk in blocks:
-        block_idx = np.arange(blk * BLOCK, min((blk + 1) * BLOCK, cfg.n_images))
-        rng = np.random.default_rng([seed, 1, int(blk)])
-        imgs, masks = _render_block(d, block_idx, rng, with_masks=True)
+    for block_idx, rng_key in blocks(cfg, seed):
         todo = np.isin(block_idx, pending)
+        if not todo.any():
+            continue
+        imgs, masks = _render_block(d, block_idx, np.random.default_rng(rng_key), with_masks=True)
         writer.write(block_idx[todo], imgs[todo], masks[todo])
         if bar is not None:
             bar.update(int(todo.sum()))
