@@ -37,6 +37,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-baselines", action="store_true", help="skip the intensity and random baselines"
     )
     parser.add_argument("--no-umap", action="store_true", help="skip the UMAP plots")
+    parser.add_argument(
+        "--plot-sample",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="UMAPs draw a seeded sample of at most N rows, stratified by batch and treatment "
+        "(default 20000; 0 = every row); metrics always use every row",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--null-size", type=int, default=2000, help="mAP null distribution size")
     parser.add_argument("--seed", type=int, default=0, help="seed of baselines, UMAP, kBET")
@@ -71,6 +79,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rows for the unsupervised metrics of a table (default all)",
     )
     g.add_argument("--tvn", action="store_true", help="also score the table after TVN")
+    g.add_argument(
+        "--variants",
+        default="raw,plate_normalized",
+        help="profile variants to score, comma-separated: raw, plate_normalized (default both; "
+        "raw alone needs one copy of the table less)",
+    )
     g.add_argument("--name", help="name of the feature set in the results (default features)")
 
 
@@ -81,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     from cdcl.evaluate.results import read_results
     from cdcl.evaluate.table import evaluate_table
 
+    if args.plot_sample < 0:
+        raise CdclError(f"--plot-sample {args.plot_sample}: give a row count >= 0 (0 = every row)")
     corrections: tuple[str, ...] = ()
     if args.correct is not None:
         from cdcl.evaluate.correction import parse_corrections
@@ -111,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             umap=not args.no_umap,
             name=args.name,
+            plot_sample=args.plot_sample,
+            variants=_variants(args.variants),
         )
     else:
         if args.run is None:
@@ -128,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             umap=not args.no_umap,
             level=args.level,
+            plot_sample=args.plot_sample,
         )
     results = read_results(path)
     table = metrics_table(results)
@@ -153,6 +172,17 @@ def run(args: argparse.Namespace) -> int:
             f"whose held-out batches carry treatments the training batches have (--split N){level}"
         )
     return 0
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    """The --variants list, checked before anything is loaded."""
+    from cdcl.evaluate.score import VARIANTS
+
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise CdclError(f"--variants {text}: use a comma-separated list of {', '.join(VARIANTS)}")
+    return names
 
 
 def why_missing(results: dict[str, Any]) -> list[str]:

@@ -19,10 +19,16 @@ from cdcl.evaluate.embed import (
     well_profiles,
 )
 from cdcl.evaluate.embed_job import embed_resumable
+from cdcl.evaluate.plot_sample import (
+    DEFAULT_PLOT_SAMPLE,
+    plot_sample_info,
+    stratified_plot_rows,
+)
 from cdcl.evaluate.profiles import tvn
 from cdcl.evaluate.report import make_plots, render_report
 from cdcl.evaluate.results import RESULTS_FILE, to_jsonable, write_results
 from cdcl.evaluate.score import (
+    EXACT_MAX,
     Timer,
     base_results,
     corrected_sets,
@@ -174,11 +180,13 @@ def evaluate_run(
     umap: bool = True,
     progress: bool = True,
     level: str = "well",
+    plot_sample: int | None = DEFAULT_PLOT_SAMPLE,
 ) -> Path:
     """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report.
 
     ``level="well"`` scores well profiles (mean over sites); ``"image"`` scores every image
-    (single-cell crops such as BBBC021's, where a well holds one profile per plate).
+    (single-cell crops such as BBBC021's, where a well holds one profile per plate). UMAPs are
+    drawn on a stratified sample of at most ``plot_sample`` rows (None or 0: all).
     """
 
     timer = Timer()
@@ -240,6 +248,11 @@ def evaluate_run(
             **results["protocol"],
             "profiles": "image level: one profile per image",
         }
+    if umap and profiles:
+        meta0 = next(iter(profiles.values()))[1]
+        rows = stratified_plot_rows(meta0, plot_sample, seed)
+        results["plots"] = plot_sample_info(len(meta0), rows, plot_sample, seed)
+        timer.echo = len(meta0) > EXACT_MAX
     with timer("plots"):
         if umap or run.is_dir():
             make_plots(
@@ -247,8 +260,11 @@ def evaluate_run(
                 profiles if umap else None,
                 metrics_jsonl=run / "metrics.jsonl" if run.is_dir() else None,
                 seed=seed,
+                plot_sample=plot_sample,
+                timer=timer,
             )
-    results["timings_s"] = timer.times
-    write_results(results, out_dir)
-    render_report(results, out_dir)
+    with timer("write results + report"):
+        results["timings_s"] = timer.times
+        write_results(results, out_dir)
+        render_report(results, out_dir)
     return out_dir / RESULTS_FILE
