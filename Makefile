@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/cdcl demo --out demo_out
 
+# pytest-xdist: one worker per core (TEST_WORKERS=0 runs serially); --dist loadfile keeps a
+# file's tests on one worker, so its module-scoped fixtures (a trained run, a built screen)
+# are built once. The ten slowest tests are listed at the end.
+TEST_WORKERS ?= auto
 test: $(STAMP) lint docs
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools

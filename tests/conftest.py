@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import numpy as np
-import pandas as pd
-import pytest
+# Under pytest-xdist (`make test` runs one worker per core) each worker and the commands its
+# tests spawn use one thread: two workers with a thread per core each would oversubscribe the
+# cores. Set before numpy/torch are imported so their thread pools start at one thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
-from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

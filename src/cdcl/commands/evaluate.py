@@ -49,6 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "normalised and feature-selected; see docs/cellprofiler.md), with the --correct rows",
     )
     parser.add_argument("--no-umap", action="store_true", help="skip the UMAP plots")
+    parser.add_argument(
+        "--plot-sample",
+        type=int,
+        default=20_000,
+        metavar="N",
+        help="UMAPs draw a seeded sample of at most N rows, stratified by batch and treatment "
+        "(default 20000; 0 = every row); metrics always use every row",
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     parser.add_argument("--null-size", type=int, default=2000, help="mAP null distribution size")
     parser.add_argument("--seed", type=int, default=0, help="seed of baselines, UMAP, kBET")
@@ -92,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "table has a Metadata_Split column, as for a run; else all)",
     )
     g.add_argument("--tvn", action="store_true", help="also score the table after TVN")
+    g.add_argument(
+        "--variants",
+        default="raw,plate_normalized",
+        help="profile variants to score, comma-separated: raw, plate_normalized (default both; "
+        "raw alone needs one copy of the table less)",
+    )
     g.add_argument("--name", help="name of the feature set in the results (default features)")
 
 
@@ -116,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
             "; nothing was written"
         )
 
+    if args.plot_sample < 0:
+        raise CdclError(f"--plot-sample {args.plot_sample}: give a row count >= 0 (0 = every row)")
     corrections: tuple[str, ...] = ()
     if args.correct is not None:
         from cdcl.evaluate.correction import parse_corrections
@@ -186,6 +202,8 @@ def _evaluate(
             name=args.name,
             before_write=before_write,
             calibrate=args.calibrate,
+            plot_sample=args.plot_sample,
+            variants=_variants(args.variants),
         )
     return evaluate_run(
         args.run,
@@ -202,6 +220,7 @@ def _evaluate(
         umap=not args.no_umap,
         level=args.level,
         before_write=before_write,
+        plot_sample=args.plot_sample,
     )
 
 
@@ -220,6 +239,17 @@ def _print_calibration(results: dict[str, Any]) -> None:
             print(calibration_table(cal).round(3).to_string(index=False, na_rep="-"))
         for label in cal.get("no_power", []):
             print(f"  {label}: {cal['metrics'][label]['reason']}")
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    """The --variants list, checked before anything is loaded."""
+    from cdcl.evaluate.score import VARIANTS
+
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    bad = [v for v in names if v not in VARIANTS]
+    if bad or not names:
+        raise CdclError(f"--variants {text}: use a comma-separated list of {', '.join(VARIANTS)}")
+    return names
 
 
 def why_missing(results: dict[str, Any]) -> list[str]:

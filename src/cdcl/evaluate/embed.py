@@ -489,3 +489,61 @@ def split_table(table: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, list[str
         )
     x = table[feat_cols].to_numpy(dtype=np.float32)
     return x, table[meta_cols].reset_index(drop=True), [str(c) for c in feat_cols]
+
+
+def parquet_shape(path: str | Path) -> tuple[int, int] | None:
+    """(rows, feature columns) of a Parquet profile table from its footer; None otherwise."""
+    if not str(path).lower().endswith(".parquet") or not Path(path).is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+    except Exception:
+        return None  # unreadable: the loader reports it
+    names = meta.schema.to_arrow_schema().names
+    return meta.num_rows, sum(not n.startswith(METADATA_PREFIX) for n in names)
+
+
+def read_parquet_profiles(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """As ``split_table(read_profile_table(path))`` for Parquet, streaming the features.
+
+    The features are copied record batch by record batch into one float32 array, so loading
+    needs about one copy of the table instead of three (Arrow table, DataFrame, array).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise CdclError(f"{path}: file not found")
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+        meta_cols = [n for n in schema.names if n.startswith(METADATA_PREFIX)]
+        feat_cols = [n for n in schema.names if not n.startswith(METADATA_PREFIX)]
+        if not feat_cols:
+            raise CdclError(
+                "profile table has no feature columns (every column starts with `Metadata_`)"
+            )
+        for c in feat_cols:
+            t = schema.field(c).type
+            if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
+                raise CdclError(
+                    f"profile table: feature column `{c}` is not numeric; "
+                    "prefix metadata columns with `Metadata_`"
+                )
+        n = pf.metadata.num_rows
+        x = np.empty((n, len(feat_cols)), dtype=np.float32)
+        a = 0
+        for batch in pf.iter_batches(batch_size=16_384, columns=feat_cols):
+            b = a + batch.num_rows
+            for j, col in enumerate(batch.columns):
+                x[a:b, j] = col.to_numpy(zero_copy_only=False)
+            a = b
+        meta = pf.read(columns=meta_cols).to_pandas() if meta_cols else pd.DataFrame(index=range(n))
+    except CdclError:
+        raise
+    except Exception as e:
+        raise CdclError(f"{path}: unreadable profile table ({type(e).__name__}: {e})") from None
+    return x, meta.reset_index(drop=True), [str(c) for c in feat_cols]

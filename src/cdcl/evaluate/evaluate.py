@@ -20,10 +20,16 @@ from cdcl.evaluate.embed import (
     well_profiles,
 )
 from cdcl.evaluate.embed_job import embed_resumable
+from cdcl.evaluate.plot_sample import (
+    DEFAULT_PLOT_SAMPLE,
+    plot_sample_info,
+    stratified_plot_rows,
+)
 from cdcl.evaluate.profiles import tvn
 from cdcl.evaluate.report import make_plots, render_report
 from cdcl.evaluate.results import RESULTS_FILE, to_jsonable, write_results
 from cdcl.evaluate.score import (
+    EXACT_MAX,
     Timer,
     base_results,
     corrected_sets,
@@ -195,6 +201,7 @@ def evaluate_run(
     level: str = "well",
     before_write: Callable[[dict[str, Any]], None] | None = None,
     calibrate: bool = False,
+    plot_sample: int | None = DEFAULT_PLOT_SAMPLE,
 ) -> Path:
     """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report.
 
@@ -205,6 +212,7 @@ def evaluate_run(
     where its results go (they would otherwise land in ``run``).
     ``calibrate`` adds the run's null and injected-batch-effect scores on its held-out
     profiles (:func:`cdcl.evaluate.calibration.calibrate`) under ``calibration``.
+    UMAPs are drawn on a stratified sample of at most ``plot_sample`` rows (None or 0: all).
     """
 
     timer = Timer()
@@ -282,6 +290,11 @@ def evaluate_run(
         }
     if before_write is not None:
         before_write(results)
+    if umap and profiles:
+        meta0 = next(iter(profiles.values()))[1]
+        rows = stratified_plot_rows(meta0, plot_sample, seed)
+        results["plots"] = plot_sample_info(len(meta0), rows, plot_sample, seed)
+        timer.echo = len(meta0) > EXACT_MAX
     with timer("plots"):
         if umap or run.is_dir():
             make_plots(
@@ -289,10 +302,13 @@ def evaluate_run(
                 profiles if umap else None,
                 metrics_jsonl=run / "metrics.jsonl" if run.is_dir() else None,
                 seed=seed,
+                plot_sample=plot_sample,
+                timer=timer,
             )
-    results["timings_s"] = timer.times
-    write_results(results, out_dir)
-    render_report(results, out_dir)
+    with timer("write results + report"):
+        results["timings_s"] = timer.times
+        write_results(results, out_dir)
+        render_report(results, out_dir)
     return out_dir / RESULTS_FILE
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import json
 import math
@@ -26,6 +27,7 @@ import umap
 
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
+from cdcl.evaluate.plot_sample import DEFAULT_PLOT_SAMPLE, stratified_plot_rows
 from cdcl.evaluate.results import read_results
 
 # (label, path inside a variant's results, higher is better?)
@@ -360,20 +362,35 @@ def make_plots(
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] | None = None,
     metrics_jsonl: str | Path | None = None,
     seed: int = 0,
+    plot_sample: int | None = DEFAULT_PLOT_SAMPLE,
+    timer: Any = None,
 ) -> list[Path]:
-    """UMAP PNGs (+ coordinates as CSV, for compare) and training curves under ``OUT/plots``."""
+    """UMAP PNGs (+ coordinates as CSV, for compare) and training curves under ``OUT/plots``.
+
+    Each UMAP is drawn on at most ``plot_sample`` rows, a seeded sample stratified by batch
+    and treatment (:func:`cdcl.evaluate.plot_sample.stratified_plot_rows`; None or 0: every
+    row), so time and memory do not grow with the table. ``timer`` (a
+    :class:`cdcl.evaluate.score.Timer`) times each figure.
+    """
     plots = Path(out_dir) / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name, (x, meta) in (profiles or {}).items():
         if len(x) < 3:
             continue
-        df = umap_frame(x, meta, seed=seed)
-        safe = _safe_name(name)
-        tmp = plots / f".umap_{safe}.csv.tmp"
-        df.to_csv(tmp, index=False)
-        tmp.replace(plots / f"umap_{safe}.csv")
-        written.append(plot_umap(df, name, plots / f"umap_{safe}.png"))
+        rows = stratified_plot_rows(meta, plot_sample, seed)
+        if rows.size < len(x):
+            # Only the sampled rows are copied: the plot's memory does not grow with the table.
+            x, meta = x[rows], meta.iloc[rows].reset_index(drop=True)
+        if timer is not None:
+            timer.say(f"UMAP of {name} on {rows.size:,} rows ...")
+        with timer(f"plots.umap.{name}") if timer is not None else contextlib.nullcontext():
+            df = umap_frame(x, meta, seed=seed)
+            safe = _safe_name(name)
+            tmp = plots / f".umap_{safe}.csv.tmp"
+            df.to_csv(tmp, index=False)
+            tmp.replace(plots / f"umap_{safe}.csv")
+            written.append(plot_umap(df, name, plots / f"umap_{safe}.png"))
     if metrics_jsonl is not None:
         curves = plot_training_curves(metrics_jsonl, plots / "training_curves.png")
         if curves is not None:
@@ -396,7 +413,7 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
         sections.append(
             (
                 "UMAP of well profiles",
-                '<p class="small">Raw well profiles of all evaluated batches; controls grey.</p>'
+                f'<p class="small">{html.escape(_plotted_rows_text(results))}; controls grey.</p>'
                 + "".join(_img(p, f"UMAP {n}") for n, p in umap_imgs),
             )
         )
@@ -464,6 +481,19 @@ def make_report(
     """Plots then ``report.html`` in ``out_dir`` (see :func:`make_plots`, :func:`render_report`)."""
     make_plots(out_dir, profiles, metrics_jsonl, seed=seed)
     return render_report(results, out_dir, title=title)
+
+
+def _plotted_rows_text(results: dict[str, Any]) -> str:
+    """Which rows the UMAPs show: all of them, or the stated stratified sample."""
+    info = results.get("plots") or {}
+    shown, total = info.get("rows_plotted"), info.get("rows_total")
+    if shown is None or total is None or shown >= total:
+        return "Raw well profiles of all evaluated batches, every row"
+    by = " and ".join(info.get("stratified_by") or ())
+    return (
+        f"Raw well profiles: a seeded sample of {shown:,} of {total:,} rows, stratified by "
+        f"{by} (metrics use every row)"
+    )
 
 
 def _protocol_html(results: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ Conventions (stated in results.json under ``protocol``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import time
@@ -31,6 +32,7 @@ import torch
 
 from cdcl.errors import CdclError
 from cdcl.evaluate import metrics as M
+from cdcl.evaluate import progress
 from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE, apply_corrections
 from cdcl.evaluate.feasibility import classification_unavailable, unavailable
 from cdcl.evaluate.metrics._inputs import label_isin
@@ -80,14 +82,24 @@ PROTOCOL = {
 
 
 class Timer:
-    """Collects wall-clock seconds per named stage."""
+    """Collects wall-clock seconds per named stage; with ``echo``, prints each to stderr."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: bool = False) -> None:
         self.times: dict[str, float] = {}
+        self.echo = echo
 
     def __call__(self, name: str) -> _Stage:
         """A context manager timing one stage (times of the same name add up)."""
         return _Stage(self, name)
+
+    def say(self, line: str) -> None:
+        """Print one progress line to stderr when echoing (stdout stays the result table)."""
+        if self.echo:
+            progress.say(f"cdcl evaluate: {line}")
+
+    def report(self, name: str, seconds: float) -> None:
+        """Print a finished stage's time when echoing."""
+        self.say(f"{name}: {seconds:.1f} s")
 
 
 class _Stage:
@@ -96,10 +108,13 @@ class _Stage:
 
     def __enter__(self) -> None:
         self.t0 = time.perf_counter()
+        progress.working_on(self.name)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         dt = time.perf_counter() - self.t0
         self.timer.times[self.name] = round(self.timer.times.get(self.name, 0.0) + dt, 3)
+        if exc_type is None:  # a failed stage says so through its error, not a time
+            self.timer.report(self.name, dt)
 
 
 def _one_line(e: BaseException) -> str:
@@ -138,11 +153,12 @@ class _Log:
 
         def timed() -> Any:
             t0 = time.perf_counter()
+            progress.working_on(f"{self.prefix} {name}")
             try:
                 return fn()
             finally:
                 dt = time.perf_counter() - t0
-                print(f"  {self.prefix} {name}: {dt:.1f} s", file=sys.stderr, flush=True)
+                progress.say(f"  {self.prefix} {name}: {dt:.1f} s")
 
         return timed
 
@@ -386,7 +402,8 @@ def evaluate_features(
             if variant == "raw":
                 xv = x
             elif variant == "plate_normalized":
-                xv = plate_normalize(x, meta, info=norm_info)
+                normalize = functools.partial(plate_normalize, x, meta, info=norm_info)
+                xv = log("plate normalisation", normalize)()
             else:
                 raise ValueError(f"unknown variant {variant!r}")
             res: dict[str, Any] = {"normalization": norm_info} if norm_info else {}

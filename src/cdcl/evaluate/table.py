@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,15 +16,24 @@ from cdcl.data.splits import rotating_batch_split
 from cdcl.errors import CdclError
 from cdcl.evaluate.calibration import calibrate as calibrate_fn
 from cdcl.evaluate.embed import (
-    METADATA_PREFIX,
+    parquet_shape,
+    read_parquet_profiles,
     read_profile_table,
     split_table,
 )
+from cdcl.evaluate.plot_sample import (
+    DEFAULT_PLOT_SAMPLE,
+    plot_sample_info,
+    stratified_plot_rows,
+)
 from cdcl.evaluate.profiles import resolve_table_meta
 from cdcl.evaluate.profiles import tvn as tvn_fn
+from cdcl.evaluate.progress import keep_alive
 from cdcl.evaluate.report import make_plots, render_report
 from cdcl.evaluate.results import RESULTS_FILE, write_results
 from cdcl.evaluate.score import (
+    EXACT_MAX,
+    VARIANTS,
     Timer,
     base_results,
     corrected_sets,
@@ -58,6 +68,8 @@ def evaluate_table(
     name: str | None = None,
     before_write: Callable[[dict[str, Any]], None] | None = None,
     calibrate: bool = False,
+    plot_sample: int | None = DEFAULT_PLOT_SAMPLE,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> Path:
     """``cdcl evaluate --features FILE``: score any ``Metadata_*`` profile table with the same code.
 
@@ -74,11 +86,16 @@ def evaluate_table(
     ``out`` is touched. Exact duplicate rows are dropped (said in ``source.notes``).
     ``calibrate`` adds the table's null and injected-batch-effect scores
     (:func:`cdcl.evaluate.calibration.calibrate`) under ``calibration`` of the table's set.
+    UMAPs are drawn on a stratified sample of at most ``plot_sample`` rows (None or 0: all);
+    its size is recorded under ``plots`` in results.json. Above ``EXACT_MAX`` rows every stage
+    prints its time to stderr. ``variants``: ``("raw",)`` skips the plate-normalised scores
+    (and their copy of the table).
     """
 
     if eval_on not in (None, "all", "test"):
         raise CdclError(f"--eval-on {eval_on}: use all or test")
     timer = Timer()
+    t0 = time.perf_counter()
     columns = {
         "batch_col": batch_col,
         "batch_pattern": batch_pattern,
@@ -89,8 +106,109 @@ def evaluate_table(
         "well_col": well_col,
         "control_query": control_query,
     }
-    with timer("load"):
+    # Small tables finish in seconds; large ones say what they are doing as they go, and
+    # what memory they will need before anything is loaded (Parquet's footer has the shape).
+    shape = None if isinstance(features_file, pd.DataFrame) else parquet_shape(features_file)
+    if shape is not None:
+        timer.echo = shape[0] > EXACT_MAX
+        n_sets = 1 + int(tvn) + len(corrections)
+        for line in memory_plan(shape[0], shape[1], n_sets, len(variants)):
+            timer.say(line)
+    with keep_alive(timer.echo), timer("load"):
         x, meta, names, parts, notes = _load_table(features_file, columns)
+    if shape is None and len(meta) > EXACT_MAX:
+        timer.echo = True
+        timer.report("load", time.perf_counter() - t0)
+    timer.say(f"{len(meta):,} profiles x {len(names):,} features")
+    with keep_alive(timer.echo):
+        return _score_table(
+            x,
+            meta,
+            names,
+            parts,
+            notes,
+            features_file,
+            out,
+            timer,
+            columns=columns,
+            split_number=split_number,
+            eval_on=eval_on,
+            tvn=tvn,
+            corrections=corrections,
+            null_size=null_size,
+            seed=seed,
+            umap=umap,
+            name=name,
+            plot_sample=plot_sample,
+            variants=variants,
+            before_write=before_write,
+            calibrate=calibrate,
+        )
+
+
+def memory_plan(n: int, d: int, n_sets: int = 1, n_variants: int = 2) -> list[str]:
+    """Lines stating the estimated peak memory of the evaluation, and an option when it won't fit.
+
+    Model (float32): every feature set is held (n x d x 4 bytes each), the plate-normalised
+    variant adds one copy while it is scored, and the largest metric step (mAP's unit-norm
+    copy) one more; plus ~1 GiB of libraries and metadata.
+    """
+    gib = n * d * 4 / 2**30
+    copies = n_sets + (n_variants > 1) + 1
+    need = copies * gib + 1.0
+    lines = [f"{n:,} profiles x {d:,} features: estimated peak memory {need:.1f} GiB"]
+    avail = available_memory_gib()
+    if avail is not None and need > avail:
+        fix = (
+            "--variants raw (skips the plate-normalised copy)"
+            if n_variants > 1
+            else "fewer feature sets (drop --tvn/--correct) or a machine with more memory"
+        )
+        if n_sets > 1 and n_variants > 1:
+            fix += "; or drop --tvn/--correct"
+        lines.append(
+            f"warning: only {avail:.1f} GiB available; scoring would not fit "
+            f"(plate-normalised metrics need {(copies) * gib + 1:.1f} GiB); use {fix}"
+        )
+    return lines
+
+
+def available_memory_gib() -> float | None:
+    """MemAvailable of /proc/meminfo in GiB (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def _score_table(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    names: list[str],
+    parts: pd.Series | None,
+    notes: list[str],
+    features_file: str | Path | pd.DataFrame,
+    out: str | Path,
+    timer: Timer,
+    *,
+    columns: dict[str, str | None],
+    split_number: int | None,
+    eval_on: str | None,
+    tvn: bool,
+    corrections: tuple[str, ...],
+    null_size: int,
+    seed: int,
+    umap: bool,
+    name: str | None,
+    plot_sample: int | None,
+    variants: tuple[str, ...],
+    before_write: Callable[[dict[str, Any]], None] | None,
+    calibrate: bool,
+) -> Path:
+    """Every stage after loading: metrics of each feature set, plots, results.json, report."""
     train, test, split_info = _held_out_split(meta, split_number, parts)
     if eval_on is None:
         eval_on = "test" if split_info.get("from_column") else "all"
@@ -114,6 +232,7 @@ def evaluate_table(
             seed=seed,
             timer=timer,
             name=set_,
+            variants=variants,
         )
         for set_, xs in sets.items()
     }
@@ -122,29 +241,18 @@ def evaluate_table(
             results_sets[set_name]["calibration"] = calibrate_fn(
                 x, meta, eval_mask=ev, seed=seed, name=set_name
             )
-    if isinstance(features_file, pd.DataFrame):
-        digest = pd.util.hash_pandas_object(features_file, index=False).to_numpy().tobytes()
-        origin = {
-            "features_file": None,
-            "features_sha256": hashlib.sha256(digest).hexdigest()[:16],
-        }
-    else:
-        origin = {
-            "features_file": str(Path(features_file).resolve()),
-            "features_sha256": file_sha256(features_file),
-        }
     source = {
-        **origin,
+        **_origin(features_file),
         "n_profiles": len(meta),
         "n_features": len(names),
         "eval_on": eval_on,
         "columns": {
-            "batch": batch_col,
-            "batch_pattern": batch_pattern,
-            "treatment": treatment_col,
-            "compound": compound_col,
-            "moa": moa_col,
-            "control_query": control_query,
+            "batch": columns["batch_col"],
+            "batch_pattern": columns["batch_pattern"],
+            "treatment": columns["treatment_col"],
+            "compound": columns["compound_col"],
+            "moa": columns["moa_col"],
+            "control_query": columns["control_query"],
             "n_controls": int(meta["is_control"].sum()),
         },
         "corrections": list(corrections),
@@ -161,12 +269,32 @@ def evaluate_table(
         before_write(results)
     out = Path(out)
     if umap:
+        rows = stratified_plot_rows(meta, plot_sample, seed)
+        results["plots"] = plot_sample_info(len(meta), rows, plot_sample, seed)
         with timer("plots"):
-            make_plots(out, {n: (xs, meta) for n, xs in sets.items()}, seed=seed)
-    results["timings_s"] = timer.times
-    write_results(results, out)
-    render_report(results, out)
+            make_plots(
+                out,
+                {n: (xs, meta) for n, xs in sets.items()},
+                seed=seed,
+                plot_sample=plot_sample,
+                timer=timer,
+            )
+    with timer("write results + report"):
+        results["timings_s"] = timer.times
+        write_results(results, out)
+        render_report(results, out)
     return out / RESULTS_FILE
+
+
+def _origin(features_file: str | Path | pd.DataFrame) -> dict[str, Any]:
+    """Where the profiles came from: the file and its hash, or a DataFrame's content hash."""
+    if isinstance(features_file, pd.DataFrame):
+        digest = pd.util.hash_pandas_object(features_file, index=False).to_numpy().tobytes()
+        return {"features_file": None, "features_sha256": hashlib.sha256(digest).hexdigest()[:16]}
+    return {
+        "features_file": str(Path(features_file).resolve()),
+        "features_sha256": file_sha256(features_file),
+    }
 
 
 def _load_table(
@@ -174,16 +302,25 @@ def _load_table(
 ) -> tuple[np.ndarray, pd.DataFrame, list[str], pd.Series | None, list[str]]:
     """Profiles, canonical metadata, feature names, the ``Metadata_Split`` column if any, notes.
 
-    Exact duplicate rows are dropped (the notes say so) and a table without variance is refused.
+    Parquet files stream into one float32 array (no DataFrame copy of the features). Exact
+    duplicate rows are dropped (the notes say so) and a table without variance is refused.
     """
     if isinstance(features_file, pd.DataFrame):
-        table, where = features_file.reset_index(drop=True), "profile table"
+        where = "profile table"
+        x, meta_table, names = split_table(features_file.reset_index(drop=True))
+    elif str(features_file).lower().endswith(".parquet"):
+        where = str(features_file)
+        x, meta_table, names = read_parquet_profiles(features_file)
     else:
-        table, where = read_profile_table(features_file), str(features_file)
-    if len(table) == 0:
+        where = str(features_file)
+        table = read_profile_table(features_file)
+        if len(table) == 0:
+            raise CdclError(f"{where}: the table has no rows")
+        x, meta_table, names = split_table(table)
+        del table  # the features now live in x only
+    if len(x) == 0:
         raise CdclError(f"{where}: the table has no rows")
-    table, notes = drop_duplicate_rows(table, where)
-    x, meta_table, names = split_table(table)
+    x, meta_table, notes = drop_duplicate_rows(x, meta_table, where)
     require_variance(x, where)
     low = {str(c).lower(): c for c in meta_table.columns}
     split_col = low.get(SPLIT_COLUMN.lower())
@@ -193,24 +330,40 @@ def _load_table(
     return x, resolve_table_meta(meta_table, **columns), names, parts, notes
 
 
-def drop_duplicate_rows(table: pd.DataFrame, where: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """The table without repeated rows (same features and metadata), and a note saying so.
+def drop_duplicate_rows(
+    x: np.ndarray, meta_table: pd.DataFrame, where: str | Path
+) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """The profiles without repeated rows (same features and metadata), and a note saying so.
 
-    A row listed twice counts twice as its own replicate and inflates retrieval scores.
+    A row listed twice counts twice as its own replicate and inflates retrieval scores. Rows are
+    compared through a 64-bit hash of features and metadata, then confirmed exactly.
     """
-    dup = table.duplicated(keep="first").to_numpy()
+    meta_table = meta_table.reset_index(drop=True)
+    h = pd.util.hash_pandas_object(meta_table, index=False).to_numpy()
+    h = (
+        h * np.uint64(0x9E3779B97F4A7C15)
+        ^ pd.util.hash_pandas_object(pd.DataFrame(x, copy=False), index=False).to_numpy()
+    )
+    first_of = pd.Series(h).groupby(h).transform("idxmin").to_numpy()
+    dup = first_of != np.arange(len(h))
+    if dup.any():  # exact check of the candidates (hash collisions are not duplicates)
+        cand = np.flatnonzero(dup)
+        same = np.all(x[cand] == x[first_of[cand]], axis=1) & np.asarray(
+            [meta_table.iloc[i].equals(meta_table.iloc[j]) for i, j in zip(cand, first_of[cand])]
+        )
+        dup[cand[~same]] = False
     if not dup.any():
-        return table, []
-    hashes = pd.util.hash_pandas_object(table, index=False).to_numpy()
+        return x, meta_table, []
     first = int(np.flatnonzero(dup)[0])
-    twin = int(np.flatnonzero(hashes == hashes[first])[0])
-    keys = [c for c in table.columns if str(c).startswith(METADATA_PREFIX)][:3]
-    shown = ", ".join(f"{k}={table.iloc[first][k]}" for k in keys)
+    keys = [c for c in meta_table.columns][:3]
+    shown = ", ".join(f"{k}={meta_table.iloc[first][k]}" for k in keys)
     note = (
         f"{where}: {int(dup.sum())} duplicated rows (identical features and metadata) dropped; "
-        f"the first is row {first}{f' ({shown})' if shown else ''}, a copy of row {twin}"
+        f"the first is row {first}{f' ({shown})' if shown else ''}, a copy of row "
+        f"{int(first_of[first])}"
     )
-    return table.loc[~dup].reset_index(drop=True), [note]
+    keep = ~dup
+    return x[keep], meta_table.loc[keep].reset_index(drop=True), [note]
 
 
 def require_variance(x: np.ndarray, where: str | Path) -> None:

@@ -1,0 +1,61 @@
+"""Progress lines of a long evaluation on stderr, with no silent stretch longer than ~10 s.
+
+Stages and metrics print a line when they finish (:func:`say`). While one runs, a daemon
+thread (:func:`keep_alive`) prints ``still working on <what> (T s)`` after every 10 s without
+a line, so that a long UMAP or mAP never looks like a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+GAP_S = 10.0
+_lock = threading.Lock()
+_state = {"last": time.monotonic(), "what": "", "since": time.monotonic()}
+
+
+def say(line: str) -> None:
+    """Print one progress line to stderr and restart the silence clock."""
+    with _lock:
+        print(line, file=sys.stderr, flush=True)
+        _state["last"] = time.monotonic()
+
+
+def working_on(what: str) -> None:
+    """Name the step now running (shown by the keep-alive line)."""
+    with _lock:
+        _state["what"] = what
+        _state["since"] = time.monotonic()
+
+
+@contextlib.contextmanager
+def keep_alive(on: bool, prefix: str = "cdcl evaluate: ") -> Iterator[None]:
+    """While the block runs (and ``on``), print a line after every 10 s of silence."""
+    if not on:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(1.0):
+            with _lock:
+                now = time.monotonic()
+                what, since = _state["what"], _state["since"]
+                if now - _state["last"] >= GAP_S and not stop.is_set():
+                    line = f"{prefix}still working on {what or 'the evaluation'}"
+                    print(f"{line} ({now - since:.0f} s)", file=sys.stderr, flush=True)
+                    _state["last"] = now
+
+    with _lock:
+        _state["last"] = time.monotonic()
+    thread = threading.Thread(target=beat, name="cdcl-keep-alive", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=2.0)
