@@ -160,7 +160,7 @@ def test_cli_evaluate_features_honours_the_exported_split(session: dict, tmp_pat
         [*args, "--out", str(tmp_path / "b"), "--null-size", "100"], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stderr
-    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("held out:"))
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("note: held out:"))
     assert "fold 1" in line and "no Metadata_Split column" in line
 
 

@@ -213,7 +213,7 @@ def _score_table(
     if eval_on is None:
         eval_on = "test" if split_info.get("from_column") else "all"
     split_info["eval_on"] = eval_on
-    print(f"held out: {split_info['how']}; metrics on {eval_on} rows", file=sys.stderr)
+    print(f"note: held out: {split_info['how']}; metrics on {eval_on} rows", file=sys.stderr)
     ev = np.ones(len(meta), bool) if eval_on == "all" else test
     set_name = name or "features"
     sets = {set_name: x}
