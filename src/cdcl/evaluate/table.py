@@ -155,7 +155,10 @@ def drop_duplicate_rows(table: pd.DataFrame, where: str | Path) -> tuple[pd.Data
 
     A row listed twice counts twice as its own replicate and inflates retrieval scores.
     """
-    dup = table.duplicated(keep="first").to_numpy()
+    try:
+        dup = table.duplicated(keep="first").to_numpy()
+    except TypeError:  # unhashable cells (lists from an .h5ad's obs): cannot be compared
+        return table, []
     if not dup.any():
         return table, []
     hashes = pd.util.hash_pandas_object(table, index=False).to_numpy()
