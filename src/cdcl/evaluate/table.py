@@ -339,7 +339,10 @@ def drop_duplicate_rows(
     compared through a 64-bit hash of features and metadata, then confirmed exactly.
     """
     meta_table = meta_table.reset_index(drop=True)
-    h = pd.util.hash_pandas_object(meta_table, index=False).to_numpy()
+    try:
+        h = pd.util.hash_pandas_object(meta_table, index=False).to_numpy()
+    except TypeError:  # unhashable cells (lists from an .h5ad's obs): cannot be compared
+        return x, meta_table, []
     h = (
         h * np.uint64(0x9E3779B97F4A7C15)
         ^ pd.util.hash_pandas_object(pd.DataFrame(x, copy=False), index=False).to_numpy()
