@@ -23,6 +23,8 @@ batches) is marked the same way, saying so.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -157,7 +159,8 @@ def calibrate(
     effect = median_treatment_effect(np.asarray(x, np.float64), treat, ctrl)
 
     def score(xc: np.ndarray, cond: str) -> dict[str, Any]:
-        with np.errstate(all="ignore"):
+        # The design notes (single-batch treatments ...) were printed for the real profiles.
+        with np.errstate(all="ignore"), contextlib.redirect_stderr(io.StringIO()):
             return evaluate_features(
                 xc,
                 meta,
