@@ -50,7 +50,7 @@ CALIBRATED: tuple[tuple[str, tuple[str, ...], str], ...] = (
         "batch",
     ),
     ("batch silhouette, all rows (scib)", ("silhouette", "batch_scib"), "batch"),
-    ("batch 1-|mean s| (global)", ("silhouette", "batch_global_1_minus_abs"), "batch"),
+    ("batch 1-|mean s| (not scib)", ("silhouette", "batch_global_1_minus_abs"), "batch"),
     ("graph connectivity", ("mixing_per_treatment", "graph_connectivity"), "batch"),
     ("batch classifier accuracy", ("batch_classifier", "accuracy"), "batch"),
     ("NSC", ("moa_matching", "nsc"), "bio"),
