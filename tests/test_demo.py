@@ -137,3 +137,21 @@ def test_demo_bad_dataset_dir_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cells_subset.npz: not found" in lines[0]
+
+
+def test_demo_calibrate_adds_null_and_injected_effects(
+    quick_demo: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    import shutil
+
+    src, _ = quick_demo
+    out = tmp_path / "out"
+    shutil.copytree(src, out)  # reuses the built screen and checkpoints
+    proc = _demo(out, "--calibrate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    cal = [r["calibration"] for r in res["feature_sets"].values() if r.get("calibration")]
+    assert len(cal) == 1
+    rec = cal[0]["metrics"]["kBET acceptance"]
+    assert set(rec["strength"]) == {"0.25", "0.5", "1", "2", "4"} and "null" in rec
+    assert "Calibration of" in (out / "report.html").read_text()

@@ -28,10 +28,12 @@ from cdcl.data.synthetic import build_key, generate, reusable
 from cdcl.data.table import TableOptions, build_table
 from cdcl.errors import CdclError
 from cdcl.evaluate.baselines import IntensityFeatures
+from cdcl.evaluate.calibration import calibrate
 from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
 from cdcl.evaluate.embed import make_view_fn
 from cdcl.evaluate.evaluate import evaluate_images
 from cdcl.evaluate.report import (
+    _calibration_html,
     _img,
     _plt,
     _save,
@@ -97,6 +99,7 @@ class DemoSpec:
     progress: bool = True
     # simulated-screen overrides (e.g. test_batches, batch_strength); empty: the preset's
     screen: dict[str, Any] = field(default_factory=dict)
+    calibrate: bool = False  # null + injected batch effects for the first method's profiles
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -330,6 +333,12 @@ def evaluate_runs(
         )
         results.update(res)
         profiles.update(prof)
+    if spec.calibrate and runs:
+        label = next(iter(runs))
+        wp, wmeta = profiles[label]
+        results[label]["calibration"] = calibrate(
+            wp, wmeta, eval_mask=(wmeta["split"] == "test").to_numpy(), seed=spec.seed, name=label
+        )
     if reference is not None:
         baselines = {
             "intensity stats": IntensityFeatures(),
@@ -566,6 +575,11 @@ def write_outputs(
             note_html + html_table(tables["plate_normalized"]),
         ),
         ("Held-out batches, raw profiles", html_table(tables["raw"])),
+        *(
+            (f"Calibration of {name}", _calibration_html(res["calibration"]))
+            for name, res in feature_sets.items()
+            if isinstance(res, dict) and res.get("calibration")
+        ),
         (f"Figure 1: UMAP of {unit}", _img(pictures.get("figure1"), "UMAP")),
         ("Training curves", _img(pictures.get("curves"), "training curves")),
         ("Dataset", _img(pictures.get("montage"), "montage")),

@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--epochs", type=int, default=None, help="training epochs per method (default: the budget)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also score the first method's held-out design under a null and injected batch "
+        "effects (see cdcl evaluate --calibrate); adds minutes",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         bbbc021_dir=args.bbbc021_dir,
         progress=not args.no_progress,
+        calibrate=args.calibrate,
     )
     check_demo_spec(spec)  # every option, before the lock or any file exists
     t0 = time.perf_counter()

@@ -278,12 +278,18 @@ def _unsupervised(
         kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
         kw["seed"] = seed
         s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
-        # scib's silhouette_batch with every row in one label: mean of 1 - |s_i| (Euclidean).
-        s["batch_scib"] = M.batch_silhouette_score(x, batch, **kw)["score"]
-        # 1 - |mean s| (positive and negative s_i cancel): not scib's; kept for comparison.
-        b = M.mixing.batch_silhouette_global(x, batch, **kw)
-        s["batch_global_1_minus_abs"] = b["score"]
-        s["batch"] = b["silhouette"]
+        # One pass of batch-label silhouettes s_i (Euclidean, as scib) serves three figures:
+        # the mean s; scib's silhouette_batch with every row in one label, mean of 1 - |s_i|;
+        # and 1 - |mean s| (not scib's: opposite signs cancel), kept for comparison.
+        if _n_labels_ok(batch):
+            codes = pd.factorize(pd.Series(batch))[0]
+            q = M.neighbours.sample_rows(len(x), kw["sample_size"], seed)
+            s_i = M.mixing.silhouette_values(x, codes, q, metric="euclidean")
+            s["batch"] = float(s_i.mean())
+            s["batch_scib"] = float(np.mean(1.0 - np.abs(s_i)))
+            s["batch_global_1_minus_abs"] = 1.0 - abs(s["batch"])
+        else:
+            s["batch"] = s["batch_scib"] = s["batch_global_1_minus_abs"] = float("nan")
         nc = ~ctrl
         s["treatment"] = (
             M.silhouette(x[nc], treat[nc], **kw) if _n_labels_ok(treat[nc]) else float("nan")
