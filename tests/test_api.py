@@ -209,3 +209,19 @@ def test_exports_run_through_pycytominer_with_default_arguments(tmp_path: Path) 
         null_size=50,
     )
     assert res["source"]["n_features"] == n_selected
+
+
+def test_the_api_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md's snippet, run as written."""
+    import re
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert blocks and "::: cdcl.api" in page
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)  # noqa: S102 - the page's code
+    table = cdcl.metrics(namespace["results"])
+    assert "features | raw" in table.columns
+    assert math.isfinite(figure(namespace["results"], "features", ("kbet", "acceptance_rate")))

@@ -12,6 +12,7 @@ from pathlib import Path
 HELP = "Train a representation (supervised, DINO, BYOL, -CB variants, CDCL) into a run directory."
 
 EPILOG = """examples:
+  cdcl train --preset generic-cdcl --data screen --out runs/cdcl   (sized from the dataset)
   cdcl train --preset synthetic-cdcl --data screen --out runs/cdcl
   cdcl train --preset rxrx1-dino --data rxrx1 --out runs/dino --split 1 train.epochs=100
   cdcl train --preset synthetic-cdcl --data screen --out runs/cdcl --resume
@@ -26,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument(
         "--preset",
-        help="preset name (e.g. synthetic-cdcl, rxrx1-cdcl; see `cdcl train --list-presets`) "
-        "or a YAML file",
+        help="preset name (generic-cdcl / generic-dino for your own screen, sized from the "
+        "dataset; synthetic-cdcl, rxrx1-cdcl, ...; see `cdcl train --list-presets`) or a YAML file",
     )
     parser.add_argument("--data", type=Path, help="dataset directory (cdcl synth / cdcl build)")
     parser.add_argument("--out", type=Path, help="run directory to write")
