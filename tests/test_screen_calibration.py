@@ -196,3 +196,40 @@ def test_study_passes_screen_options_to_its_data(tmp_path: Path) -> None:
         check_spec(StudySpec(out=tmp_path, quick=True, seeds=(0,), batch_strength=-1.0))
     with pytest.raises(CdclError, match="simulated screen"):
         check_spec(StudySpec(out=tmp_path, dataset="bbbc021", seeds=(0,), test_batches=3))
+
+
+def test_synth_command_reports_calibration_and_strength(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "ds"
+    args = ["--preset", "tiny", "--out", str(out), "--no-progress", "--batch-strength", "0"]
+    run = subprocess.run(
+        [sys.executable, "-m", "cdcl", "synth", *args, "--test-batches", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "batch effect x 0" in run.stdout and "cell_batch_accuracy_normalised" in run.stdout
+    report = json.loads((out / calibration.CALIBRATION_FILE).read_text())
+    assert report["build"] == open_dataset(out).info.build
+    assert report["measured"]["batches"] == ["B01", "B02"]  # held-out B03-B05 left out
+    assert set(report["comparison"]) == set(calibration.TOLERANCE)
+    truth = json.loads((out / synthetic.GROUND_TRUTH_FILE).read_text())
+    assert [truth["batches"][b]["split"] for b in sorted(truth["batches"])] == [
+        "train",
+        "train",
+        "test",
+        "test",
+        "test",
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "cdcl", "synth", "--out", str(tmp_path / "x"), "--batch-strength",
+         "-2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "batch_strength" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()

@@ -393,7 +393,7 @@ def dataset_calibration(path: Path) -> dict[str, Any]:
     report: dict[str, Any] = {"build": build, "targets": REAL_TARGETS, "tolerance": TOLERANCE}
     try:
         measured = measure_dataset(path)
-    except ValueError as e:  # e.g. fewer cells than folds on a tiny screen
+    except (ValueError, np.linalg.LinAlgError) as e:  # e.g. fewer cells than folds (tiny)
         report["error"] = f"not measurable on this screen: {str(e).splitlines()[0]}"
     else:
         report["measured"] = measured
