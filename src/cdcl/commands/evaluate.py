@@ -90,7 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the table or the run evaluation and print where the results went."""
-    from cdcl.evaluate.evaluate import evaluate_run
     from cdcl.evaluate.report import metrics_table
     from cdcl.evaluate.results import read_results
     from cdcl.evaluate.table import evaluate_table
@@ -133,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.run is None:
             raise CdclError("give a RUN directory, or --features FILE --out DIR")
+        from cdcl.evaluate.evaluate import evaluate_run  # models and views: runs only
+
         path = evaluate_run(
             args.run,
             checkpoint=args.checkpoint,
