@@ -79,3 +79,23 @@ def test_rows_without_batch_keep_the_plain_setting_unchanged(table) -> None:
         plain, aware = many(x, meta, (False, True), **kw)
         _same(plain, one(x, meta, False, **kw))
         _same(aware, one(x, meta, True, **kw))
+
+
+def test_chunked_candidates_give_the_same_ap(table, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Similarities built from many small candidate chunks and query blocks: same APs."""
+    from cdcl.evaluate.metrics import retrieval
+
+    x, meta = table
+    x, meta = x[:800], meta.iloc[:800].reset_index(drop=True)
+    unit = M.unit_rows_copy(x)
+    kw = {"null_size": 20, "max_queries": 200}
+    ref = M.moa_maps(unit, meta, (False, True), unit_rows=True, **kw)
+    monkeypatch.setattr(retrieval, "_GATHER_ROWS", 7)
+    monkeypatch.setattr(retrieval, "_MAP_BLOCK", 64 * 800)
+    got = M.moa_maps(unit, meta, (False, True), unit_rows=True, **kw)
+    for (s_ref, t_ref), (s_got, t_got) in zip(ref, got):
+        assert s_got["n_queries"] == s_ref["n_queries"]
+        assert s_got["map"] == pytest.approx(s_ref["map"], abs=1e-6)
+        np.testing.assert_allclose(
+            t_got["mean_average_precision"], t_ref["mean_average_precision"], atol=1e-6
+        )

@@ -28,6 +28,7 @@ from cdcl.evaluate.metrics.neighbours import BLOCK_ELEMS, iter_blocks
 
 # Query rows per block times all rows (pair masks and similarities of one block).
 _MAP_BLOCK = 1 << 23
+_GATHER_ROWS = 65_536  # candidate rows copied at a time for the similarities
 
 
 def _pair_mask(
@@ -178,11 +179,14 @@ def average_precisions(
         if cand.size == n and rix is None:
             sims = q_unit @ unit.T
         else:
-            sims = q_unit @ unit[cand if rix is None else rix[cand]].T
+            # Candidate rows are gathered in chunks: never a second copy of the whole table.
+            cols = cand if rix is None else rix[cand]
+            sims = np.empty((m, cand.size), dtype=np.float32)
+            for a, b in iter_blocks(cand.size, _GATHER_ROWS):
+                sims[:, a:b] = q_unit @ unit[cols[a:b]].T
             neg_all = neg_all[:, cand]
             pos_masks = [p[:, cand] for p in pos_masks]
-        key = np.float32(1.0) - sims
-        del sims
+        key = np.subtract(np.float32(1.0), sims, out=sims)  # in place: one m x n array
         for pos, ap, n_pos, n_tot in zip(pos_masks, aps, n_poss, n_tots):
             neg = neg_all
             for i in range(m):
