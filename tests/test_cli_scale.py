@@ -149,3 +149,18 @@ def test_cli_plots_a_stated_sample_and_scores_every_row(tmp_path: Path) -> None:
     bad = _cdcl(*common, "--out", tmp_path / "o2", "--variants", "raw,nope")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "--variants raw,nope" in bad.stderr and not (tmp_path / "o2").exists()
+
+
+def test_stage_times_are_printed_only_when_echoing(capsys: pytest.CaptureFixture) -> None:
+    from cdcl.evaluate.score import Timer
+
+    quiet, loud = Timer(), Timer(echo=True)
+    with quiet("load"):
+        pass
+    assert capsys.readouterr().err == "" and "load" in quiet.times
+    with loud("plots"):
+        pass
+    with pytest.raises(ValueError), loud("broken"):
+        raise ValueError("a failed stage prints its error, not a time")
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("cdcl evaluate: plots: ") and err[0].endswith(" s")

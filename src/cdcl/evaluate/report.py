@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import umap
 
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
@@ -144,6 +143,8 @@ def umap_coords(
     # restore to numba's default (every core) would leave torch on every core, and a later
     # training step in this process (demo, study) oversubscribed (measured 5x slower next to
     # another job with OMP_NUM_THREADS=1). Torch's count is put back afterwards.
+    import umap  # numba's start-up (seconds) only when a UMAP is drawn
+
     torch_threads = torch.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # n_jobs overridden by random_state, etc.

@@ -316,21 +316,37 @@ def _unsupervised(
     map_kw = {"null_size": null_size, "seed": seed}
     map_kw["max_queries"] = None if len(x) <= EXACT_MAX else MAP_QUERY_SAMPLE
     map_kw["max_null_elems"] = MAP_NULL_BUDGET
-    for aware in (False, True):
-        suffix = "_batch_aware" if aware else ""
-        if ctrl.any() and (~ctrl).any():
-            maps[f"replicate{suffix}"] = run(
-                f"map.replicate{suffix}",
-                log(
-                    f"replicate mAP{suffix}",
-                    lambda a=aware: M.replicate_map(x, meta, a, **map_kw)[0],
-                ),
-            )
-        if has_moa:
-            maps[f"moa{suffix}"] = run(
-                f"map.moa{suffix}",
-                log(f"MoA mAP{suffix}", lambda a=aware: M.moa_map(x, meta, a, **map_kw)[0]),
-            )
+    # One unit-norm copy of the rows serves the four mAPs; the plain and batch-aware settings
+    # of a recipe share its queries and similarities (one ranking, two sets of positives).
+    unit: list[np.ndarray] = []
+
+    def shared_unit() -> np.ndarray:
+        if not unit:
+            unit.append(M.unit_rows_copy(x))
+        return unit[0]
+
+    def both(recipe: Callable[..., Any]) -> Callable[[], dict[str, Any]]:
+        def scored() -> dict[str, Any]:
+            plain, aware = recipe(shared_unit(), meta, (False, True), unit_rows=True, **map_kw)
+            return {"": plain[0], "_batch_aware": aware[0]}
+
+        return scored
+
+    recipes = []
+    if ctrl.any() and (~ctrl).any():
+        recipes.append(("replicate", "replicate mAP", M.replicate_maps))
+    if has_moa:
+        recipes.append(("moa", "MoA mAP", M.moa_maps))
+    for key, label, recipe in recipes:
+        names = {"": f"map.{key}", "_batch_aware": f"map.{key}_batch_aware"}
+        pair = None
+        if not all(nm in why for nm in names.values()):
+            pair = _safe(errors, f"{pre}.map.{key}", log(f"{label} + batch-aware", both(recipe)))
+            if pair is None and f"{pre}.map.{key}" in errors:  # the shared ranking failed
+                errors[f"{pre}.map.{key}_batch_aware"] = errors[f"{pre}.map.{key}"]
+        for suffix, nm in names.items():
+            maps[f"{key}{suffix}"] = None if pair is None or nm in why else pair[suffix]
+    unit.clear()
     out["map"] = maps
     out["batch_classifier"] = run(
         "batch_classifier",

@@ -43,15 +43,21 @@ from cdcl.evaluate.metrics.neighbours import (
 from cdcl.evaluate.metrics.reproducibility import grit, grit_summary
 from cdcl.evaluate.metrics.retrieval import (
     average_precision,
+    average_precisions,
     map_pvalues,
     mean_average_precision,
+    mean_average_precisions,
     moa_map,
+    moa_maps,
     replicate_map,
+    replicate_maps,
+    unit_rows_copy,
 )
 
 __all__ = [
     "NeighborGraph",
     "average_precision",
+    "average_precisions",
     "batch_classifier_accuracy",
     "batch_silhouette_global",
     "batch_silhouette_score",
@@ -67,11 +73,15 @@ __all__ = [
     "logistic_probe_accuracy",
     "map_pvalues",
     "mean_average_precision",
+    "mean_average_precisions",
     "mixing_per_treatment",
     "moa_map",
+    "moa_maps",
     "neighbor_graph",
     "nsc_nscb",
     "replicate_map",
+    "replicate_maps",
+    "unit_rows_copy",
     "scib_aggregate",
     "silhouette",
     "treatment_profiles",

@@ -28,6 +28,7 @@ from cdcl.evaluate.metrics.neighbours import BLOCK_ELEMS, iter_blocks
 
 # Query rows per block times all rows (pair masks and similarities of one block).
 _MAP_BLOCK = 1 << 23
+_GATHER_ROWS = 65_536  # candidate rows copied at a time for the similarities
 
 
 def _pair_mask(
@@ -55,6 +56,7 @@ def average_precision(
     batch_col: str = "batch",
     query_indices: np.ndarray | None = None,
     unit_rows: bool = False,
+    row_index: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Average precision of every row as a query, with the pair rules of ``copairs``.
 
@@ -75,26 +77,69 @@ def average_precision(
     search (O(n log n_pos), no sort of all pairs). ``query_indices``: score
     only these rows as queries (each still ranked against all rows); the output then holds
     those rows only. ``unit_rows=True``: ``features`` already have unit L2 rows (float32), no
-    normalised copy is made.
+    normalised copy is made; ``row_index`` then maps meta row i to features row
+    ``row_index[i]`` (one unit copy of a table serves several row subsets).
 
     Returns:
         ``meta`` (index reset) plus ``n_pos_pairs``, ``n_total_pairs`` and
         ``average_precision`` (NaN for rows without positives), copairs' column names.
     """
+    return average_precisions(
+        features,
+        meta,
+        pos_sameby=pos_sameby,
+        pos_diffby=pos_diffby,
+        neg_sameby=neg_sameby,
+        neg_diffby=neg_diffby,
+        batch_aware=(batch_aware,),
+        batch_col=batch_col,
+        query_indices=query_indices,
+        unit_rows=unit_rows,
+        row_index=row_index,
+    )[0]
+
+
+def average_precisions(
+    features: ArrayLike,
+    meta: pd.DataFrame,
+    *,
+    pos_sameby: Sequence[str],
+    pos_diffby: Sequence[str] = (),
+    neg_sameby: Sequence[str] = (),
+    neg_diffby: Sequence[str],
+    batch_aware: Sequence[bool] = (False, True),
+    batch_col: str = "batch",
+    query_indices: np.ndarray | None = None,
+    unit_rows: bool = False,
+    row_index: np.ndarray | None = None,
+) -> list[pd.DataFrame]:
+    """:func:`average_precision` for several ``batch_aware`` settings from one ranking.
+
+    The settings share the queries, the negatives and the similarities (computed once per
+    query block); only the positives differ (batch-aware ones must come from another
+    ``batch_col``). One frame per entry of ``batch_aware``, each equal to what
+    :func:`average_precision` returns for that setting.
+    """
     x = _features(features)
     frame = meta.reset_index(drop=True)
-    n = x.shape[0]
-    if len(frame) != n:
-        raise ValueError(f"meta has {len(frame)} rows, features {n}")
-    pos_same, pos_diff = _as_list(pos_sameby), _as_list(pos_diffby)
+    n = len(frame)
+    rix = None if row_index is None else np.asarray(row_index, dtype=np.int64)
+    if rix is not None and not unit_rows:
+        raise ValueError("row_index needs unit_rows=True features")
+    if (rix.size if rix is not None else x.shape[0]) != n:
+        raise ValueError(f"meta has {n} rows, features {x.shape[0]}")
+    pos_same, pos_diff0 = _as_list(pos_sameby), _as_list(pos_diffby)
     neg_same, neg_diff = _as_list(neg_sameby), _as_list(neg_diffby)
-    if batch_aware and batch_col not in pos_diff:
-        pos_diff.append(batch_col)
-    if set(pos_same) & set(pos_diff) or set(neg_same) & set(neg_diff):
-        raise ValueError("sameby and diffby must be disjoint lists")
-    if not (pos_same or pos_diff) or not (neg_same or neg_diff):
-        raise ValueError("positive and negative rules each need at least one column")
-    cols = list(dict.fromkeys(pos_same + pos_diff + neg_same + neg_diff))
+    pos_diffs = [
+        pos_diff0 + [batch_col] if aware and batch_col not in pos_diff0 else list(pos_diff0)
+        for aware in batch_aware
+    ]
+    for pos_diff in pos_diffs:
+        if set(pos_same) & set(pos_diff) or set(neg_same) & set(neg_diff):
+            raise ValueError("sameby and diffby must be disjoint lists")
+        if not (pos_same or pos_diff) or not (neg_same or neg_diff):
+            raise ValueError("positive and negative rules each need at least one column")
+    cols = list(dict.fromkeys(pos_same + sum(pos_diffs, []) + neg_same + neg_diff))
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise KeyError(f"columns not in meta: {missing}")
@@ -102,7 +147,8 @@ def average_precision(
         raise ValueError("metadata columns should not have null values")
     col_ix = {c: i for i, c in enumerate(cols)}
     codes = [_codes(frame[c], c)[0] for c in cols]
-    ps, pd_ = [col_ix[c] for c in pos_same], [col_ix[c] for c in pos_diff]
+    ps = [col_ix[c] for c in pos_same]
+    pds = [[col_ix[c] for c in pos_diff] for pos_diff in pos_diffs]
     ns, nd = [col_ix[c] for c in neg_same], [col_ix[c] for c in neg_diff]
 
     queries = np.arange(n) if query_indices is None else np.sort(np.asarray(query_indices))
@@ -113,39 +159,54 @@ def average_precision(
         unit = np.empty(x.shape, dtype=np.float32)
         for a, b in iter_blocks(n, 65536):
             unit[a:b] = _unit_rows(x[a:b])
-    ap = np.full(nq, np.nan)
-    n_pos = np.zeros(nq, dtype=np.int64)
-    n_tot = np.zeros(nq, dtype=np.int64)
+    aps = [np.full(nq, np.nan) for _ in pds]
+    n_poss = [np.zeros(nq, dtype=np.int64) for _ in pds]
+    n_tots = [np.zeros(nq, dtype=np.int64) for _ in pds]
     qb = max(1, min(256, _MAP_BLOCK // max(n, 1)))
     for qa, qz in iter_blocks(nq, qb):
         q_rows = queries[qa:qz]
         m = q_rows.size
         q_codes = [c[q_rows] for c in codes]
         local = np.arange(m)
-        pos = _pair_mask(q_codes, codes, ps, pd_)
-        pos[local, q_rows] = False
-        neg = _pair_mask(q_codes, codes, ns, nd)
-        neg[local, q_rows] = False
-        cand = np.flatnonzero((pos | neg).any(axis=0))
-        # Similarities only to the rows that are a positive or negative of some query.
-        if cand.size == n:
-            sims = unit[q_rows] @ unit.T
+        neg_all = _pair_mask(q_codes, codes, ns, nd)
+        neg_all[local, q_rows] = False
+        pos_masks = []
+        for pd_ in pds:
+            pos = _pair_mask(q_codes, codes, ps, pd_)
+            pos[local, q_rows] = False
+            pos_masks.append(pos)
+        cand = np.flatnonzero(np.logical_or.reduce([neg_all, *pos_masks]).any(axis=0))
+        # Similarities, once for every setting, only to the rows that are a positive or
+        # negative of some query.
+        q_unit = unit[q_rows if rix is None else rix[q_rows]]
+        if cand.size == n and rix is None:
+            sims = q_unit @ unit.T
         else:
-            sims = unit[q_rows] @ unit[cand].T
-            pos, neg = pos[:, cand], neg[:, cand]
-        key = np.float32(1.0) - sims
-        for i in range(m):
-            kp = key[i, pos[i]]
-            kn = key[i, neg[i]]
-            n_pos[qa + i] = kp.size
-            n_tot[qa + i] = kp.size + kn.size
-            if kp.size:
-                ap[qa + i] = _expected_ap(kp, kn)
-    out = frame.iloc[queries].reset_index(drop=True) if nq < n else frame.copy()
-    out["n_pos_pairs"] = n_pos
-    out["n_total_pairs"] = n_tot
-    out["average_precision"] = ap
-    return out
+            # Candidate rows are gathered in chunks: never a second copy of the whole table.
+            cols = cand if rix is None else rix[cand]
+            sims = np.empty((m, cand.size), dtype=np.float32)
+            for a, b in iter_blocks(cand.size, _GATHER_ROWS):
+                sims[:, a:b] = q_unit @ unit[cols[a:b]].T
+            neg_all = neg_all[:, cand]
+            pos_masks = [p[:, cand] for p in pos_masks]
+        key = np.subtract(np.float32(1.0), sims, out=sims)  # in place: one m x n array
+        for pos, ap, n_pos, n_tot in zip(pos_masks, aps, n_poss, n_tots):
+            neg = neg_all
+            for i in range(m):
+                kp = key[i, pos[i]]
+                kn = key[i, neg[i]]
+                n_pos[qa + i] = kp.size
+                n_tot[qa + i] = kp.size + kn.size
+                if kp.size:
+                    ap[qa + i] = _expected_ap(kp, kn)
+    outs = []
+    for ap, n_pos, n_tot in zip(aps, n_poss, n_tots):
+        out = frame.iloc[queries].reset_index(drop=True) if nq < n else frame.copy()
+        out["n_pos_pairs"] = n_pos
+        out["n_total_pairs"] = n_tot
+        out["average_precision"] = ap
+        outs.append(out)
+    return outs
 
 
 def _expected_ap(pos_keys: np.ndarray, neg_keys: np.ndarray) -> float:
@@ -361,6 +422,7 @@ def mean_average_precision(
     max_queries: int | None = None,
     unit_rows: bool = False,
     max_null_elems: int | None = None,
+    row_index: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """mAP of retrieval with copairs conventions: :func:`average_precision` + :func:`map_pvalues`.
 
@@ -381,13 +443,57 @@ def mean_average_precision(
         the group mAPs and ``fraction_significant`` the fraction of groups with corrected
         p < threshold; ``table`` as :func:`map_pvalues`.
     """
+    return mean_average_precisions(
+        features,
+        meta,
+        pos_sameby=pos_sameby,
+        pos_diffby=pos_diffby,
+        neg_sameby=neg_sameby,
+        neg_diffby=neg_diffby,
+        null_size=null_size,
+        seed=seed,
+        batch_aware=(batch_aware,),
+        batch_col=batch_col,
+        group_by=group_by,
+        threshold=threshold,
+        max_queries=max_queries,
+        unit_rows=unit_rows,
+        max_null_elems=max_null_elems,
+        row_index=row_index,
+    )[0]
+
+
+def mean_average_precisions(
+    features: ArrayLike,
+    meta: pd.DataFrame,
+    *,
+    pos_sameby: Sequence[str],
+    pos_diffby: Sequence[str] = (),
+    neg_sameby: Sequence[str] = (),
+    neg_diffby: Sequence[str],
+    null_size: int = 10000,
+    seed: int = 0,
+    batch_aware: Sequence[bool] = (False, True),
+    batch_col: str = "batch",
+    group_by: Sequence[str] | None = None,
+    threshold: float = 0.05,
+    max_queries: int | None = None,
+    unit_rows: bool = False,
+    max_null_elems: int | None = None,
+    row_index: np.ndarray | None = None,
+) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """:func:`mean_average_precision` for several ``batch_aware`` settings, ranked once.
+
+    The settings share the query sample and the similarities (:func:`average_precisions`);
+    each gets its own p-values. One ``(summary, table)`` per entry of ``batch_aware``.
+    """
     keys = _as_list(group_by) if group_by is not None else _as_list(pos_sameby)
     missing = [c for c in keys if c not in meta.columns]
     if missing:
         raise KeyError(f"columns not in meta: {missing}")
     gcodes = meta.groupby(keys, sort=True, dropna=False).ngroup().to_numpy().astype(np.int64)
     queries = stratified_queries(gcodes, max_queries, seed) if len(meta) else None
-    ap = average_precision(
+    aps = average_precisions(
         features,
         meta,
         pos_sameby=pos_sameby,
@@ -398,13 +504,22 @@ def mean_average_precision(
         batch_col=batch_col,
         query_indices=queries,
         unit_rows=unit_rows,
+        row_index=row_index,
     )
-    table = map_pvalues(
-        ap, keys, null_size=null_size, seed=seed, threshold=threshold, max_null_elems=max_null_elems
-    )
-    summary = _map_summary(ap, table)
-    summary["stderr"] = 0.0 if queries is None else _map_stderr(ap, keys)
-    return summary, table
+    out = []
+    for ap in aps:
+        table = map_pvalues(
+            ap,
+            keys,
+            null_size=null_size,
+            seed=seed,
+            threshold=threshold,
+            max_null_elems=max_null_elems,
+        )
+        summary = _map_summary(ap, table)
+        summary["stderr"] = 0.0 if queries is None else _map_stderr(ap, keys)
+        out.append((summary, table))
+    return out
 
 
 _REF_COL = "_cdcl_reference_index"
@@ -418,6 +533,12 @@ def _unit_copy(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def unit_rows_copy(features: ArrayLike) -> np.ndarray:
+    """Unit-norm float32 copy of every row: pass it with ``unit_rows=True`` to share it."""
+    x = _features(features)
+    return _unit_copy(x, np.arange(x.shape[0]))
+
+
 def _map_of_rows(
     x: np.ndarray,
     keep: np.ndarray,
@@ -427,11 +548,17 @@ def _map_of_rows(
     pos_diffby: list[str],
     neg_diffby: list[str],
     group_by: list[str],
+    unit_rows: bool = False,
     **options: Any,
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """mAP of the kept rows (one unit-norm float32 copy) with the given pair rules."""
-    return mean_average_precision(
-        _unit_copy(x, np.flatnonzero(keep)),
+) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """mAP of the kept rows with the given pair rules, one result per ``batch_aware`` setting.
+
+    ``unit_rows``: ``x`` already has unit rows and is indexed in place; otherwise one
+    unit-norm float32 copy of the kept rows is made.
+    """
+    rows = np.flatnonzero(keep)
+    return mean_average_precisions(
+        x if unit_rows else _unit_copy(x, rows),
         frame,
         pos_sameby=pos_sameby,
         pos_diffby=pos_diffby,
@@ -439,6 +566,7 @@ def _map_of_rows(
         neg_diffby=neg_diffby,
         group_by=group_by,
         unit_rows=True,
+        row_index=rows if unit_rows else None,
         **options,
     )
 
@@ -456,6 +584,7 @@ def replicate_map(
     threshold: float = 0.05,
     max_queries: int | None = None,
     max_null_elems: int | None = None,
+    unit_rows: bool = False,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Replicate retrieval mAP ("phenotypic activity"), the copairs/JUMP convention.
 
@@ -465,17 +594,56 @@ def replicate_map(
     ``assign_reference_index`` recipe: every control gets its own reference index so controls
     are never positives of each other, and two treatments are never negatives). Grouped per
     treatment. ``batch_aware=True``: positives must come from another batch.
+    ``unit_rows=True``: ``features`` already have unit rows (:func:`unit_rows_copy`).
 
     Returns:
         ``(summary, table)`` as :func:`mean_average_precision`.
     """
+    return replicate_maps(
+        features,
+        meta,
+        (batch_aware,),
+        treatment_col=treatment_col,
+        control_col=control_col,
+        batch_col=batch_col,
+        null_size=null_size,
+        seed=seed,
+        threshold=threshold,
+        max_queries=max_queries,
+        max_null_elems=max_null_elems,
+        unit_rows=unit_rows,
+    )[0]
+
+
+def replicate_maps(
+    features: ArrayLike,
+    meta: pd.DataFrame,
+    batch_aware: Sequence[bool] = (False, True),
+    *,
+    treatment_col: str = "treatment",
+    control_col: str = "is_control",
+    batch_col: str = "batch",
+    unit_rows: bool = False,
+    **options: Any,
+) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """:func:`replicate_map` for several ``batch_aware`` settings, ranked once (same figures)."""
     frame = meta.reset_index(drop=True)
     if control_col not in frame.columns:
         raise KeyError(f"replicate mAP needs control rows: column {control_col!r} not in meta")
     x = _features(features)
     keep = frame[treatment_col].notna().to_numpy()
-    if batch_aware:
-        keep &= frame[batch_col].notna().to_numpy()
+    if any(batch_aware):
+        has_batch = frame[batch_col].notna().to_numpy()
+        if not all(batch_aware) and not has_batch[keep].all():
+            # Rows without a batch count for the plain setting only: score each on its own.
+            return [
+                replicate_maps(
+                    x, frame, (a,), treatment_col=treatment_col, control_col=control_col,
+                    batch_col=batch_col, unit_rows=unit_rows, **options,
+                )[0]
+                for a in batch_aware
+            ]  # fmt: skip
+        keep &= has_batch
     frame = frame.loc[keep].reset_index(drop=True)
     ctrl = _bool_column(frame, control_col)
     frame[_REF_COL] = np.where(ctrl, np.arange(len(frame)), -1)
@@ -487,13 +655,10 @@ def replicate_map(
         pos_diffby=[],
         neg_diffby=[treatment_col, _REF_COL],
         group_by=[treatment_col],
-        batch_aware=batch_aware,
+        batch_aware=tuple(batch_aware),
         batch_col=batch_col,
-        null_size=null_size,
-        seed=seed,
-        threshold=threshold,
-        max_queries=max_queries,
-        max_null_elems=max_null_elems,
+        unit_rows=unit_rows,
+        **options,
     )
 
 
@@ -511,6 +676,7 @@ def moa_map(
     threshold: float = 0.05,
     max_queries: int | None = None,
     max_null_elems: int | None = None,
+    unit_rows: bool = False,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """MoA retrieval mAP: positives share the MoA but not the compound (copairs conventions).
 
@@ -518,10 +684,41 @@ def moa_map(
     ``compound_col`` (the not-same-compound rule of Ljosa et al. 2013 in retrieval form);
     negatives = different MoA. Grouped per MoA. ``batch_aware=True``: positives must also
     come from another batch. Without ``compound_col`` the ``treatment`` column is used.
+    ``unit_rows=True``: ``features`` already have unit rows (:func:`unit_rows_copy`).
 
     Returns:
         ``(summary, table)`` as :func:`mean_average_precision`.
     """
+    return moa_maps(
+        features,
+        meta,
+        (batch_aware,),
+        moa_col=moa_col,
+        compound_col=compound_col,
+        control_col=control_col,
+        batch_col=batch_col,
+        null_size=null_size,
+        seed=seed,
+        threshold=threshold,
+        max_queries=max_queries,
+        max_null_elems=max_null_elems,
+        unit_rows=unit_rows,
+    )[0]
+
+
+def moa_maps(
+    features: ArrayLike,
+    meta: pd.DataFrame,
+    batch_aware: Sequence[bool] = (False, True),
+    *,
+    moa_col: str = "moa",
+    compound_col: str = "compound",
+    control_col: str = "is_control",
+    batch_col: str = "batch",
+    unit_rows: bool = False,
+    **options: Any,
+) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """:func:`moa_map` for several ``batch_aware`` settings, ranked once (same figures)."""
     frame = meta.reset_index(drop=True)
     x = _features(features)
     if compound_col not in frame.columns:
@@ -530,8 +727,19 @@ def moa_map(
         compound_col = "treatment"
     keep = ~_bool_column(frame, control_col) & _has_label(frame[moa_col])
     keep &= frame[compound_col].notna().to_numpy()
-    if batch_aware:
-        keep &= frame[batch_col].notna().to_numpy()
+    if any(batch_aware):
+        has_batch = frame[batch_col].notna().to_numpy()
+        if not all(batch_aware) and not has_batch[keep].all():
+            # Rows without a batch count for the plain setting only: score each on its own.
+            return [
+                moa_maps(
+                    x, frame, (a,), moa_col=moa_col, compound_col=compound_col,
+                    control_col=control_col, batch_col=batch_col, unit_rows=unit_rows,
+                    **options,
+                )[0]
+                for a in batch_aware
+            ]  # fmt: skip
+        keep &= has_batch
     return _map_of_rows(
         x,
         keep,
@@ -540,11 +748,8 @@ def moa_map(
         pos_diffby=[compound_col],
         neg_diffby=[moa_col],
         group_by=[moa_col],
-        batch_aware=batch_aware,
+        batch_aware=tuple(batch_aware),
         batch_col=batch_col,
-        null_size=null_size,
-        seed=seed,
-        threshold=threshold,
-        max_queries=max_queries,
-        max_null_elems=max_null_elems,
+        unit_rows=unit_rows,
+        **options,
     )
