@@ -42,7 +42,7 @@ TINY = {
 BATCH_FIGURES = (
     ("kbet", "acceptance_rate"),
     ("ilisi", "ilisi"),
-    ("silhouette", "batch_1_minus_abs"),
+    ("silhouette", "batch_scib"),
     ("batch_classifier", "accuracy"),
     ("map", "replicate_batch_aware", "map"),
 )

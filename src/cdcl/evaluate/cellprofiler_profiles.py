@@ -274,9 +274,22 @@ def median_profiles(
     return out, full
 
 
+def _pycytominer() -> Any:
+    """pycytominer, imported without keeping the pandas option it sets on import.
+
+    Importing it turns on pandas' copy-on-write for the whole process, after which arrays from
+    ``to_numpy()`` may be read-only views and in-place updates elsewhere in cdcl would fail.
+    """
+    before = pd.options.mode.copy_on_write
+    import pycytominer
+
+    pd.options.mode.copy_on_write = before
+    return pycytominer
+
+
 def normalize_per_plate(table: pd.DataFrame, features: list[str], method: str) -> pd.DataFrame:
     """pycytominer ``normalize`` of each plate against its controls (all its rows if none)."""
-    import pycytominer
+    pycytominer = _pycytominer()
 
     if method == "none":
         return table
@@ -305,7 +318,7 @@ def normalize_per_plate(table: pd.DataFrame, features: list[str], method: str) -
 
 def select_features(table: pd.DataFrame, features: list[str]) -> list[str]:
     """The features pycytominer's ``feature_select`` keeps (operations in ``SELECTION``)."""
-    import pycytominer
+    pycytominer = _pycytominer()
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")

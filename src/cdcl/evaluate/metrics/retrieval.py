@@ -643,7 +643,7 @@ def replicate_maps(
                 )[0]
                 for a in batch_aware
             ]  # fmt: skip
-        keep &= has_batch
+        keep = keep & has_batch  # to_numpy() may be a read-only view (copy-on-write)
     frame = frame.loc[keep].reset_index(drop=True)
     ctrl = _bool_column(frame, control_col)
     frame[_REF_COL] = np.where(ctrl, np.arange(len(frame)), -1)
@@ -739,7 +739,7 @@ def moa_maps(
                 )[0]
                 for a in batch_aware
             ]  # fmt: skip
-        keep &= has_batch
+        keep = keep & has_batch  # to_numpy() may be a read-only view (copy-on-write)
     return _map_of_rows(
         x,
         keep,
