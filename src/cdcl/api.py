@@ -602,7 +602,7 @@ def metrics(results: Mapping[str, Any] | PathLike) -> pd.DataFrame:
     Parameters
     ----------
     results : dict or path
-        What :func:`evaluate` returned, or a ``results.json`` file.
+        What :func:`evaluate` returned, or a ``results.json`` file (or its directory).
 
     Returns
     -------
