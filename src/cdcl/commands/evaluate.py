@@ -9,6 +9,7 @@ from typing import Any
 
 from cdcl.errors import CdclError
 
+BIG_TABLE_BYTES = 64 * 2**20  # a profile table this large prints progress from the start
 HELP = (
     "Evaluate a run on its held-out batches (writes RUN/results.json, plots, report.html), "
     "or score any profile table with --features FILE --out DIR."
@@ -90,10 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the table or the run evaluation and print where the results went."""
-    from cdcl.evaluate.report import metrics_table
-    from cdcl.evaluate.results import read_results
-    from cdcl.evaluate.table import evaluate_table
-
     if args.plot_sample < 0:
         raise CdclError(f"--plot-sample {args.plot_sample}: give a row count >= 0 (0 = every row)")
     corrections: tuple[str, ...] = ()
@@ -107,28 +104,7 @@ def run(args: argparse.Namespace) -> int:
             raise CdclError("give either a RUN directory or --features FILE, not both")
         if args.out is None:
             raise CdclError("--features needs --out DIR for results.json and the report")
-        path = evaluate_table(
-            args.features,
-            args.out,
-            batch_col=args.batch_col,
-            batch_pattern=args.batch_pattern,
-            treatment_col=args.treatment_col,
-            compound_col=args.compound_col,
-            moa_col=args.moa_col,
-            plate_col=args.plate_col,
-            well_col=args.well_col,
-            control_query=args.control_query,
-            split_number=args.split or 1,
-            eval_on=args.eval_on,
-            tvn=args.tvn,
-            corrections=corrections,
-            null_size=args.null_size,
-            seed=args.seed,
-            umap=not args.no_umap,
-            name=args.name,
-            plot_sample=args.plot_sample,
-            variants=_variants(args.variants),
-        )
+        path = _evaluate_table_said(args, corrections)
     else:
         if args.run is None:
             raise CdclError("give a RUN directory, or --features FILE --out DIR")
@@ -149,6 +125,9 @@ def run(args: argparse.Namespace) -> int:
             level=args.level,
             plot_sample=args.plot_sample,
         )
+    from cdcl.evaluate.report import metrics_table
+    from cdcl.evaluate.results import read_results
+
     results = read_results(path)
     table = metrics_table(results)
     if not table.empty:
@@ -173,6 +152,42 @@ def run(args: argparse.Namespace) -> int:
             f"whose held-out batches carry treatments the training batches have (--split N){level}"
         )
     return 0
+
+
+def _evaluate_table_said(args: argparse.Namespace, corrections: tuple[str, ...]) -> Path:
+    """``evaluate_table`` with the command's options; a large table says so from the start."""
+    from cdcl.evaluate.progress import keep_alive, say
+
+    # Importing the metric libraries takes seconds (tens on a busy machine): a large table
+    # gets a first line and the keep-alive before them, not after.
+    big = args.features.is_file() and args.features.stat().st_size > BIG_TABLE_BYTES
+    if big:
+        say("cdcl evaluate: loading the evaluation libraries ...")
+    with keep_alive(big):
+        from cdcl.evaluate.table import evaluate_table
+
+        return evaluate_table(
+            args.features,
+            args.out,
+            batch_col=args.batch_col,
+            batch_pattern=args.batch_pattern,
+            treatment_col=args.treatment_col,
+            compound_col=args.compound_col,
+            moa_col=args.moa_col,
+            plate_col=args.plate_col,
+            well_col=args.well_col,
+            control_query=args.control_query,
+            split_number=args.split or 1,
+            eval_on=args.eval_on,
+            tvn=args.tvn,
+            corrections=corrections,
+            null_size=args.null_size,
+            seed=args.seed,
+            umap=not args.no_umap,
+            name=args.name,
+            plot_sample=args.plot_sample,
+            variants=_variants(args.variants),
+        )
 
 
 def _variants(text: str) -> tuple[str, ...]:
