@@ -164,3 +164,17 @@ def test_stage_times_are_printed_only_when_echoing(capsys: pytest.CaptureFixture
         raise ValueError("a failed stage prints its error, not a time")
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("cdcl evaluate: plots: ") and err[0].endswith(" s")
+
+
+def test_nested_keep_alive_runs_one_thread() -> None:
+    import threading
+
+    def beats() -> int:
+        return sum(t.name == "cdcl-keep-alive" for t in threading.enumerate())
+
+    with progress.keep_alive(True):
+        with progress.keep_alive(True):
+            assert beats() == 1
+        assert beats() == 1
+    time.sleep(1.5)  # the thread notices the stop within a second
+    assert beats() == 0

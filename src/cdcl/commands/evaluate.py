@@ -10,6 +10,7 @@ from typing import Any
 
 from cdcl.errors import CdclError
 
+BIG_TABLE_BYTES = 64 * 2**20  # a profile table this large prints progress from the start
 HELP = (
     "Evaluate a run on its held-out batches (writes RUN/results.json, plots, report.html), "
     "or score any profile table with --features FILE --out DIR."
@@ -177,10 +178,45 @@ def _evaluate(
     before_write: Callable[[dict[str, Any]], None],
 ) -> Path:
     """Run the table or the run evaluation; the path of its results.json."""
-    from cdcl.evaluate.evaluate import evaluate_run
-    from cdcl.evaluate.table import evaluate_table
-
     if args.features is not None:
+        return _evaluate_table(args, corrections, before_write)
+    from cdcl.evaluate.evaluate import evaluate_run  # models and views: runs only
+
+    return evaluate_run(
+        args.run,
+        checkpoint=args.checkpoint,
+        data=args.data,
+        split_number=args.split,
+        out=args.out,
+        baselines=(() if args.no_baselines else ("intensity", "random"))
+        + (("cellprofiler",) if args.cellprofiler else ()),
+        corrections=corrections,
+        batch_size=args.batch_size,
+        null_size=args.null_size,
+        seed=args.seed,
+        umap=not args.no_umap,
+        level=args.level,
+        before_write=before_write,
+        plot_sample=args.plot_sample,
+    )
+
+
+def _evaluate_table(
+    args: argparse.Namespace,
+    corrections: tuple[str, ...],
+    before_write: Callable[[dict[str, Any]], None],
+) -> Path:
+    """``evaluate_table`` with the command's options; a large table says so from the start."""
+    from cdcl.evaluate.progress import keep_alive, say
+
+    # Importing the metric libraries takes seconds (tens on a busy machine): a large table
+    # gets a first line and the keep-alive before them, not after.
+    big = args.features.is_file() and args.features.stat().st_size > BIG_TABLE_BYTES
+    if big:
+        say("cdcl evaluate: loading the evaluation libraries ...")
+    with keep_alive(big):
+        from cdcl.evaluate.table import evaluate_table
+
         return evaluate_table(
             args.features,
             args.out,
@@ -205,23 +241,6 @@ def _evaluate(
             plot_sample=args.plot_sample,
             variants=_variants(args.variants),
         )
-    return evaluate_run(
-        args.run,
-        checkpoint=args.checkpoint,
-        data=args.data,
-        split_number=args.split,
-        out=args.out,
-        baselines=(() if args.no_baselines else ("intensity", "random"))
-        + (("cellprofiler",) if args.cellprofiler else ()),
-        corrections=corrections,
-        batch_size=args.batch_size,
-        null_size=args.null_size,
-        seed=args.seed,
-        umap=not args.no_umap,
-        level=args.level,
-        before_write=before_write,
-        plot_sample=args.plot_sample,
-    )
 
 
 def _print_calibration(results: dict[str, Any]) -> None:

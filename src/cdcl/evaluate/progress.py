@@ -16,6 +16,7 @@ from collections.abc import Iterator
 GAP_S = 10.0
 _lock = threading.Lock()
 _state = {"last": time.monotonic(), "what": "", "since": time.monotonic()}
+_depth = [0]  # nested keep_alive blocks: only the outermost runs a thread
 
 
 def say(line: str) -> None:
@@ -34,8 +35,11 @@ def working_on(what: str) -> None:
 
 @contextlib.contextmanager
 def keep_alive(on: bool, prefix: str = "cdcl evaluate: ") -> Iterator[None]:
-    """While the block runs (and ``on``), print a line after every 10 s of silence."""
-    if not on:
+    """While the block runs (and ``on``), print a line after every 10 s of silence.
+
+    Nested blocks share the outer block's thread (one line per silence, not one per level).
+    """
+    if not on or _depth[0] > 0:
         yield
         return
     stop = threading.Event()
@@ -54,8 +58,10 @@ def keep_alive(on: bool, prefix: str = "cdcl evaluate: ") -> Iterator[None]:
         _state["last"] = time.monotonic()
     thread = threading.Thread(target=beat, name="cdcl-keep-alive", daemon=True)
     thread.start()
+    _depth[0] += 1
     try:
         yield
     finally:
+        _depth[0] -= 1
         stop.set()
         thread.join(timeout=2.0)
