@@ -324,6 +324,9 @@ def _load_table(
         del table  # the features now live in x only
     if len(x) == 0:
         raise CdclError(f"{where}: the table has no rows")
+    # One memory layout whatever the source: BLAS sums in layout order, and a table with its
+    # duplicates dropped must score exactly as the same table without them.
+    x = np.ascontiguousarray(x)
     x, meta_table, notes = drop_duplicate_rows(x, meta_table, where)
     require_variance(x, where)
     low = {str(c).lower(): c for c in meta_table.columns}
