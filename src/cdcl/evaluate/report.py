@@ -497,11 +497,16 @@ def indistinguishable_warnings(
     return lines
 
 
-def summary_html(frame: pd.DataFrame, paths: dict[str, tuple[str, ...]], learned: list[str]) -> str:
+def summary_html(
+    frame: pd.DataFrame,
+    paths: dict[str, tuple[str, ...]],
+    learned: list[str],
+    baselines: tuple[str, ...] = BASELINE_SETS,
+) -> str:
     """Warnings, the results figure and the metric glossary for one table of feature sets."""
     warn = "".join(
         f'<p class="warn"><b>Warning.</b> {html.escape(w)}</p>'
-        for w in indistinguishable_warnings(frame, learned)
+        for w in indistinguishable_warnings(frame, learned, baselines)
     )
     return (
         warn
@@ -749,6 +754,7 @@ def compare(
                 umaps.append((f"{name}: {first}", pd.read_csv(f)))
     long = pd.concat(longs, ignore_index=True)
     atomic_write_text(out / "comparison.csv", long.to_csv(index=False))
+    long, shared = shared_baselines_once(long)
     long["col"] = long["run"] + " | " + long["set"] + " | " + long["variant"]
     cols = list(dict.fromkeys(long["col"]))
     table = long.pivot_table(
@@ -756,7 +762,13 @@ def compare(
     )
     order = [lab for lab, _, _ in ONLINE_PROBE + HEADLINE]
     table = table.reindex([m for m in order if m in table.index]).reindex(columns=cols)
-    sections = [("Metrics", table_html(table))]
+    note = (
+        f'<p class="small">{html.escape(", ".join(shared))}: the same figures in every run, '
+        f"shown once as “{SHARED_RUN}”.</p>"
+        if shared
+        else ""
+    )
+    sections = [*_compare_results(long), ("All metrics", note + table_html(table))]
     if umaps:
         plt = _plt()
         fig, axes = plt.subplots(len(umaps), 2, figsize=(10, 4.2 * len(umaps)), squeeze=False)
@@ -768,6 +780,56 @@ def compare(
     srcs = {n: str(Path(d)) for n, d in zip(names, result_dirs)}
     sections.append(("Runs", _kv_html(srcs)))
     return write_html(out / "compare.html", "cdcl comparison", sections)
+
+
+SHARED_RUN = "shared"
+
+
+def shared_baselines_once(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Baseline rows identical in every run kept once, under run ``shared``; their names."""
+    runs = list(dict.fromkeys(long["run"]))
+    drop = pd.Series(False, index=long.index)
+    shared = []
+    for s in (s for s in dict.fromkeys(long["set"]) if s in BASELINE_SETS):
+        rows = long["set"] == s
+        per_run = long[rows].pivot_table(
+            index=["variant", "metric"], columns="run", values="value", aggfunc="first",
+            dropna=False,
+        ).reindex(columns=runs)  # fmt: skip
+        if len(runs) < 2 or per_run.isna().all(axis=0).any():
+            continue  # a run without this baseline: nothing is shared
+        values = per_run.to_numpy(dtype=float)
+        if not np.allclose(values, values[:, :1], rtol=0, atol=1e-9, equal_nan=True):
+            continue
+        drop |= rows & (long["run"] != runs[0])
+        long.loc[rows & (long["run"] == runs[0]), "run"] = SHARED_RUN
+        shared.append(s)
+    return long[~drop].reset_index(drop=True), shared
+
+
+def _compare_results(long: pd.DataFrame) -> list[tuple[str, str]]:
+    """The results figure over every run's feature sets (plate-normalised when present)."""
+    for variant in ("plate_normalized", "raw"):
+        sub = long[long["variant"] == variant]
+        if sub.empty:
+            continue
+        sub = sub.assign(row=sub["run"] + ": " + sub["set"])
+        frame = sub.pivot_table(
+            index="row", columns="metric", values="value", aggfunc="first", dropna=False
+        )
+        frame = frame.reindex(
+            index=list(dict.fromkeys(sub["row"])),
+            columns=[c for c in LABEL_PATHS if c in frame.columns and "chance" not in c],
+        )
+        is_base = sub["set"].isin(BASELINE_SETS)
+        learned = list(
+            dict.fromkeys(sub.loc[~is_base & ~sub["set"].str.contains("+", regex=False), "row"])
+        )
+        baselines = tuple(dict.fromkeys(sub.loc[is_base, "row"]))
+        frame = frame[[c for c in frame.columns if "aggregate" not in c]]
+        body = summary_html(frame, LABEL_PATHS, learned, baselines)
+        return [(f"Results ({variant.replace('_', '-')} profiles)", body)]
+    return []
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
