@@ -180,12 +180,11 @@ def _evaluate(
     """Run the table or the run evaluation; the path of its results.json."""
     if args.features is not None:
         return _evaluate_table(args, corrections, before_write)
+    from cdcl.evaluate.evaluate import evaluate_run  # models and views: runs only
     from cdcl.evaluate.progress import keep_alive
 
-    # Loading torch and the metric libraries, embedding and scoring: never silent for over ~10 s.
+    # Embedding, scoring and drawing: a line per stage, and one after every 10 s of silence.
     with keep_alive(True):
-        from cdcl.evaluate.evaluate import evaluate_run  # models and views: runs only
-
         return _run_evaluation(evaluate_run, args, corrections, before_write)
 
 
