@@ -155,3 +155,17 @@ def test_demo_calibrate_adds_null_and_injected_effects(
     rec = cal[0]["metrics"]["kBET acceptance"]
     assert set(rec["strength"]) == {"0.25", "0.5", "1", "2", "4"} and "null" in rec
     assert "Calibration of" in (out / "report.html").read_text()
+
+
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").is_file(), reason="needs Debian's chromium at /usr/bin/chromium"
+)
+def test_demo_report_fits_a_1400px_window(
+    quick_demo: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+) -> None:
+    from test_report_layout import PAGE_WIDTH, _scroll_width
+
+    out, _ = quick_demo
+    doc = (out / "report.html").read_text()
+    assert "batch removal" in doc and "What the metrics mean" in doc
+    assert _scroll_width(out / "report.html", tmp_path) <= PAGE_WIDTH

@@ -13,6 +13,7 @@ import html
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from cdcl.evaluate.calibration import calibrate
 from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
 from cdcl.evaluate.embed import make_view_fn
 from cdcl.evaluate.evaluate import evaluate_images
+from cdcl.evaluate.progress import keep_alive, working_on
 from cdcl.evaluate.report import (
     _calibration_html,
     _img,
@@ -39,6 +41,7 @@ from cdcl.evaluate.report import (
     _save,
     draw_umap_panels,
     read_metrics_jsonl,
+    summary_html,
     table_html,
     umap_frame,
     write_html,
@@ -79,6 +82,7 @@ COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch-classifier acc", ("batch_classifier", "accuracy")),
 )
 LOWER_IS_BETTER = {"batch-classifier acc"}
+COLUMN_PATHS = {"online probe acc": ("online_probe", "accuracy"), **dict(COLUMNS)}
 
 
 @dataclass
@@ -571,8 +575,11 @@ def write_outputs(
             else []
         ),
         (
-            "Held-out batches, profiles standardised per plate against controls",
-            note_html + html_table(tables["plate_normalized"]),
+            "Results: held-out batches, profiles standardised per plate against controls",
+            note_html
+            + summary_html(tables["plate_normalized"], COLUMN_PATHS, list(training))
+            + "<h3>All metrics</h3>"
+            + html_table(tables["plate_normalized"]),
         ),
         ("Held-out batches, raw profiles", html_table(tables["raw"])),
         *(
@@ -646,6 +653,16 @@ def check_demo_spec(spec: DemoSpec) -> list[str]:
     return labels
 
 
+def _timed(spec: DemoSpec, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one step of a stage, naming it for the keep-alive and printing its time."""
+    working_on(what)
+    t0 = time.perf_counter()
+    result = fn(*args)
+    if spec.progress:
+        print(f"   {what}: {time.perf_counter() - t0:.1f} s", flush=True)
+    return result
+
+
 def run_demo(spec: DemoSpec) -> dict[str, Any]:
     """Run every stage; returns the paths written and the plate-normalised table."""
 
@@ -659,20 +676,38 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
     for label in labels:
         with Stage(spec, f"train {label}"):
             runs[label], training[label] = train_method(spec, label, data)
-    with Stage(spec, "evaluate"):
+    # Scoring and drawing run for tens of seconds without a line of their own: the keep-alive
+    # says what is running after every 10 s of silence.
+    with Stage(spec, "evaluate"), keep_alive(spec.progress, prefix="cdcl demo: "):
         feature_sets, profiles = evaluate_runs(spec, data, runs)
-    with Stage(spec, "report"):
+    with Stage(spec, "report"), keep_alive(spec.progress, prefix="cdcl demo: "):
         pictures = {
-            "montage": montage(open_dataset(data), spec.out / "montage.png"),
-            "figure1": figure1(
+            "montage": _timed(
+                spec, "montage", montage, open_dataset(data), spec.out / "montage.png"
+            ),
+            "figure1": _timed(
+                spec,
+                "UMAP figure",
+                figure1,
                 profiles,
                 [n for n in ("DINO", "CDCL") if n in profiles],
                 spec.out / "figure1_umap.png",
                 spec.seed,
             ),
-            "curves": training_curves(runs, spec.out / "training_curves.png"),
+            "curves": _timed(
+                spec, "training curves", training_curves, runs, spec.out / "training_curves.png"
+            ),
         }
-        paths = write_outputs(spec, data, feature_sets, training, pictures)
+        paths = _timed(
+            spec,
+            "tables and report.html",
+            write_outputs,
+            spec,
+            data,
+            feature_sets,
+            training,
+            pictures,
+        )
     _record_final_timings(paths["json"], spec.timings)
     table = comparison_table(feature_sets, "plate_normalized")
     return {"paths": paths, "table": table, "training": training, "timings": spec.timings}

@@ -181,7 +181,20 @@ def _evaluate(
     if args.features is not None:
         return _evaluate_table(args, corrections, before_write)
     from cdcl.evaluate.evaluate import evaluate_run  # models and views: runs only
+    from cdcl.evaluate.progress import keep_alive
 
+    # Embedding, scoring and drawing: a line per stage, and one after every 10 s of silence.
+    with keep_alive(True):
+        return _run_evaluation(evaluate_run, args, corrections, before_write)
+
+
+def _run_evaluation(
+    evaluate_run: Callable[..., Path],
+    args: argparse.Namespace,
+    corrections: tuple[str, ...],
+    before_write: Callable[[dict[str, Any]], None],
+) -> Path:
+    """``evaluate_run`` with the command's options."""
     return evaluate_run(
         args.run,
         checkpoint=args.checkpoint,

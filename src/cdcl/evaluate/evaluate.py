@@ -215,7 +215,7 @@ def evaluate_run(
     UMAPs are drawn on a stratified sample of at most ``plot_sample`` rows (None or 0: all).
     """
 
-    timer = Timer()
+    timer = Timer(echo=progress)  # a line per stage and metric, with its time
     run = Path(run)
     if checkpoint not in ("best", "last"):
         check_checkpoint_owner(run, Path(checkpoint), out)
@@ -294,7 +294,7 @@ def evaluate_run(
         meta0 = next(iter(profiles.values()))[1]
         rows = stratified_plot_rows(meta0, plot_sample, seed)
         results["plots"] = plot_sample_info(len(meta0), rows, plot_sample, seed)
-        timer.echo = len(meta0) > EXACT_MAX
+        timer.echo = progress or len(meta0) > EXACT_MAX
     with timer("plots"):
         if umap or run.is_dir():
             make_plots(

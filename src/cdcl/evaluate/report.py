@@ -26,6 +26,7 @@ import torch
 
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
+from cdcl.evaluate.metric_info import BATCH, BIO, info_for
 from cdcl.evaluate.plot_sample import DEFAULT_PLOT_SAMPLE, stratified_plot_rows
 from cdcl.evaluate.results import read_results
 
@@ -295,6 +296,16 @@ td:first-child,th:first-child{text-align:left}
 .best{font-weight:bold;background:#e8f4e8}.meta td{text-align:left}
 img{max-width:100%;border:1px solid #eee;margin:4px 0}
 .err{color:#a00}.small{font-size:11px;color:#666}
+.scroll{max-width:100%;overflow-x:auto}pre{white-space:pre-wrap}
+.warn{background:#fff4e0;border-left:4px solid #e69500;padding:6px 10px;margin:8px 0}
+table.fig{table-layout:fixed;width:100%;max-width:1340px}
+table.fig th{font-size:11px;font-weight:normal;white-space:normal;vertical-align:bottom}
+table.fig th.grp{font-weight:bold;text-align:center}table.fig td{padding:2px 4px}
+table.fig td:first-child,table.fig th:first-child{width:150px;overflow-wrap:anywhere}
+.bar{position:relative;height:16px;background:#f3f3f3}
+.bar i{position:absolute;left:0;top:0;bottom:0;background:#9ecae1}
+.bar.agg i{background:#74c476}.bar span{position:relative;font-size:11px;padding-right:3px}
+table.gloss td,table.gloss th{text-align:left;vertical-align:top}
 """
 
 
@@ -310,8 +321,22 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
+TIE_TOL = 5e-4  # values equal to the 3 decimals shown are ties: no single best
+
+
+def _unique_best(vals: pd.Series, higher: bool) -> Any:
+    """The column holding the one best value of a row, None when two or more tie for it."""
+    vals = vals.dropna()
+    if len(vals) < 2:
+        return None
+    best = vals.max() if higher else vals.min()
+    if ((vals - best).abs() <= TIE_TOL).sum() > 1:
+        return None
+    return vals.idxmax() if higher else vals.idxmin()
+
+
 def table_html(table: pd.DataFrame, higher: dict[str, bool] | None = None) -> str:
-    """An HTML table of metrics (rows) x columns; the best value per row is highlighted."""
+    """An HTML table of metrics (rows) x columns; a row's unique best value is highlighted."""
     if table.empty:
         return "<p>No metrics.</p>"
     higher = higher or {lab: hib for lab, _, hib in HEADLINE + ONLINE_PROBE}
@@ -320,15 +345,189 @@ def table_html(table: pd.DataFrame, higher: dict[str, bool] | None = None) -> st
     for metric, row in table.iterrows():
         vals = pd.to_numeric(row, errors="coerce")
         best = None
-        if vals.notna().sum() > 1 and "chance" not in str(metric):
-            best = vals.idxmax() if higher.get(str(metric), True) else vals.idxmin()
+        if "chance" not in str(metric):
+            best = _unique_best(vals, higher.get(str(metric), True))
         cells = "".join(
             f'<td class="best">{_fmt(v)}</td>' if c == best else f"<td>{_fmt(v)}</td>"
             for c, v in row.items()
         )
         arrow = "↑" if higher.get(str(metric), True) else "↓"
         rows.append(f"<tr><td>{html.escape(str(metric))} {arrow}</td>{cells}</tr>")
-    return "<table>" + "".join(rows) + "</table>"
+    return '<div class="scroll"><table>' + "".join(rows) + "</table></div>"
+
+
+# Every headline label and the path of its value in a feature set's results.
+LABEL_PATHS: dict[str, tuple[str, ...]] = {lab: path for lab, path, _ in ONLINE_PROBE + HEADLINE}
+BASELINE_SETS = ("random network", "intensity stats", "random", "intensity")
+WEIGHTS = ((BATCH, 0.4), (BIO, 0.6))  # scib's aggregate weighting
+# The figure's metrics (one per idea: no macro F1 or share-significant twins); the full table
+# below it keeps every figure.
+FIGURE_METRICS = {
+    ("online_probe", "accuracy"),
+    ("classification", "logistic", "accuracy"),
+    ("classification", "knn", "accuracy"),
+    ("moa_matching", "nsc"),
+    ("moa_matching", "nscb"),
+    ("map", "replicate_batch_aware", "map"),
+    ("map", "moa", "map"),
+    ("map", "moa_batch_aware", "map"),
+    ("kbet", "acceptance_rate"),
+    ("kbet", "per_treatment_mean"),
+    ("mixing_per_treatment", "kbet"),
+    ("ilisi", "ilisi"),
+    ("mixing_per_treatment", "ilisi"),
+    ("mixing_per_treatment", "batch_silhouette"),
+    ("mixing_per_treatment", "graph_connectivity"),
+    ("silhouette", "batch_scib"),
+    ("batch_classifier", "accuracy"),
+}
+SAME_AS_BASELINE_TOL = 0.01  # every headline figure this close to a baseline's: no signal
+
+
+def scaled_scores(frame: pd.DataFrame, paths: dict[str, tuple[str, ...]]) -> pd.DataFrame:
+    """Each scored metric min-max scaled over the rows, 1 = best row (scib-metrics' scaling).
+
+    A column whose rows all tie (or with fewer than two values) has no scaled score (NaN).
+    """
+    out = pd.DataFrame(index=frame.index)
+    for col in frame.columns:
+        info = info_for(paths.get(col, ()))
+        if info is None or not info.group:
+            continue
+        v = pd.to_numeric(frame[col], errors="coerce")
+        lo, hi = v.min(), v.max()
+        if v.notna().sum() < 2 or not hi - lo > TIE_TOL:
+            out[col] = np.nan
+            continue
+        out[col] = (v - lo) / (hi - lo) if info.higher_is_better else (hi - v) / (hi - lo)
+    return out
+
+
+def _bar(value: Any, scaled: float, cls: str = "bar") -> str:
+    width = 0.0 if not np.isfinite(scaled) else 100.0 * float(scaled)
+    return f'<div class="{cls}"><i style="width:{width:.0f}%"></i><span>{_fmt(value)}</span></div>'
+
+
+def results_figure_html(frame: pd.DataFrame, paths: dict[str, tuple[str, ...]]) -> str:
+    """The scib-style results table: metrics grouped into batch removal and biology conservation,
+    a bar per value scaled within its column, and per row the group means and their 0.4/0.6 total.
+    """
+    shown = [c for c in frame.columns if tuple(paths.get(c, ())) in FIGURE_METRICS]
+    frame = frame[shown or list(frame.columns)]
+    scaled = scaled_scores(frame, paths)
+    groups = {g: [c for c in scaled.columns if info_for(paths[c]).group == g] for g in (BATCH, BIO)}
+    groups = {g: cols for g, cols in groups.items() if cols}
+    if frame.empty or not groups:
+        return ""
+    agg = pd.DataFrame(index=frame.index)
+    for g, cols in groups.items():
+        agg[g] = scaled[cols].mean(axis=1, skipna=True)
+    # A group without a scaled score (every row ties) drops out of the total, as scib-metrics
+    # drops a missing metric, rather than blanking it.
+    weights = pd.DataFrame({g: agg[g].notna() * w for g, w in WEIGHTS if g in agg})
+    agg["total"] = sum(agg[g].fillna(0) * weights[g] for g in weights) / weights.sum(axis=1)
+    top = "".join(
+        f'<th class="grp" colspan="{len(c)}">{html.escape(g)}</th>' for g, c in groups.items()
+    )
+    top = f'<tr><th></th>{top}<th class="grp" colspan="{len(agg.columns)}">aggregate</th></tr>'
+    heads = "".join(
+        f"<th>{html.escape(c)} {'↑' if info_for(paths[c]).higher_is_better else '↓'}</th>"
+        for cols in groups.values()
+        for c in cols
+    )
+    heads += "".join(f"<th>{html.escape(c)}</th>" for c in agg.columns)
+    rows = [top, f"<tr><th>features</th>{heads}</tr>"]
+    for name in agg.sort_values("total", ascending=False, na_position="last").index:
+        cells = "".join(
+            f"<td>{_bar(frame.at[name, c], scaled.at[name, c])}</td>"
+            for cols in groups.values()
+            for c in cols
+        )
+        cells += "".join(
+            f"<td>{_bar(agg.at[name, c], agg.at[name, c], 'bar agg')}</td>" for c in agg.columns
+        )
+        rows.append(f"<tr><td>{html.escape(str(name))}</td>{cells}</tr>")
+    caption = (
+        '<p class="small">Bars: each metric scaled over the rows shown (best row full, worst '
+        "empty; a column where every row ties has no bar). Aggregate: mean scaled score per "
+        "group, total = 0.4 × batch removal + 0.6 × biology conservation, as in scib-metrics' "
+        "Benchmarker. Scaled scores rank these rows only; the values printed are the raw "
+        "metrics. Rows sorted by total.</p>"
+    )
+    return '<table class="fig">' + "".join(rows) + "</table>" + caption
+
+
+def glossary_html(labels: list[str], paths: dict[str, tuple[str, ...]]) -> str:
+    """One row per metric shown: its group, better direction, chance/null value and meaning."""
+    rows = [
+        "<tr><th>metric</th><th>group</th><th>better</th><th>chance / null</th><th>meaning</th></tr>"
+    ]
+    for lab in labels:
+        info = info_for(paths.get(lab, ()))
+        if info is None:
+            continue
+        better = "higher" if info.higher_is_better else "lower"
+        rows.append(
+            f"<tr><td>{html.escape(lab)}</td><td>{html.escape(info.group or '–')}</td>"
+            f"<td>{better}</td><td>{html.escape(info.null)}</td>"
+            f"<td>{html.escape(info.meaning)}</td></tr>"
+        )
+    return '<table class="gloss">' + "".join(rows) + "</table>" if len(rows) > 1 else ""
+
+
+def indistinguishable_warnings(
+    frame: pd.DataFrame,
+    learned: list[str],
+    baselines: tuple[str, ...] = BASELINE_SETS,
+    tol: float = SAME_AS_BASELINE_TOL,
+) -> list[str]:
+    """A line for each learned row whose every figure is within ``tol`` of a baseline row's."""
+    lines = []
+    for name in (n for n in learned if n in frame.index):
+        a = pd.to_numeric(frame.loc[name], errors="coerce")
+        for base in (b for b in baselines if b in frame.index and b != name):
+            b = pd.to_numeric(frame.loc[base], errors="coerce")
+            both = a.notna() & b.notna()
+            if both.sum() >= 2 and ((a[both] - b[both]).abs() <= tol).all():
+                lines.append(
+                    f"{name} cannot be told apart from {base}: every one of its {int(both.sum())} "
+                    f"figures is within {tol} of it. Training has produced nothing these metrics "
+                    "see (a longer budget usually helps)."
+                )
+    return lines
+
+
+def summary_html(
+    frame: pd.DataFrame,
+    paths: dict[str, tuple[str, ...]],
+    learned: list[str],
+    baselines: tuple[str, ...] = BASELINE_SETS,
+) -> str:
+    """Warnings, the results figure and the metric glossary for one table of feature sets."""
+    warn = "".join(
+        f'<p class="warn"><b>Warning.</b> {html.escape(w)}</p>'
+        for w in indistinguishable_warnings(frame, learned, baselines)
+    )
+    return (
+        warn
+        + results_figure_html(frame, paths)
+        + "<h3>What the metrics mean</h3>"
+        + glossary_html([c for c in frame.columns], paths)
+    )
+
+
+def sets_frame(results: dict[str, Any], variant: str) -> pd.DataFrame:
+    """Headline figures of one variant: one row per feature set, one column per metric."""
+    long = metrics_long(results)
+    long = long[long["variant"].isin([variant, "images"])]
+    if not (long["variant"] == variant).any():
+        return pd.DataFrame()
+    order = [lab for lab in LABEL_PATHS if lab in set(long["metric"])]
+    frame = long.pivot_table(
+        index="set", columns="metric", values="value", aggfunc="first", dropna=False
+    )
+    frame = frame.reindex(columns=[c for c in order if "chance" not in c and "aggregate" not in c])
+    return frame.reindex(list(dict.fromkeys(long["set"])))
 
 
 def _kv_html(d: dict[str, Any]) -> str:
@@ -409,7 +608,10 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
     curves = plots / "training_curves.png"
     src = results.get("source", {})
     title = title or f"cdcl evaluation: {src.get('run') or src.get('features_file') or out.name}"
-    sections = [("Metrics", table_html(metrics_table(results)) + _protocol_html(results))]
+    sections = [
+        *_results_sections(results),
+        ("All metrics", table_html(metrics_table(results)) + _protocol_html(results)),
+    ]
     if umap_imgs:
         sections.append(
             (
@@ -448,6 +650,24 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
         items = "".join(f"<li>{html.escape(t)}</li>" for t in reasons)
         sections.append(("Metrics not computed", f"<ul>{items}</ul>"))
     return write_html(out / "report.html", title, sections)
+
+
+def learned_sets(names: list[str]) -> list[str]:
+    """The trained representations among feature-set names (not baselines, not corrections)."""
+    return [n for n in names if n not in BASELINE_SETS and "+" not in n]
+
+
+def _results_sections(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The results figure (plate-normalised profiles when present) with its glossary."""
+    for variant, what in (
+        ("plate_normalized", "profiles standardised per plate"),
+        ("raw", "raw profiles"),
+    ):
+        frame = sets_frame(results, variant)
+        if not frame.empty and frame.shape[1] > 0:
+            body = summary_html(frame, LABEL_PATHS, learned_sets(list(frame.index)))
+            return [(f"Results: held-out batches, {what}", body)]
+    return []
 
 
 def _calibration_html(cal: dict[str, Any]) -> str:
@@ -534,6 +754,7 @@ def compare(
                 umaps.append((f"{name}: {first}", pd.read_csv(f)))
     long = pd.concat(longs, ignore_index=True)
     atomic_write_text(out / "comparison.csv", long.to_csv(index=False))
+    long, shared = shared_baselines_once(long)
     long["col"] = long["run"] + " | " + long["set"] + " | " + long["variant"]
     cols = list(dict.fromkeys(long["col"]))
     table = long.pivot_table(
@@ -541,7 +762,13 @@ def compare(
     )
     order = [lab for lab, _, _ in ONLINE_PROBE + HEADLINE]
     table = table.reindex([m for m in order if m in table.index]).reindex(columns=cols)
-    sections = [("Metrics", table_html(table))]
+    note = (
+        f'<p class="small">{html.escape(", ".join(shared))}: the same figures in every run, '
+        f"shown once as “{SHARED_RUN}”.</p>"
+        if shared
+        else ""
+    )
+    sections = [*_compare_results(long), ("All metrics", note + table_html(table))]
     if umaps:
         plt = _plt()
         fig, axes = plt.subplots(len(umaps), 2, figsize=(10, 4.2 * len(umaps)), squeeze=False)
@@ -553,6 +780,56 @@ def compare(
     srcs = {n: str(Path(d)) for n, d in zip(names, result_dirs)}
     sections.append(("Runs", _kv_html(srcs)))
     return write_html(out / "compare.html", "cdcl comparison", sections)
+
+
+SHARED_RUN = "shared"
+
+
+def shared_baselines_once(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Baseline rows identical in every run kept once, under run ``shared``; their names."""
+    runs = list(dict.fromkeys(long["run"]))
+    drop = pd.Series(False, index=long.index)
+    shared = []
+    for s in (s for s in dict.fromkeys(long["set"]) if s in BASELINE_SETS):
+        rows = long["set"] == s
+        per_run = long[rows].pivot_table(
+            index=["variant", "metric"], columns="run", values="value", aggfunc="first",
+            dropna=False,
+        ).reindex(columns=runs)  # fmt: skip
+        if len(runs) < 2 or per_run.isna().all(axis=0).any():
+            continue  # a run without this baseline: nothing is shared
+        values = per_run.to_numpy(dtype=float)
+        if not np.allclose(values, values[:, :1], rtol=0, atol=1e-9, equal_nan=True):
+            continue
+        drop |= rows & (long["run"] != runs[0])
+        long.loc[rows & (long["run"] == runs[0]), "run"] = SHARED_RUN
+        shared.append(s)
+    return long[~drop].reset_index(drop=True), shared
+
+
+def _compare_results(long: pd.DataFrame) -> list[tuple[str, str]]:
+    """The results figure over every run's feature sets (plate-normalised when present)."""
+    for variant in ("plate_normalized", "raw"):
+        sub = long[long["variant"] == variant]
+        if sub.empty:
+            continue
+        sub = sub.assign(row=sub["run"] + ": " + sub["set"])
+        frame = sub.pivot_table(
+            index="row", columns="metric", values="value", aggfunc="first", dropna=False
+        )
+        frame = frame.reindex(
+            index=list(dict.fromkeys(sub["row"])),
+            columns=[c for c in LABEL_PATHS if c in frame.columns and "chance" not in c],
+        )
+        is_base = sub["set"].isin(BASELINE_SETS)
+        learned = list(
+            dict.fromkeys(sub.loc[~is_base & ~sub["set"].str.contains("+", regex=False), "row"])
+        )
+        baselines = tuple(dict.fromkeys(sub.loc[is_base, "row"]))
+        frame = frame[[c for c in frame.columns if "aggregate" not in c]]
+        body = summary_html(frame, LABEL_PATHS, learned, baselines)
+        return [(f"Results ({variant.replace('_', '-')} profiles)", body)]
+    return []
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
