@@ -54,7 +54,7 @@ FORBIDDEN = [
     re.compile(r"\b(this|the|previous|earlier|next|last) stop\b", re.I),
     re.compile(r"\bthe issue's\b|\bissue #?\d+", re.I),
     re.compile(r"\bthe prototype\b", re.I),
-    re.compile(r"\b(this|the|previous|next|a) session\b|\bhelpers?\b(?! function)", re.I),
+    re.compile(r"\b(this|previous|next) session\b|\bhelpers?\b(?! function)", re.I),
 ]
 
 
