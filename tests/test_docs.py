@@ -4,7 +4,9 @@
   ``cdcl ...`` span without placeholders) parses with the real command-line parser, and its
   ``key=value`` training overrides are valid config keys; every ``make X`` names a target;
 - every ``python`` block runs in a fresh process, unless the line before the block is
-  ``<!-- not-tested: needs GPU -->`` or ``<!-- not-tested: needs real data -->``;
+  ``<!-- not-tested: needs GPU -->``, ``<!-- not-tested: needs real data -->`` or
+  ``<!-- tested-by: tests/test_x.py -->`` (a test that runs the page's snippets on data it
+  builds; it must exist and name the page);
 - relative links in README.md point to files that exist;
 - no page uses words a reader cannot resolve (internal process terms, "the seed" for the
   reference implementation, section citations of documents outside the repository);
@@ -35,7 +37,9 @@ from cdcl.errors import CdclError
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
-SKIP_MARK = re.compile(r"<!--\s*not-tested:\s*needs (GPU|real data)\s*-->")
+SKIP_MARK = re.compile(
+    r"<!--\s*(?:not-tested:\s*needs (?:GPU|real data)|tested-by:\s*(tests/[\w/]+\.py))\s*-->"
+)
 # Pages written on other branches and linked from README.md before they are merged into docs/.
 # Remove each name once its page exists; the test then checks the link like any other.
 PENDING_PAGES = {
@@ -54,7 +58,7 @@ FORBIDDEN = [
     re.compile(r"\b(this|the|previous|earlier|next|last) stop\b", re.I),
     re.compile(r"\bthe issue's\b|\bissue #?\d+", re.I),
     re.compile(r"\bthe prototype\b", re.I),
-    re.compile(r"\b(this|the|previous|next|a) session\b|\bhelpers?\b(?! function)", re.I),
+    re.compile(r"\b(this|previous|next) session\b|\bhelpers?\b(?! function)", re.I),
 ]
 
 
@@ -92,7 +96,7 @@ def fenced_blocks(page: Path) -> list[Block]:
         while j < len(lines) and not lines[j].strip().startswith(fence):
             body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
             j += 1
-        blocks.append(Block(page, i + 1, lang, "\n".join(body), skip.group(1) if skip else None))
+        blocks.append(Block(page, i + 1, lang, "\n".join(body), skip.group(0) if skip else None))
         i = j + 1
     return blocks
 
@@ -223,6 +227,12 @@ def test_python_blocks_run(tmp_path: Path) -> None:
     ran = 0
     for n, block in enumerate(blocks):
         if block.skip:
+            tester = SKIP_MARK.search(block.skip).group(1)
+            if tester:  # the named test must exist and be about this page
+                text = (
+                    (ROOT / tester).read_text(encoding="utf-8") if (ROOT / tester).exists() else ""
+                )
+                assert block.page.name in text, f"{block.where}: {tester} does not test this page"
             continue
         cwd = tmp_path / f"block{n}"
         cwd.mkdir()
