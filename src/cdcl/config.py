@@ -38,7 +38,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping (DESIGN §5 'Common to all', §6)."""
+    """Optimisation and bookkeeping (docs/design.md §5 'Common to all', §6)."""
 
     epochs: int = 200
     batch_size: int = 92  # per process

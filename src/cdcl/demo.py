@@ -247,7 +247,7 @@ def budget_overrides(spec: DemoSpec) -> list[str]:
     elif spec.quick:
         epochs = 2
     else:
-        # ~2.5 CPU minutes per self-supervised method on 2 cores (DESIGN §9's budget), so the
+        # ~2.5 CPU minutes per self-supervised method on 2 cores (docs/design.md §9's budget), so the
         # whole demo stays within 15 minutes.
         epochs = DEMO_EPOCHS[spec.dataset]
     # One loader process overlaps reading and views with the step (measured: the data wait

@@ -15,7 +15,7 @@ Inputs (the layout of broadinstitute/lincs-cell-painting and the Cell Painting G
 Compound = the Broad ID without batch suffix (first 13 characters of ``broad_sample``, e.g.
 ``BRD-K25140590``), dose = ``mmoles_per_liter``, treatment = ``compound@dose``, so NSC can exclude
 the same compound at any dose. Controls: DMSO. ``replicate`` numbers the plates of one plate map
-1..n in (Batch_Number, barcode) order: the seed's five replicate-plate folds rotate over it.
+1..n in (Batch_Number, barcode) order: the reference implementation's five replicate-plate folds rotate over it.
 16-bit TIFF and 8-bit PNG images are kept at their bit depth.
 """
 

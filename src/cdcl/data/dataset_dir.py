@@ -1,6 +1,6 @@
 """The canonical dataset directory: schema, atomic resumable writing, validation and fast reading.
 
-Layout (DESIGN §2)::
+Layout (docs/design.md §2)::
 
     DIR/dataset.json          name, source, channels in order, dtype, image size, build info
     DIR/samples.parquet       one row per image (field of view / site)

@@ -1,4 +1,4 @@
-"""Cross-batch partner index for -CB methods and CDCL (DESIGN §5).
+"""Cross-batch partner index for -CB methods and CDCL (docs/design.md §5).
 
 For a training image A (treatment t, batch b) the partner B is drawn uniformly among the
 training images with treatment t in a batch other than b (uniform over images, so batches with

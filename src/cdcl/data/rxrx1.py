@@ -7,11 +7,11 @@ Layout of the official release::
     ROOT/images/<experiment>/Plate<plate>/<well>_s<site>_w<1..6>.png   (512 x 512, 8-bit)
 
 Paths are built from the metadata fields, never searched for. Channels w1..w6 are Hoechst,
-ConA, Phalloidin, Syto14, MitoTracker, WGA. Batch = experiment (the seed's domain); plate =
+ConA, Phalloidin, Syto14, MitoTracker, WGA. Batch = experiment (the reference implementation's domain); plate =
 ``<experiment>_<plate>`` because plate numbers 1-4 repeat in every experiment; treatment =
 ``sirna``; negative controls are ``well_type == negative_control`` (untreated wells); positive
 controls stay treatments (their own siRNAs) and are flagged in the extra ``well_type`` column,
-which the seed's subset strategies use.
+which the reference implementation's subset strategies use.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A split assigns every image one of ``train``, ``val``, ``test`` (or ``unused`` once a subset
 strategy drops it). Batches never straddle two parts, so evaluation always runs on batches the
-model has not seen. Adapters may register a scheme for their source (e.g. the seed's RxRx1
+model has not seen. Adapters may register a scheme for their source (e.g. the reference implementation's RxRx1
 experiment rotation); otherwise batches rotate through the parts generically, unless some
 batches hold controls only and the rotation would hold out nothing but such batches (BBBC021's
 week 4: three DMSO-only plates): then each fold pairs one treatment-carrying batch with one
@@ -160,7 +160,7 @@ def _half_of_treatments(samples: pd.DataFrame, seed: int) -> set[str]:
 
 
 def _control_like(samples: pd.DataFrame) -> np.ndarray:
-    """Control wells as the seed counts them: negative and positive controls (RxRx1 ids >= 1108).
+    """Control wells as the reference implementation counts them: negative and positive controls (RxRx1 ids >= 1108).
 
     Datasets with a ``well_type`` column (RxRx1) use it; others use ``is_control``.
     """
@@ -172,7 +172,7 @@ def _control_like(samples: pd.DataFrame) -> np.ndarray:
 def _first_per_treatment_plate(samples: pd.DataFrame, treated: np.ndarray) -> np.ndarray:
     """True on the first image (by well, site) of every (treatment, plate) among treated rows.
 
-    The seed's ``drop_duplicates(["label", "plate"])``: with one well per siRNA and plate and
+    The reference implementation's ``drop_duplicates(["label", "plate"])``: with one well per siRNA and plate and
     two sites per well (RxRx1) this is one of the two sites, i.e. half of the images.
     """
     order_cols = [
@@ -205,10 +205,10 @@ def _subset_mask(samples: pd.DataFrame, strategy: str, seed: int) -> np.ndarray:
         return _first_per_treatment_plate(samples, ~ctrl)
     if strategy == "only_treatments_half_as_many_with_controls":
         # All controls, plus the treatment images left after dropping the first image of every
-        # (treatment, plate): the seed's strategy (half the treatment images, every control).
+        # (treatment, plate): the reference implementation's strategy (half the treatment images, every control).
         return ctrl | (~ctrl & ~_first_per_treatment_plate(samples, ~ctrl))
     if strategy == "only_half_as_many_treatments_with_controls":
-        # The seed drops the treatments with an even label id and keeps every control.
+        # The reference implementation drops the treatments with an even label id and keeps every control.
         return ctrl | (_treatment_ids(samples) % 2 == 1)
     if strategy == "half_treatments":
         keep = _half_of_treatments(samples, seed)
@@ -255,7 +255,7 @@ def _check_no_straddle(samples: pd.DataFrame, split: pd.Series, scheme: str) -> 
 
 
 def rxrx1_split(samples: pd.DataFrame, split_number: int = 1) -> pd.Series:
-    """The seed's 6 rotating experiment folds (MIDL 2023 code, RxRx1_HUVEC.get_dataframe).
+    """The reference implementation's 6 rotating experiment folds (MIDL 2023 code, RxRx1_HUVEC.get_dataframe).
 
     Per cell type, the sorted experiments (HUVEC-01..HUVEC-24) form 6 consecutive blocks of 4;
     fold k tests on block (k - 2) mod 6, validates on block (k - 3) mod 6 and trains on the other
@@ -288,7 +288,7 @@ def rxrx1_split(samples: pd.DataFrame, split_number: int = 1) -> pd.Series:
 
 
 def cpg0004_split(samples: pd.DataFrame, split_number: int = 1) -> pd.Series:
-    """The seed's 5 replicate-plate folds (MIDL 2023 code, CPG0004_full_img_large).
+    """The reference implementation's 5 replicate-plate folds (MIDL 2023 code, CPG0004_full_img_large).
 
     ``replicate`` numbers the plates of each plate map 1..5 (the adapter orders them by
     Batch_Number, then barcode). Fold k tests on replicate (k + 3) mod 5 + 1, validates on the one

@@ -1,4 +1,4 @@
-"""The built-in simulated screen (DESIGN §3): rendered Cell-Painting-like fields of view.
+"""The built-in simulated screen (docs/design.md §3): rendered Cell-Painting-like fields of view.
 
 A fair miniature of a real screen. ``batches`` x ``plates`` x wells x ``sites``; every plate
 holds every treatment (``wells_per_treatment`` wells each, randomised plate map) plus
@@ -8,7 +8,7 @@ direction over 16 parameters, each compound a noisy, more or less potent copy of
 a Hill-like fraction of it. Eleven parameters are morphological (cell count, cell and nuclear
 size and shape, chromatin and ER texture, nucleoli and mitochondrial puncta counts, actin ring,
 spatial clustering) and five are channel intensities, so intensity statistics alone do not
-carry the whole signal (DESIGN §9).
+carry the whole signal (docs/design.md §9).
 
 Every image is rendered from cells: nuclei (DNA) as soft ellipses with chromatin texture,
 cytoplasm (ER: perinuclear gradient with texture; RNA: diffuse plus nucleoli; AGP: cortical

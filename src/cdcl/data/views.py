@@ -1,4 +1,4 @@
-"""Multi-crop views and augmentations, computed for a whole batch at once (DESIGN §4).
+"""Multi-crop views and augmentations, computed for a whole batch at once (docs/design.md §4).
 
 Augmentations: random resized crops, horizontal/vertical flips, random 90° rotations and a
 per-channel intensity jitter ``x_c <- a_c * x_c + b_c`` (a_c ~ N(1, s_a²), b_c ~ N(0, s_b²)),
@@ -29,7 +29,7 @@ every crop of a view at once ("matmul": two batched matrix products with the res
 weights, a few kernels per view instead of several per crop). Zoom-out (area scale > 1): the
 crop window may be larger than the image; pixels outside it are filled by mirror reflection
 (``reflect`` without repeating the edge), so a scale of 1.1 shows the whole image plus a
-mirrored margin, i.e. a slight zoom-out, as in the seed's intent.
+mirrored margin, i.e. a slight zoom-out, as in the reference implementation's intent.
 
 View order (DINO family, 2 + 2·n_local views): global(A), global(B), n_local × local(A),
 n_local × local(B). BYOL family: global(A), global(B). Single: global(A).
@@ -73,7 +73,7 @@ class ViewsConfig:
     jitter_offset_unit: str = "plate_std"
 
     def resolved(self, image_size: int) -> ViewsConfig:
-        """A copy with crop sizes filled in from the (resized) image size, as the seed scales."""
+        """A copy with crop sizes filled in from the (resized) image size, as the reference implementation scales."""
         base = int(self.resize) if self.resize else int(image_size)
         g = self.global_size or max(1, round(base * 224 / 256))
         loc = self.local_size or max(1, round(base * 112 / 256))

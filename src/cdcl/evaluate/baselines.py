@@ -2,7 +2,7 @@
 
 - ``intensity``: ten hand-crafted statistics per channel of the plate-standardised centre view
   (mean, std, percentiles 1/5/25/50/75/95/99, fraction of pixels more than 2 control standard
-  deviations above the control mean). DESIGN §9: on intensity-driven screens these beat many
+  deviations above the control mean). docs/design.md §9: on intensity-driven screens these beat many
   learned representations, so every report shows them.
 - ``random``: the run's backbone architecture with fresh random weights (seeded): what the
   architecture alone gives.

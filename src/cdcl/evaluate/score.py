@@ -1,4 +1,4 @@
-"""Scoring one feature set: every metric of DESIGN §7, and the shared parts of a results.json.
+"""Scoring one feature set: every metric of docs/design.md §7, and the shared parts of a results.json.
 
 :func:`evaluate_features` (profiles + canonical metadata + train/test masks -> nested dict of
 figures) is the common core of a run's evaluation (:mod:`cdcl.evaluate.evaluate`), of

@@ -1,6 +1,6 @@
 """BYOL and BYOL-CB (Grill et al. 2020); BYOL-CB takes view 1 from the cross-batch partner.
 
-As in the seed, each view goes through the networks on its own, so every BatchNorm (backbone,
+As in the reference implementation, each view goes through the networks on its own, so every BatchNorm (backbone,
 projector, predictor) normalises one view's images: in BYOL-CB the A- and B-views (different
 batches) are never mixed in one set of BN statistics.
 """
@@ -47,7 +47,7 @@ class BYOL(Method):
         return [self.online_backbone, self.projector, self.predictor]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Online backbone features (DESIGN §7)."""
+        """Online backbone features (docs/design.md §7)."""
         return self.online_backbone(images)
 
     def loss(self, batch: dict, step_state: StepState) -> tuple[torch.Tensor, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""DINO, DINO-CB and CDCL: one class, three switches (DESIGN §5).
+"""DINO, DINO-CB and CDCL: one class, three switches (docs/design.md §5).
 
 - DINO: one centre (1, K), cross-entropy over (teacher global i, student view v ≠ i) pairs.
 - DINO-CB: DINO with cross-batch pairing (``cross_batch``: view B comes from a partner image
@@ -75,7 +75,7 @@ class DINO(Method):
         return [p for p in self.student_head.last_layer.parameters() if p.requires_grad]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Teacher backbone features (DESIGN §7)."""
+        """Teacher backbone features (docs/design.md §7)."""
         return self.teacher_backbone(images)
 
     def teacher_temp(self, step_state: StepState) -> float:

@@ -1,4 +1,4 @@
-"""Pure loss and centre-update functions of DINO, CDCL and BYOL (DESIGN §5).
+"""Pure loss and centre-update functions of DINO, CDCL and BYOL (docs/design.md §5).
 
 Shapes: student logits ``s`` (V, N, K) for V views of N images, teacher logits ``t`` (2, N, K)
 for the two global views (teacher view 0 = global(A), 1 = global(B)). View order:
@@ -66,7 +66,7 @@ def dino_cross_entropy(
     """Mean over pairs and images of −Σ_k q_k log p_k; also returns q (2, N, K).
 
     q = softmax((t − c)/τ_t) (teacher, no gradient), log p = log_softmax(s/τ_s). Not divided
-    by log K (callers do that, as the seed does).
+    by log K (callers do that, as the reference implementation does).
     """
     q = F.softmax(_full(teacher_centered.detach()) / teacher_temp, dim=-1)
     logp = F.log_softmax(_full(student) / student_temp, dim=-1)
@@ -110,7 +110,7 @@ def barlow_loss(
 
     Per pair (i, v): C = BN((t_i − c)/τ_t)ᵀ BN(s_v/τ_s) / N (global batch N),
     l = (1−λ)·mean_j (C_jj − 1)² + λ·mean_{j≠k} C_jk². The temperatures only matter through
-    BN's eps, but that is the seed's formula, and near the uniform teacher (per-prototype std
+    BN's eps, but that is the reference implementation's formula, and near the uniform teacher (per-prototype std
     ≪ 0.01) BN(t − c) would damp the teacher's low-variance dimensions instead.
 
     ``algo``: "einsum" forms all pairs' K×K matrices in one einsum (P·K² memory); "gram" uses

@@ -156,7 +156,7 @@ class DINOHead(nn.Module):
 class MLP(nn.Module):
     """BYOL projector/predictor: Linear → BN → ReLU → Linear (→ BN when ``out_bn``).
 
-    The seed's BYOL projector ends in a BN of its output (``out_bn=True``); its predictor does not.
+    The reference implementation's BYOL projector ends in a BN of its output (``out_bn=True``); its predictor does not.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, out_bn: bool = False) -> None:

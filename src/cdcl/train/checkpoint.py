@@ -1,4 +1,4 @@
-"""Checkpoints: atomic, resumable, loadable with ``torch.load(weights_only=True)`` (DESIGN §6).
+"""Checkpoints: atomic, resumable, loadable with ``torch.load(weights_only=True)`` (docs/design.md §6).
 
 A checkpoint is a dict of tensors and plain containers only (no pickled objects): the method's
 state dict (student, teacher, heads, centres, probe), both optimisers, the step counters, every

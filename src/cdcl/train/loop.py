@@ -1,4 +1,4 @@
-"""The training loop (DESIGN §6), in the shape of DINO's ``main_dino.py``.
+"""The training loop (docs/design.md §6), in the shape of DINO's ``main_dino.py``.
 
 ``train`` sets a run up (:func:`set_up`: data, method, optimisers, training set, schedules,
 and the checkpoint it resumes from), then calls :func:`train_one_epoch` until the last epoch,

@@ -1,4 +1,4 @@
-"""Per-iteration schedules: pure functions of the global step (DESIGN §6).
+"""Per-iteration schedules: pure functions of the global step (docs/design.md §6).
 
 Every value the optimiser or the method needs at step ``s`` (learning rate, weight decay,
 EMA momentum, teacher temperature) is computed from ``s`` alone, so a resumed run continues
