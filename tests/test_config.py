@@ -39,7 +39,7 @@ def test_every_preset_loads_and_round_trips(name: str) -> None:
 
 
 def test_seed_faithful_values() -> None:
-    """RxRx1/cpg0004 presets carry the seed's settings (DESIGN §4-5)."""
+    """RxRx1/cpg0004 presets carry the reference implementation's settings (docs/design.md §4-5)."""
     r = load_config("rxrx1-cdcl")
     assert (r.model.arch, r.views.resize, r.views.global_size, r.views.local_size) == (
         "vit_small_patch16_224",
@@ -110,7 +110,7 @@ def test_ill_typed_values_name_key_and_type(override: str, expected: str) -> Non
 
 
 def test_zero_false_and_null_overrides_are_honoured() -> None:
-    """0, false and null replace non-zero preset values (the seed ignored numeric zeros)."""
+    """0, false and null replace non-zero preset values (the reference implementation ignored numeric zeros)."""
     base = load_config("synthetic-dino")
     assert (
         base.method.head_bn is True and base.train.clip_grad == 3.0 and base.train.warmup_epochs > 0

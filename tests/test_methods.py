@@ -220,7 +220,9 @@ def test_byol_projector_ends_in_batch_norm_and_views_are_normalised_apart() -> N
     from cdcl.models.heads import GlobalBatchNorm1d
 
     m = _build("byol_cb", TINY_RESNET)  # ResNet: the backbone's own BNs see one view at a time
-    assert isinstance(m.projector.net[-1], GlobalBatchNorm1d)  # the seed's Linear → BN(256)
+    assert isinstance(
+        m.projector.net[-1], GlobalBatchNorm1d
+    )  # the reference implementation's Linear → BN(256)
     assert not isinstance(m.predictor.net[-1], GlobalBatchNorm1d)
     m.train()
     batch = _batch(m, b=8)

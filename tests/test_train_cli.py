@@ -86,7 +86,7 @@ def test_each_synthetic_preset_trains_and_reloads(
     assert all(m["images_per_s"] > 0 and "lr" in m and "wd" in m for m in train)
     val = [m for m in records if m["kind"] == "val"]
     assert len(val) == 1 and 0.0 <= val[0]["probe_acc"] <= 1.0 and val[0]["n_val"] == 24
-    # best.pt fires on the first validation (the seed's never did).
+    # best.pt fires on the first validation (the reference implementation's never did).
     for name in ("last.pt", "best.pt"):
         raw = torch.load(run / "checkpoints" / name, weights_only=True)
         assert raw["step"] == 3 and raw["config"]["method"]["name"] == method.replace("-", "_")

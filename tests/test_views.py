@@ -1,4 +1,4 @@
-"""Batched views checked against their specification (DESIGN §4) over many draws."""
+"""Batched views checked against their specification (docs/design.md §4) over many draws."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_view_shapes_and_order(channels: int, resampler: str) -> None:
     shapes = [tuple(v.shape) for v in views]
     assert shapes == [(2, channels, 56, 56)] * 2 + [(2, channels, 28, 28)] * 6
     assert all(v.dtype == torch.float32 for v in views)
-    src = [float(v.mean()) for v in views]  # DESIGN §4: global A, global B, 3 x A, 3 x B
+    src = [float(v.mean()) for v in views]  # docs/design.md §4: global A, global B, 3 x A, 3 x B
     assert src == pytest.approx([100, 200, 100, 100, 100, 200, 200, 200])
     byol, _ = _views(images, cfg, "byol", [0, 1], resampler=resampler)
     assert [float(v.mean()) for v in byol] == pytest.approx([100, 200])

@@ -92,7 +92,7 @@ class ViewsConfig:
 
 
 def view_slots(cfg: ViewsConfig, kind: str) -> list[tuple[int, bool]]:
-    """(source, is_global) of each view in DESIGN order; source 0 = image A, 1 = its partner B."""
+    """(source, is_global) of each view in the order of docs/design.md §4; source 0 = image A, 1 = its partner B."""
     if kind not in VIEW_KINDS:
         raise ValueError(f"view kind {kind!r}: expected one of {VIEW_KINDS}")
     if kind == "single":
@@ -256,7 +256,7 @@ def batch_views(
     value_max: float,
     resampler: str | None = None,
 ) -> list[torch.Tensor]:
-    """The training views of a batch, in DESIGN order: one (B, C, S, S) float32 tensor per view.
+    """The training views of a batch, in the order of docs/design.md §4: one (B, C, S, S) float32 tensor per view.
 
     ``images`` (B, 2, C, H, W) holds each item's image A and its partner B in stored units, on
     the device where the views are wanted; ``plate_mean``/``plate_std`` (B, 2, C) their plate

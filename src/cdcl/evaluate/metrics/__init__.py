@@ -1,4 +1,4 @@
-"""Evaluation metrics for batch-robust profiles of high-content screens (DESIGN section 7).
+"""Evaluation metrics for batch-robust profiles of high-content screens (docs/design.md §7).
 
 Pure functions on ``features`` (float32, shape (n, d)) and aligned metadata (arrays, pandas
 Series or a DataFrame with one row per feature row); no file I/O. Everything that compares all
