@@ -245,3 +245,33 @@ def test_a_study_json_without_a_design_counts_as_the_first_look(tmp_path: Path) 
     study = json.loads((out / "study.json").read_text())
     assert study["design"]["replicates"] == ["seed0", "seed1", "seed2"]
     assert len(study["looks"]) == 2
+
+
+def test_per_query_outcomes_are_stored_and_add_up() -> None:
+    import pandas as pd
+
+    from cdcl.evaluate.metrics.classification import logistic_probe_accuracy
+    from cdcl.evaluate.metrics.matching import nsc_nscb
+
+    rng = np.random.default_rng(2)
+    rows = []
+    for b in ("B1", "B2"):
+        for c in range(6):
+            for _ in range(3):
+                rows.append({"batch": b, "compound": f"c{c}", "treatment": f"c{c}", "moa": c % 3})
+    meta = pd.DataFrame(rows).assign(is_control=False)
+    x = rng.normal(size=(len(meta), 8)) + meta["moa"].to_numpy()[:, None] * 0.5
+    res = nsc_nscb(x, meta)
+    q = res["queries"]
+    assert len(q["nsc"]["hit"]) == res["n_nsc"]
+    assert np.mean(q["nsc"]["hit"]) == pytest.approx(res["nsc"])
+    assert len(q["nscb"]["hit"]) == res["n_nscb"] == 12
+    assert np.mean(q["nscb"]["hit"]) == pytest.approx(res["nscb"])
+    assert sorted(set(q["nscb"]["batch"])) == ["B1", "B2"]
+    assert set(q["nscb"]["compound"]) == {f"c{c}" for c in range(6)}
+    tr = meta["batch"].to_numpy() == "B1"
+    y = meta["treatment"].to_numpy()
+    probe = logistic_probe_accuracy(x[tr], y[tr], x[~tr], y[~tr])
+    per = probe["per_label"]
+    assert sum(per["n"]) == int((~tr).sum())
+    assert sum(per["correct"]) / sum(per["n"]) == pytest.approx(probe["accuracy"])
