@@ -275,3 +275,35 @@ def test_per_query_outcomes_are_stored_and_add_up() -> None:
     per = probe["per_label"]
     assert sum(per["n"]) == int((~tr).sum())
     assert sum(per["correct"]) / sum(per["n"]) == pytest.approx(probe["accuracy"])
+
+
+def test_compound_bootstrap_difference() -> None:
+    rng = np.random.default_rng(4)
+    comps = [f"c{i}" for i in range(30)]
+    method, reference = [], []
+    for _rep in range(3):
+        hm = rng.random(30) < 0.7
+        hr = rng.random(30) < 0.5
+        method.append(st.per_compound(comps, hm))
+        reference.append(st.per_compound(comps, hr))
+    res = st.compound_bootstrap_difference(method, reference, n_boot=2000, seed=1)
+    # the point estimate is the plain mean over replicates of the accuracy difference
+    plain = np.mean(
+        [
+            sum(h for h, _ in m.values()) / 30 - sum(h for h, _ in r.values()) / 30
+            for m, r in zip(method, reference)
+        ]
+    )
+    assert res["mean_diff"] == pytest.approx(plain)
+    assert res["ci_low"] < res["mean_diff"] < res["ci_high"]
+    assert res["n_compounds"] == 30 and res["n_boot"] == 2000
+    # with one query per compound, the half-width is near the binomial-type standard error
+    # of a difference of means over 30 compounds: 1.96 · sd(per-compound diff) / sqrt(30)
+    diffs = np.mean([[m[c][0] - r[c][0] for c in comps] for m, r in zip(method, reference)], axis=0)
+    se = np.std(diffs, ddof=1) / math.sqrt(30)
+    assert (res["ci_high"] - res["ci_low"]) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    # identical rows: a zero-width interval at 0
+    same = st.compound_bootstrap_difference(method, method, n_boot=200)
+    assert (same["mean_diff"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
+    # per_compound sums the queries of a compound
+    assert st.per_compound(["a", "a", "b"], [1, 0, 1]) == {"a": (1.0, 2.0), "b": (1.0, 1.0)}
