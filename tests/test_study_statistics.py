@@ -307,3 +307,49 @@ def test_compound_bootstrap_difference() -> None:
     assert (same["mean_diff"], same["ci_low"], same["ci_high"]) == (0.0, 0.0, 0.0)
     # per_compound sums the queries of a compound
     assert st.per_compound(["a", "a", "b"], [1, 0, 1]) == {"a": (1.0, 2.0), "b": (1.0, 1.0)}
+
+
+def _results_with_queries(rng: np.random.Generator, comps: list[str]) -> dict:
+    def row(p: float) -> dict:
+        hit = [bool(h) for h in rng.random(len(comps)) < p]
+        q = {"nscb": {"treatment": comps, "compound": comps, "batch": ["B1"] * len(comps)}}
+        q["nscb"]["hit"] = hit
+        return {"plate_normalized": {"moa_matching": {"queries": q, "nscb": float(np.mean(hit))}}}
+
+    return {"feature_sets": {"DINO": row(0.5), "CDCL": row(0.7)}}
+
+
+def test_compound_interval_in_the_study(tmp_path: Path) -> None:
+    from cdcl.study import replicate_outcomes
+
+    rng = np.random.default_rng(9)
+    comps = [f"c{i}" for i in range(24)]
+    results = [_results_with_queries(rng, comps) for _ in range(3)]
+    outcomes = [replicate_outcomes(r) for r in results]
+    assert outcomes[0]["plate_normalized"]["CDCL"]["NSCB"]["c0"][1] == 1.0
+    figs = [
+        _fig(
+            {
+                k: {"NSCB": v["plate_normalized"]["moa_matching"]["nscb"]}
+                for k, v in r["feature_sets"].items()
+            }
+        )
+        for r in results
+    ]
+    spec = StudySpec(out=tmp_path / "s", seeds=(0, 1, 2), methods=("DINO", "CDCL"))
+    finish_study(spec, ["DINO", "CDCL"], _records([0, 1, 2], [None]), figs, outcomes)
+    study = json.loads((spec.out / "study.json").read_text())
+    d = next(x for x in study["differences"] if x["metric"] == "NSCB")
+    assert d["interval"] == "compounds"  # every replicate evaluated the same compounds
+    assert d["bootstrap"]["mean_diff"] == pytest.approx(d["mean_diff"])
+    assert d["bootstrap"]["n_compounds"] == 24
+    assert "(compounds)" in (spec.out / "study.md").read_text()
+    # without stored outcomes the interval is the t-interval over units
+    finish_study(
+        StudySpec(out=tmp_path / "t", seeds=(0, 1, 2), methods=("DINO", "CDCL")),
+        ["DINO", "CDCL"],
+        _records([0, 1, 2], [None]),
+        figs,
+    )
+    plain = json.loads((tmp_path / "t" / "study.json").read_text())
+    assert next(x for x in plain["differences"] if x["metric"] == "NSCB")["interval"] == "t"

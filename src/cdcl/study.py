@@ -255,14 +255,87 @@ def replicate_figures(results: dict[str, Any]) -> dict[str, dict[str, dict[str, 
     return out
 
 
+# Metrics whose per-query outcomes a replicate keeps: (path to the outcomes, their kind).
+OUTCOME_SOURCES = {
+    "NSC": (("moa_matching", "queries", "nsc"), "queries"),
+    "NSCB": (("moa_matching", "queries", "nscb"), "queries"),
+    "treatment acc (logistic)": (("classification", "logistic", "per_label"), "labels"),
+}
+
+
+def replicate_outcomes(
+    results: dict[str, Any],
+) -> dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]]:
+    """``{variant: {row: {metric: {compound: (correct, answered)}}}}`` from a results.json.
+
+    The probe's outcomes are per treatment (its label); metrics without stored outcomes (an
+    older results.json) are left out.
+    """
+    out: dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]] = {}
+    for row, res in (results.get("feature_sets") or {}).items():
+        for variant in VARIANTS:
+            for metric, (path, kind) in OUTCOME_SOURCES.items():
+                node: Any = (res or {}).get(variant)
+                for key in path:
+                    node = node.get(key) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    continue
+                if kind == "queries" and "compound" in node:
+                    counts = st.per_compound(node["compound"], node["hit"])
+                elif kind == "labels" and "label" in node:
+                    counts = st.per_compound(node["label"], node["correct"], node["n"])
+                else:
+                    continue
+                out.setdefault(variant, {}).setdefault(str(row), {})[metric] = counts
+    return out
+
+
+def add_compound_intervals(
+    diffs: list[dict[str, Any]],
+    outcomes: list[dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]]],
+) -> None:
+    """Add a bootstrap-over-compounds CI to the differences whose outcomes every replicate kept.
+
+    It becomes the displayed interval (``interval``: "compounds") when every replicate evaluated
+    the same compounds: then the replicates share them and an interval over replicates leaves
+    out the variation from which compounds the screen happens to hold. Otherwise the t-interval
+    over units stays the displayed one (``interval``: "t").
+    """
+    for d in diffs:
+        d["interval"] = "t"
+        if d["metric"] not in OUTCOME_SOURCES:
+            continue
+        m, r = [], []
+        for rep in outcomes:
+            rows = rep.get(d["variant"], {})
+            a = rows.get(d["features"], {}).get(d["metric"])
+            b = rows.get(d["reference"], {}).get(d["metric"])
+            if a is None or b is None:
+                break
+            m.append(a)
+            r.append(b)
+        else:
+            if not m:
+                continue
+            boot = st.compound_bootstrap_difference(m, r)
+            d["bootstrap"] = boot
+            sets = {frozenset(x) for x in (*m, *r)}
+            if len(sets) == 1:
+                d["interval"] = "compounds"
+
+
 def aggregate_study(
     figures: list[dict[str, dict[str, dict[str, Any]]]],
     references: tuple[str, ...],
     alpha: float = st.ALPHA,
     lower_is_better: set[str] | frozenset[str] = frozenset(LOWER_IS_BETTER),
     units: list[Any] | None = None,
+    outcomes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Summaries, differences and verdicts per profile variant, plus the headline verdicts.
+
+    ``outcomes`` (one :func:`replicate_outcomes` per replicate) adds bootstrap-over-compounds
+    intervals (:func:`add_compound_intervals`).
 
     ``units`` (one per replicate, e.g. its held-out fold): replicates sharing a unit are averaged
     before testing. The pre-declared metrics of each (variant, row, reference) form one family
@@ -279,6 +352,7 @@ def aggregate_study(
         summary += [{"variant": variant, **r} for r in s]
         diffs += [{"variant": variant, **r} for r in d]
     adjust_primary_family(diffs, alpha)
+    add_compound_intervals(diffs, outcomes or [])
     rows = {r["features"] for r in summary}
     return {
         "summary": summary,
@@ -383,7 +457,10 @@ def _diff_cell(d: dict[str, Any]) -> str:
 
 
 def _ci(d: dict[str, Any]) -> str:
-    return f"[{_num(d['ci_low'], True)}, {_num(d['ci_high'], True)}]"
+    if d.get("interval") == "compounds":
+        b = d["bootstrap"]
+        return f"[{_num(b['ci_low'], True)}, {_num(b['ci_high'], True)}] (compounds)"
+    return f"[{_num(d['ci_low'], True)}, {_num(d['ci_high'], True)}] (t)"
 
 
 def _metric_label(metric: str) -> str:
@@ -477,7 +554,8 @@ HEADLINE_COLUMNS = [
 HEADLINE_NOTE = (
     "n: independent units (folds when seeds share held-out plates, else replicates). "
     "p (Holm): Holm-adjusted across the pre-declared metrics for this reference; the verdict "
-    "uses it. detectable ±: the smallest difference the design could detect at this n "
+    "uses it. 95% CI: (t) over units, (compounds) a bootstrap over compounds, used where "
+    "every replicate evaluates the same compounds. detectable ±: the smallest difference the design could detect at this n "
     "(α two-sided, power 0.8; noncentral t from the observed sd of the paired differences)."
 )
 
@@ -858,12 +936,14 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     fix_design(spec.out, [r.name for r in reps])  # before any replicate runs
     records: list[dict[str, Any]] = []
     figures: list[dict[str, dict[str, dict[str, Any]]]] = []
+    outcomes: list[dict[str, Any]] = []
     for i, rep in enumerate(reps, 1):
         with Stage(spec, f"replicate {rep.name} ({i}/{len(reps)})", marker="==="):
             results, reused = run_replicate(spec, rep)
             if reused:
                 print(f"    reused replicates/{rep.name}/results.json", flush=True)
         figures.append(replicate_figures(results))
+        outcomes.append(replicate_outcomes(results))
         records.append(
             {
                 "name": rep.name,
@@ -880,7 +960,7 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
                 "tables": results.get("tables", {}),
             }
         )
-    return finish_study(spec, labels, records, figures)
+    return finish_study(spec, labels, records, figures, outcomes)
 
 
 def finish_study(
@@ -888,6 +968,7 @@ def finish_study(
     labels: list[str],
     records: list[dict[str, Any]],
     figures: list[dict[str, dict[str, dict[str, Any]]]],
+    outcomes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Aggregate the replicates' figures and write study.json, study.md and report.html."""
     reps = [Replicate(r["seed"], r["fold"]) for r in records]
@@ -897,7 +978,7 @@ def finish_study(
     # Seeds evaluated on the same held-out fold share its plates: the fold is the unit.
     units: list[Any] | None = [r.fold for r in reps] if spec.folds else None
     with Stage(spec, "aggregate", marker="==="):
-        agg = aggregate_study(figures, spec.references, spec.alpha, units=units)
+        agg = aggregate_study(figures, spec.references, spec.alpha, units=units, outcomes=outcomes)
     looks = study_looks(spec.out, names, agg["headline"])
     first = _demo_spec(spec, reps[0])
     study: dict[str, Any] = {
@@ -922,6 +1003,7 @@ def finish_study(
             "paired": st.UNIT_TEST if st.shares_units(units) else st.PAIRED_TEST,
             "multiplicity": st.HOLM,
             "power": st.MDD_METHOD,
+            "compound_interval": st.BOOTSTRAP_METHOD.format(n_boot=2000),
             "ci": st.CI_METHOD,
             "wilcoxon": st.WILCOXON_TEST,
             "alpha": spec.alpha,
