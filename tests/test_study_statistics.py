@@ -336,7 +336,7 @@ def test_compound_interval_in_the_study(tmp_path: Path) -> None:
         )
         for r in results
     ]
-    spec = StudySpec(out=tmp_path / "s", seeds=(0, 1, 2), methods=("DINO", "CDCL"))
+    spec = StudySpec(out=tmp_path / "s", dataset="bbbc021", seeds=(0, 1, 2), methods=None)
     finish_study(spec, ["DINO", "CDCL"], _records([0, 1, 2], [None]), figs, outcomes)
     study = json.loads((spec.out / "study.json").read_text())
     d = next(x for x in study["differences"] if x["metric"] == "NSCB")
@@ -346,10 +346,19 @@ def test_compound_interval_in_the_study(tmp_path: Path) -> None:
     assert "(compounds)" in (spec.out / "study.md").read_text()
     # without stored outcomes the interval is the t-interval over units
     finish_study(
-        StudySpec(out=tmp_path / "t", seeds=(0, 1, 2), methods=("DINO", "CDCL")),
+        StudySpec(out=tmp_path / "t", dataset="bbbc021", seeds=(0, 1, 2), methods=None),
         ["DINO", "CDCL"],
         _records([0, 1, 2], [None]),
         figs,
     )
     plain = json.loads((tmp_path / "t" / "study.json").read_text())
     assert next(x for x in plain["differences"] if x["metric"] == "NSCB")["interval"] == "t"
+    # the simulated screen draws new compounds per seed: bootstrap kept, t-interval shown
+    syn = StudySpec(out=tmp_path / "u", seeds=(0, 1, 2), methods=("DINO", "CDCL"))
+    finish_study(syn, ["DINO", "CDCL"], _records([0, 1, 2], [None]), figs, outcomes)
+    d = next(
+        x
+        for x in json.loads((tmp_path / "u" / "study.json").read_text())["differences"]
+        if x["metric"] == "NSCB"
+    )
+    assert d["interval"] == "t" and d["bootstrap"]["n_compounds"] == 24
