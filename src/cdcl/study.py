@@ -652,8 +652,8 @@ def write_markdown(study: dict[str, Any], path: Path) -> Path:
         "",
         _held_out_line(study),
         "",
-        f"Intervals: {st.CI_METHOD}. Test: {st.PAIRED_TEST}, pairing replicates by seed and "
-        f"fold; α = {cfg['alpha']}. Verdict per metric: better / worse / no detectable "
+        f"Intervals: {st.CI_METHOD} (over units). Test: {study['test']['paired']}, pairing "
+        f"replicates by seed and fold; α = {cfg['alpha']}; {st.HOLM}. Verdict per metric: better / worse / no detectable "
         "difference (direction-aware: ↓ marks lower-is-better metrics). "
         f"{st.WILCOXON_TEST} in study.json.",
         "",
@@ -768,7 +768,8 @@ def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Pat
         f"({html.escape(', '.join(r['name'] for r in study['replicates']))}"
         f"); {html.escape(study['replicate_definition'])}</p>"
         f"<p>{html.escape(_held_out_line(study))}</p><p>Intervals: "
-        f"{html.escape(st.CI_METHOD)}. Test: {html.escape(st.PAIRED_TEST)}; α = {cfg['alpha']}."
+        f"{html.escape(st.CI_METHOD)} (over units). Test: {html.escape(study['test']['paired'])}"
+        f"; α = {cfg['alpha']}; {html.escape(st.HOLM)}."
         "</p>" + "".join(f"<p><b>Note.</b> {html.escape(n)}</p>" for n in study["notes"])
     )
     sections: list[tuple[str, str]] = [("Study", intro)]
