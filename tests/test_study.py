@@ -328,6 +328,9 @@ def test_study_rerun_reuses_replicates_and_gives_the_same_json(
     again = json.loads((out / "study.json").read_text())
     assert all(r["reused"] for r in again["replicates"])
     _assert_close(_figures(first), _figures(again))
+    # the same replicates again are the same look at the plan fixed by the first run
+    assert again["design"] == {"replicates": ["seed0", "seed1"], "n": 2}
+    assert [lk["look"] for lk in again["looks"]] == [1]
 
 
 @pytest.mark.slow

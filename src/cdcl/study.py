@@ -255,23 +255,107 @@ def replicate_figures(results: dict[str, Any]) -> dict[str, dict[str, dict[str, 
     return out
 
 
+# Metrics whose per-query outcomes a replicate keeps: (path to the outcomes, their kind).
+OUTCOME_SOURCES = {
+    "NSC": (("moa_matching", "queries", "nsc"), "queries"),
+    "NSCB": (("moa_matching", "queries", "nscb"), "queries"),
+    "treatment acc (logistic)": (("classification", "logistic", "per_label"), "labels"),
+}
+
+
+def replicate_outcomes(
+    results: dict[str, Any],
+) -> dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]]:
+    """``{variant: {row: {metric: {compound: (correct, answered)}}}}`` from a results.json.
+
+    The probe's outcomes are per treatment (its label); metrics without stored outcomes (an
+    older results.json) are left out.
+    """
+    out: dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]] = {}
+    for row, res in (results.get("feature_sets") or {}).items():
+        for variant in VARIANTS:
+            for metric, (path, kind) in OUTCOME_SOURCES.items():
+                node: Any = (res or {}).get(variant)
+                for key in path:
+                    node = node.get(key) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    continue
+                if kind == "queries" and "compound" in node:
+                    counts = st.per_compound(node["compound"], node["hit"])
+                elif kind == "labels" and "label" in node:
+                    counts = st.per_compound(node["label"], node["correct"], node["n"])
+                else:
+                    continue
+                out.setdefault(variant, {}).setdefault(str(row), {})[metric] = counts
+    return out
+
+
+def add_compound_intervals(
+    diffs: list[dict[str, Any]],
+    outcomes: list[dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]]],
+    fixed_compounds: bool = True,
+) -> None:
+    """Add a bootstrap-over-compounds CI to the differences whose outcomes every replicate kept.
+
+    It becomes the displayed interval (``interval``: "compounds") when every replicate evaluated
+    the same compounds (``fixed_compounds``, and the same compound names everywhere): then the
+    replicates share them and an interval over replicates leaves out the variation from which
+    compounds the screen happens to hold. Otherwise (e.g. the simulated screen, whose compounds
+    are drawn anew per seed) the t-interval over units stays the displayed one (``"t"``).
+    """
+    for d in diffs:
+        d["interval"] = "t"
+        if d["metric"] not in OUTCOME_SOURCES:
+            continue
+        m, r = [], []
+        for rep in outcomes:
+            rows = rep.get(d["variant"], {})
+            a = rows.get(d["features"], {}).get(d["metric"])
+            b = rows.get(d["reference"], {}).get(d["metric"])
+            if a is None or b is None:
+                break
+            m.append(a)
+            r.append(b)
+        else:
+            if not m:
+                continue
+            boot = st.compound_bootstrap_difference(m, r)
+            d["bootstrap"] = boot
+            sets = {frozenset(x) for x in (*m, *r)}
+            if fixed_compounds and len(sets) == 1:
+                d["interval"] = "compounds"
+
+
 def aggregate_study(
     figures: list[dict[str, dict[str, dict[str, Any]]]],
     references: tuple[str, ...],
     alpha: float = st.ALPHA,
     lower_is_better: set[str] | frozenset[str] = frozenset(LOWER_IS_BETTER),
+    units: list[Any] | None = None,
+    outcomes: list[dict[str, Any]] | None = None,
+    fixed_compounds: bool = True,
 ) -> dict[str, Any]:
-    """Summaries, differences and verdicts per profile variant, plus the headline verdicts."""
+    """Summaries, differences and verdicts per profile variant, plus the headline verdicts.
+
+    ``outcomes`` (one :func:`replicate_outcomes` per replicate) adds bootstrap-over-compounds
+    intervals (:func:`add_compound_intervals`).
+
+    ``units`` (one per replicate, e.g. its held-out fold): replicates sharing a unit are averaged
+    before testing. The pre-declared metrics of each (variant, row, reference) form one family
+    whose p-values are Holm-adjusted; their verdicts use the adjusted p-values.
+    """
     variants = [v for v in VARIANTS if any(v in f for f in figures)]
     variants += sorted({v for f in figures for v in f} - set(variants))
     summary: list[dict[str, Any]] = []
     diffs: list[dict[str, Any]] = []
     for variant in variants:
         s, d = st.aggregate(
-            [f.get(variant, {}) for f in figures], references, lower_is_better, alpha
+            [f.get(variant, {}) for f in figures], references, lower_is_better, alpha, units
         )
         summary += [{"variant": variant, **r} for r in s]
         diffs += [{"variant": variant, **r} for r in d]
+    adjust_primary_family(diffs, alpha)
+    add_compound_intervals(diffs, outcomes or [], fixed_compounds)
     rows = {r["features"] for r in summary}
     return {
         "summary": summary,
@@ -280,6 +364,26 @@ def aggregate_study(
         "references_missing": [r for r in references if r not in rows],
         "headline": headline(diffs, references, alpha),
     }
+
+
+def adjust_primary_family(diffs: list[dict[str, Any]], alpha: float = st.ALPHA) -> None:
+    """Add Holm-adjusted p-values over the pre-declared metrics, per (variant, row, reference).
+
+    The pre-declared metrics' verdicts then use the adjusted p (the raw verdict is kept as
+    ``verdict_raw``); other metrics are exploratory: ``p_holm`` is None and the verdict raw.
+    """
+    families: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for d in diffs:
+        d["verdict_raw"] = d["verdict"]
+        d["p_holm"] = None
+        if is_primary(d["metric"]):
+            families.setdefault((d["variant"], d["features"], d["reference"]), []).append(d)
+    for family in families.values():
+        for d, p_adj in zip(family, st.holm([d["p"] for d in family])):
+            d["p_holm"] = p_adj
+            d["verdict"] = st.verdict(
+                d["mean_diff"], p_adj, d["n"], bool(d["lower_is_better"]), alpha
+            )
 
 
 def headline(
@@ -356,7 +460,10 @@ def _diff_cell(d: dict[str, Any]) -> str:
 
 
 def _ci(d: dict[str, Any]) -> str:
-    return f"[{_num(d['ci_low'], True)}, {_num(d['ci_high'], True)}]"
+    if d.get("interval") == "compounds":
+        b = d["bootstrap"]
+        return f"[{_num(b['ci_low'], True)}, {_num(b['ci_high'], True)}] (compounds)"
+    return f"[{_num(d['ci_low'], True)}, {_num(d['ci_high'], True)}] (t)"
 
 
 def _metric_label(metric: str) -> str:
@@ -427,6 +534,8 @@ def headline_rows(agg: dict[str, Any], reference: str, n_total: int) -> list[lis
                 _ci(d),
                 str(d["n"]),
                 _p(d["p"]) + ("†" if d.get("zero_variance") else ""),
+                _p(d.get("p_holm")),
+                _num(d.get("min_detectable_diff")),
                 d["verdict"],
             ]
         )
@@ -441,12 +550,72 @@ HEADLINE_COLUMNS = [
     "95% CI",
     "n",
     "p",
+    "p (Holm)",
+    "detectable ±",
     "verdict",
 ]
+HEADLINE_NOTE = (
+    "n: independent units (folds when seeds share held-out plates, else replicates). "
+    "p (Holm): Holm-adjusted across the pre-declared metrics for this reference; the verdict "
+    "uses it. 95% CI: (t) over units, (compounds) a bootstrap over compounds, used where "
+    "every replicate evaluates the same compounds. detectable ±: the smallest difference the design could detect at this n "
+    "(α two-sided, power 0.8; noncentral t from the observed sd of the paired differences)."
+)
+
+
+def headline_tests(study: dict[str, Any], reference: str) -> str:
+    """The test(s) behind a headline table, e.g. 'paired t on fold means …'."""
+    tests = {
+        d.get("test", st.PAIRED_TEST)
+        for d in study["differences"]
+        if d["variant"] == PRIMARY_VARIANT
+        and d["features"] == HEADLINE_METHOD
+        and d["reference"] == reference
+        and is_primary(d["metric"])
+    }
+    return "; ".join(sorted(tests))
+
+
+def n_units(study: dict[str, Any]) -> int:
+    """The number of independent units of a study (folds when seeds share them, else replicates)."""
+    return int(study.get("n_units", len(study["replicates"])))
+
+
+def _look_suffix(study: dict[str, Any]) -> str:
+    looks = study.get("looks", [])
+    if len(looks) < 2:
+        return ""
+    return (
+        f" (look {len(looks)} of a study planned with {len(study['design']['replicates'])} "
+        "replicates: not corrected for the repeated look, see the notes)"
+    )
+
+
+def second_look_note(study: dict[str, Any]) -> str | None:
+    """The note that a study was extended after an earlier look at its results, or None."""
+    looks = study.get("looks", [])
+    if len(looks) < 2:
+        return None
+    planned = study["design"]["replicates"]
+    earlier = "; ".join(
+        f"look {lk['look']}: {len(lk['replicates'])} replicates, overall "
+        + (", ".join(f"vs {r} {v}" for r, v in lk.get("overall", {}).items()) or "–")
+        for lk in looks[:-1]
+    )
+    return (
+        f"Look {len(looks)}: this study was planned with {len(planned)} replicates "
+        f"({', '.join(planned)}) and its results were reported before the replicates changed to "
+        f"{len(looks[-1]['replicates'])}. Each look tested at α adds to the chance of a false "
+        "'better' or 'worse' (two looks at 0.05 give about 0.08); the verdicts here are not "
+        f"corrected for it. Earlier looks: {earlier}."
+    )
 
 
 def _notes(study: dict[str, Any]) -> list[str]:
     notes = []
+    look = second_look_note(study)
+    if look:
+        notes.append(look)
     rows = {r["features"] for r in study["summary"]}
     if any(("+harmony" in r or "+combat" in r) for r in rows):
         notes.append(TRANSDUCTIVE_NOTE)
@@ -473,17 +642,18 @@ def _held_out_line(study: dict[str, Any]) -> str:
 
 def write_markdown(study: dict[str, Any], path: Path) -> Path:
     """study.md: what was run, the headline verdicts, means ± CI and differences per variant."""
-    cfg, n_total = study["config"], len(study["replicates"])
+    cfg, n_total = study["config"], n_units(study)
     md = [
         f"# cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}",
         "",
-        f"{n_total} replicates ({', '.join(r['name'] for r in study['replicates'])}); "
+        f"{len(study['replicates'])} replicates "
+        f"({', '.join(r['name'] for r in study['replicates'])}); "
         f"methods {', '.join(cfg['methods'])}; {study['replicate_definition']}",
         "",
         _held_out_line(study),
         "",
-        f"Intervals: {st.CI_METHOD}. Test: {st.PAIRED_TEST}, pairing replicates by seed and "
-        f"fold; α = {cfg['alpha']}. Verdict per metric: better / worse / no detectable "
+        f"Intervals: {st.CI_METHOD} (over units). Test: {study['test']['paired']}, pairing "
+        f"replicates by seed and fold; α = {cfg['alpha']}; {st.HOLM}. Verdict per metric: better / worse / no detectable "
         "difference (direction-aware: ↓ marks lower-is-better metrics). "
         f"{st.WILCOXON_TEST} in study.json.",
         "",
@@ -502,7 +672,10 @@ def write_markdown(study: dict[str, Any], path: Path) -> Path:
             "|" + "---|" * len(HEADLINE_COLUMNS),
             *("| " + " | ".join(r) + " |" for r in rows),
             "",
-            f"Overall (rule of the README's 'Studies' section): **{h['overall'] if h else '–'}**.",
+            f"Test: {headline_tests(study, ref)}. {HEADLINE_NOTE}",
+            "",
+            f"Overall (rule of the README's 'Studies' section): **{h['overall'] if h else '–'}**"
+            f"{_look_suffix(study)}.",
             "",
         ]
     for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
@@ -585,16 +758,18 @@ def forest_plot(
 def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Path | None]) -> Path:
     """The self-contained report.html: headline, forest plots, tables, replicates, times."""
 
-    cfg, n_total = study["config"], len(study["replicates"])
+    cfg, n_total = study["config"], n_units(study)
 
     def table(df: pd.DataFrame) -> str:
         return df.to_html(escape=True, border=0)
 
     intro = (
-        f"<p>{n_total} replicates ({html.escape(', '.join(r['name'] for r in study['replicates']))}"
+        f"<p>{len(study['replicates'])} replicates "
+        f"({html.escape(', '.join(r['name'] for r in study['replicates']))}"
         f"); {html.escape(study['replicate_definition'])}</p>"
         f"<p>{html.escape(_held_out_line(study))}</p><p>Intervals: "
-        f"{html.escape(st.CI_METHOD)}. Test: {html.escape(st.PAIRED_TEST)}; α = {cfg['alpha']}."
+        f"{html.escape(st.CI_METHOD)} (over units). Test: {html.escape(study['test']['paired'])}"
+        f"; α = {cfg['alpha']}; {html.escape(st.HOLM)}."
         "</p>" + "".join(f"<p><b>Note.</b> {html.escape(n)}</p>" for n in study["notes"])
     )
     sections: list[tuple[str, str]] = [("Study", intro)]
@@ -607,7 +782,10 @@ def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Pat
                 (
                     f"{HEADLINE_METHOD} vs {ref}: pre-declared metrics",
                     table(pd.DataFrame(rows, columns=cols).set_index("metric"))
-                    + f"<p>Overall: <b>{html.escape(h['overall'] if h else '–')}</b></p>",
+                    + f"<p>Test: {html.escape(headline_tests(study, ref))}. "
+                    f"{html.escape(HEADLINE_NOTE)}</p>"
+                    + f"<p>Overall: <b>{html.escape(h['overall'] if h else '–')}</b>"
+                    f"{html.escape(_look_suffix(study))}</p>",
                 )
             )
     for key, pic in pictures.items():
@@ -673,7 +851,82 @@ def _replicate_definition(spec: StudySpec) -> str:
         if spec.folds
         else ", on the dataset's stored held-out batches"
     )
-    return what + folds + "."
+    unit = (
+        "; seeds evaluated on the same fold share its held-out plates, so the fold is the unit "
+        "of replication: figures are averaged within a fold and tested on fold means (n = folds)"
+        if spec.folds and len(spec.seeds) > 1
+        else ""
+    )
+    return what + folds + unit + "."
+
+
+DESIGN_FILE = "design.json"
+
+
+def fix_design(out: Path, names: list[str]) -> dict[str, Any]:
+    """The study's planned replicates: read from ``OUT/design.json``, written there if absent.
+
+    The plan is fixed the first time a study runs in ``out`` (a study.json of an older version
+    without a design counts as the plan it reported), and later runs with other replicates are
+    extensions of it, not a new plan.
+    """
+    path = out / DESIGN_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise CdclError(
+                f"{path}: damaged; restore it or remove it to fix the present replicates as "
+                "the plan"
+            ) from None
+    old = _previous_study(out)
+    planned = (
+        old["design"]["replicates"]
+        if old and "design" in old
+        else [r["name"] for r in old["replicates"]]
+        if old
+        else names
+    )
+    design = {"replicates": list(planned), "n": len(planned)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(design, indent=2) + "\n")
+    return design
+
+
+def _previous_study(out: Path) -> dict[str, Any] | None:
+    path = out / "study.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a damaged earlier output is replaced, not read
+
+
+def study_looks(
+    out: Path, names: list[str], headline_: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every look at the study's results so far: earlier ones from study.json, then this one.
+
+    Running the same replicates again is the same look; a different set of replicates after a
+    reported study (more seeds into the same --out) is a new look.
+    """
+    old = _previous_study(out)
+    looks: list[dict[str, Any]] = []
+    if old is not None:
+        looks = old.get("looks") or [
+            {
+                "look": 1,
+                "replicates": [r["name"] for r in old["replicates"]],
+                "overall": {h["reference"]: h["overall"] for h in old.get("headline", [])},
+            }
+        ]
+    overall = {h["reference"]: h["overall"] for h in headline_}
+    if looks and looks[-1]["replicates"] == names:
+        looks[-1] = {**looks[-1], "overall": overall}
+    else:
+        looks.append({"look": len(looks) + 1, "replicates": names, "overall": overall})
+    return looks
 
 
 def run_study(spec: StudySpec) -> dict[str, Any]:
@@ -684,14 +937,17 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
             shutil.rmtree(spec.out / sub, ignore_errors=True)
     spec.out.mkdir(parents=True, exist_ok=True)
     reps = replicates(spec)
+    fix_design(spec.out, [r.name for r in reps])  # before any replicate runs
     records: list[dict[str, Any]] = []
     figures: list[dict[str, dict[str, dict[str, Any]]]] = []
+    outcomes: list[dict[str, Any]] = []
     for i, rep in enumerate(reps, 1):
         with Stage(spec, f"replicate {rep.name} ({i}/{len(reps)})", marker="==="):
             results, reused = run_replicate(spec, rep)
             if reused:
                 print(f"    reused replicates/{rep.name}/results.json", flush=True)
         figures.append(replicate_figures(results))
+        outcomes.append(replicate_outcomes(results))
         records.append(
             {
                 "name": rep.name,
@@ -708,7 +964,7 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
                 "tables": results.get("tables", {}),
             }
         )
-    return finish_study(spec, labels, records, figures)
+    return finish_study(spec, labels, records, figures, outcomes)
 
 
 def finish_study(
@@ -716,12 +972,26 @@ def finish_study(
     labels: list[str],
     records: list[dict[str, Any]],
     figures: list[dict[str, dict[str, dict[str, Any]]]],
+    outcomes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Aggregate the replicates' figures and write study.json, study.md and report.html."""
     reps = [Replicate(r["seed"], r["fold"]) for r in records]
+    names = [r.name for r in reps]
     spec.out.mkdir(parents=True, exist_ok=True)
+    design = fix_design(spec.out, names)
+    # Seeds evaluated on the same held-out fold share its plates: the fold is the unit.
+    units: list[Any] | None = [r.fold for r in reps] if spec.folds else None
     with Stage(spec, "aggregate", marker="==="):
-        agg = aggregate_study(figures, spec.references, spec.alpha)
+        agg = aggregate_study(
+            figures,
+            spec.references,
+            spec.alpha,
+            units=units,
+            outcomes=outcomes,
+            # the simulated screen draws its compounds anew per seed; BBBC021's are fixed
+            fixed_compounds=spec.dataset != "synthetic",
+        )
+    looks = study_looks(spec.out, names, agg["headline"])
     first = _demo_spec(spec, reps[0])
     study: dict[str, Any] = {
         "kind": "study",
@@ -737,8 +1007,15 @@ def finish_study(
             "alpha": spec.alpha,
         },
         "replicate_definition": _replicate_definition(spec),
+        "design": design,
+        "looks": looks,
+        "n_units": len(set(units)) if st.shares_units(units) else len(reps),
+        "unit": "fold" if st.shares_units(units) else "replicate",
         "test": {
-            "paired": st.PAIRED_TEST,
+            "paired": st.UNIT_TEST if st.shares_units(units) else st.PAIRED_TEST,
+            "multiplicity": st.HOLM,
+            "power": st.MDD_METHOD,
+            "compound_interval": st.BOOTSTRAP_METHOD.format(n_boot=2000),
             "ci": st.CI_METHOD,
             "wilcoxon": st.WILCOXON_TEST,
             "alpha": spec.alpha,
@@ -785,7 +1062,7 @@ def _write_json(study: dict[str, Any], path: Path) -> None:
 
 def headline_text(study: dict[str, Any]) -> str:
     """The headline tables as plain text for the terminal."""
-    n_total = len(study["replicates"])
+    n_total = n_units(study)
     parts = []
     for ref in study["references_present"]:
         rows = headline_rows(study, ref, n_total)
@@ -796,6 +1073,7 @@ def headline_text(study: dict[str, Any]) -> str:
         df = pd.DataFrame(rows, columns=cols).set_index("metric")
         parts.append(
             f"{HEADLINE_METHOD} vs {ref} ({VARIANT_TITLES[PRIMARY_VARIANT]}):\n"
-            f"{df.to_string()}\noverall: {h['overall'] if h else '–'}"
+            f"{df.to_string()}\ntest: {headline_tests(study, ref)}\n"
+            f"overall: {h['overall'] if h else '–'}{_look_suffix(study)}"
         )
     return "\n\n".join(parts) if parts else "(no headline: CDCL or the reference is missing)"

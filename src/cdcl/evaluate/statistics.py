@@ -3,6 +3,11 @@
 Pure functions over plain numbers. A replicate is one training + evaluation (one seed and/or one
 held-out-batch fold); figures missing in a replicate (None or NaN) are left out, and a paired
 difference uses only the replicates where both figures exist, so every result carries its ``n``.
+
+When several replicates share a unit (seeds evaluated on the same held-out fold), the unit is
+what is independent: figures are averaged within the unit first and the test runs on the unit
+means, so ``n`` counts units. Holm's step-down adjustment guards a family of metrics, and the
+minimum detectable difference says how large an effect the design could have found.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ PAIRED_TEST = "paired t-test (scipy.stats.ttest_rel), two-sided"
 CI_METHOD = "95% t-interval across replicates: mean ± t(0.975, n-1) · sd / sqrt(n)"
 WILCOXON_TEST = "Wilcoxon signed-rank (scipy.stats.wilcoxon), two-sided, when n >= 6"
 WILCOXON_MIN_N = 6
+UNIT_TEST = "paired t on fold means (scipy.stats.ttest_rel over per-fold averages), two-sided"
+HOLM = "Holm step-down adjustment across the pre-declared metrics, per reference"
+POWER = 0.8
+MDD_METHOD = (
+    "smallest mean paired difference detectable at the study's n (two-sided α, power 0.8), "
+    "from the observed sd of the paired differences; exact noncentral t (scipy.stats.nct)"
+)
 BETTER, WORSE, NO_DIFFERENCE, TOO_FEW = (
     "better",
     "worse",
@@ -51,9 +63,30 @@ def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[floa
     return mean - half, mean + half
 
 
-def summarise(values: Iterable[Any], confidence: float = CONFIDENCE) -> dict[str, Any]:
-    """n, mean, sample standard deviation and the t confidence interval of the finite values."""
-    x = clean(values)
+def unit_means(values: Sequence[Any], units: Sequence[Any]) -> np.ndarray:
+    """The mean of the finite values within each unit, units in order of first appearance."""
+    if len(values) != len(units):
+        raise ValueError(f"values and units need equal lengths, got {len(values)}, {len(units)}")
+    groups: dict[Any, list[float]] = {}
+    for v, u in zip(values, units):
+        if _finite(v):
+            groups.setdefault(u, []).append(float(v))
+    return np.array([np.mean(g) for g in groups.values()], dtype=np.float64)
+
+
+def shares_units(units: Sequence[Any] | None) -> bool:
+    """Whether some unit holds more than one replicate (so replicates are not independent)."""
+    return units is not None and len(set(units)) < len(units)
+
+
+def summarise(
+    values: Sequence[Any], confidence: float = CONFIDENCE, units: Sequence[Any] | None = None
+) -> dict[str, Any]:
+    """n, mean, sample standard deviation and the t confidence interval of the finite values.
+
+    With ``units`` shared by several replicates, the statistics are over the unit means.
+    """
+    x = unit_means(values, units) if shares_units(units) else clean(values)
     n = len(x)
     lo, hi = t_interval(x, confidence)
     return {
@@ -92,15 +125,87 @@ def verdict(
     return BETTER if improves else WORSE
 
 
+def detectable_power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> float:
+    """Power of the two-sided one-sample (paired) t-test to detect a mean ``effect`` at ``n``."""
+    if n < 2 or not (math.isfinite(sd) and sd > 0):
+        return math.nan
+    df = n - 1
+    crit = float(stats.t.ppf(1 - alpha / 2, df))
+    ncp = effect / (sd / math.sqrt(n))
+    upper = float(stats.nct.sf(crit, df, ncp))
+    lower = float(stats.nct.cdf(-crit, df, ncp))
+    # scipy returns nan for the far tail opposite a large noncentrality, where it is ~0.
+    return upper + (lower if math.isfinite(lower) else 0.0)
+
+
+def min_detectable_difference(
+    sd: float, n: int, alpha: float = ALPHA, power: float = POWER
+) -> float:
+    """Smallest mean paired difference the two-sided t-test detects with ``power`` at ``n``.
+
+    Solves power(δ) = ``power`` with the noncentral t distribution; nan when n < 2 or sd is
+    not positive.
+    """
+    if n < 2 or not (math.isfinite(sd) and sd > 0):
+        return math.nan
+    from scipy.optimize import brentq
+
+    se = sd / math.sqrt(n)
+
+    def gap(c: float) -> float:
+        return detectable_power(c * se, sd, n, alpha) - power
+
+    # Power rises monotonically in the noncentrality: widen the bracket until it holds the
+    # root (scipy's nct loses precision far out, so the bracket grows step by step).
+    hi = 4.0
+    while gap(hi) < 0:
+        hi *= 1.5
+        if hi > 1e3:
+            return math.nan
+    return float(brentq(gap, 1e-9, hi, xtol=1e-12) * se)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (as statsmodels' multipletests(method="holm")).
+
+    Non-finite p-values are left out of the family and returned as nan.
+    """
+    idx = [i for i, p in enumerate(pvalues) if _finite(p)]
+    out = [math.nan] * len(pvalues)
+    m = len(idx)
+    running = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda j: float(pvalues[j]))):
+        running = max(running, min(1.0, (m - rank) * float(pvalues[i])))
+        out[i] = running
+    return out
+
+
 def paired_difference(
     method: Sequence[Any],
     reference: Sequence[Any],
     lower_is_better: bool = False,
     alpha: float = ALPHA,
     confidence: float = CONFIDENCE,
+    units: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """method − reference over complete replicate pairs: mean, sd, t CI, paired t p, verdict."""
-    a, b = paired(method, reference)
+    """method − reference over complete replicate pairs: mean, sd, t CI, paired t p, verdict.
+
+    With ``units`` (one per replicate) shared by several replicates, each unit's complete pairs
+    are averaged first and the test runs on the unit means: ``n`` is the number of units and
+    ``n_replicates`` the number of complete pairs behind them.
+    """
+    if units is not None and len(units) != len(method):
+        raise ValueError(f"units need one entry per replicate, got {len(units)}")
+    by_unit = shares_units(units)
+    if by_unit:
+        keep = [i for i in range(len(method)) if _finite(method[i]) and _finite(reference[i])]
+        n_reps = len(keep)
+        kept_units = [units[i] for i in keep]  # type: ignore[index]
+        a = unit_means([method[i] for i in keep], kept_units)
+        b = unit_means([reference[i] for i in keep], kept_units)
+    else:
+        a, b = paired(method, reference)
+        n_reps = len(a)
     d = a - b
     n = len(d)
     lo, hi = t_interval(d, confidence)
@@ -120,16 +225,21 @@ def paired_difference(
             warnings.simplefilter("ignore", RuntimeWarning)
             p_w = float(stats.wilcoxon(a, b).pvalue)
     mean_diff = float(np.mean(d)) if n else math.nan
+    sd_diff = float(np.std(d, ddof=1)) if n > 1 else math.nan
     return {
         "n": n,
+        "n_replicates": n_reps,
+        "unit": "fold" if by_unit else "replicate",
+        "test": UNIT_TEST if by_unit else PAIRED_TEST,
         "mean_diff": mean_diff,
-        "sd_diff": float(np.std(d, ddof=1)) if n > 1 else math.nan,
+        "sd_diff": sd_diff,
         "ci_low": lo,
         "ci_high": hi,
         "t": t_stat,
         "p": p,
         "p_wilcoxon": p_w,
         "verdict": verdict(mean_diff, p, n, lower_is_better, alpha),
+        "min_detectable_diff": min_detectable_difference(sd_diff, n, alpha),
         # The same nonzero difference in every replicate (common with count-based figures and
         # few replicates): scipy's t is infinite and p = 0, which overstates the evidence.
         "zero_variance": bool(n >= 2 and np.ptp(d) <= 1e-12 and abs(mean_diff) > 1e-12),
@@ -141,8 +251,11 @@ def aggregate(
     references: Sequence[str],
     lower_is_better: Iterable[str] = (),
     alpha: float = ALPHA,
+    units: Sequence[Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Summaries and paired differences of ``figures`` (one ``{row: {metric: value}}`` per replicate).
+
+    ``units`` (one per replicate, e.g. its fold) makes shared units the unit of replication.
 
     Rows and metrics are taken in order of first appearance; a row missing from a replicate
     counts as missing figures there. Returns (summary records, difference records), each record
@@ -164,7 +277,7 @@ def aggregate(
     summary: list[dict[str, Any]] = []
     for row in rows:
         for metric in metrics:
-            s = summarise(series(row, metric))
+            s = summarise(series(row, metric), units=units)
             if s["n"]:
                 summary.append(
                     {"features": row, "metric": metric, "lower_is_better": metric in lower, **s}
@@ -178,7 +291,7 @@ def aggregate(
                 continue
             for metric in metrics:
                 d = paired_difference(
-                    series(row, metric), series(ref, metric), metric in lower, alpha
+                    series(row, metric), series(ref, metric), metric in lower, alpha, units=units
                 )
                 if d["n"]:
                     diffs.append(
@@ -191,3 +304,86 @@ def aggregate(
                         }
                     )
     return summary, diffs
+
+
+BOOTSTRAP_METHOD = (
+    "95% percentile interval of a bootstrap over compounds (the same compounds drawn for both "
+    "rows and every replicate), {n_boot} resamples"
+)
+
+
+def compound_bootstrap_difference(
+    method: Sequence[dict[str, tuple[float, float]]],
+    reference: Sequence[dict[str, tuple[float, float]]],
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> dict[str, Any]:
+    """Mean over replicates of method − reference accuracy, with a bootstrap CI over compounds.
+
+    Each replicate gives, per row, ``{compound: (correct, answered)}`` (per-query outcomes
+    summed per compound, e.g. NSCB queries or probe predictions). One bootstrap draw resamples
+    the compounds present in any replicate with replacement and recomputes every replicate's
+    accuracy (Σ correct / Σ answered over the drawn compounds) for both rows; the statistic is
+    the mean paired difference over replicates. This interval covers the compounds a study
+    happens to contain, which an interval over replicates does not when every replicate
+    evaluates the same compounds.
+    """
+    if len(method) != len(reference) or not method:
+        raise ValueError("method and reference need the same, non-zero number of replicates")
+    compounds = sorted({c for rep in (*method, *reference) for c in rep})
+    index = {c: i for i, c in enumerate(compounds)}
+
+    def counts(reps: Sequence[dict[str, tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray]:
+        hit = np.zeros((len(reps), len(compounds)))
+        tot = np.zeros((len(reps), len(compounds)))
+        for r, rep in enumerate(reps):
+            for c, (h, n) in rep.items():
+                hit[r, index[c]], tot[r, index[c]] = h, n
+        return hit, tot
+
+    hm, nm = counts(method)
+    hr, nr = counts(reference)
+
+    def statistic(w: np.ndarray) -> np.ndarray:
+        # w: (draws, compounds) multiplicities; accuracy per draw and replicate.
+        with np.errstate(invalid="ignore", divide="ignore"):
+            am = (w @ hm.T) / (w @ nm.T)
+            ar = (w @ hr.T) / (w @ nr.T)
+        return np.nanmean(am - ar, axis=1)
+
+    point = float(statistic(np.ones((1, len(compounds))))[0])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(compounds), size=(n_boot, len(compounds)))
+    w = np.zeros((n_boot, len(compounds)))
+    np.add.at(w, (np.arange(n_boot)[:, None], draws), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw without answered queries
+        boot = statistic(w)
+    boot = boot[np.isfinite(boot)]
+    tail = (1 - confidence) / 2
+    lo, hi = (
+        (float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail)))
+        if boot.size
+        else (math.nan, math.nan)
+    )
+    return {
+        "mean_diff": point,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n_compounds": len(compounds),
+        "n_boot": int(boot.size),
+        "interval": BOOTSTRAP_METHOD.format(n_boot=n_boot),
+    }
+
+
+def per_compound(
+    compounds: Sequence[Any], hits: Sequence[Any], answered: Sequence[Any] | None = None
+) -> dict[str, tuple[float, float]]:
+    """``{compound: (correct, answered)}`` from per-query (or per-label) outcomes."""
+    answered = [1] * len(hits) if answered is None else answered
+    out: dict[str, tuple[float, float]] = {}
+    for c, h, n in zip(compounds, hits, answered):
+        prev = out.get(str(c), (0.0, 0.0))
+        out[str(c)] = (prev[0] + float(h), prev[1] + float(n))
+    return out

@@ -72,8 +72,13 @@ def logistic_probe_accuracy(
     of ``max_train`` rows stratified by label (every label keeps at least one row), which
     bounds the lbfgs cost on large screens; ``n_train`` reports the rows used.
 
+    ``per_label`` counts the test rows and correct predictions of every test label (column
+    lists ``label``, ``n``, ``correct``), so that an interval can resample labels (compounds)
+    rather than replicates.
+
     Returns:
-        ``{"accuracy", "macro_f1", "n_test_unseen_label", "n_unseen_classes", "n_train"}``.
+        ``{"accuracy", "macro_f1", "n_test_unseen_label", "n_unseen_classes", "n_train",
+        "per_label"}``.
     """
     tr = _features(train_x, "train_x")
     te = _features(test_x, "test_x")
@@ -96,7 +101,20 @@ def logistic_probe_accuracy(
     out["n_test_unseen_label"] = int(unseen.sum())
     out["n_unseen_classes"] = int(np.unique(yte[unseen]).size)
     out["n_train"] = int(tr.shape[0])
+    out["per_label"] = per_label_outcomes(yte, pred)  # type: ignore[assignment]
     return out
+
+
+def per_label_outcomes(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, list[Any]]:
+    """Test rows and correct predictions per true label (labels as text, sorted)."""
+    yt = np.asarray(y_true).astype(str)
+    ok = yt == np.asarray(y_pred).astype(str)
+    labels, codes = np.unique(yt, return_inverse=True)
+    return {
+        "label": [str(v) for v in labels],
+        "n": [int(v) for v in np.bincount(codes, minlength=labels.size)],
+        "correct": [int(v) for v in np.bincount(codes, weights=ok, minlength=labels.size)],
+    }
 
 
 def _stratified_sample(y: np.ndarray, size: int, seed: int) -> np.ndarray:

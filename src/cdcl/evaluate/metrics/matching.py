@@ -78,10 +78,11 @@ def _nearest_moa_hits(
     moa_codes: np.ndarray,
     comp_codes: np.ndarray,
     batch_codes: np.ndarray | None,
-) -> tuple[int, int]:
-    """(correct, answered) 1-NN MoA predictions excluding self, same compound and same batch."""
+) -> np.ndarray:
+    """Per query: 1 if the 1-NN (excluding self, same compound, same batch) shares its MoA,
+    0 if not, -1 if no candidate is left."""
     n = profiles.shape[0]
-    hits = counted = 0
+    outcome = np.full(n, -1, dtype=np.int8)
     step = max(1, BLOCK_ELEMS // max(n, 1))
     for a, b in iter_blocks(n, step):
         sims = profiles[a:b] @ profiles.T
@@ -92,9 +93,17 @@ def _nearest_moa_hits(
             sims[batch_codes[a:b, None] == batch_codes[None, :]] = -np.inf
         best = sims.argmax(axis=1)
         valid = np.isfinite(sims[local, best])
-        counted += int(valid.sum())
-        hits += int((moa_codes[best[valid]] == moa_codes[a:b][valid]).sum())
-    return hits, counted
+        block = outcome[a:b]
+        block[valid] = moa_codes[best[valid]] == moa_codes[a:b][valid]
+    return outcome
+
+
+def _query_record(outcome: np.ndarray, **labels: np.ndarray) -> dict[str, list[Any]]:
+    """Answered queries as columns (labels and ``hit``), for a bootstrap over compounds."""
+    ok = outcome >= 0
+    rec: dict[str, list[Any]] = {k: [str(v) for v in col[ok]] for k, col in labels.items()}
+    rec["hit"] = [bool(h) for h in outcome[ok]]
+    return rec
 
 
 def nsc_nscb(
@@ -129,9 +138,13 @@ def nsc_nscb(
     compound defaults to the treatment when ``compound_col`` is absent; without
     ``batch_col`` NSCB is NaN.
 
+    ``queries`` holds every answered query's outcome (``{"nsc": {"treatment", "compound",
+    "hit"}, "nscb": {"treatment", "compound", "batch", "hit"}}``, column lists), so that an
+    interval can resample compounds rather than replicates.
+
     Returns:
         ``{"nsc", "nscb", "n_nsc", "n_nscb", "n_skipped_nsc", "n_skipped_nscb",
-        "n_treatments", "n_moas"}``.
+        "n_treatments", "n_moas", "queries"}``.
     """
     x = _features(features)
     frame = meta.reset_index(drop=True)
@@ -150,6 +163,7 @@ def nsc_nscb(
     if n_t < 2:
         out.update(nsc=float("nan"), nscb=float("nan"), n_nsc=0, n_nscb=0)
         out.update(n_skipped_nsc=int(n_t), n_skipped_nscb=int(n_t), n_moas=0)
+        out["queries"] = {}
         return out
     profiles = _unit_rows(_group_mean(x, tcodes, n_t, rows=rows))
 
@@ -169,15 +183,21 @@ def nsc_nscb(
     moa = per_treatment(moa_col)
     moa_codes, moas = _codes(moa, moa_col)
     comp_src = compound_col if compound_col in sub.columns else treatment_col
-    comp_codes = _codes(per_treatment(comp_src), comp_src, allow_na=True)[0]
+    comp_names = per_treatment(comp_src)
+    comp_codes = _codes(comp_names, comp_src, allow_na=True)[0]
     # A missing compound only matches itself: give it the treatment's own unique code.
     na = comp_codes < 0
     comp_codes[na] = comp_codes.max() + 1 + np.arange(na.sum())
+    comp_names = np.where(na, treatments, comp_names)  # ...and its treatment as its name
     out["n_moas"] = int(moas.size)
 
-    hits, counted = _nearest_moa_hits(profiles, moa_codes, comp_codes, None)
+    res = _nearest_moa_hits(profiles, moa_codes, comp_codes, None)
+    hits, counted = int((res == 1).sum()), int((res >= 0).sum())
     out.update(nsc=hits / counted if counted else float("nan"), n_nsc=counted)
     out["n_skipped_nsc"] = int(n_t - counted)
+    out["queries"] = {
+        "nsc": _query_record(res, treatment=treatments, compound=comp_names),
+    }
     if batch_col not in sub.columns:
         out.update(nscb=float("nan"), n_nscb=0, n_skipped_nscb=0)
         return out
@@ -188,7 +208,12 @@ def nsc_nscb(
     g_t = groups.to_numpy() // (int(bcodes.max()) + 1)
     g_b = groups.to_numpy() % (int(bcodes.max()) + 1)
     gprof = _unit_rows(_group_mean(x, gcodes.astype(np.int64), len(groups), rows=rows[ok]))
-    hits, counted = _nearest_moa_hits(gprof, moa_codes[g_t], comp_codes[g_t], g_b)
+    res = _nearest_moa_hits(gprof, moa_codes[g_t], comp_codes[g_t], g_b)
+    hits, counted = int((res == 1).sum()), int((res >= 0).sum())
+    batch_names = np.asarray(_codes(sub[batch_col], batch_col, allow_na=True)[1], dtype=object)
+    out["queries"]["nscb"] = _query_record(
+        res, treatment=treatments[g_t], compound=comp_names[g_t], batch=batch_names[g_b]
+    )
     out.update(nscb=hits / counted if counted else float("nan"), n_nscb=counted)
     out["n_skipped_nscb"] = int(len(groups) - counted)
     return out
