@@ -48,12 +48,10 @@ def _cells_of_block(preset: str, seed: int, overrides: dict, n: int) -> tuple:
     """The cells the renderer places in the first ``n`` images (same draws as _render_block)."""
     cfg = S.resolve_config(preset, **overrides)
     d = S._design(cfg, seed)
-    idx = np.arange(min(S.BLOCK, cfg.n_images))
-    rng = np.random.default_rng([seed, 1, 0])
-    eff = d.effects[d.treat_of[idx]] * d.batch_response[d.batch_of[idx]][:, None]
-    eff = eff + d.well_effect[d.well_of[idx]]
+    idx, key = S.blocks(cfg, seed)[0]
+    assert idx[0] == 0 and len(idx) >= n
     margin = int(math.ceil(14 * cfg.image_size / 64.0))
-    cells = S._place_cells(d, idx, eff, rng, margin)
+    _, cells = S._block_cells(d, idx, np.random.default_rng(key), margin)
     return cells, margin, cfg.image_size
 
 
@@ -145,8 +143,8 @@ def test_cellprofiler_embed_end_to_end_and_row_equals_cp_measure(
     ds = open_dataset(screen)
     assert len(table) == len(ds)
     i = 7
-    row = table[table["Metadata_well"] == ds.samples["well"][i]]
-    row = row[row["Metadata_plate"] == ds.samples["plate"][i]].iloc[0]
+    row = table[table["Metadata_Well"] == ds.samples["well"][i]]
+    row = row[row["Metadata_Plate"] == ds.samples["plate"][i]].iloc[0]
     image, masks = ds.read(i), ds.read_masks([i])[0]
     core = get_core_measurements()
     pixels = image.astype(np.float64) / 65535.0
@@ -182,9 +180,9 @@ def test_cellprofiler_embed_end_to_end_and_row_equals_cp_measure(
     assert feats and all(c.startswith(("Cells_", "Nuclei_")) for c in feats)
     x = prof[feats].to_numpy()
     assert np.isfinite(x).all() and np.abs(x).max() <= 500
-    ctrl = prof["Metadata_is_control"].to_numpy(bool)
+    ctrl = prof["Metadata_Is_Control"].to_numpy(bool)
     # mad_robustize: the controls of every plate have median 0 on every kept feature
-    for _, grp in prof[ctrl].groupby("Metadata_plate"):
+    for _, grp in prof[ctrl].groupby("Metadata_Plate"):
         np.testing.assert_allclose(np.median(grp[feats].to_numpy(), axis=0), 0, atol=1e-5)
     assert not list(tmp_path.glob(".*cellprofiler*"))  # work directory removed
 

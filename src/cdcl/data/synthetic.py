@@ -884,12 +884,7 @@ def _render_block(
     scale = size / 64.0
     margin = int(math.ceil(14 * scale))
     hc = wc = size + 2 * margin
-    b_of = d.batch_of[idx]
-    # applied changes (n, n_params): treatment x batch response (weaker in crowded fields:
-    # confluence interacts with the treatment), plus replicate-well variation
-    response = d.batch_response[b_of] * np.exp(nz.CONFLUENCE["response"] * d.nuisance_density[idx])
-    eff = d.effects[d.treat_of[idx]] * response[:, None] + d.well_effect[d.well_of[idx]]
-    cells = _place_cells(d, idx, eff, rng, margin)
+    eff, cells = _block_cells(d, idx, rng, margin)
     canvas = _paint_cells(cells, n, hc, wc, scale)
     _paint_puncta(canvas, cells, eff, rng, scale)
     x = np.ascontiguousarray(canvas[:, :, margin:-margin, margin:-margin].transpose(1, 0, 2, 3))
@@ -897,6 +892,22 @@ def _render_block(
     _add_texture(x, eff, rng, scale)
     images = _apply_batch_nuisance(d, idx, x, rng)
     return (images, _label_masks(cells, n, hc, wc, margin)) if with_masks else images
+
+
+def _block_cells(
+    d: _Design, idx: np.ndarray, rng: np.random.Generator, margin: int
+) -> tuple[np.ndarray, Any]:
+    """The applied changes (n, n_params) of images ``idx`` and the cells placed in them.
+
+    The changes are the treatment x batch response (weaker in crowded fields: confluence
+    interacts with the treatment) plus replicate-well variation. The first random draws of a
+    block, so the cells of a block can be recomputed without rendering it (mask tests).
+    """
+    response = d.batch_response[d.batch_of[idx]] * np.exp(
+        nz.CONFLUENCE["response"] * d.nuisance_density[idx]
+    )
+    eff = d.effects[d.treat_of[idx]] * response[:, None] + d.well_effect[d.well_of[idx]]
+    return eff, _place_cells(d, idx, eff, rng, margin)
 
 
 def render(

@@ -295,8 +295,8 @@ def normalize_per_plate(table: pd.DataFrame, features: list[str], method: str) -
         return table
     parts = []
     meta_cols = [c for c in table.columns if c not in set(features)]
-    for plate, grp in table.groupby("Metadata_plate", sort=False):
-        has_controls = bool(grp["Metadata_is_control"].astype(bool).any())
+    for plate, grp in table.groupby("Metadata_Plate", sort=False):
+        has_controls = bool(grp["Metadata_Is_Control"].astype(bool).any())
         if not has_controls:
             warnings.warn(
                 f"plate {plate}: no control profiles; normalised against all its profiles",
@@ -309,7 +309,7 @@ def normalize_per_plate(table: pd.DataFrame, features: list[str], method: str) -
                     profiles=grp,
                     features=features,
                     meta_features=meta_cols,
-                    samples="Metadata_is_control == True" if has_controls else "all",
+                    samples="Metadata_Is_Control == True" if has_controls else "all",
                     method=method,
                 )
             )
@@ -336,6 +336,9 @@ def finish_profiles(
         [to_metadata_frame(meta), pd.DataFrame(x, columns=names)], axis=1
     ).reset_index(drop=True)
     table = normalize_per_plate(table, names, options.normalize)
+    # A feature constant over a plate's controls divides by pycytominer's 1e-18 floor and can
+    # overflow: treat it as missing, so feature selection drops it like any incomplete column.
+    table[names] = table[names].replace([np.inf, -np.inf], np.nan)
     kept = select_features(table, names) if options.select else list(names)
     if not kept:
         raise CdclError(
