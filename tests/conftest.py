@@ -20,6 +20,17 @@ import pytest  # noqa: E402
 from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PANDAS_COPY_ON_WRITE = pd.options.mode.copy_on_write
+
+
+@pytest.fixture(autouse=True)
+def _pandas_options_as_installed() -> None:
+    """Each test starts with pandas' copy-on-write as installed.
+
+    Importing pycytominer turns it on for the whole process; with xdist a test file that imports
+    it would otherwise change how every later file on the same worker runs.
+    """
+    pd.options.mode.copy_on_write = PANDAS_COPY_ON_WRITE
 
 
 def write_random_dataset(

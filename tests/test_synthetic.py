@@ -269,7 +269,7 @@ def _nscb(z: np.ndarray, s: pd.DataFrame) -> tuple[float, float]:
     hits, chance = [], []
     for i in range(len(meta)):
         ok = (meta["compound"] != meta["compound"][i]).to_numpy()
-        ok &= (meta["batch"] != meta["batch"][i]).to_numpy()
+        ok = ok & (meta["batch"] != meta["batch"][i]).to_numpy()
         j = np.flatnonzero(ok)[np.argmax(sim[i, ok])]
         hits.append(meta["moa"][j] == meta["moa"][i])
         chance.append((meta["moa"][ok] == meta["moa"][i]).mean())
