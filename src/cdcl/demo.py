@@ -256,7 +256,7 @@ def budget_overrides(spec: DemoSpec) -> list[str]:
     if spec.split is not None:
         over.append(f"data.split={spec.split}")
     if spec.quick:
-        # The tiny screen has 32-px fields: a smaller network and batch keep it under 2 minutes.
+        # The tiny screen has 32-px fields: a smaller network and batch keep it to a few minutes.
         over += [
             "train.batch_size=16",
             "train.warmup_epochs=1",

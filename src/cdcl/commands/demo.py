@@ -25,7 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bbbc021-dir", type=Path, default=None, help="folder with cells_subset.npz (bbbc021)"
     )
-    parser.add_argument("--quick", action="store_true", help="the tiny screen: under 2 minutes")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the tiny screen and two epochs per method: a check that everything runs (minutes on 2 CPU cores), not a result",
+    )
     parser.add_argument("--fresh", action="store_true", help="rebuild data and retrain everything")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
