@@ -32,7 +32,7 @@ from cdcl.evaluate.baselines import IntensityFeatures
 from cdcl.evaluate.calibration import calibrate
 from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE
 from cdcl.evaluate.embed import make_view_fn
-from cdcl.evaluate.evaluate import evaluate_images
+from cdcl.evaluate.evaluate import CELLPROFILER_NAME, evaluate_images
 from cdcl.evaluate.progress import keep_alive, working_on
 from cdcl.evaluate.report import (
     _calibration_html,
@@ -104,6 +104,7 @@ class DemoSpec:
     # simulated-screen overrides (e.g. test_batches, batch_strength); empty: the preset's
     screen: dict[str, Any] = field(default_factory=dict)
     calibrate: bool = False  # null + injected batch effects for the first method's profiles
+    cellprofiler: bool = False  # add the CellProfiler row (cp-measure per cell) and its corrections
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -344,17 +345,21 @@ def evaluate_runs(
             wp, wmeta, eval_mask=(wmeta["split"] == "test").to_numpy(), seed=spec.seed, name=label
         )
     if reference is not None:
-        baselines = {
+        baselines: dict[str, Callable[[Any], Any]] = {
             "intensity stats": IntensityFeatures(),
             "random network": random_like_run(reference, ds, seed=spec.seed),
         }
+        if spec.cellprofiler:
+            from cdcl.evaluate.cellprofiler_profiles import CellProfilerSource
+
+            baselines[CELLPROFILER_NAME] = CellProfilerSource()
         res, prof = evaluate_images(
             ds,
             split,
             baselines,
             make_view_fn(reference.views_cfg),
             corrections=CORRECTIONS,
-            correct_on=CORRECTED_SETS,
+            correct_on=(*CORRECTED_SETS, CELLPROFILER_NAME),
             null_size=null_size,
             seed=spec.seed,
             progress=spec.progress,

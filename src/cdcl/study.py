@@ -66,7 +66,8 @@ ZERO_VARIANCE_NOTE = (
     "† the same difference in every replicate: the t statistic is infinite and p = 0 by "
     "scipy's convention, which overstates the evidence; more replicates are needed."
 )
-SYMBOL = {st.BETTER: "▲", st.WORSE: "▼", st.NO_DIFFERENCE: "·", st.TOO_FEW: "?"}
+NO_POWER = "no power in this design"  # the calibration's verdict (cdcl.evaluate.calibration)
+SYMBOL = {st.BETTER: "▲", st.WORSE: "▼", st.NO_DIFFERENCE: "·", st.TOO_FEW: "?", NO_POWER: "∅"}
 
 
 def is_primary(metric: str) -> bool:
@@ -92,6 +93,8 @@ class StudySpec:
     alpha: float = st.ALPHA
     test_batches: int | None = None  # simulated screen: held-out batches (None: the preset's)
     batch_strength: float | None = None  # simulated screen: batch effect (None: calibrated, 1)
+    cellprofiler: bool = False  # every replicate adds the CellProfiler row and its corrections
+    calibrate: bool = False  # every replicate calibrates its design (metrics without power)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -197,6 +200,8 @@ def _demo_spec(spec: StudySpec, rep: Replicate) -> DemoSpec:
         bbbc021_dir=spec.bbbc021_dir,
         progress=spec.progress,
         screen=screen_overrides(spec) if spec.dataset == "synthetic" else {},
+        cellprofiler=spec.cellprofiler,
+        calibrate=spec.calibrate,
     )
 
 
@@ -210,11 +215,20 @@ def replicate_key(spec: StudySpec, rep: Replicate) -> dict[str, Any]:
         "fold": rep.fold,
         "methods": method_labels(demo),
         "budget": budget_overrides(demo),
-        "data": str(demo.data_dir.resolve()) if demo.data_dir else None,
+        # relative to the study's folder: a study copied or moved elsewhere stays reusable
+        "data": _relative(demo.data_dir, spec.out) if demo.data_dir else None,
         "bbbc021_dir": str(Path(spec.bbbc021_dir).resolve()) if spec.bbbc021_dir else None,
         # only when set, so that replicates of earlier studies stay reusable
         **({"screen": demo.screen} if demo.screen else {}),
+        **({"cellprofiler": True} if spec.cellprofiler else {}),
+        **({"calibrate": True} if spec.calibrate else {}),
     }
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it, else absolute."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 KEY_FILE = "replicate.json"
@@ -243,6 +257,32 @@ def run_replicate(spec: StudySpec, rep: Replicate) -> tuple[dict[str, Any], bool
     # The key is written last: its presence says the replicate's results are complete.
     atomic_write_text(key_file, json.dumps(key, indent=2))
     return json.loads(results_file.read_text()), False
+
+
+def metrics_without_power(results: list[dict[str, Any]]) -> dict[str, str]:
+    """Study metrics some replicate's calibration found without power: ``{metric: reason}``.
+
+    A metric counts as without power on the study's design when the calibration of any
+    replicate (``cdcl study --calibrate``) could not tell its strongest injected batch effect
+    from its null; the reason quoted is the first replicate's.
+    """
+    from cdcl.demo import COLUMN_PATHS
+    from cdcl.evaluate.calibration import CALIBRATED
+
+    column_of = {path: label for label, path in COLUMN_PATHS.items()}
+    out: dict[str, str] = {}
+    for i, res in enumerate(results):
+        for name, fs in (res.get("feature_sets") or {}).items():
+            cal = fs.get("calibration") if isinstance(fs, dict) else None
+            if not cal:
+                continue
+            for label, path, _ in CALIBRATED:
+                column = column_of.get(path)
+                if column is None or label not in cal.get("no_power", []):
+                    continue
+                reason = cal["metrics"].get(label, {}).get("reason", "no power in this design")
+                out.setdefault(column, f"{reason} ({name}, replicate {i + 1})")
+    return out
 
 
 def replicate_figures(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -334,6 +374,7 @@ def aggregate_study(
     units: list[Any] | None = None,
     outcomes: list[dict[str, Any]] | None = None,
     fixed_compounds: bool = True,
+    no_power: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Summaries, differences and verdicts per profile variant, plus the headline verdicts.
 
@@ -343,7 +384,12 @@ def aggregate_study(
     ``units`` (one per replicate, e.g. its held-out fold): replicates sharing a unit are averaged
     before testing. The pre-declared metrics of each (variant, row, reference) form one family
     whose p-values are Holm-adjusted; their verdicts use the adjusted p-values.
+
+    ``no_power`` (``{metric: reason}``, from the replicates' calibration) names pre-declared
+    metrics that cannot move on this design: they are reported but left out of the Holm
+    families and the verdicts.
     """
+    no_power = no_power or {}
     variants = [v for v in VARIANTS if any(v in f for f in figures)]
     variants += sorted({v for f in figures for v in f} - set(variants))
     summary: list[dict[str, Any]] = []
@@ -354,7 +400,7 @@ def aggregate_study(
         )
         summary += [{"variant": variant, **r} for r in s]
         diffs += [{"variant": variant, **r} for r in d]
-    adjust_primary_family(diffs, alpha)
+    adjust_primary_family(diffs, alpha, set(no_power))
     add_compound_intervals(diffs, outcomes or [], fixed_compounds)
     rows = {r["features"] for r in summary}
     return {
@@ -362,21 +408,28 @@ def aggregate_study(
         "differences": diffs,
         "references_present": [r for r in references if r in rows],
         "references_missing": [r for r in references if r not in rows],
-        "headline": headline(diffs, references, alpha),
+        "headline": headline(diffs, references, alpha, no_power),
+        "no_power": dict(no_power),
     }
 
 
-def adjust_primary_family(diffs: list[dict[str, Any]], alpha: float = st.ALPHA) -> None:
+def adjust_primary_family(
+    diffs: list[dict[str, Any]], alpha: float = st.ALPHA, no_power: set[str] | None = None
+) -> None:
     """Add Holm-adjusted p-values over the pre-declared metrics, per (variant, row, reference).
 
     The pre-declared metrics' verdicts then use the adjusted p (the raw verdict is kept as
     ``verdict_raw``); other metrics are exploratory: ``p_holm`` is None and the verdict raw.
+    Pre-declared metrics in ``no_power`` get the verdict "no power in this design".
     """
+    no_power = no_power or set()
     families: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for d in diffs:
         d["verdict_raw"] = d["verdict"]
         d["p_holm"] = None
-        if is_primary(d["metric"]):
+        if is_primary(d["metric"]) and d["metric"] in no_power:
+            d["verdict"] = NO_POWER
+        elif is_primary(d["metric"]):
             families.setdefault((d["variant"], d["features"], d["reference"]), []).append(d)
     for family in families.values():
         for d, p_adj in zip(family, st.holm([d["p"] for d in family])):
@@ -387,7 +440,10 @@ def adjust_primary_family(diffs: list[dict[str, Any]], alpha: float = st.ALPHA) 
 
 
 def headline(
-    diffs: list[dict[str, Any]], references: tuple[str, ...], alpha: float = st.ALPHA
+    diffs: list[dict[str, Any]],
+    references: tuple[str, ...],
+    alpha: float = st.ALPHA,
+    no_power: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """CDCL against each reference on the pre-declared metrics, with the README's overall rule.
 
@@ -407,7 +463,7 @@ def headline(
         ]
         if not rows:
             continue
-        verdicts = [d["verdict"] for d in rows]
+        verdicts = [d["verdict"] for d in rows if d["metric"] not in (no_power or {})]
         better, worse = st.BETTER in verdicts, st.WORSE in verdicts
         overall = (
             "mixed"
@@ -425,6 +481,7 @@ def headline(
                 "variant": PRIMARY_VARIANT,
                 "alpha": alpha,
                 "metrics": {d["metric"]: d["verdict"] for d in rows},
+                "left_out": {m: r for m, r in (no_power or {}).items() if is_primary(m)},
                 "overall": overall,
             }
         )
@@ -628,6 +685,9 @@ def _notes(study: dict[str, Any]) -> list[str]:
         notes.append(ZERO_VARIANCE_NOTE)
     if len(study["replicates"]) < 2:
         notes.append("One replicate only: no interval or test can be computed.")
+    for metric, reason in sorted((study.get("no_power") or {}).items()):
+        if is_primary(metric):
+            notes.append(f"{metric}: left out of the verdicts, {reason}.")
     return notes
 
 
@@ -941,11 +1001,13 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     figures: list[dict[str, dict[str, dict[str, Any]]]] = []
     outcomes: list[dict[str, Any]] = []
+    all_results: list[dict[str, Any]] = []
     for i, rep in enumerate(reps, 1):
         with Stage(spec, f"replicate {rep.name} ({i}/{len(reps)})", marker="==="):
             results, reused = run_replicate(spec, rep)
             if reused:
                 print(f"    reused replicates/{rep.name}/results.json", flush=True)
+        all_results.append(results)
         figures.append(replicate_figures(results))
         outcomes.append(replicate_outcomes(results))
         records.append(
@@ -964,7 +1026,9 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
                 "tables": results.get("tables", {}),
             }
         )
-    return finish_study(spec, labels, records, figures, outcomes)
+    return finish_study(
+        spec, labels, records, figures, outcomes, metrics_without_power(all_results)
+    )
 
 
 def finish_study(
@@ -973,6 +1037,7 @@ def finish_study(
     records: list[dict[str, Any]],
     figures: list[dict[str, dict[str, dict[str, Any]]]],
     outcomes: list[dict[str, Any]] | None = None,
+    no_power: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Aggregate the replicates' figures and write study.json, study.md and report.html."""
     reps = [Replicate(r["seed"], r["fold"]) for r in records]
@@ -990,6 +1055,7 @@ def finish_study(
             outcomes=outcomes,
             # the simulated screen draws its compounds anew per seed; BBBC021's are fixed
             fixed_compounds=spec.dataset != "synthetic",
+            no_power=no_power,
         )
     looks = study_looks(spec.out, names, agg["headline"])
     first = _demo_spec(spec, reps[0])
@@ -1003,6 +1069,9 @@ def finish_study(
             "folds": list(spec.folds) if spec.folds else None,
             "references": list(spec.references),
             "epochs": spec.epochs,
+            "screen": screen_overrides(spec),
+            "cellprofiler": spec.cellprofiler,
+            "calibrate": spec.calibrate,
             "budget": budget_overrides(first),
             "alpha": spec.alpha,
         },

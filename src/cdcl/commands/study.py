@@ -13,6 +13,9 @@ HELP = (
 )
 
 
+DEFAULT_REFERENCE = "DINO,DINO+harmony"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cdcl study`."""
     parser.add_argument("--out", type=Path, default=Path("study_out"), help="output directory")
@@ -43,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reference",
-        default="DINO,DINO+harmony",
+        default=DEFAULT_REFERENCE,
         help="row(s) every other row is compared with, comma-separated; rows not present are "
-        "skipped (default DINO,DINO+harmony)",
+        "skipped (default DINO,DINO+harmony; with --cellprofiler also CellProfiler+harmony)",
     )
     parser.add_argument(
         "--epochs", type=int, default=None, help="training epochs per method (default: the demo's)"
@@ -68,9 +71,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--batch-strength",
-        type=float,
         default=None,
-        help="simulated screen: batch-effect multiplier, 0 none, 1 calibrated (default 1)",
+        help="simulated screen: batch-effect multiplier, 0 none, 1 calibrated (default 1); "
+        "several, e.g. 0,0.5,1,2, run one study per strength in OUT/bs<s>/ and write the "
+        "curve of CDCL - reference against strength (curve.md, curve.json, curve.png)",
+    )
+    parser.add_argument(
+        "--cellprofiler",
+        action="store_true",
+        help="add the CellProfiler row (cp-measure per cell) and its corrected rows to every "
+        "replicate, and CellProfiler+harmony to the default references",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="calibrate every replicate's design (null and injected batch effects); "
+        "pre-declared metrics without power are reported and left out of the verdicts",
     )
     parser.add_argument("--fresh", action="store_true", help="rebuild data and retrain everything")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -83,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from cdcl.errors import CdclError
     from cdcl.locking import command_lock
     from cdcl.study import StudySpec, check_spec, headline_text, parse_ints, run_study
+    from cdcl.study_curve import CURVE_REFERENCES, check_curve, parse_strengths, run_curve
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not 0 < args.alpha < 1:
@@ -92,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
         tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     )
     references = tuple(r.strip() for r in args.reference.split(",") if r.strip())
+    if args.cellprofiler and args.reference == DEFAULT_REFERENCE:
+        references = CURVE_REFERENCES
+    strengths = parse_strengths(args.batch_strength)
     spec = StudySpec(
         out=Path(args.out),
         dataset=args.dataset,
@@ -106,10 +126,22 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         alpha=args.alpha,
         test_batches=args.test_batches,
-        batch_strength=args.batch_strength,
+        batch_strength=strengths[0] if strengths and len(strengths) == 1 else None,
+        cellprofiler=args.cellprofiler,
+        calibrate=args.calibrate,
     )
-    check_spec(spec)  # every option, before the lock or any file exists
+    curve = strengths is not None and len(strengths) > 1
+    # every option, before the lock or any file exists
+    check_curve(spec, strengths) if curve else check_spec(spec)  # type: ignore[arg-type]
     t0 = time.perf_counter()
+    if curve:
+        with command_lock(spec.out, "cdcl study"):
+            out = run_curve(spec, strengths)  # type: ignore[arg-type]
+        print()
+        print(out["paths"]["md"].read_text())
+        print(f"curve: {out['paths']['md']} {out['paths']['png'] or ''}")
+        print(f"  {'total':<32s} {time.perf_counter() - t0:7.1f} s")
+        return 0
     with command_lock(spec.out, "cdcl study"):
         result = run_study(spec)
     print()
