@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from lock_holder import cdcl, cdcl_env, start_holder, wait_for
+from cli_process import cdcl, cdcl_env, wait_for
+from lock_holder import start_holder
 
 from cdcl.errors import CdclError
 from cdcl.locking import LockedError, lock_file, output_lock

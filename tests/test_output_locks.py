@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_process import cdcl, cdcl_env, wait_for
 from conftest import write_random_dataset
-from lock_holder import cdcl, cdcl_env, start_holder, wait_for
+from lock_holder import start_holder
 
 from cdcl.cli import main
 from cdcl.locking import lock_file
