@@ -8,22 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cli_process import cdcl, cdcl_env, wait_for
+from lock_holder import start_holder
 
 from cdcl.errors import CdclError
 from cdcl.locking import LockedError, lock_file, output_lock
-
-HOLD = """
-import sys, time
-from pathlib import Path
-from cdcl.locking import output_lock
-with output_lock(sys.argv[1], "test holder"):
-    Path(sys.argv[2]).write_text("locked")
-    time.sleep(600)
-"""
 
 TINY_TRAIN = [
     "model.embed_dim=32",
@@ -34,38 +26,6 @@ TINY_TRAIN = [
     "method.bottleneck_dim=16",
     "train.batch_size=8",
 ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def cdcl(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command line in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=timeout,
-    )
-
-
-def _wait_for(pred: object, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _holder(out: Path, tmp_path: Path) -> subprocess.Popen:
-    """A separate process holding OUT's lock until killed."""
-    ready = tmp_path / f"ready{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), str(ready)], env=_env())
-    _wait_for(lambda: ready.exists() or proc.poll() is not None, "the holder")
-    assert proc.poll() is None, "the holder could not take a free lock"
-    return proc
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -92,7 +52,7 @@ def test_lock_file_sits_next_to_the_directory_and_goes_away(tmp_path: Path) -> N
 
 def test_synth_stops_at_once_while_another_process_holds_the_directory(tmp_path: Path) -> None:
     out = tmp_path / "screen"
-    holder = _holder(out, tmp_path)
+    holder = start_holder(out, tmp_path)
     try:
         proc = cdcl("synth", "--preset", "tiny", "--out", out, "--no-progress")
     finally:
@@ -121,13 +81,13 @@ def test_second_train_into_a_running_run_stops_and_a_killed_train_leaves_no_lock
     first = subprocess.Popen(
         [sys.executable, "-m", "cdcl", "train", "--preset", "synthetic-cdcl", "--data", data]
         + ["--out", run, *TINY_TRAIN, "train.epochs=1000", "train.save_every_steps=1"],
-        env=_env(),
+        env=cdcl_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         # Wait until the first run has written a checkpoint: it is training, not starting.
-        _wait_for(lambda: (run / "checkpoints" / "last.pt").exists(), "a first checkpoint")
+        wait_for(lambda: (run / "checkpoints" / "last.pt").exists(), "a first checkpoint")
         assert first.poll() is None
         second = cdcl(
             "train", "--preset", "synthetic-cdcl", "--data", data, "--out", run, "--resume",
@@ -141,7 +101,7 @@ def test_second_train_into_a_running_run_stops_and_a_killed_train_leaves_no_lock
     assert len(lines) == 1, second.stderr
     assert str(run) in lines[0] and f"pid {first.pid}" in lines[0] and "cdcl train" in lines[0]
     # The killed run's lock is gone with it: a new command takes the directory.
-    later = _holder(run, tmp_path)
+    later = start_holder(run, tmp_path)
     _kill(later)
 
 
@@ -166,7 +126,9 @@ while got < n:
 """
     out, inside = tmp_path / "d", tmp_path / "inside"
     procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(out), str(inside), "40"], env=_env())
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(out), str(inside), "40"], env=cdcl_env()
+        )
         for _ in range(4)
     ]
     codes = [p.wait(timeout=120) for p in procs]
@@ -180,7 +142,7 @@ def test_torchrun_into_a_held_directory_stops_on_rank_0(tmp_path: Path) -> None:
     data = tmp_path / "screen"
     assert cdcl("synth", "--preset", "tiny", "--out", data, "--no-progress").returncode == 0
     run = tmp_path / "run"
-    holder = _holder(run, tmp_path)
+    holder = start_holder(run, tmp_path)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
@@ -188,7 +150,7 @@ def test_torchrun_into_a_held_directory_stops_on_rank_0(tmp_path: Path) -> None:
             + ["--out", str(run), *TINY_TRAIN, "train.epochs=1"],
             capture_output=True,
             text=True,
-            env=_env(),
+            env=cdcl_env(),
             timeout=300,
         )
     finally:

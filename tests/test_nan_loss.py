@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import cdcl
 
 # A tiny network so that a step takes a fraction of a second on one core.
 TINY = [
@@ -38,18 +37,6 @@ BLOW_UP = [
 ]
 # Lines `cdcl train` may print on stderr: its own messages and the non-tty progress lines.
 OWN_LINE = re.compile(r"(cdcl train: |step \d+/\d+ )")
-
-
-def cdcl(*args: str | Path) -> subprocess.CompletedProcess:
-    """Run `python -m cdcl ARGS` on one thread and capture its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

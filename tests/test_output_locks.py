@@ -3,51 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_process import cdcl, cdcl_env, wait_for
 from conftest import write_random_dataset
+from lock_holder import start_holder
 
 from cdcl.cli import main
 from cdcl.locking import lock_file
-
-HOLD = """
-import sys, time
-from pathlib import Path
-from cdcl.locking import output_lock
-with output_lock(sys.argv[1], "test holder"):
-    Path(sys.argv[2]).write_text("locked")
-    time.sleep(600)
-"""
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def cdcl(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command line in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=timeout,
-    )
-
-
-def _wait_for(pred: object, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -62,11 +30,11 @@ def test_second_embed_into_the_same_file_stops_and_the_first_finishes(tmp_path: 
     first = subprocess.Popen(
         [sys.executable, "-m", "cdcl", "embed", "intensity", "--data", str(ds), "--out", str(out),
          "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cdcl_env(),
     )  # fmt: skip
     lock = lock_file(out)
     try:
-        _wait_for(lambda: lock.exists() and lock.read_text().strip(), "the first embed's lock")
+        wait_for(lambda: lock.exists() and lock.read_text().strip(), "the first embed's lock")
         first.send_signal(signal.SIGSTOP)  # hold it inside its work, whatever the machine's speed
         line = _error_line(cdcl("embed", "intensity", "--data", ds, "--out", out, "--no-progress"))
         assert f"in use by cdcl embed (pid {first.pid}" in line and str(lock) in line
@@ -84,11 +52,8 @@ def holder(tmp_path: Path):
     procs: list[subprocess.Popen] = []
 
     def hold(target: Path) -> int:
-        flag = tmp_path / f"flag{len(procs)}"
-        p = subprocess.Popen([sys.executable, "-c", HOLD, str(target), str(flag)], env=_env())
-        procs.append(p)
-        _wait_for(flag.exists, "the holder to take the lock")
-        return p.pid
+        procs.append(start_holder(target, tmp_path))
+        return procs[-1].pid
 
     yield hold
     for p in procs:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import cdcl
 
 from cdcl.config import load_config
 from cdcl.errors import CdclError
@@ -31,18 +29,6 @@ TINY = [
     "train.log_every=1",
 ]
 METHODS = ["supervised", "dino", "byol", "dino-cb", "byol-cb", "cdcl"]
-
-
-def cdcl(*args: str | Path, threads: int = 1) -> subprocess.CompletedProcess:
-    """Run `python -m cdcl ARGS` and capture its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from cli_process import cdcl, cdcl_env
 
 from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter
 
@@ -27,21 +27,6 @@ TINY_MODEL = [
     "method.bottleneck_dim=16",
     "train.epochs=1",
 ]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def cdcl(*args: object) -> subprocess.CompletedProcess:
-    """The real command line in a subprocess."""
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
 
 
 def _lines(text: str) -> list[str]:
@@ -200,7 +185,7 @@ def test_evaluate_killed_midway_reruns_to_the_same_figures(trained: tuple, tmp_p
             [sys.executable, "-m", "cdcl", *map(str, args)],
             stdout=subprocess.DEVNULL,
             stderr=err,
-            env=_env(),
+            env=cdcl_env(),
         )
         # Kill once the first embedding pass has started: later stages are still to come.
         deadline = time.monotonic() + 300

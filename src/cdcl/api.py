@@ -416,41 +416,30 @@ def embed(
     """
     from cdcl.evaluate.embed_file import embed_to_file
 
+    def embed_into(path: Path, quiet: bool) -> pd.DataFrame | anndata.AnnData | None:
+        written = embed_to_file(
+            source,
+            path,
+            data=Path(data) if data is not None else None,
+            checkpoint=checkpoint,
+            split=split,
+            split_number=fold,
+            level=level,
+            batch_size=batch_size,
+            workers=workers,
+            chunk_size=chunk_size,
+            device=device,
+            seed=seed,
+            progress=progress,
+            quiet=quiet,
+        )
+        return None if written is None else _read_profiles(written, as_anndata)
+
     if out is not None:
-        path = embed_to_file(
-            source,
-            Path(out),
-            data=Path(data) if data is not None else None,
-            checkpoint=checkpoint,
-            split=split,
-            split_number=fold,
-            level=level,
-            batch_size=batch_size,
-            workers=workers,
-            chunk_size=chunk_size,
-            device=device,
-            seed=seed,
-            progress=progress,
-        )
-        return None if path is None else _read_profiles(path, as_anndata)
+        return embed_into(Path(out), quiet=False)
     with tempfile.TemporaryDirectory(prefix="cdcl-embed-") as tmp:
-        path = embed_to_file(
-            source,
-            Path(tmp) / ("profiles.h5ad" if as_anndata else "profiles.parquet"),
-            data=Path(data) if data is not None else None,
-            checkpoint=checkpoint,
-            split=split,
-            split_number=fold,
-            level=level,
-            batch_size=batch_size,
-            workers=workers,
-            chunk_size=chunk_size,
-            device=device,
-            seed=seed,
-            progress=progress,
-            quiet=True,
-        )
-        return None if path is None else _read_profiles(path, as_anndata)
+        name = "profiles.h5ad" if as_anndata else "profiles.parquet"
+        return embed_into(Path(tmp) / name, quiet=True)
 
 
 def _read_profiles(path: Path, as_anndata: bool) -> pd.DataFrame | anndata.AnnData:

@@ -8,7 +8,7 @@ permutation null for p-values and Benjamini-Hochberg correction, as copairs comp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -571,6 +571,38 @@ def _map_of_rows(
     )
 
 
+def _maps_per_setting(
+    x: np.ndarray,
+    frame: pd.DataFrame,
+    keep: np.ndarray,
+    batch_aware: Sequence[bool],
+    *,
+    batch_col: str,
+    add_columns: Callable[[pd.DataFrame], None] | None = None,
+    **rules: Any,
+) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """mAP of the kept rows for each ``batch_aware`` setting, ranked once where the rows allow.
+
+    A batch-aware setting also drops rows without a batch. ``add_columns`` adds pair-rule
+    columns to the kept rows in place; ``rules`` (pair rules and options) go to :func:`_map_of_rows`.
+    """
+    if any(batch_aware):
+        has_batch = frame[batch_col].notna().to_numpy()
+        if not all(batch_aware) and not has_batch[keep].all():
+            # Rows without a batch count for the plain setting only: score each on its own.
+            return [
+                _maps_per_setting(
+                    x, frame, keep, (a,), batch_col=batch_col, add_columns=add_columns, **rules
+                )[0]
+                for a in batch_aware
+            ]
+        keep = keep & has_batch  # to_numpy() may be a read-only view (copy-on-write)
+    kept = frame.loc[keep].reset_index(drop=True)
+    if add_columns is not None:
+        add_columns(kept)
+    return _map_of_rows(x, keep, kept, batch_aware=tuple(batch_aware), batch_col=batch_col, **rules)
+
+
 def replicate_map(
     features: ArrayLike,
     meta: pd.DataFrame,
@@ -630,32 +662,21 @@ def replicate_maps(
     frame = meta.reset_index(drop=True)
     if control_col not in frame.columns:
         raise KeyError(f"replicate mAP needs control rows: column {control_col!r} not in meta")
-    x = _features(features)
-    keep = frame[treatment_col].notna().to_numpy()
-    if any(batch_aware):
-        has_batch = frame[batch_col].notna().to_numpy()
-        if not all(batch_aware) and not has_batch[keep].all():
-            # Rows without a batch count for the plain setting only: score each on its own.
-            return [
-                replicate_maps(
-                    x, frame, (a,), treatment_col=treatment_col, control_col=control_col,
-                    batch_col=batch_col, unit_rows=unit_rows, **options,
-                )[0]
-                for a in batch_aware
-            ]  # fmt: skip
-        keep = keep & has_batch  # to_numpy() may be a read-only view (copy-on-write)
-    frame = frame.loc[keep].reset_index(drop=True)
-    ctrl = _bool_column(frame, control_col)
-    frame[_REF_COL] = np.where(ctrl, np.arange(len(frame)), -1)
-    return _map_of_rows(
-        x,
-        keep,
+
+    def reference_index(kept: pd.DataFrame) -> None:
+        ctrl = _bool_column(kept, control_col)
+        kept[_REF_COL] = np.where(ctrl, np.arange(len(kept)), -1)
+
+    return _maps_per_setting(
+        _features(features),
         frame,
+        frame[treatment_col].notna().to_numpy(),
+        batch_aware,
+        add_columns=reference_index,
         pos_sameby=[treatment_col, _REF_COL],
         pos_diffby=[],
         neg_diffby=[treatment_col, _REF_COL],
         group_by=[treatment_col],
-        batch_aware=tuple(batch_aware),
         batch_col=batch_col,
         unit_rows=unit_rows,
         **options,
@@ -727,28 +748,15 @@ def moa_maps(
         compound_col = "treatment"
     keep = ~_bool_column(frame, control_col) & _has_label(frame[moa_col])
     keep &= frame[compound_col].notna().to_numpy()
-    if any(batch_aware):
-        has_batch = frame[batch_col].notna().to_numpy()
-        if not all(batch_aware) and not has_batch[keep].all():
-            # Rows without a batch count for the plain setting only: score each on its own.
-            return [
-                moa_maps(
-                    x, frame, (a,), moa_col=moa_col, compound_col=compound_col,
-                    control_col=control_col, batch_col=batch_col, unit_rows=unit_rows,
-                    **options,
-                )[0]
-                for a in batch_aware
-            ]  # fmt: skip
-        keep = keep & has_batch  # to_numpy() may be a read-only view (copy-on-write)
-    return _map_of_rows(
+    return _maps_per_setting(
         x,
+        frame,
         keep,
-        frame.loc[keep].reset_index(drop=True),
+        batch_aware,
         pos_sameby=[moa_col],
         pos_diffby=[compound_col],
         neg_diffby=[moa_col],
         group_by=[moa_col],
-        batch_aware=tuple(batch_aware),
         batch_col=batch_col,
         unit_rows=unit_rows,
         **options,
