@@ -52,7 +52,7 @@ VARIANT_TITLES = {
 PRIMARY_VARIANT = "plate_normalized"
 HEADLINE_METHOD = "CDCL"
 DEFAULT_REFERENCES = ("DINO", "DINO+harmony")
-# The metrics named in the README before any study was run ("what 'CDCL is better' means").
+# The metrics named on the Studies page (docs/studies.md) before any study was run ("what 'CDCL is better' means").
 PRIMARY_METRICS = ("treatment acc (logistic)", "NSCB", "replicate mAP (other batch)")
 # Per-treatment mixing columns (kBET / iLISI computed within treatment) count as primary too,
 # whatever their exact label.
@@ -71,7 +71,7 @@ SYMBOL = {st.BETTER: "▲", st.WORSE: "▼", st.NO_DIFFERENCE: "·", st.TOO_FEW:
 
 
 def is_primary(metric: str) -> bool:
-    """Whether ``metric`` is one of the pre-declared metrics of the README's 'Studies' section."""
+    """Whether ``metric`` is one of the pre-declared metrics of the Studies page (docs/studies.md)."""
     return metric in PRIMARY_METRICS or bool(_PER_TREATMENT_MIXING.search(metric.lower()))
 
 
@@ -445,7 +445,7 @@ def headline(
     alpha: float = st.ALPHA,
     no_power: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """CDCL against each reference on the pre-declared metrics, with the README's overall rule.
+    """CDCL against each reference on the pre-declared metrics, with the overall rule of the Studies page.
 
     Overall: ``better`` when at least one pre-declared metric is better and none worse, ``worse``
     in the mirror case, ``mixed`` when some are better and some worse, else ``no detectable
@@ -734,7 +734,7 @@ def write_markdown(study: dict[str, Any], path: Path) -> Path:
             "",
             f"Test: {headline_tests(study, ref)}. {HEADLINE_NOTE}",
             "",
-            f"Overall (rule of the README's 'Studies' section): **{h['overall'] if h else '–'}**"
+            f"Overall (the rule of the Studies page, docs/studies.md): **{h['overall'] if h else '–'}**"
             f"{_look_suffix(study)}.",
             "",
         ]
