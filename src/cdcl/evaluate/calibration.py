@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cdcl.evaluate.progress import working_on
+
 STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
 NULL_DRAWS = 3
 POWER_MIN_DIFF = 0.02  # on [0, 1] scores: smaller moves are within rounding of the null
@@ -159,6 +161,7 @@ def calibrate(
     effect = median_treatment_effect(np.asarray(x, np.float64), treat, ctrl)
 
     def score(xc: np.ndarray, cond: str) -> dict[str, Any]:
+        working_on(f"calibration, {cond}")  # named by the keep-alive line
         # The design notes (single-batch treatments ...) were printed for the real profiles.
         with np.errstate(all="ignore"), contextlib.redirect_stderr(io.StringIO()):
             return evaluate_features(

@@ -43,6 +43,9 @@ def keep_alive(on: bool, prefix: str = "cdcl evaluate: ") -> Iterator[None]:
         yield
         return
     stop = threading.Event()
+    # The stream at entry: a step that silences its own output (redirect_stderr, as the
+    # calibration does) must not silence the keep-alive too.
+    stream = sys.stderr
 
     def beat() -> None:
         while not stop.wait(1.0):
@@ -51,7 +54,7 @@ def keep_alive(on: bool, prefix: str = "cdcl evaluate: ") -> Iterator[None]:
                 what, since = _state["what"], _state["since"]
                 if now - _state["last"] >= GAP_S and not stop.is_set():
                     line = f"{prefix}still working on {what or 'the evaluation'}"
-                    print(f"{line} ({now - since:.0f} s)", file=sys.stderr, flush=True)
+                    print(f"{line} ({now - since:.0f} s)", file=stream, flush=True)
                     _state["last"] = now
 
     with _lock:
