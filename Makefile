@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint docs docs-serve format bench constraints clean
+.PHONY: demo test test-all lint docs docs-serve format bench constraints clean
 
 $(VENV): $(STAMP)
 
@@ -19,10 +19,16 @@ demo: $(STAMP)
 
 # pytest-xdist: one worker per core (TEST_WORKERS=0 runs serially); --dist loadfile keeps a
 # file's tests on one worker, so its module-scoped fixtures (a trained run, a built screen)
-# are built once. The ten slowest tests are listed at the end.
+# are built once. The ten slowest tests are listed at the end. `make test` leaves out the
+# end-to-end tests marked `slow` (about 7 minutes on 2 cores); `make test-all` (what CI runs)
+# runs every test.
 TEST_WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
 test: $(STAMP) lint docs
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10
+	$(PYTEST) -m "not slow"
+
+test-all: $(STAMP) lint docs
+	$(PYTEST)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks tools

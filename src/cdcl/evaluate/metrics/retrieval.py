@@ -8,6 +8,7 @@ permutation null for p-values and Benjamini-Hochberg correction, as copairs comp
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -219,11 +220,12 @@ def _expected_ap(pos_keys: np.ndarray, neg_keys: np.ndarray) -> float:
     chance-level AP instead of 1.
     """
     uk, p_count = np.unique(pos_keys, return_counts=True)
-    # Negatives strictly before each distinct positive key, and negatives tied with it.
-    right = np.searchsorted(uk, neg_keys, side="right")
-    left = np.searchsorted(uk, neg_keys, side="left")
-    before = np.cumsum(np.bincount(right, minlength=uk.size + 1))[: uk.size]
-    tied = np.bincount(left[right > left], minlength=uk.size)
+    # Negatives strictly before each distinct positive key, and negatives tied with it: the
+    # few positive keys are looked up in the sorted negatives (one vectorised sort of the
+    # negatives is ~30x cheaper than looking every negative up among the positives).
+    neg_sorted = np.sort(neg_keys)
+    before = np.searchsorted(neg_sorted, uk, side="left")
+    tied = np.searchsorted(neg_sorted, uk, side="right") - before
     pos_before = np.concatenate([[0], np.cumsum(p_count)[:-1]])
     c = pos_before + before
     g = p_count + tied
@@ -237,11 +239,16 @@ def _expected_ap(pos_keys: np.ndarray, neg_keys: np.ndarray) -> float:
     return total / pos_keys.size
 
 
+@functools.lru_cache(maxsize=4096)
 def _null_ap(num_pos: int, total: int, null_size: int, seed: int) -> np.ndarray:
     """AP of ``null_size`` random rankings with ``num_pos`` positives among ``total``.
 
     Same construction and seeding as ``copairs.compute.random_ap`` (a random permutation per
     row, the first ``num_pos`` positions are the positives), computed in row blocks.
+
+    Cached (read-only result): the configurations depend on the metadata only, so the raw and
+    plate-normalised variants, the corrected rows and the calibration conditions of one design
+    draw the same nulls; each is drawn once per process (4,096 nulls of 2,000 take 32 MiB).
     """
     rng = np.random.default_rng(seed)
     dtype = np.uint16 if total < 2**16 else np.uint32
@@ -252,6 +259,7 @@ def _null_ap(num_pos: int, total: int, null_size: int, seed: int) -> np.ndarray:
         rng.permuted(perm, axis=1, out=perm)
         ranks = np.sort(perm[:, :num_pos], axis=1)
         out[a:b] = ((numer / (ranks + 1)).sum(axis=1) / num_pos).astype(np.float32)
+    out.flags.writeable = False
     return out
 
 
