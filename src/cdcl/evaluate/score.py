@@ -316,18 +316,13 @@ def _unsupervised(
     map_kw = {"null_size": null_size, "seed": seed}
     map_kw["max_queries"] = None if len(x) <= EXACT_MAX else MAP_QUERY_SAMPLE
     map_kw["max_null_elems"] = MAP_NULL_BUDGET
-    # One unit-norm copy of the rows serves the four mAPs; the plain and batch-aware settings
-    # of a recipe share its queries and similarities (one ranking, two sets of positives).
-    unit: list[np.ndarray] = []
 
-    def shared_unit() -> np.ndarray:
-        if not unit:
-            unit.append(M.unit_rows_copy(x))
-        return unit[0]
-
+    # The plain and batch-aware settings of a recipe share its queries and similarities (one
+    # ranking, two sets of positives); rows are normalised as they are read, so no copy of a
+    # screen-sized table is made.
     def both(recipe: Callable[..., Any]) -> Callable[[], dict[str, Any]]:
         def scored() -> dict[str, Any]:
-            plain, aware = recipe(shared_unit(), meta, (False, True), unit_rows=True, **map_kw)
+            plain, aware = recipe(x, meta, (False, True), **map_kw)
             return {"": plain[0], "_batch_aware": aware[0]}
 
         return scored
@@ -346,7 +341,6 @@ def _unsupervised(
                 errors[f"{pre}.map.{key}_batch_aware"] = errors[f"{pre}.map.{key}"]
         for suffix, nm in names.items():
             maps[f"{key}{suffix}"] = None if pair is None or nm in why else pair[suffix]
-    unit.clear()
     out["map"] = maps
     out["batch_classifier"] = run(
         "batch_classifier",

@@ -27,8 +27,9 @@ from cdcl.evaluate.metrics._inputs import (
 )
 from cdcl.evaluate.metrics.neighbours import BLOCK_ELEMS, iter_blocks
 
-# Query rows per block times all rows (pair masks and similarities of one block).
-_MAP_BLOCK = 1 << 23
+# Query rows per block times all rows (pair masks and similarities of one block): 32 M
+# numbers, ~230 MiB of masks and similarities at any n; fewer passes over the table.
+_MAP_BLOCK = 1 << 25
 _GATHER_ROWS = 65_536  # candidate rows copied at a time for the similarities
 
 
@@ -77,9 +78,10 @@ def average_precision(
     Per query the negatives ranked before each distinct positive key are counted by binary
     search (O(n log n_pos), no sort of all pairs). ``query_indices``: score
     only these rows as queries (each still ranked against all rows); the output then holds
-    those rows only. ``unit_rows=True``: ``features`` already have unit L2 rows (float32), no
-    normalised copy is made; ``row_index`` then maps meta row i to features row
-    ``row_index[i]`` (one unit copy of a table serves several row subsets).
+    those rows only. ``unit_rows=True``: ``features`` already have unit L2 rows (float32);
+    otherwise rows are normalised as they are read (no normalised copy of the table is made).
+    ``row_index`` maps meta row i to features row ``row_index[i]`` (one table serves several
+    row subsets).
 
     Returns:
         ``meta`` (index reset) plus ``n_pos_pairs``, ``n_total_pairs`` and
@@ -125,8 +127,6 @@ def average_precisions(
     frame = meta.reset_index(drop=True)
     n = len(frame)
     rix = None if row_index is None else np.asarray(row_index, dtype=np.int64)
-    if rix is not None and not unit_rows:
-        raise ValueError("row_index needs unit_rows=True features")
     if (rix.size if rix is not None else x.shape[0]) != n:
         raise ValueError(f"meta has {n} rows, features {x.shape[0]}")
     pos_same, pos_diff0 = _as_list(pos_sameby), _as_list(pos_diffby)
@@ -154,12 +154,11 @@ def average_precisions(
 
     queries = np.arange(n) if query_indices is None else np.sort(np.asarray(query_indices))
     nq = queries.size
-    if unit_rows:
-        unit = x
-    else:
-        unit = np.empty(x.shape, dtype=np.float32)
-        for a, b in iter_blocks(n, 65536):
-            unit[a:b] = _unit_rows(x[a:b])
+
+    def unit(rows: np.ndarray) -> np.ndarray:
+        # Unit rows, read from the table as needed: a screen-sized table is never copied.
+        return x[rows] if unit_rows else _unit_rows(x[rows])
+
     aps = [np.full(nq, np.nan) for _ in pds]
     n_poss = [np.zeros(nq, dtype=np.int64) for _ in pds]
     n_tots = [np.zeros(nq, dtype=np.int64) for _ in pds]
@@ -179,27 +178,28 @@ def average_precisions(
         cand = np.flatnonzero(np.logical_or.reduce([neg_all, *pos_masks]).any(axis=0))
         # Similarities, once for every setting, only to the rows that are a positive or
         # negative of some query.
-        q_unit = unit[q_rows if rix is None else rix[q_rows]]
-        if cand.size == n and rix is None:
-            sims = q_unit @ unit.T
+        q_unit = unit(q_rows if rix is None else rix[q_rows])
+        if cand.size == n and rix is None and unit_rows:
+            sims = q_unit @ x.T
         else:
             # Candidate rows are gathered in chunks: never a second copy of the whole table.
             cols = cand if rix is None else rix[cand]
             sims = np.empty((m, cand.size), dtype=np.float32)
             for a, b in iter_blocks(cand.size, _GATHER_ROWS):
-                sims[:, a:b] = q_unit @ unit[cols[a:b]].T
-            neg_all = neg_all[:, cand]
-            pos_masks = [p[:, cand] for p in pos_masks]
+                sims[:, a:b] = q_unit @ unit(cols[a:b]).T
+            if cand.size < n:
+                neg_all = neg_all[:, cand]
+                pos_masks = [p[:, cand] for p in pos_masks]
         key = np.subtract(np.float32(1.0), sims, out=sims)  # in place: one m x n array
-        for pos, ap, n_pos, n_tot in zip(pos_masks, aps, n_poss, n_tots):
-            neg = neg_all
-            for i in range(m):
+        for i in range(m):
+            # A query's negatives are the same in every setting: sorted once, shared.
+            kn = np.sort(key[i, neg_all[i]])
+            for pos, ap, n_pos, n_tot in zip(pos_masks, aps, n_poss, n_tots):
                 kp = key[i, pos[i]]
-                kn = key[i, neg[i]]
                 n_pos[qa + i] = kp.size
                 n_tot[qa + i] = kp.size + kn.size
                 if kp.size:
-                    ap[qa + i] = _expected_ap(kp, kn)
+                    ap[qa + i] = _expected_ap(kp, kn, neg_sorted=True)
     outs = []
     for ap, n_pos, n_tot in zip(aps, n_poss, n_tots):
         out = frame.iloc[queries].reset_index(drop=True) if nq < n else frame.copy()
@@ -210,32 +210,38 @@ def average_precisions(
     return outs
 
 
-def _expected_ap(pos_keys: np.ndarray, neg_keys: np.ndarray) -> float:
+def _expected_ap(pos_keys: np.ndarray, neg_keys: np.ndarray, neg_sorted: bool = False) -> float:
     """AP of one query, ties between keys broken uniformly at random (expected value).
 
     Keys rank ascending. Where no key ties this is the plain AP. A run of ``g`` tied keys
     holding ``p`` positives after ``c`` ranked items of which ``b`` are positives contributes
     ``sum_{i=1..g} [p/g (b + 1) + (i - 1) p (p - 1) / (g (g - 1))] / (c + i)`` to the sum of
     precisions (McSherry & Najork, ECIR 2008), so a table without variance scores the
-    chance-level AP instead of 1.
+    chance-level AP instead of 1. ``neg_sorted``: ``neg_keys`` are already sorted ascending.
     """
     uk, p_count = np.unique(pos_keys, return_counts=True)
     # Negatives strictly before each distinct positive key, and negatives tied with it: the
     # few positive keys are looked up in the sorted negatives (one vectorised sort of the
     # negatives is ~30x cheaper than looking every negative up among the positives).
-    neg_sorted = np.sort(neg_keys)
-    before = np.searchsorted(neg_sorted, uk, side="left")
-    tied = np.searchsorted(neg_sorted, uk, side="right") - before
+    negs = neg_keys if neg_sorted else np.sort(neg_keys)
+    before = np.searchsorted(negs, uk, side="left")
+    tied = np.searchsorted(negs, uk, side="right") - before
     pos_before = np.concatenate([[0], np.cumsum(p_count)[:-1]])
     c = pos_before + before
     g = p_count + tied
     plain = g == 1  # a single positive, tied with nothing: precision (b + 1) / (c + 1)
     total = float(((pos_before[plain] + 1) / (c[plain] + 1)).sum())
-    for j in np.flatnonzero(~plain):
-        gj, pj, bj = int(g[j]), int(p_count[j]), int(pos_before[j])
-        i = np.arange(1, gj + 1, dtype=np.float64)
-        pair = pj * (pj - 1) / (gj * (gj - 1)) if gj > 1 else 0.0
-        total += float(((pj / gj * (bj + 1) + (i - 1) * pair) / (c[j] + i)).sum())
+    runs = np.flatnonzero(~plain)
+    if runs.size:
+        # Every tied run at once: its g terms laid end to end, i = 1..g within each run.
+        gr = g[runs]
+        i = np.arange(1, gr.sum() + 1, dtype=np.float64) - np.repeat(np.cumsum(gr) - gr, gr)
+        gj = np.repeat(gr, gr).astype(np.float64)
+        pj = np.repeat(p_count[runs], gr).astype(np.float64)
+        bj = np.repeat(pos_before[runs], gr).astype(np.float64)
+        cj = np.repeat(c[runs], gr).astype(np.float64)
+        pair = pj * (pj - 1) / (gj * (gj - 1))  # g > 1 in every tied run
+        total += float(((pj / gj * (bj + 1) + (i - 1) * pair) / (cj + i)).sum())
     return total / pos_keys.size
 
 
@@ -561,20 +567,20 @@ def _map_of_rows(
 ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """mAP of the kept rows with the given pair rules, one result per ``batch_aware`` setting.
 
-    ``unit_rows``: ``x`` already has unit rows and is indexed in place; otherwise one
-    unit-norm float32 copy of the kept rows is made.
+    ``unit_rows``: ``x`` already has unit rows; otherwise rows are normalised as they are read.
+    The kept rows are indexed in place (no copy of the table).
     """
     rows = np.flatnonzero(keep)
     return mean_average_precisions(
-        x if unit_rows else _unit_copy(x, rows),
+        x,
         frame,
         pos_sameby=pos_sameby,
         pos_diffby=pos_diffby,
         neg_sameby=[],
         neg_diffby=neg_diffby,
         group_by=group_by,
-        unit_rows=True,
-        row_index=rows if unit_rows else None,
+        unit_rows=unit_rows,
+        row_index=rows,
         **options,
     )
 
