@@ -710,3 +710,30 @@ def test_label_isin_matches_numpy_on_labels() -> None:
     ):
         assert np.array_equal(label_isin(values, ref), np.isin(values, ref))
     assert not label_isin(np.array(["a"]), np.array([], dtype=object)).any()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_silhouette_of_a_row_subset_equals_the_copied_subset(metric):
+    # `rows=` scores a subset in place (no copy of a large table): same figure as the copy.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, 300)
+    rows = np.flatnonzero(rng.random(300) < 0.6)
+    for size in (None, 50):
+        copied = silhouette(x[rows], labels[rows], metric=metric, sample_size=size, seed=1)
+        in_place = silhouette(x, labels[rows], metric=metric, sample_size=size, seed=1, rows=rows)
+        assert in_place == copied
+    # and the subset is really a subset: the full table scores differently
+    assert silhouette(x, labels, metric=metric) != silhouette(x[rows], labels[rows], metric=metric)
+
+
+def test_map_null_cache_returns_the_same_read_only_draws():
+    from cdcl.evaluate.metrics.retrieval import _null_ap
+
+    _null_ap.cache_clear()
+    first = _null_ap(5, 40, 300, 7)
+    again = _null_ap(5, 40, 300, 7)
+    assert again is first and not first.flags.writeable
+    _null_ap.cache_clear()
+    assert np.array_equal(_null_ap(5, 40, 300, 7), first)  # redrawn: the same seeded draws
+    assert not np.array_equal(_null_ap(5, 40, 300, 8), first)

@@ -290,14 +290,17 @@ def _unsupervised(
             s["batch_global_1_minus_abs"] = 1.0 - abs(s["batch"])
         else:
             s["batch"] = s["batch_scib"] = s["batch_global_1_minus_abs"] = float("nan")
+        # Row subsets are passed as indices: no copy of a screen-sized table.
         nc = ~ctrl
+        kw["rows"] = np.flatnonzero(nc)
         s["treatment"] = (
-            M.silhouette(x[nc], treat[nc], **kw) if _n_labels_ok(treat[nc]) else float("nan")
+            M.silhouette(x, treat[nc], **kw) if _n_labels_ok(treat[nc]) else float("nan")
         )
         if has_moa:
             moa_ok = nc & meta["moa"].notna().to_numpy()
             m = meta["moa"].astype(str).to_numpy()[moa_ok]
-            s["moa"] = M.silhouette(x[moa_ok], m, **kw) if _n_labels_ok(m) else float("nan")
+            kw["rows"] = np.flatnonzero(moa_ok)
+            s["moa"] = M.silhouette(x, m, **kw) if _n_labels_ok(m) else float("nan")
         return s
 
     out["silhouette"] = run("silhouette", log("silhouettes", silhouettes))

@@ -153,8 +153,8 @@ def memory_plan(n: int, d: int, n_sets: int = 1, n_variants: int = 2) -> list[st
     """Lines stating the estimated peak memory of the evaluation, and an option when it won't fit.
 
     Model (float32): every feature set is held (n x d x 4 bytes each), the plate-normalised
-    variant adds one copy while it is scored, and the largest metric step (mAP's unit-norm
-    copy) one more; plus ~2 GiB of libraries, metadata and metric working memory (the peak
+    variant adds one copy while it is scored, and the largest metric step (the probe's and
+    kNN's copies of the training and held-out rows) one more; plus ~2 GiB of libraries, metadata and metric working memory (the peak
     measured at 10^5 x 384, where the table itself is 0.14 GiB, was 2.5 GiB).
     """
     gib = n * d * 4 / 2**30

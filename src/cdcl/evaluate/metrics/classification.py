@@ -95,7 +95,11 @@ def logistic_probe_accuracy(
     else:
         clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
         clf.fit(scaler.transform(tr), ytr)
-        pred = clf.predict(scaler.transform(te))
+        # Predicted in blocks: the standardised float64 copy never spans a large test set.
+        blocks = [
+            clf.predict(scaler.transform(te[a : a + 65536])) for a in range(0, len(te), 65536)
+        ]
+        pred = np.concatenate(blocks) if blocks else clf.predict(scaler.transform(te))
     out: dict[str, float] = dict(classification_scores(yte, pred))
     unseen = ~label_isin(yte, classes)
     out["n_test_unseen_label"] = int(unseen.sum())

@@ -333,6 +333,7 @@ def silhouette(
     sample_size: int | None = None,
     seed: int = 0,
     chunk_size: int = 2048,
+    rows: np.ndarray | None = None,
 ) -> float:
     """Mean silhouette width (Rousseeuw, J Comput Appl Math 1987), computed in blocks.
 
@@ -345,13 +346,16 @@ def silhouette(
     a seeded sample of query rows is scored, but always against *all* points (an unbiased
     estimate of the full mean; sklearn instead subsamples both sides).
 
+    ``rows``: score only these rows of ``features`` (``labels`` one per row of them), as if
+    ``features[rows]`` were passed, without copying them.
+
     Raises:
         ValueError: unless 2 <= number of labels <= n - 1 (as sklearn).
     """
     if metric not in ("cosine", "euclidean"):
         raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
     x = _features(features)
-    n = x.shape[0]
+    n = x.shape[0] if rows is None else len(rows)
     codes, uniq = _codes(_labels(labels, n, "labels"), "labels")
     n_lab = uniq.size
     if not 2 <= n_lab <= n - 1:
@@ -363,7 +367,7 @@ def silhouette(
     else:
         rng = np.random.default_rng(seed)
         queries = np.sort(rng.choice(n, int(sample_size), replace=False))
-    s = silhouette_values(x, codes, queries, metric=metric, chunk_size=chunk_size)
+    s = silhouette_values(x, codes, queries, metric=metric, chunk_size=chunk_size, rows=rows)
     return float(s.sum()) / queries.size
 
 
@@ -374,12 +378,16 @@ def silhouette_values(
     *,
     metric: str = "cosine",
     chunk_size: int = 2048,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
     """Silhouette width of each query row against all rows (labels: integer ``codes``).
 
     The per-row form of :func:`silhouette` (same definition and conventions), in blocks.
+    ``rows``: the rows of ``x`` that form the data set (default all), ``codes`` one per row of
+    it and ``queries`` numbered within it; equal to passing ``x[rows]``, without that copy.
     """
-    n = x.shape[0]
+    rows = np.arange(x.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = rows.size
     n_lab = int(codes.max()) + 1 if codes.size else 0
     counts = np.bincount(codes, minlength=n_lab).astype(np.float64)
     # Reference rows sorted by label: each block reduces to per-label sums with reduceat.
@@ -387,30 +395,32 @@ def silhouette_values(
     pos_in_order = np.empty(n, dtype=np.int64)
     pos_in_order[order] = np.arange(n)
     sorted_codes = codes[order]
-    norms = row_norms(x)
+    order_rows = rows[order]  # rows of x, in label order
+    norms = row_norms(x)  # of every row of x: one pass, no copy
     half = BLOCK_ELEMS // 2  # float64 blocks
     qb = max(1, min(int(chunk_size), half // max(n_lab, 1)))
     rb = max(1, half // qb)
 
-    def prep(rows: np.ndarray) -> np.ndarray:
-        blk = np.asarray(x[rows], dtype=np.float64)
+    def prep(ix: np.ndarray) -> np.ndarray:
+        blk = np.asarray(x[ix], dtype=np.float64)
         if metric == "cosine":
-            blk = blk / np.maximum(norms[rows], 1e-12)[:, None]
+            blk = blk / np.maximum(norms[ix], 1e-12)[:, None]
         return blk
 
     out = np.empty(queries.size)
     for qa, qz in iter_blocks(queries.size, qb):
         q_rows = queries[qa:qz]
-        qv = prep(q_rows)
+        q_x = rows[q_rows]  # the queries' rows of x
+        qv = prep(q_x)
         sums = np.zeros((q_rows.size, n_lab))
         q_pos = pos_in_order[q_rows]
         for ra, rz in iter_blocks(n, rb):
-            r_rows = order[ra:rz]
+            r_rows = order_rows[ra:rz]
             dots = qv @ prep(r_rows).T
             if metric == "cosine":
                 dist = np.clip(1.0 - dots, 0.0, 2.0)
             else:
-                d2 = norms[q_rows, None] ** 2 + norms[None, r_rows] ** 2 - 2.0 * dots
+                d2 = norms[q_x, None] ** 2 + norms[None, r_rows] ** 2 - 2.0 * dots
                 dist = np.sqrt(np.maximum(d2, 0.0))
             inside = np.flatnonzero((q_pos >= ra) & (q_pos < rz))
             dist[inside, q_pos[inside] - ra] = 0.0  # exact zero self-distance
