@@ -737,3 +737,24 @@ def test_map_null_cache_returns_the_same_read_only_draws():
     _null_ap.cache_clear()
     assert np.array_equal(_null_ap(5, 40, 300, 7), first)  # redrawn: the same seeded draws
     assert not np.array_equal(_null_ap(5, 40, 300, 8), first)
+
+
+def test_probe_and_knn_on_row_indices_equal_the_copied_rows():
+    # train_rows/test_rows score parts of one table in place: same figures as the copies.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 400).astype(str)
+    x[:, 0] += y.astype(float)  # some signal, so that accuracy is not trivial
+    tr, te = np.flatnonzero(np.arange(400) % 3 != 0), np.flatnonzero(np.arange(400) % 3 == 0)
+    for kw in ({}, {"max_train": 100}):
+        copied = logistic_probe_accuracy(x[tr], y[tr], x[te], y[te], seed=2, **kw)
+        in_place = logistic_probe_accuracy(
+            x, y[tr], x, y[te], seed=2, train_rows=tr, test_rows=te, **kw
+        )
+        assert in_place == copied
+    for nq in (None, 40):
+        copied = weighted_knn_accuracy(x[tr], y[tr], x[te], y[te], k=7, max_queries=nq, seed=1)
+        in_place = weighted_knn_accuracy(
+            x, y[tr], x, y[te], k=7, max_queries=nq, seed=1, train_rows=tr, test_rows=te
+        )
+        assert in_place == copied and copied["accuracy"] > 0.3

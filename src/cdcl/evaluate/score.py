@@ -194,10 +194,13 @@ def _classification(
         out["note"] = "no held-out treatment occurs in the training batches"
         return out
     log = log or _Log(False, "")
+    # Rows are passed as indices: no copy of the training or held-out part of a large table.
+    tr_rows, te_rows = np.flatnonzero(tr), np.flatnonzero(te)
+    rows = {"train_rows": tr_rows, "test_rows": te_rows}
     out["logistic"] = log(
         "logistic probe",
         lambda: M.logistic_probe_accuracy(
-            x[tr], y[tr], x[te], y[te], seed=seed, max_train=PROBE_MAX_TRAIN
+            x, y[tr], x, y[te], seed=seed, max_train=PROBE_MAX_TRAIN, **rows
         ),
     )()
     kk = min(k, int(tr.sum()))
@@ -205,7 +208,7 @@ def _classification(
     out["knn"] = log(
         "weighted kNN",
         lambda: M.weighted_knn_accuracy(
-            x[tr], y[tr], x[te], y[te], k=kk, max_queries=nq, seed=seed
+            x, y[tr], x, y[te], k=kk, max_queries=nq, seed=seed, **rows
         ),
     )()
     return out

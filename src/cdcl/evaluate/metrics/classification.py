@@ -59,6 +59,8 @@ def logistic_probe_accuracy(
     C: float = 1.0,
     seed: int = 0,
     max_train: int | None = None,
+    train_rows: np.ndarray | None = None,
+    test_rows: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Linear-probe accuracy: sklearn ``LogisticRegression`` on train-standardised features.
 
@@ -76,30 +78,41 @@ def logistic_probe_accuracy(
     lists ``label``, ``n``, ``correct``), so that an interval can resample labels (compounds)
     rather than replicates.
 
+    ``train_rows`` / ``test_rows``: use only these rows of ``train_x`` / ``test_x`` (labels
+    one per selected row), as if ``train_x[train_rows]`` were passed, without copying a large
+    table (only the sampled training rows and one block of test rows are copied at a time).
+
     Returns:
         ``{"accuracy", "macro_f1", "n_test_unseen_label", "n_unseen_classes", "n_train",
         "per_label"}``.
     """
-    tr = _features(train_x, "train_x")
-    te = _features(test_x, "test_x")
-    ytr = _labels(train_y, tr.shape[0], "train_y")
-    yte = _labels(test_y, te.shape[0], "test_y")
-    if max_train is not None and tr.shape[0] > max_train:
+    x_tr = _features(train_x, "train_x")
+    x_te = _features(test_x, "test_x")
+    tr_ix = np.arange(x_tr.shape[0]) if train_rows is None else np.asarray(train_rows)
+    te_ix = np.arange(x_te.shape[0]) if test_rows is None else np.asarray(test_rows)
+    ytr = _labels(train_y, tr_ix.size, "train_y")
+    yte = _labels(test_y, te_ix.size, "test_y")
+    if max_train is not None and tr_ix.size > max_train:
         keep = _stratified_sample(ytr, int(max_train), seed)
-        tr, ytr = tr[keep], ytr[keep]
+        tr_ix, ytr = tr_ix[keep], ytr[keep]
+    tr = x_tr[tr_ix]
     classes = np.unique(ytr)
     scaler = StandardScaler().fit(tr)
     if classes.size == 1:
         # LogisticRegression refuses a single class; the only sensible probe predicts it.
-        pred = np.full(te.shape[0], classes[0], dtype=ytr.dtype)
+        pred = np.full(te_ix.size, classes[0], dtype=ytr.dtype)
     else:
         clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
         clf.fit(scaler.transform(tr), ytr)
-        # Predicted in blocks: the standardised float64 copy never spans a large test set.
-        blocks = [
-            clf.predict(scaler.transform(te[a : a + 65536])) for a in range(0, len(te), 65536)
-        ]
-        pred = np.concatenate(blocks) if blocks else clf.predict(scaler.transform(te))
+        # Predicted in blocks: neither the test rows nor their float64 standardised copy are
+        # ever held whole.
+        step = 65536
+        pred = np.concatenate(
+            [
+                clf.predict(scaler.transform(x_te[te_ix[a : a + step]]))
+                for a in range(0, max(te_ix.size, 1), step)
+            ]
+        )
     out: dict[str, float] = dict(classification_scores(yte, pred))
     unseen = ~label_isin(yte, classes)
     out["n_test_unseen_label"] = int(unseen.sum())

@@ -117,6 +117,7 @@ def knn_indices(
     chunk_size: int = 2048,
     query_indices: np.ndarray | None = None,
     metric: str = "cosine",
+    ref_rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of query rows among ``features``, computed in blocks.
 
@@ -137,6 +138,8 @@ def knn_indices(
         query_indices: rows of ``features`` to use as queries (default: all rows); their own
             index is excluded when ``exclude_self``.
         metric: ``"cosine"`` or ``"euclidean"``.
+        ref_rows: with separate ``query`` rows, search only these rows of ``features`` (as if
+            ``features[ref_rows]`` were passed, without that copy); indices refer to them.
 
     Returns:
         ``(indices, similarities)``: int64 (nq, k) reference indices and float32 (nq, k)
@@ -151,6 +154,11 @@ def knn_indices(
     if query is not None and query_indices is not None:
         raise ValueError("pass either query or query_indices, not both")
     self_mode = query is None
+    if ref_rows is not None and self_mode:
+        raise ValueError("ref_rows needs separate query rows")
+    rrows = None if ref_rows is None else np.asarray(ref_rows, dtype=np.int64)
+    if rrows is not None:
+        n = rrows.size
     if self_mode:
         qidx = (
             np.arange(n, dtype=np.int64)
@@ -179,7 +187,7 @@ def knn_indices(
     if nq == 0:
         return out_idx, out_val
 
-    ref_norm = row_norms(ref)
+    ref_norm = row_norms(ref) if rrows is None else row_norms(ref)[rrows]
     ref_sq = (ref_norm**2).astype(np.float32)
     q_chunk = max(1, int(chunk_size))
     r_block = max(k, BLOCK_ELEMS // min(q_chunk, nq))
@@ -192,7 +200,8 @@ def knn_indices(
         best_idx = np.full((qb - qa, 0), 0, dtype=np.int64)
         best_val = np.full((qb - qa, 0), 0, dtype=np.float32)
         for ra, rb in iter_blocks(n, r_block):
-            rv = _prepare(ref[ra:rb], ref_norm[ra:rb], metric)
+            block = ref[ra:rb] if rrows is None else ref[rrows[ra:rb]]
+            rv = _prepare(block, ref_norm[ra:rb], metric)
             scores = qv @ rv.T
             if metric == "euclidean":
                 # Rank by 2 q.x - |x|^2 (= |q|^2 - |q - x|^2): same order as -distance.
@@ -332,6 +341,8 @@ def weighted_knn_accuracy(
     chunk_size: int = 2048,
     max_queries: int | None = None,
     seed: int = 0,
+    train_rows: np.ndarray | None = None,
+    test_rows: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Weighted kNN classifier accuracy (Wu et al., CVPR 2018; DINO ``eval_knn``).
 
@@ -345,21 +356,27 @@ def weighted_knn_accuracy(
     ``max_queries`` test rows is scored (accuracy is a mean over test rows, so the sample
     estimates it without bias; its binomial standard error sqrt(p(1-p)/m) is ``stderr``).
 
+    ``train_rows`` / ``test_rows``: use only these rows of ``train_x`` / ``test_x`` (labels one
+    per selected row), as if ``train_x[train_rows]`` were passed, without copying a large table.
+
     Returns:
         ``{"accuracy", "macro_f1", "k", "n_test_unseen_label", "n_queries", "stderr"}``.
     """
     tr = _features(train_x, "train_x")
-    te = _features(test_x, "test_x")
-    ytr = _labels(train_y, tr.shape[0], "train_y")
-    yte = _labels(test_y, te.shape[0], "test_y")
+    x_te = _features(test_x, "test_x")
+    n_tr = tr.shape[0] if train_rows is None else len(train_rows)
+    te_ix = np.arange(x_te.shape[0]) if test_rows is None else np.asarray(test_rows)
+    ytr = _labels(train_y, n_tr, "train_y")
+    yte = _labels(test_y, te_ix.size, "test_y")
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    keep = sample_rows(te.shape[0], max_queries, seed)
-    if keep.size < te.shape[0]:
-        te, yte = te[keep], yte[keep]
+    keep = sample_rows(te_ix.size, max_queries, seed)
+    if keep.size < te_ix.size:
+        te_ix, yte = te_ix[keep], yte[keep]
+    te = x_te[te_ix] if test_rows is not None or keep.size < x_te.shape[0] else x_te
     classes, ycodes = np.unique(ytr, return_inverse=True)
-    k_eff = min(int(k), tr.shape[0])
-    idx, sim = knn_indices(tr, k_eff, query=te, chunk_size=chunk_size)
+    k_eff = min(int(k), n_tr)
+    idx, sim = knn_indices(tr, k_eff, query=te, chunk_size=chunk_size, ref_rows=train_rows)
     # exp((s - 1)/T) = exp(s/T) * const: same argmax, no overflow for small T.
     weights = np.exp((sim.astype(np.float64) - 1.0) / temperature)
     n_cls = classes.size
