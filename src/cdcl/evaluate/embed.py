@@ -542,6 +542,9 @@ def read_parquet_profiles(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, l
                 x[a:b, j] = col.to_numpy(zero_copy_only=False)
             a = b
         meta = pf.read(columns=meta_cols).to_pandas() if meta_cols else pd.DataFrame(index=range(n))
+        # Arrow's allocator keeps the freed decode buffers for reuse: 1.3 GiB of resident
+        # memory after reading a 5e5 x 384 table, held through the whole evaluation.
+        pa.default_memory_pool().release_unused()
     except CdclError:
         raise
     except Exception as e:

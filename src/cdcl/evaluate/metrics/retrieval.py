@@ -30,7 +30,7 @@ from cdcl.evaluate.metrics.neighbours import BLOCK_ELEMS, iter_blocks
 # Query rows per block times all rows (pair masks and similarities of one block): 32 M
 # numbers, ~230 MiB of masks and similarities at any n; fewer passes over the table.
 _MAP_BLOCK = 1 << 25
-_GATHER_ROWS = 65_536  # candidate rows copied at a time for the similarities
+_GATHER_ROWS = 16_384  # candidate rows normalised at a time (float64: 48 MiB at 384 features)
 
 
 def _pair_mask(
