@@ -152,13 +152,14 @@ FIXED_GIB = 2.0  # libraries, metadata and metric working memory, beyond the tab
 def memory_plan(n: int, d: int, n_sets: int = 1, n_variants: int = 2) -> list[str]:
     """Lines stating the estimated peak memory of the evaluation, and an option when it won't fit.
 
-    Model (float32): every feature set is held (n x d x 4 bytes each), the plate-normalised
-    variant adds one copy while it is scored, and the largest metric step (the probe's and
-    kNN's copies of the training and held-out rows) one more; plus ~2 GiB of libraries, metadata and metric working memory (the peak
-    measured at 10^5 x 384, where the table itself is 0.14 GiB, was 2.5 GiB).
+    Model (float32): every feature set is held (n x d x 4 bytes each) and the plate-normalised
+    variant adds one copy while it is scored; the metrics read row subsets in place, so no
+    metric copies the table. Plus ~2 GiB of libraries, metadata and metric working memory
+    (blocks of at most a few hundred MiB), from the peaks measured at 10^5 x 384 to
+    10^6 x 768 (docs/benchmarks.md).
     """
     gib = n * d * 4 / 2**30
-    copies = n_sets + (n_variants > 1) + 1
+    copies = n_sets + (n_variants > 1)
     need = copies * gib + FIXED_GIB
     lines = [f"{n:,} profiles x {d:,} features: estimated peak memory {need:.1f} GiB"]
     avail = available_memory_gib()
