@@ -65,9 +65,16 @@ def _table(n: int = 480, d: int = 12, seed: int = 0) -> pd.DataFrame:
     return df
 
 
-def test_parquet_loader_equals_pandas_loader(tmp_path: Path) -> None:
+@pytest.mark.parametrize("row_group_size", [None, 7])
+def test_parquet_loader_equals_pandas_loader(tmp_path: Path, row_group_size: int | None) -> None:
+    # 7 rows per group: the loader's row-group loop (and its uneven last group) is exercised.
     path = tmp_path / "t.parquet"
-    _table().to_parquet(path)
+    table = _table()
+    table.to_parquet(path, row_group_size=row_group_size)
+    if row_group_size:
+        import pyarrow.parquet as pq
+
+        assert pq.ParquetFile(path).num_row_groups > 2
     x, meta, names = read_parquet_profiles(path)
     x0, meta0, names0 = split_table(read_profile_table(path))
     assert names == names0 and x.dtype == np.float32
