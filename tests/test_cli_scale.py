@@ -16,7 +16,7 @@ from cdcl.errors import CdclError
 from cdcl.evaluate import progress
 from cdcl.evaluate.embed import read_parquet_profiles, read_profile_table, split_table
 from cdcl.evaluate.plot_sample import stratified_plot_rows
-from cdcl.evaluate.table import memory_plan
+from cdcl.evaluate.table import memory_plan, time_plan
 
 
 def _meta(seed: int = 0) -> pd.DataFrame:
@@ -96,6 +96,17 @@ def test_memory_plan_says_which_option_fits() -> None:
     huge = memory_plan(10**9, 768)  # ~8.6 TiB: no machine running this test has that free
     assert len(huge) == 2 and "--variants raw" in huge[1] and "would not fit" in huge[1]
     assert "--variants raw" not in memory_plan(10**9, 768, n_variants=1)[1]
+
+
+def test_time_plan_scales_with_the_table_and_names_the_faster_option() -> None:
+    small = time_plan(10_000, 64, cores=2)
+    assert len(small) == 1 and "estimated time" in small[0] and "--variants raw" not in small[0]
+    big = time_plan(10**6, 768, cores=2)[0]
+    assert "--variants raw" in big  # over the 10-minute aim with both variants
+    minutes = int(big.split("~")[1].split()[0])
+    assert minutes > 10 and int(big.split("~")[2].split()[0]) < minutes  # raw is faster
+    assert "--variants raw" not in time_plan(10**6, 768, n_variants=1, cores=2)[0]
+    assert int(time_plan(10**6, 768, cores=4)[0].split("~")[1].split()[0]) < minutes
 
 
 def test_keep_alive_prints_while_a_step_is_silent(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -112,7 +113,9 @@ def evaluate_table(
     if shape is not None:
         timer.echo = shape[0] > EXACT_MAX
         n_sets = 1 + int(tvn) + len(corrections)
-        for line in memory_plan(shape[0], shape[1], n_sets, len(variants)):
+        plan = memory_plan(shape[0], shape[1], n_sets, len(variants))
+        plan += time_plan(shape[0], shape[1], n_sets, len(variants))
+        for line in plan:
             timer.say(line)
     with keep_alive(timer.echo), timer("load"):
         x, meta, names, parts, notes = _load_table(features_file, columns)
@@ -176,6 +179,35 @@ def memory_plan(n: int, d: int, n_sets: int = 1, n_variants: int = 2) -> list[st
             f"and would not fit; use {fix}"
         )
     return lines
+
+
+# Scoring seconds per variant per (row x feature), per core, measured with
+# benchmarks/bench_cli_evaluate.py at 5e5 x 384 on an idle 2-core machine (143-156 s per
+# variant); the metrics with sampled queries cost queries x rows x features, so time grows
+# with n x d. Loading: ~27 s per 1.9e8 numbers. A rough guide, not a promise.
+SCORE_S_PER_CELL_CORE = 2 * 150.0 / (500_000 * 384)
+LOAD_S_PER_CELL = 27.0 / (500_000 * 384)
+TIME_AIM_MIN = 10.0
+
+
+def time_plan(
+    n: int, d: int, n_sets: int = 1, n_variants: int = 2, cores: int | None = None
+) -> list[str]:
+    """Lines stating the rough time of the evaluation on this machine, and an option when long.
+
+    Scaled from the measured benchmark (:data:`SCORE_S_PER_CELL_CORE`) by rows x features,
+    feature sets, variants and cores; above ``TIME_AIM_MIN`` minutes the line names
+    ``--variants raw`` (half the scoring) when both variants are asked for.
+    """
+    cores = max(1, cores or os.cpu_count() or 1)
+    cells = float(n) * float(d)
+    per_variant = cells * SCORE_S_PER_CELL_CORE / cores
+    minutes = (cells * LOAD_S_PER_CELL + n_sets * n_variants * per_variant) / 60.0
+    line = f"estimated time ~{minutes:.0f} min on {cores} core(s) (scaled from the benchmark)"
+    if minutes > TIME_AIM_MIN and n_variants > 1:
+        raw = (cells * LOAD_S_PER_CELL + n_sets * per_variant) / 60.0
+        line += f"; --variants raw would take ~{raw:.0f} min"
+    return [line]
 
 
 def available_memory_gib() -> float | None:
