@@ -30,6 +30,7 @@ from cdcl.data.dataset_dir import atomic_write_text, open_dataset
 from cdcl.data.splits import assign_split
 from cdcl.demo import (
     BBBC021_METHODS,
+    COLUMN_PATHS,
     LOWER_IS_BETTER,
     METHODS,
     DemoSpec,
@@ -41,6 +42,7 @@ from cdcl.demo import (
 )
 from cdcl.errors import CdclError
 from cdcl.evaluate import statistics as st
+from cdcl.evaluate.calibration import CALIBRATED
 from cdcl.evaluate.report import _img, _plt, _save, write_html
 from cdcl.evaluate.results import to_jsonable, versions
 
@@ -266,9 +268,6 @@ def metrics_without_power(results: list[dict[str, Any]]) -> dict[str, str]:
     replicate (``cdcl study --calibrate``) could not tell its strongest injected batch effect
     from its null; the reason quoted is the first replicate's.
     """
-    from cdcl.demo import COLUMN_PATHS
-    from cdcl.evaluate.calibration import CALIBRATED
-
     column_of = {path: label for label, path in COLUMN_PATHS.items()}
     out: dict[str, str] = {}
     for i, res in enumerate(results):
