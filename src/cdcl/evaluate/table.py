@@ -201,12 +201,15 @@ def time_plan(
     """
     cores = max(1, cores or os.cpu_count() or 1)
     cells = float(n) * float(d)
-    per_variant = cells * SCORE_S_PER_CELL_CORE / cores
-    minutes = (cells * LOAD_S_PER_CELL + n_sets * n_variants * per_variant) / 60.0
-    line = f"estimated time ~{minutes:.0f} min on {cores} core(s) (scaled from the benchmark)"
-    if minutes > TIME_AIM_MIN and n_variants > 1:
-        raw = (cells * LOAD_S_PER_CELL + n_sets * per_variant) / 60.0
-        line += f"; --variants raw would take ~{raw:.0f} min"
+    load_s = cells * LOAD_S_PER_CELL
+    variant_s = n_sets * cells * SCORE_S_PER_CELL_CORE / cores  # every feature set, one variant
+
+    def minutes(n_var: int) -> float:
+        return (load_s + n_var * variant_s) / 60.0
+
+    line = f"estimated time ~{minutes(n_variants):.0f} min on {cores} core(s) (scaled from the benchmark)"
+    if minutes(n_variants) > TIME_AIM_MIN and n_variants > 1:
+        line += f"; --variants raw would take ~{minutes(1):.0f} min"
     return [line]
 
 

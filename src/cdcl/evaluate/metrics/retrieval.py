@@ -75,8 +75,9 @@ def average_precision(
     without variance as AP 1; without ties the two agree. ``batch_aware=True``
     adds ``batch_col`` to ``pos_diffby``: positives must come from another batch.
 
-    Per query the negatives ranked before each distinct positive key are counted by binary
-    search (O(n log n_pos), no sort of all pairs). ``query_indices``: score
+    Per query the negatives are sorted once (shared by every ``batch_aware`` setting) and
+    each distinct positive key is looked up in them by binary search, which counts the
+    negatives ranked before it and tied with it. ``query_indices``: score
     only these rows as queries (each still ranked against all rows); the output then holds
     those rows only. ``unit_rows=True``: ``features`` already have unit L2 rows (float32);
     otherwise rows are normalised as they are read (no normalised copy of the table is made).
