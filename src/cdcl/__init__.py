@@ -17,9 +17,8 @@ import sys
 import types
 from typing import Any
 
-__version__ = "0.1.0"
-
-from cdcl import api  # noqa: E402  (after __version__, which the API's modules read)
+from cdcl import api
+from cdcl._version import __version__
 
 VERBS = (
     "build_table",

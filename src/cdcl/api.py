@@ -251,7 +251,7 @@ def info(path: PathLike) -> str:
     str
         Design, channels, held-out batches of the default split and the validation result.
     """
-    from cdcl.commands.info import summarize
+    from cdcl.data.summary import summarize
 
     return summarize(Path(path))
 

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from cdcl import __version__
+from cdcl._version import __version__
 from cdcl.errors import CdclError
 
 COMMANDS = ("synth", "build", "info", "train", "embed", "evaluate", "compare", "demo", "study")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cdcl._version import versions
 from cdcl.config import load_config
 from cdcl.data.dataset_dir import atomic_write_text, open_dataset, validate
 from cdcl.data.montage import montage
@@ -46,7 +47,7 @@ from cdcl.evaluate.report import (
     umap_frame,
     write_html,
 )
-from cdcl.evaluate.results import to_jsonable, versions
+from cdcl.evaluate.results import to_jsonable
 from cdcl.evaluate.sources import random_like_run
 from cdcl.parquet import read_parquet
 from cdcl.train.checkpoint import load_for_eval

@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from cdcl._version import versions
 from cdcl.data.dataset_dir import atomic_write_text, open_dataset
 from cdcl.data.splits import assign_split
 from cdcl.demo import (
@@ -44,7 +45,7 @@ from cdcl.errors import CdclError
 from cdcl.evaluate import statistics as st
 from cdcl.evaluate.calibration import CALIBRATED
 from cdcl.evaluate.report import _img, _plt, _save, write_html
-from cdcl.evaluate.results import to_jsonable, versions
+from cdcl.evaluate.results import to_jsonable
 
 VARIANTS = ("plate_normalized", "raw")
 VARIANT_TITLES = {

@@ -36,7 +36,7 @@ import tifffile
 from PIL import Image
 from tqdm import tqdm
 
-from cdcl import __version__
+from cdcl._version import __version__
 from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter
 from cdcl.errors import CdclError
 

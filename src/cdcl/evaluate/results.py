@@ -6,10 +6,8 @@ the other.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import json
 import math
-import platform
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,17 +19,6 @@ from cdcl.data.query import check_stored_query
 from cdcl.errors import CdclError
 
 RESULTS_FILE = "results.json"
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries the figures depend on."""
-    out = {"python": platform.python_version()}
-    for pkg in ("cdcl", "torch", "timm", "numpy", "pandas", "scikit-learn", "scipy", "umap-learn"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def to_jsonable(obj: Any) -> Any:

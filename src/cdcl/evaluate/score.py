@@ -18,18 +18,17 @@ Conventions (stated in results.json under ``protocol``):
 from __future__ import annotations
 
 import functools
-import hashlib
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from cdcl._version import versions
 from cdcl.errors import CdclError
 from cdcl.evaluate import metrics as M
 from cdcl.evaluate import progress
@@ -37,7 +36,6 @@ from cdcl.evaluate.correction import TRANSDUCTIVE_NOTE, apply_corrections
 from cdcl.evaluate.feasibility import classification_unavailable, unavailable
 from cdcl.evaluate.metrics._inputs import label_isin
 from cdcl.evaluate.profiles import plate_normalize
-from cdcl.evaluate.results import versions
 
 VARIANTS = ("raw", "plate_normalized")
 # Every row is a query up to EXACT_MAX rows; above, QUERY_SAMPLE seeded query rows are scored
@@ -531,15 +529,6 @@ def online_probe_scores(
     out: dict[str, Any] = dict(M.classification_scores(t[keep], pred))
     out["n_test"] = int(keep.sum())
     return out
-
-
-def file_sha256(path: str | Path, n_hex: int = 16) -> str:
-    """First ``n_hex`` hex digits of a file's SHA-256."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:n_hex]
 
 
 def base_results(kind: str, **fields: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from cdcl.evaluate.baselines import IntensityFeatures, random_backbone_like, ran
 from cdcl.evaluate.embed import (
     make_view_fn,
 )
-from cdcl.evaluate.score import file_sha256
+from cdcl.hashing import file_sha256
 from cdcl.models.backbones import build_backbone
 from cdcl.train.checkpoint import load_for_eval
 

@@ -39,10 +39,10 @@ from cdcl.evaluate.score import (
     base_results,
     corrected_sets,
     evaluate_features,
-    file_sha256,
     protocol_with,
     split_masks,
 )
+from cdcl.hashing import file_sha256
 
 SPLIT_COLUMN = "Metadata_Split"  # what `cdcl embed` writes: the run's train / val / test part
 
