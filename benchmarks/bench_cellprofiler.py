@@ -27,7 +27,7 @@ import numpy as np
 
 from cdcl.data import synthetic
 from cdcl.data.segmentation import segment_field
-from cdcl.evaluate.cellprofiler import DEFAULT_FAMILIES, FAMILIES, measure_objects, relabel
+from cdcl.embed.cellprofiler_features import DEFAULT_FAMILIES, FAMILIES, measure_objects, relabel
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

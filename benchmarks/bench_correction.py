@@ -6,7 +6,7 @@ Run: ``.venv/bin/python benchmarks/bench_correction.py [--sizes 10000,100000] [-
 What is measured. Synthetic profiles (float32, ``--dims`` features) in ``--batches`` batches of
 equal size, 10% of them negative controls: a treatment effect (50 treatments) + an additive
 and multiplicative batch effect + noise. Each correction is called as
-``cdcl evaluate --correct`` calls it (:func:`cdcl.evaluate.correction.apply_corrections`
+``cdcl evaluate --correct`` calls it (:func:`cdcl.profiles.correction.apply_corrections`
 with its defaults: sphering epsilon 1e-2 relative; Harmony on 50 PCs, nclust min(n/30, 100),
 up to 20 rounds, harmonypy's thread default; ComBat via scanpy).
 
@@ -58,7 +58,7 @@ def _vm(field: str) -> float:
 
 def child(correction: str, n: int, d: int, n_batches: int) -> dict[str, Any]:
     """One measurement, in this (fresh) process; returns the figures."""
-    from cdcl.evaluate.correction import apply_corrections
+    from cdcl.profiles.correction import apply_corrections
 
     x, batch, ctrl = make_profiles(n, d, n_batches)
     before = _vm("VmRSS")

@@ -10,7 +10,7 @@ out at random over the other wells, so that every treatment recurs in every batc
 number of replicates grows with n (the RxRx1 / JUMP-reference-plate shape). Features =
 strong batch offset + plate offset + MoA/compound/dose effect + noise.
 
-"The suite" is the raw-profile half of ``cdcl.evaluate.score.evaluate_features`` called
+"The suite" is the raw-profile half of ``cdcl.metrics.score.evaluate_features`` called
 metric by metric with the arguments it uses (its caps: every row a query up to 10,000 rows,
 above that 2,000 seeded queries scored against all rows, 1,000 for silhouettes and mAP): logistic probe (at most 20,000
 stratified training wells) and weighted kNN (k=10) trained on all batches but the last and
@@ -248,10 +248,10 @@ def _metric_fns(
     x: np.ndarray, meta: pd.DataFrame, sil_sample: int, tmp: Path
 ) -> dict[str, Callable[[], Any]]:
     """Metric name -> zero-argument call returning the headline value."""
-    from cdcl.evaluate import metrics as M
-    from cdcl.evaluate import score as E
-    from cdcl.evaluate.profiles import plate_normalize
-    from cdcl.evaluate.score import evaluate_features
+    from cdcl import metrics as M
+    from cdcl.metrics import score as E
+    from cdcl.metrics.score import evaluate_features
+    from cdcl.profiles.columns import plate_normalize
 
     ctrl = meta["is_control"].to_numpy(bool)
     batch = meta["batch"].astype(str).to_numpy()

@@ -4,7 +4,7 @@ Each side is a list of directories holding a demo's ``results.json`` (``cdcl dem
 or a study's ``replicates/<name>``), given in the same replicate order (e.g. seeds 0, 1, 2 on
 both sides). For every row present on both sides (DINO, CDCL, ...) and every metric column
 the two versions share, prints after − before with its 95% t confidence interval and the
-paired t-test's p-value (``cdcl.evaluate.statistics.paired_difference``, as ``cdcl study``).
+paired t-test's p-value (``cdcl.experiments.statistics.paired_difference``, as ``cdcl study``).
 
 Used for the move of the views to whole batches (issue 10):
 
@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from cdcl.evaluate import statistics as st
-from cdcl.study import LOWER_IS_BETTER, replicate_figures
+from cdcl.experiments import statistics as st
+from cdcl.experiments.study import LOWER_IS_BETTER, replicate_figures
 
 VARIANT = "plate_normalized"
 

@@ -1,4 +1,4 @@
-"""Negative and positive controls of the metrics (cdcl.evaluate.calibration, --calibrate)."""
+"""Negative and positive controls of the metrics (cdcl.evaluation.calibration, --calibrate)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cdcl.evaluate.calibration import (
+from cdcl.evaluation.calibration import (
     NO_POWER,
     calibrate,
     inject_monotone,

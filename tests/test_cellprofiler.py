@@ -19,7 +19,7 @@ from conftest import SHARED_DATA
 from cdcl.data import synthetic as S
 from cdcl.data.dataset_dir import MASKS_DIR, open_dataset
 from cdcl.data.segmentation import segment_field
-from cdcl.evaluate.cellprofiler import measure_field, measure_objects
+from cdcl.embed.cellprofiler_features import measure_field, measure_objects
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # A small screen that measures in seconds: 4 batches x 1 plate x 8 wells x 1 site, 32 px.
@@ -301,10 +301,10 @@ def test_measure_objects_without_objects_is_empty() -> None:
 @pytest.mark.slow
 def test_cellprofiler_row_and_its_corrections_in_the_evaluation(screen: Path) -> None:
     from cdcl.data.splits import assign_split
-    from cdcl.evaluate.cellprofiler import CellProfilerOptions
-    from cdcl.evaluate.cellprofiler_profiles import CellProfilerSource, cellprofiler_profiles
-    from cdcl.evaluate.embed import image_meta
-    from cdcl.evaluate.evaluate import evaluate_images
+    from cdcl.embed.cellprofiler import CellProfilerSource, cellprofiler_profiles
+    from cdcl.embed.cellprofiler_features import CellProfilerOptions
+    from cdcl.evaluation.run import evaluate_images
+    from cdcl.profiles.table import image_meta
 
     ds = open_dataset(screen)
     split = assign_split(ds.samples, ds.info.source, None)

@@ -12,11 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cdcl import progress
 from cdcl.errors import CdclError
-from cdcl.evaluate import progress
-from cdcl.evaluate.embed import read_parquet_profiles, read_profile_table, split_table
-from cdcl.evaluate.plot_sample import stratified_plot_rows
-from cdcl.evaluate.table import memory_plan, time_plan
+from cdcl.evaluation.table_file import memory_plan, time_plan
+from cdcl.profiles.table import read_parquet_profiles, read_profile_table, split_table
+from cdcl.report.plot_sample import stratified_plot_rows
 
 
 def _meta(seed: int = 0) -> pd.DataFrame:
@@ -170,7 +170,7 @@ def test_cli_plots_a_stated_sample_and_scores_every_row(tmp_path: Path) -> None:
 
 
 def test_stage_times_are_printed_only_when_echoing(capsys: pytest.CaptureFixture) -> None:
-    from cdcl.evaluate.score import Timer
+    from cdcl.metrics.score import Timer
 
     quiet, loud = Timer(), Timer(echo=True)
     with quiet("load"):

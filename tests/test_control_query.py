@@ -207,7 +207,7 @@ def test_query_stored_in_dataset_json_or_results_json_is_checked(tmp_path: Path)
     from conftest import write_random_dataset
 
     from cdcl.data.dataset_dir import validate
-    from cdcl.evaluate.results import read_results
+    from cdcl.report.results import read_results
 
     ds = write_random_dataset(tmp_path / "ds", n_batches=2, sites=1, size=8)
     info = json.loads((ds / "dataset.json").read_text())

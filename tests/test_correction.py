@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from cdcl.errors import CdclError
-from cdcl.evaluate.correction import (
+from cdcl.metrics import batch_classifier_accuracy
+from cdcl.profiles.columns import tvn
+from cdcl.profiles.correction import (
     CORRECTIONS,
     apply_corrections,
     combat,
@@ -20,8 +22,6 @@ from cdcl.evaluate.correction import (
     parse_corrections,
     sphering,
 )
-from cdcl.evaluate.metrics import batch_classifier_accuracy
-from cdcl.evaluate.profiles import tvn
 
 
 def shifted_toy(

@@ -290,7 +290,7 @@ def test_bbbc021_held_out_plates_in_the_docs_match_the_code() -> None:
     """The fold table of docs/datasets.md is what `--split k` holds out; the demo pair is too."""
     from cdcl.data.splits import assign_split
     from cdcl.data.table import TableOptions, samples_from_table
-    from cdcl.demo import BBBC021_TEST_PLATES
+    from cdcl.experiments.demo import BBBC021_TEST_PLATES
 
     opts = TableOptions(
         batch_col="plate",

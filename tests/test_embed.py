@@ -12,12 +12,11 @@ import pytest
 import torch
 from conftest import write_random_dataset
 
-from cdcl.evaluate.baselines import IntensityFeatures, random_backbone_like, random_timm_backbone
-from cdcl.evaluate.embed import (
+from cdcl.embed.baselines import IntensityFeatures, random_backbone_like, random_timm_backbone
+from cdcl.embed.inference import embed_images, make_view_fn
+from cdcl.profiles.table import (
     OBSM_KEY,
-    embed_images,
     image_meta,
-    make_view_fn,
     read_profile_table,
     split_table,
     to_anndata,
@@ -210,13 +209,13 @@ def test_cli_embed_bad_inputs(tmp_path: Path) -> None:
 def test_job_parts_resume_and_streaming_writers_match_in_memory(
     ds32, resnet, tmp_path: Path
 ) -> None:
-    from cdcl.evaluate.embed import export_name, to_csv
-    from cdcl.evaluate.embed_job import (
+    from cdcl.embed.job import (
         EmbedJob,
         remove_stale_work_dirs,
         write_image_profiles,
         write_well_profiles,
     )
+    from cdcl.profiles.table import export_name, to_csv
 
     idx = np.arange(len(ds32))[::-1].copy()  # any order: rows follow it
     view = make_view_fn(size=24)
@@ -338,7 +337,7 @@ def test_killed_embed_resumes_with_same_profiles(ds64: Path, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one(ds64: Path, tmp_path: Path) -> None:
-    from cdcl.evaluate.embed_job import read_provenance
+    from cdcl.embed.job import read_provenance
 
     for level in ("image", "well"):
         opts = ("--level", level, "--chunk-size", "16", "--workers", "1")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import SHARED_DATA, write_random_dataset
 
-from cdcl.evaluate.evaluate import evaluate_images
-from cdcl.evaluate.profiles import resolve_table_meta, tvn
-from cdcl.evaluate.results import to_jsonable
-from cdcl.evaluate.score import evaluate_features
+from cdcl.evaluation.run import evaluate_images
+from cdcl.metrics.score import evaluate_features
+from cdcl.profiles.columns import resolve_table_meta, tvn
+from cdcl.report.results import to_jsonable
 
 BBBC021_PROFILES = (
     SHARED_DATA / "bbbc021_metadata" / "BBBC021_well_profiles_feature_selected_mad_robustize.csv.gz"
@@ -151,8 +151,8 @@ def test_resolve_table_meta_combines_columns_and_patterns() -> None:
 def test_evaluate_images_with_random_backbone(tmp_path: Path) -> None:
     from cdcl.data.dataset_dir import open_dataset
     from cdcl.data.splits import assign_split
-    from cdcl.evaluate.baselines import IntensityFeatures, random_timm_backbone
-    from cdcl.evaluate.embed import make_view_fn
+    from cdcl.embed.baselines import IntensityFeatures, random_timm_backbone
+    from cdcl.embed.inference import make_view_fn
 
     torch.set_num_threads(1)
     ds = open_dataset(write_random_dataset(tmp_path / "ds", size=32))

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cdcl.evaluate import metrics as M
+from cdcl import metrics as M
 
 
 def screen(n: int, d: int = 24, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
@@ -83,7 +83,7 @@ def test_rows_without_batch_keep_the_plain_setting_unchanged(table) -> None:
 
 def test_chunked_candidates_give_the_same_ap(table, monkeypatch: pytest.MonkeyPatch) -> None:
     """Similarities built from many small candidate chunks and query blocks: same APs."""
-    from cdcl.evaluate.metrics import retrieval
+    from cdcl.metrics import retrieval
 
     x, meta = table
     x, meta = x[:800], meta.iloc[:800].reset_index(drop=True)

@@ -16,9 +16,7 @@ import pandas as pd
 import pytest
 from conftest import SHARED_DATA
 
-from cdcl.evaluate.correction import combat, harmony, sphering
-from cdcl.evaluate.embed import read_profile_table, split_table
-from cdcl.evaluate.metrics import (
+from cdcl.metrics import (
     average_precision,
     batch_silhouette_global,
     batch_silhouette_score,
@@ -31,9 +29,11 @@ from cdcl.evaluate.metrics import (
     replicate_map,
     silhouette,
 )
-from cdcl.evaluate.metrics.mixing import _scib_kbet_k0, silhouette_values
-from cdcl.evaluate.metrics.neighbours import NeighborGraph
-from cdcl.evaluate.profiles import resolve_table_meta, standardize_per_plate
+from cdcl.metrics.mixing import _scib_kbet_k0, silhouette_values
+from cdcl.metrics.neighbours import NeighborGraph
+from cdcl.profiles.columns import resolve_table_meta, standardize_per_plate
+from cdcl.profiles.correction import combat, harmony, sphering
+from cdcl.profiles.table import read_profile_table, split_table
 
 BBBC021 = (
     SHARED_DATA / "bbbc021_metadata" / "BBBC021_well_profiles_feature_selected_mad_robustize.csv.gz"
@@ -395,7 +395,7 @@ def test_lisi_hand_checked() -> None:
 
 
 def test_constant_table_is_noted_and_not_a_perfect_score() -> None:
-    from cdcl.evaluate.score import evaluate_features
+    from cdcl.metrics.score import evaluate_features
 
     rows = [
         {"plate": f"P{b}", "well": f"{t}{w}", "batch": f"B{b}", "treatment": t, "compound": t,

@@ -1,4 +1,4 @@
-"""Tests of cdcl.evaluate.metrics: known answers, references (sklearn, copairs, dense) and data."""
+"""Tests of cdcl.metrics: known answers, references (sklearn, copairs, dense) and data."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from scipy.stats import chi2
 from sklearn.metrics import silhouette_score
 
-import cdcl.evaluate.metrics.reproducibility as grit_mod
-import cdcl.evaluate.metrics.retrieval as ap_mod
-from cdcl.evaluate.metrics import (
+import cdcl.metrics.reproducibility as grit_mod
+import cdcl.metrics.retrieval as ap_mod
+from cdcl.metrics import (
     average_precision,
     batch_classifier_accuracy,
     batch_silhouette_global,
@@ -38,7 +38,7 @@ from cdcl.evaluate.metrics import (
     treatment_profiles,
     weighted_knn_accuracy,
 )
-from cdcl.evaluate.profiles import standardize_per_plate
+from cdcl.profiles.columns import standardize_per_plate
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BBBC021_WELLS = (
@@ -698,7 +698,7 @@ def test_memory_bounded_on_50k_profiles():
 
 def test_label_isin_matches_numpy_on_labels() -> None:
     """The hashed membership test gives np.isin's answer on string, object and integer labels."""
-    from cdcl.evaluate.metrics._inputs import label_isin
+    from cdcl.profiles.arrays import label_isin
 
     rng = np.random.default_rng(0)
     words = np.array([f"cmpd_{i:03d}" for i in rng.integers(0, 40, 500)])
@@ -728,7 +728,7 @@ def test_silhouette_of_a_row_subset_equals_the_copied_subset(metric):
 
 
 def test_map_null_cache_returns_the_same_read_only_draws():
-    from cdcl.evaluate.metrics.retrieval import _null_ap
+    from cdcl.metrics.retrieval import _null_ap
 
     _null_ap.cache_clear()
     first = _null_ap(5, 40, 300, 7)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cdcl.evaluate import metrics as M
-from cdcl.evaluate.metrics.mixing import (
+from cdcl import metrics as M
+from cdcl.metrics.mixing import (
     graph_connectivity,
     ilisi,
     kbet,
@@ -20,8 +20,8 @@ from cdcl.evaluate.metrics.mixing import (
     scib_aggregate,
     silhouette,
 )
-from cdcl.evaluate.metrics.neighbours import neighbor_graph, sample_rows, weighted_knn_accuracy
-from cdcl.evaluate.score import evaluate_features
+from cdcl.metrics.neighbours import neighbor_graph, sample_rows, weighted_knn_accuracy
+from cdcl.metrics.score import evaluate_features
 
 
 def _dense_lisi(x: np.ndarray, labels: np.ndarray, k: int, perplexity: float) -> np.ndarray:

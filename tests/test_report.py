@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from test_evaluate_pipeline import planted_profiles
 
-from cdcl.evaluate.report import (
+from cdcl.metrics.score import base_results, evaluate_features
+from cdcl.report.html import (
     make_report,
     metrics_table,
     plot_training_curves,
@@ -21,8 +22,7 @@ from cdcl.evaluate.report import (
     table_html,
     umap_coords,
 )
-from cdcl.evaluate.results import write_results
-from cdcl.evaluate.score import base_results, evaluate_features
+from cdcl.report.results import write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from test_report import _results
 
-from cdcl.evaluate.metric_info import METRIC_INFO
-from cdcl.evaluate.report import (
+from cdcl.metrics.info import METRIC_INFO
+from cdcl.report.html import (
     HEADLINE,
     LABEL_PATHS,
     compare,
@@ -22,7 +22,7 @@ from cdcl.evaluate.report import (
     sets_frame,
     table_html,
 )
-from cdcl.evaluate.results import write_results
+from cdcl.report.results import write_results
 
 CHROMIUM = Path("/usr/bin/chromium")
 PAGE_WIDTH = 1400

@@ -182,7 +182,14 @@ def test_calibrated_screen_against_the_real_targets() -> None:
 
 def test_study_passes_screen_options_to_its_data(tmp_path: Path) -> None:
     from cdcl.errors import CdclError
-    from cdcl.study import Replicate, StudySpec, _demo_spec, check_spec, data_dir, replicate_key
+    from cdcl.experiments.study import (
+        Replicate,
+        StudySpec,
+        _demo_spec,
+        check_spec,
+        data_dir,
+        replicate_key,
+    )
 
     spec = StudySpec(out=tmp_path, quick=True, seeds=(0,), test_batches=4, batch_strength=0.5)
     check_spec(spec)

@@ -222,7 +222,7 @@ def test_paired_scheme_only_where_the_rotation_fails() -> None:
 
 @pytest.mark.skipif(not BBBC021.exists(), reason="shared/data/bbbc021_week4_singlecell missing")
 def test_demo_bbbc021_plates_default_and_folds() -> None:
-    from cdcl.demo import BBBC021_TEST_PLATES, bbbc021_test_plates
+    from cdcl.experiments.demo import BBBC021_TEST_PLATES, bbbc021_test_plates
 
     meta = pd.read_csv(BBBC021 / "metadata_subset.csv")
     assert bbbc021_test_plates(meta, None) == set(BBBC021_TEST_PLATES)

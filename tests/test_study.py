@@ -1,4 +1,4 @@
-"""Statistics across replicates (cdcl.evaluate.statistics) checked against scipy, verdict logic,
+"""Statistics across replicates (cdcl.experiments.statistics) checked against scipy, verdict logic,
 and the study's aggregation and outputs on fixed replicate tables (no training)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 from scipy import stats
 
 from cdcl.errors import CdclError
-from cdcl.evaluate import statistics as st
-from cdcl.study import (
+from cdcl.experiments import statistics as st
+from cdcl.experiments.study import (
     TRANSDUCTIVE_NOTE,
     Replicate,
     StudySpec,

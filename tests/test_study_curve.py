@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from cdcl.errors import CdclError
-from cdcl.evaluate import statistics as st
-from cdcl.study import NO_POWER, StudySpec, finish_study, metrics_without_power
-from cdcl.study_curve import (
+from cdcl.experiments import statistics as st
+from cdcl.experiments.curve import (
     CURVE_REFERENCES,
     curve_figure,
     curve_markdown,
@@ -22,6 +21,7 @@ from cdcl.study_curve import (
     parse_strengths,
     strength_dir,
 )
+from cdcl.experiments.study import NO_POWER, StudySpec, finish_study, metrics_without_power
 
 
 def _figures(gap: float, seed: int) -> list[dict]:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from cdcl.evaluate import statistics as st
-from cdcl.study import StudySpec, aggregate_study, finish_study
+from cdcl.experiments import statistics as st
+from cdcl.experiments.study import StudySpec, aggregate_study, finish_study
 
 
 def _seeds_by_folds(n_seeds: int = 2, n_folds: int = 3) -> tuple[list, list, list]:
@@ -156,7 +156,7 @@ def test_holm_can_overturn_a_raw_verdict() -> None:
         }
         for m, p in (("NSCB", 0.03), ("treatment acc (logistic)", 0.04))
     ]
-    from cdcl.study import adjust_primary_family
+    from cdcl.experiments.study import adjust_primary_family
 
     adjust_primary_family(diffs)
     assert [x["p_holm"] for x in diffs] == pytest.approx([0.06, 0.06])
@@ -250,8 +250,8 @@ def test_a_study_json_without_a_design_counts_as_the_first_look(tmp_path: Path) 
 def test_per_query_outcomes_are_stored_and_add_up() -> None:
     import pandas as pd
 
-    from cdcl.evaluate.metrics.classification import logistic_probe_accuracy
-    from cdcl.evaluate.metrics.matching import nsc_nscb
+    from cdcl.metrics.classification import logistic_probe_accuracy
+    from cdcl.metrics.matching import nsc_nscb
 
     rng = np.random.default_rng(2)
     rows = []
@@ -320,7 +320,7 @@ def _results_with_queries(rng: np.random.Generator, comps: list[str]) -> dict:
 
 
 def test_compound_interval_in_the_study(tmp_path: Path) -> None:
-    from cdcl.study import replicate_outcomes
+    from cdcl.experiments.study import replicate_outcomes
 
     rng = np.random.default_rng(9)
     comps = [f"c{i}" for i in range(24)]

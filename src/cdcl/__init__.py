@@ -35,9 +35,9 @@ VERBS = (
 
 
 class _Verb:
-    """A verb that shares its name with a subpackage (``cdcl.train``, ``cdcl.evaluate``,
-    ``cdcl.study``): calling it runs the verb; its other attributes are the subpackage's, so
-    ``import cdcl.evaluate.report as r`` and ``cdcl.train.loop`` keep working."""
+    """A verb that shares its name with a subpackage (``cdcl.train``, ``cdcl.embed``,
+    ``cdcl.metrics``): calling it runs the verb; its other attributes are the subpackage's, so
+    ``import cdcl.metrics.score as s`` and ``cdcl.train.loop`` keep working."""
 
     def __init__(self, fn: Any, module: str) -> None:
         functools.update_wrapper(self, fn)

@@ -414,7 +414,7 @@ def embed(
         ``Metadata_*`` columns (``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Batch``, ...)
         and feature columns that pycytominer infers; None on non-zero torchrun ranks.
     """
-    from cdcl.evaluate.embed_file import embed_to_file
+    from cdcl.embed.to_file import embed_to_file
 
     def embed_into(path: Path, quiet: bool) -> pd.DataFrame | anndata.AnnData | None:
         written = embed_to_file(
@@ -444,7 +444,7 @@ def embed(
 
 def _read_profiles(path: Path, as_anndata: bool) -> pd.DataFrame | anndata.AnnData:
     """A written profile file, in memory, as a DataFrame or an AnnData."""
-    from cdcl.evaluate.embed import frame_to_anndata, read_profile_table
+    from cdcl.profiles.table import frame_to_anndata, read_profile_table
 
     if str(path).lower().endswith(".h5ad") and as_anndata:
         import anndata as ad
@@ -461,7 +461,7 @@ def _profile_frame(profiles: Any) -> pd.DataFrame | None:
     if isinstance(profiles, pd.DataFrame):
         return profiles
     if type(profiles).__name__ == "AnnData":
-        from cdcl.evaluate.embed import anndata_to_frame
+        from cdcl.profiles.table import anndata_to_frame
 
         return anndata_to_frame(profiles)
     return None
@@ -532,13 +532,13 @@ def evaluate(
     dict
         The contents of ``results.json``; :func:`metrics` turns it into a table.
     """
-    from cdcl.evaluate.correction import parse_corrections
-    from cdcl.evaluate.results import read_results
+    from cdcl.profiles.correction import parse_corrections
+    from cdcl.report.results import read_results
 
     corr = parse_corrections(corrections) if corrections else ()
     frame = _profile_frame(profiles)
     if frame is None and Path(profiles).is_dir():
-        from cdcl.evaluate.evaluate import evaluate_run
+        from cdcl.evaluation.run import evaluate_run
 
         path = evaluate_run(
             Path(profiles),
@@ -556,7 +556,7 @@ def evaluate(
             level=level,
         )
         return read_results(path)
-    from cdcl.evaluate.table import evaluate_table
+    from cdcl.evaluation.table_file import evaluate_table
 
     columns = dict(
         batch_col=batch_col,
@@ -599,8 +599,8 @@ def metrics(results: Mapping[str, Any] | PathLike) -> pd.DataFrame:
         Columns are metrics (batch mixing, biology, retrieval); NaN where a metric could not
         be computed (``results["feature_sets"][name]["unavailable"]`` says why).
     """
-    from cdcl.evaluate.report import metrics_table
-    from cdcl.evaluate.results import read_results
+    from cdcl.report.html import metrics_table
+    from cdcl.report.results import read_results
 
     res = read_results(Path(results)) if not isinstance(results, Mapping) else dict(results)
     import pandas as pd
@@ -637,14 +637,9 @@ def correct(
     pandas.DataFrame or anndata.AnnData
         The same metadata with corrected features (an AnnData when given one).
     """
-    from cdcl.evaluate.correction import apply_corrections, parse_corrections
-    from cdcl.evaluate.embed import (
-        frame_to_anndata,
-        profile_table,
-        read_profile_table,
-        split_table,
-    )
-    from cdcl.evaluate.profiles import resolve_table_meta
+    from cdcl.profiles.columns import resolve_table_meta
+    from cdcl.profiles.correction import apply_corrections, parse_corrections
+    from cdcl.profiles.table import frame_to_anndata, profile_table, read_profile_table, split_table
 
     (name,) = parse_corrections(method)
     frame = _profile_frame(profiles)
@@ -711,7 +706,7 @@ def study(
     dict
         ``{"study": ..., "paths": {"json", "md", "html"}}``.
     """
-    from cdcl.study import DEFAULT_REFERENCES, StudySpec, run_study
+    from cdcl.experiments.study import DEFAULT_REFERENCES, StudySpec, run_study
 
     spec = StudySpec(
         out=Path(out),

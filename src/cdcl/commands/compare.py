@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Write comparison.csv, umap_grid.png and compare.html."""
     from cdcl.errors import CdclError
-    from cdcl.evaluate.report import compare
+    from cdcl.report.html import compare
 
     names = None
     if args.names:

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo and print the table and the report's path."""
     import torch
 
-    from cdcl.demo import DemoSpec, check_demo_spec, run_demo, to_text
+    from cdcl.experiments.demo import DemoSpec, check_demo_spec, run_demo, to_text
     from cdcl.locking import command_lock
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

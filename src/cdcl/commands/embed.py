@@ -66,8 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Embed under the output file's lock (a second embed into the same file stops at once)."""
+    from cdcl.embed.to_file import embed_to_file, output_path
     from cdcl.errors import CdclError
-    from cdcl.evaluate.embed_file import embed_to_file, output_path
     from cdcl.locking import command_lock
 
     cellprofiler = args.features is not None or args.source == "cellprofiler"

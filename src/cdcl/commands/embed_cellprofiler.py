@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cdcl.evaluate.cellprofiler import (
+from cdcl.embed.cellprofiler_features import (
     DEFAULT_FAMILIES,
     FAMILIES,
     NORMALIZATIONS,
@@ -61,14 +61,14 @@ def run_cellprofiler(args: argparse.Namespace) -> int:
 
     from cdcl.data.dataset_dir import open_dataset
     from cdcl.data.splits import assign_split
-    from cdcl.errors import CdclError
-    from cdcl.evaluate.cellprofiler import (
+    from cdcl.embed.cellprofiler_features import (
         CHUNK_SIZE,
         CellProfilerOptions,
         parse_families,
         resolve_objects,
     )
-    from cdcl.evaluate.embed_file import output_path
+    from cdcl.embed.to_file import output_path
+    from cdcl.errors import CdclError
     from cdcl.locking import command_lock
 
     if args.features is None:
@@ -104,8 +104,8 @@ def run_cellprofiler(args: argparse.Namespace) -> int:
             raise CdclError(f"--split {args.split}: no images in that part of the split")
     resolve_objects(ds, options.segmentation)  # no masks where asked for: say so before any work
     # Heavy imports (torch through the profile writers, pycytominer) only once the input is good.
-    from cdcl.evaluate.cellprofiler_profiles import cellprofiler_profiles, write_named_profiles
-    from cdcl.evaluate.embed import image_meta
+    from cdcl.embed.cellprofiler import cellprofiler_profiles, write_named_profiles
+    from cdcl.profiles.table import image_meta
 
     meta = image_meta(samples, idx)
     work = out.parent / f".{out.name}.cellprofiler"

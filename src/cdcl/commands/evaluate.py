@@ -112,9 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Dispatch to the table or the run evaluation and print where the results went."""
-    from cdcl.evaluate.report import metrics_table
-    from cdcl.evaluate.results import read_results
     from cdcl.locking import command_lock
+    from cdcl.report.html import metrics_table
+    from cdcl.report.results import read_results
 
     def refuse_empty(results: dict[str, Any]) -> None:
         # Called before anything is written: an earlier results.json in --out stays intact.
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         raise CdclError(f"--plot-sample {args.plot_sample}: give a row count >= 0 (0 = every row)")
     corrections: tuple[str, ...] = ()
     if args.correct is not None:
-        from cdcl.evaluate.correction import parse_corrections
+        from cdcl.profiles.correction import parse_corrections
 
         # Checked before any loading: a typo costs no embedding time.
         corrections = parse_corrections(args.correct)
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
         with pd.option_context("display.width", 160, "display.max_columns", 12):
             print(table.apply(pd.to_numeric).round(3).to_string(na_rep="-"))
     if corrections:
-        from cdcl.evaluate.score import protocol_with
+        from cdcl.metrics.score import protocol_with
 
         print(protocol_with(corrections)["corrections"])
     print(f"results: {path}")
@@ -180,8 +180,8 @@ def _evaluate(
     """Run the table or the run evaluation; the path of its results.json."""
     if args.features is not None:
         return _evaluate_table(args, corrections, before_write)
-    from cdcl.evaluate.evaluate import evaluate_run  # models and views: runs only
-    from cdcl.evaluate.progress import keep_alive
+    from cdcl.evaluation.run import evaluate_run  # models and views: runs only
+    from cdcl.progress import keep_alive
 
     # Embedding, scoring and drawing: a line per stage, and one after every 10 s of silence.
     with keep_alive(True):
@@ -220,7 +220,7 @@ def _evaluate_table(
     before_write: Callable[[dict[str, Any]], None],
 ) -> Path:
     """``evaluate_table`` with the command's options; a large table says so from the start."""
-    from cdcl.evaluate.progress import keep_alive, say
+    from cdcl.progress import keep_alive, say
 
     # Importing the metric libraries takes seconds (tens on a busy machine): a large table
     # gets a first line and the keep-alive before them, not after.
@@ -228,7 +228,7 @@ def _evaluate_table(
     if big:
         say("cdcl evaluate: loading the evaluation libraries ...")
     with keep_alive(big):
-        from cdcl.evaluate.table import evaluate_table
+        from cdcl.evaluation.table_file import evaluate_table
 
         return evaluate_table(
             args.features,
@@ -258,7 +258,7 @@ def _evaluate_table(
 
 def _print_calibration(results: dict[str, Any]) -> None:
     """The calibration table of each calibrated feature set, and its metrics without power."""
-    from cdcl.evaluate.calibration import calibration_table
+    from cdcl.report.calibration import calibration_table
 
     for name, res in (results.get("feature_sets") or {}).items():
         cal = res.get("calibration") if isinstance(res, dict) else None
@@ -275,7 +275,7 @@ def _print_calibration(results: dict[str, Any]) -> None:
 
 def _variants(text: str) -> tuple[str, ...]:
     """The --variants list, checked before anything is loaded."""
-    from cdcl.evaluate.score import VARIANTS
+    from cdcl.metrics.score import VARIANTS
 
     names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
     bad = [v for v in names if v not in VARIANTS]
@@ -300,7 +300,7 @@ def any_figure(results: dict[str, Any]) -> bool:
     """True when at least one headline metric of any feature set is a number."""
     import math
 
-    from cdcl.evaluate.report import metrics_long
+    from cdcl.report.html import metrics_long
 
     long = metrics_long(results)
     # The batch classifier's chance level depends on the labels only: not a figure of the features.

@@ -97,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cdcl.errors import CdclError
+    from cdcl.experiments.curve import CURVE_REFERENCES, check_curve, parse_strengths, run_curve
+    from cdcl.experiments.study import StudySpec, check_spec, headline_text, parse_ints, run_study
     from cdcl.locking import command_lock
-    from cdcl.study import StudySpec, check_spec, headline_text, parse_ints, run_study
-    from cdcl.study_curve import CURVE_REFERENCES, check_curve, parse_strengths, run_curve
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not 0 < args.alpha < 1:

@@ -130,7 +130,11 @@ def _run(args: argparse.Namespace) -> int:
         lines.append(f"montage  {montage(ds, args.montage)}")
     lines.append(f"strength batch effect x {cfg.batch_strength:g} (1 = calibrated)")
     if not args.no_calibration:
-        from cdcl.data.calibration import CALIBRATION_FILE, dataset_calibration, report_lines
+        from cdcl.experiments.screen_calibration import (
+            CALIBRATION_FILE,
+            dataset_calibration,
+            report_lines,
+        )
 
         lines.extend(report_lines(dataset_calibration(out)))
         lines.append(f"calib    {out / CALIBRATION_FILE}")

@@ -1,0 +1,214 @@
+"""``cdcl embed`` / ``cdcl.embed``: a dataset embedded by a run or a baseline into one file.
+
+Every profile carries ``Metadata_Split``: the part (train / val / test) of the held-out-batch
+split of the run that made the features, so that ``cdcl evaluate --features`` holds out what
+the run held out. Parquet files keep the provenance in their key-value metadata, ``.h5ad``
+files in ``uns["cdcl"]`` (checkpoint hash, the run's config, package versions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cdcl.errors import CdclError
+
+FORMATS = {"parquet": ".parquet", "h5ad": ".h5ad", "csv": ".csv"}
+VERSIONED = ("cdcl", "torch", "timm", "numpy", "pandas", "anndata", "scikit-learn")
+
+
+def output_path(out: Path, fmt: str | None) -> Path:
+    """The file to write: ``out`` with the format's extension added when it lacks one."""
+    name = str(out).lower()
+    if fmt:
+        if fmt not in FORMATS:
+            raise CdclError(f"--format {fmt}: use parquet, h5ad or csv")
+        if name.endswith(FORMATS[fmt]) or (fmt == "csv" and name.endswith(".csv.gz")):
+            return out
+        return out.with_name(out.name + FORMATS[fmt])
+    if name.endswith((".parquet", ".h5ad", ".csv", ".csv.gz")):
+        return out
+    return out.with_name(out.name + ".parquet")
+
+
+def dataset_fingerprint(ds: Any) -> dict[str, object]:
+    """What identifies a dataset's images and standardisation (path + small metadata files)."""
+    from cdcl.data.dataset_dir import INFO_FILE, PLATE_STATS_FILE, SAMPLES_FILE
+
+    h = hashlib.sha256()
+    for name in (INFO_FILE, SAMPLES_FILE, PLATE_STATS_FILE):
+        h.update((ds.path / name).read_bytes())
+    return {"path": str(Path(ds.path).resolve()), "sha256": h.hexdigest()[:16]}
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that determine the features."""
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _config_of(src: Any) -> dict[str, Any] | None:
+    """The run's resolved config as a plain dict (None for baselines)."""
+    cfg = getattr(getattr(src, "model", None), "config", None)
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else None
+
+
+def embed_to_file(
+    source: str | Path,
+    out: Path,
+    *,
+    data: Path | None = None,
+    checkpoint: str = "best",
+    split: str = "all",
+    split_number: int | None = None,
+    level: str = "well",
+    fmt: str | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    chunk_size: int = 4096,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    quiet: bool = False,
+) -> Path | None:
+    """Embed (sharded over torchrun processes, resumable), merge on rank 0 and write ``out``.
+
+    Returns the written file on rank 0 and None on the other ranks.
+    """
+    import torch
+
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.splits import assign_split
+    from cdcl.embed.job import (
+        EmbedJob,
+        job_key,
+        remove_stale_work_dirs,
+        work_dir_for,
+        write_image_profiles,
+        write_well_profiles,
+    )
+    from cdcl.embed.sources import check_channels, resolve_source
+    from cdcl.profiles.table import image_meta
+    from cdcl.train import distributed as D
+
+    source = str(source)
+    out = output_path(Path(out), fmt)
+    if level not in ("image", "well"):
+        raise CdclError(f"--level {level}: use image or well")
+    if batch_size < 1 or (workers is not None and workers < 0):
+        raise CdclError("--batch-size must be >= 1 and --workers >= 0")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CdclError("--device cuda: no CUDA device is available; use --device auto or cpu")
+    run_like = not (source == "intensity" or source.startswith("random:"))
+    if not run_like and data is None:
+        raise CdclError(f"{source}: a baseline needs --data DIR")
+    ds = open_dataset(data) if data is not None else None
+    src = resolve_source(source, which=checkpoint, dataset=ds, seed=seed)
+    if ds is None:
+        path = src.model.dataset.get("path")
+        if not path or not Path(path).exists():
+            raise CdclError(f"{source}: the checkpoint's dataset {path} is not found; pass --data")
+        ds = open_dataset(path)
+    check_channels(src, ds, source)
+    samples = ds.samples
+    number = split_number
+    if number is None and src.model is not None:
+        number = getattr(src.model.config.data, "split", None)
+    try:  # the run's held-out-batch split, written with every profile
+        parts = assign_split(samples, ds.info.source, number).astype(str).to_numpy()
+    except CdclError:
+        if split != "all":
+            raise
+        parts = None  # e.g. a single batch: nothing is held out
+    if split == "all":
+        idx = np.arange(len(samples))
+    else:
+        if split not in ("train", "val", "test"):
+            raise CdclError(f"--split {split}: use all, train, val or test")
+        idx = np.flatnonzero(parts == split)
+        if len(idx) == 0:
+            raise CdclError(f"--split {split}: no images in that part of the split")
+    meta = image_meta(samples, idx)
+    if parts is not None:
+        meta["split"] = parts[idx]
+
+    dev = D.init(device)
+    try:
+        rank, world = D.rank(), D.world_size()
+        # On the CPU, loader workers compete with inference for the same cores (bench_embed.py).
+        n_workers = workers if workers is not None else (4 if dev.type == "cuda" else 0)
+        fields = {
+            "source": src.provenance,
+            "checkpoint": checkpoint,
+            "data": dataset_fingerprint(ds),
+            "split": split,
+            "split_number": number,
+            "level": level,
+            "precision": "bf16" if dev.type == "cuda" else "float32",
+            "chunk_size": chunk_size,  # part boundaries: parts of another size do not fit
+        }
+        job = EmbedJob(work_dir_for(out, job_key(fields)), len(idx), chunk_size)
+        if rank == 0:
+            remove_stale_work_dirs(out, keep=job.work_dir)
+            job.prepare(fields)
+        D.barrier()  # the work directory exists and holds no temp files
+        pending = job.pending()
+        D.barrier()  # every rank listed the same finished parts before any rank writes one
+        t0 = time.perf_counter()
+        if rank == 0 and len(pending) < job.n_chunks and not quiet:
+            done = job.n_chunks - len(pending)
+            print(f"resuming: {done} of {job.n_chunks} parts already embedded in {job.work_dir}")
+        job.run(
+            job.shard(pending, rank, world),
+            src.backbone,
+            ds,
+            idx,
+            src.view_fn,
+            batch_size=batch_size,
+            workers=n_workers,
+            device=str(dev),
+            rank=rank,
+            progress=progress and rank == 0,
+            desc=f"{src.name} (rank 0 of {world})" if world > 1 else src.name,
+        )
+    except BaseException:
+        D.cleanup(barrier=False)  # exit now: torchrun then stops the other ranks
+        raise
+    D.cleanup()  # barrier: every shard is written before rank 0 merges
+    if rank != 0:
+        return None
+    seconds = time.perf_counter() - t0
+    n_new = sum(job.span(c)[1] - job.span(c)[0] for c in pending)
+    if not quiet:
+        print(
+            f"embedded {n_new} images in {seconds:.1f} s: {n_new / max(seconds, 1e-9):.1f} "
+            f"images/s ({world} process{'es' if world > 1 else ''}, {n_workers} loader workers "
+            "each)"
+        )
+    prov = {
+        "world_size": world,
+        "source": src.provenance,
+        "checkpoint_sha256": src.provenance.get("checkpoint_sha256", ""),
+        "method": src.name,
+        "config": _config_of(src),
+        "data": fields["data"],
+        "split_number": number,
+        "level": level,
+        "versions": package_versions(),
+    }
+    write = write_well_profiles if level == "well" else write_image_profiles
+    path, rows, dim = write(job, meta, out, prov)
+    job.remove()
+    if not quiet:
+        print(f"{rows} {level} profiles x {dim} features -> {path}")
+    return path

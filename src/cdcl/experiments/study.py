@@ -1,0 +1,1148 @@
+"""A study: the demo's comparison repeated over seeds and held-out-batch folds, then aggregated.
+
+Every replicate is one demo run (cdcl.experiments.demo) with its own seed and/or fold, written to
+``OUT/replicates/seed<S>[_fold<F>]/`` (its own results.json, results.md and report.html). The
+study then summarises every figure of the demo's comparison tables across replicates (mean,
+standard deviation, 95% t-interval), pairs every row with the reference rows (default DINO) by
+replicate (difference, 95% CI, paired t-test), and gives a verdict per metric. Outputs:
+``study.json``, ``study.md`` and a self-contained ``report.html`` with forest plots.
+
+Caching: a finished replicate leaves ``replicate.json`` (the key it was run with) next to its
+results.json and is reused when the key matches; an unfinished one is rerun through the demo,
+which itself reuses the dataset and resumes the training runs. So a killed study continues
+where it stopped when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cdcl._version import versions
+from cdcl.data.dataset_dir import atomic_write_text, open_dataset
+from cdcl.data.splits import assign_split
+from cdcl.errors import CdclError
+from cdcl.evaluation.calibration import CALIBRATED
+from cdcl.experiments import statistics as st
+from cdcl.experiments.demo import (
+    BBBC021_METHODS,
+    COLUMN_PATHS,
+    LOWER_IS_BETTER,
+    METHODS,
+    DemoSpec,
+    Stage,
+    budget_overrides,
+    check_demo_spec,
+    method_labels,
+    run_demo,
+)
+from cdcl.report.html import _img, _plt, _save, write_html
+from cdcl.report.results import to_jsonable
+
+VARIANTS = ("plate_normalized", "raw")
+VARIANT_TITLES = {
+    "plate_normalized": "profiles standardised per plate against controls",
+    "raw": "raw profiles",
+}
+PRIMARY_VARIANT = "plate_normalized"
+HEADLINE_METHOD = "CDCL"
+DEFAULT_REFERENCES = ("DINO", "DINO+harmony")
+# The metrics named on the Studies page (docs/studies.md) before any study was run ("what 'CDCL is better' means").
+PRIMARY_METRICS = ("treatment acc (logistic)", "NSCB", "replicate mAP (other batch)")
+# Per-treatment mixing columns (kBET / iLISI computed within treatment) count as primary too,
+# whatever their exact label.
+_PER_TREATMENT_MIXING = re.compile(r"(kbet|ilisi).*(treat|within)|(treat|within).*(kbet|ilisi)")
+TRANSDUCTIVE_NOTE = (
+    "Rows ending in +harmony or +combat are corrected by a model fitted on the evaluated profiles "
+    "themselves (all of them, held-out batches included, with their batch labels): they are "
+    "transductive, unlike CDCL, which never sees the held-out batches."
+)
+ZERO_VARIANCE_NOTE = (
+    "† the same difference in every replicate: the t statistic is infinite and p = 0 by "
+    "scipy's convention, which overstates the evidence; more replicates are needed."
+)
+NO_POWER = "no power in this design"  # the calibration's verdict (cdcl.report.calibration)
+SYMBOL = {st.BETTER: "▲", st.WORSE: "▼", st.NO_DIFFERENCE: "·", st.TOO_FEW: "?", NO_POWER: "∅"}
+
+
+def is_primary(metric: str) -> bool:
+    """Whether ``metric`` is one of the pre-declared metrics of the Studies page (docs/studies.md)."""
+    return metric in PRIMARY_METRICS or bool(_PER_TREATMENT_MIXING.search(metric.lower()))
+
+
+@dataclass
+class StudySpec:
+    """What one study runs."""
+
+    out: Path
+    dataset: str = "synthetic"
+    methods: tuple[str, ...] | None = None  # None: every method of the dataset
+    seeds: tuple[int, ...] = (0, 1, 2)
+    folds: tuple[int, ...] | None = None  # None: the dataset's stored split
+    references: tuple[str, ...] = DEFAULT_REFERENCES
+    epochs: int | None = None
+    quick: bool = False
+    fresh: bool = False
+    bbbc021_dir: Path | None = None
+    progress: bool = True
+    alpha: float = st.ALPHA
+    test_batches: int | None = None  # simulated screen: held-out batches (None: the preset's)
+    batch_strength: float | None = None  # simulated screen: batch effect (None: calibrated, 1)
+    cellprofiler: bool = False  # every replicate adds the CellProfiler row and its corrections
+    calibrate: bool = False  # every replicate calibrates its design (metrics without power)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replicate:
+    """One seed and one fold (None: the stored split)."""
+
+    seed: int
+    fold: int | None
+
+    @property
+    def name(self) -> str:
+        """The replicate's directory name, e.g. ``seed0_fold2``."""
+        return f"seed{self.seed}" + (f"_fold{self.fold}" if self.fold is not None else "")
+
+
+def parse_ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    """``"0,1,2"`` -> (0, 1, 2); None or empty -> None; CdclError naming the option otherwise."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise CdclError(f"{option} {text}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(set(values)) != len(values):
+        raise CdclError(f"{option} {text}: a value is repeated")
+    return values
+
+
+def replicates(spec: StudySpec) -> list[Replicate]:
+    """Every (seed, fold) of the study, seeds outermost."""
+    folds: tuple[int | None, ...] = spec.folds or (None,)
+    return [Replicate(s, f) for s in spec.seeds for f in folds]
+
+
+def check_spec(spec: StudySpec) -> list[str]:
+    """Validate the options before anything runs; returns the method labels."""
+    if spec.dataset not in ("synthetic", "bbbc021"):
+        raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
+    if not spec.seeds:
+        raise CdclError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    if spec.folds is not None and any(f < 1 for f in spec.folds):
+        folds = ",".join(map(str, spec.folds))
+        raise CdclError(f"--folds {folds}: folds are numbered from 1")
+    if screen_overrides(spec):
+        if spec.dataset != "synthetic":
+            raise CdclError(
+                "--test-batches/--batch-strength: only for the simulated screen (--dataset synthetic)"
+            )
+        from cdcl.data.synthetic import resolve_config
+
+        resolve_config("tiny" if spec.quick else "small", **screen_overrides(spec))
+    if any(s < 0 for s in spec.seeds):
+        raise CdclError(f"--seeds {','.join(map(str, spec.seeds))}: seeds are non-negative")
+    if spec.out.exists() and not spec.out.is_dir():
+        raise CdclError(f"--out {spec.out}: is a file; choose a directory")
+    # Every replicate's options (epochs, methods, BBBC021 files and folds) before any work.
+    labels = check_demo_spec(_demo_spec(spec, Replicate(spec.seeds[0], None)))
+    for fold in spec.folds or ():
+        check_demo_spec(_demo_spec(spec, Replicate(spec.seeds[0], fold)))
+    if not spec.references:
+        raise CdclError("--reference: name at least one row, e.g. --reference DINO")
+    known = set(METHODS) | set(BBBC021_METHODS)
+    first = spec.references[0]
+    if first in known and first not in labels:
+        raise CdclError(
+            f"--reference {first}: not among --methods {','.join(labels)}; add it or pick another"
+        )
+    return labels
+
+
+def screen_overrides(spec: StudySpec) -> dict[str, Any]:
+    """The simulated screen's overrides a study asks for (empty: the preset as it is)."""
+    out: dict[str, Any] = {}
+    if spec.test_batches is not None:
+        out["test_batches"] = int(spec.test_batches)
+    if spec.batch_strength is not None:
+        out["batch_strength"] = float(spec.batch_strength)
+    return out
+
+
+def data_dir(spec: StudySpec, rep: Replicate) -> Path:
+    """The dataset a replicate uses: one per screen seed (synthetic) or one for all (BBBC021)."""
+    if spec.dataset == "synthetic":
+        over = screen_overrides(spec)
+        suffix = "".join(
+            f"-{'tb' if k == 'test_batches' else 'bs'}{v:g}" for k, v in sorted(over.items())
+        )
+        return spec.out / "data" / f"{'tiny' if spec.quick else 'small'}-seed{rep.seed}{suffix}"
+    return spec.out / "data" / "bbbc021"
+
+
+def _demo_spec(spec: StudySpec, rep: Replicate) -> DemoSpec:
+    return DemoSpec(
+        out=spec.out / "replicates" / rep.name,
+        dataset=spec.dataset,
+        quick=spec.quick,
+        seed=rep.seed,
+        epochs=spec.epochs,
+        split=rep.fold,
+        methods=spec.methods,
+        data_dir=data_dir(spec, rep),
+        bbbc021_dir=spec.bbbc021_dir,
+        progress=spec.progress,
+        screen=screen_overrides(spec) if spec.dataset == "synthetic" else {},
+        cellprofiler=spec.cellprofiler,
+        calibrate=spec.calibrate,
+    )
+
+
+def replicate_key(spec: StudySpec, rep: Replicate) -> dict[str, Any]:
+    """Everything a replicate's figures depend on; a finished replicate is reused when it matches."""
+    demo = _demo_spec(spec, rep)
+    return {
+        "dataset": spec.dataset,
+        "quick": spec.quick,
+        "seed": rep.seed,
+        "fold": rep.fold,
+        "methods": method_labels(demo),
+        "budget": budget_overrides(demo),
+        # relative to the study's folder: a study copied or moved elsewhere stays reusable
+        "data": _relative(demo.data_dir, spec.out) if demo.data_dir else None,
+        "bbbc021_dir": str(Path(spec.bbbc021_dir).resolve()) if spec.bbbc021_dir else None,
+        # only when set, so that replicates of earlier studies stay reusable
+        **({"screen": demo.screen} if demo.screen else {}),
+        **({"cellprofiler": True} if spec.cellprofiler else {}),
+        **({"calibrate": True} if spec.calibrate else {}),
+    }
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it, else absolute."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+KEY_FILE = "replicate.json"
+
+
+def held_out_batches(spec: StudySpec, rep: Replicate) -> list[str]:
+    """The batches a replicate evaluates on (its test part)."""
+    ds = open_dataset(data_dir(spec, rep))
+    split = assign_split(ds.samples, ds.info.source, rep.fold)
+    return sorted(ds.samples.loc[(split == "test").to_numpy(), "batch"].astype(str).unique())
+
+
+def run_replicate(spec: StudySpec, rep: Replicate) -> tuple[dict[str, Any], bool]:
+    """The replicate's results.json content, reused when finished with the same key, else run."""
+    demo = _demo_spec(spec, rep)
+    key = replicate_key(spec, rep)
+    key_file, results_file = demo.out / KEY_FILE, demo.out / "results.json"
+    if key_file.is_file() and results_file.is_file():
+        try:
+            if json.loads(key_file.read_text()) == key:
+                return json.loads(results_file.read_text()), True
+        except json.JSONDecodeError:
+            pass  # a damaged key file: run the replicate again
+    key_file.unlink(missing_ok=True)
+    run_demo(demo)
+    # The key is written last: its presence says the replicate's results are complete.
+    atomic_write_text(key_file, json.dumps(key, indent=2))
+    return json.loads(results_file.read_text()), False
+
+
+def metrics_without_power(results: list[dict[str, Any]]) -> dict[str, str]:
+    """Study metrics some replicate's calibration found without power: ``{metric: reason}``.
+
+    A metric counts as without power on the study's design when the calibration of any
+    replicate (``cdcl study --calibrate``) could not tell its strongest injected batch effect
+    from its null; the reason quoted is the first replicate's.
+    """
+    column_of = {path: label for label, path in COLUMN_PATHS.items()}
+    out: dict[str, str] = {}
+    for i, res in enumerate(results):
+        for name, fs in (res.get("feature_sets") or {}).items():
+            cal = fs.get("calibration") if isinstance(fs, dict) else None
+            if not cal:
+                continue
+            for label, path, _ in CALIBRATED:
+                column = column_of.get(path)
+                if column is None or label not in cal.get("no_power", []):
+                    continue
+                reason = cal["metrics"].get(label, {}).get("reason", "no power in this design")
+                out.setdefault(column, f"{reason} ({name}, replicate {i + 1})")
+    return out
+
+
+def replicate_figures(results: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{variant: {row: {metric: value}}}`` from a demo's results.json tables."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant, records in results.get("tables", {}).items():
+        out[variant] = {
+            str(r["features"]): {k: v for k, v in r.items() if k != "features"} for r in records
+        }
+    return out
+
+
+# Metrics whose per-query outcomes a replicate keeps: (path to the outcomes, their kind).
+OUTCOME_SOURCES = {
+    "NSC": (("moa_matching", "queries", "nsc"), "queries"),
+    "NSCB": (("moa_matching", "queries", "nscb"), "queries"),
+    "treatment acc (logistic)": (("classification", "logistic", "per_label"), "labels"),
+}
+
+
+def replicate_outcomes(
+    results: dict[str, Any],
+) -> dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]]:
+    """``{variant: {row: {metric: {compound: (correct, answered)}}}}`` from a results.json.
+
+    The probe's outcomes are per treatment (its label); metrics without stored outcomes (an
+    older results.json) are left out.
+    """
+    out: dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]] = {}
+    for row, res in (results.get("feature_sets") or {}).items():
+        for variant in VARIANTS:
+            for metric, (path, kind) in OUTCOME_SOURCES.items():
+                node: Any = (res or {}).get(variant)
+                for key in path:
+                    node = node.get(key) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    continue
+                if kind == "queries" and "compound" in node:
+                    counts = st.per_compound(node["compound"], node["hit"])
+                elif kind == "labels" and "label" in node:
+                    counts = st.per_compound(node["label"], node["correct"], node["n"])
+                else:
+                    continue
+                out.setdefault(variant, {}).setdefault(str(row), {})[metric] = counts
+    return out
+
+
+def add_compound_intervals(
+    diffs: list[dict[str, Any]],
+    outcomes: list[dict[str, dict[str, dict[str, dict[str, tuple[float, float]]]]]],
+    fixed_compounds: bool = True,
+) -> None:
+    """Add a bootstrap-over-compounds CI to the differences whose outcomes every replicate kept.
+
+    It becomes the displayed interval (``interval``: "compounds") when every replicate evaluated
+    the same compounds (``fixed_compounds``, and the same compound names everywhere): then the
+    replicates share them and an interval over replicates leaves out the variation from which
+    compounds the screen happens to hold. Otherwise (e.g. the simulated screen, whose compounds
+    are drawn anew per seed) the t-interval over units stays the displayed one (``"t"``).
+    """
+    for d in diffs:
+        d["interval"] = "t"
+        if d["metric"] not in OUTCOME_SOURCES:
+            continue
+        m, r = [], []
+        for rep in outcomes:
+            rows = rep.get(d["variant"], {})
+            a = rows.get(d["features"], {}).get(d["metric"])
+            b = rows.get(d["reference"], {}).get(d["metric"])
+            if a is None or b is None:
+                break
+            m.append(a)
+            r.append(b)
+        else:
+            if not m:
+                continue
+            boot = st.compound_bootstrap_difference(m, r)
+            d["bootstrap"] = boot
+            sets = {frozenset(x) for x in (*m, *r)}
+            if fixed_compounds and len(sets) == 1:
+                d["interval"] = "compounds"
+
+
+def aggregate_study(
+    figures: list[dict[str, dict[str, dict[str, Any]]]],
+    references: tuple[str, ...],
+    alpha: float = st.ALPHA,
+    lower_is_better: set[str] | frozenset[str] = frozenset(LOWER_IS_BETTER),
+    units: list[Any] | None = None,
+    outcomes: list[dict[str, Any]] | None = None,
+    fixed_compounds: bool = True,
+    no_power: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Summaries, differences and verdicts per profile variant, plus the headline verdicts.
+
+    ``outcomes`` (one :func:`replicate_outcomes` per replicate) adds bootstrap-over-compounds
+    intervals (:func:`add_compound_intervals`).
+
+    ``units`` (one per replicate, e.g. its held-out fold): replicates sharing a unit are averaged
+    before testing. The pre-declared metrics of each (variant, row, reference) form one family
+    whose p-values are Holm-adjusted; their verdicts use the adjusted p-values.
+
+    ``no_power`` (``{metric: reason}``, from the replicates' calibration) names pre-declared
+    metrics that cannot move on this design: they are reported but left out of the Holm
+    families and the verdicts.
+    """
+    no_power = no_power or {}
+    variants = [v for v in VARIANTS if any(v in f for f in figures)]
+    variants += sorted({v for f in figures for v in f} - set(variants))
+    summary: list[dict[str, Any]] = []
+    diffs: list[dict[str, Any]] = []
+    for variant in variants:
+        s, d = st.aggregate(
+            [f.get(variant, {}) for f in figures], references, lower_is_better, alpha, units
+        )
+        summary += [{"variant": variant, **r} for r in s]
+        diffs += [{"variant": variant, **r} for r in d]
+    adjust_primary_family(diffs, alpha, set(no_power))
+    add_compound_intervals(diffs, outcomes or [], fixed_compounds)
+    rows = {r["features"] for r in summary}
+    return {
+        "summary": summary,
+        "differences": diffs,
+        "references_present": [r for r in references if r in rows],
+        "references_missing": [r for r in references if r not in rows],
+        "headline": headline(diffs, references, alpha, no_power),
+        "no_power": dict(no_power),
+    }
+
+
+def adjust_primary_family(
+    diffs: list[dict[str, Any]], alpha: float = st.ALPHA, no_power: set[str] | None = None
+) -> None:
+    """Add Holm-adjusted p-values over the pre-declared metrics, per (variant, row, reference).
+
+    The pre-declared metrics' verdicts then use the adjusted p (the raw verdict is kept as
+    ``verdict_raw``); other metrics are exploratory: ``p_holm`` is None and the verdict raw.
+    Pre-declared metrics in ``no_power`` get the verdict "no power in this design".
+    """
+    no_power = no_power or set()
+    families: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for d in diffs:
+        d["verdict_raw"] = d["verdict"]
+        d["p_holm"] = None
+        if is_primary(d["metric"]) and d["metric"] in no_power:
+            d["verdict"] = NO_POWER
+        elif is_primary(d["metric"]):
+            families.setdefault((d["variant"], d["features"], d["reference"]), []).append(d)
+    for family in families.values():
+        for d, p_adj in zip(family, st.holm([d["p"] for d in family])):
+            d["p_holm"] = p_adj
+            d["verdict"] = st.verdict(
+                d["mean_diff"], p_adj, d["n"], bool(d["lower_is_better"]), alpha
+            )
+
+
+def headline(
+    diffs: list[dict[str, Any]],
+    references: tuple[str, ...],
+    alpha: float = st.ALPHA,
+    no_power: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """CDCL against each reference on the pre-declared metrics, with the overall rule of the Studies page.
+
+    Overall: ``better`` when at least one pre-declared metric is better and none worse, ``worse``
+    in the mirror case, ``mixed`` when some are better and some worse, else ``no detectable
+    difference``.
+    """
+    out = []
+    for ref in references:
+        rows = [
+            d
+            for d in diffs
+            if d["variant"] == PRIMARY_VARIANT
+            and d["features"] == HEADLINE_METHOD
+            and d["reference"] == ref
+            and is_primary(d["metric"])
+        ]
+        if not rows:
+            continue
+        verdicts = [d["verdict"] for d in rows if d["metric"] not in (no_power or {})]
+        better, worse = st.BETTER in verdicts, st.WORSE in verdicts
+        overall = (
+            "mixed"
+            if better and worse
+            else st.BETTER
+            if better
+            else st.WORSE
+            if worse
+            else st.NO_DIFFERENCE
+        )
+        out.append(
+            {
+                "method": HEADLINE_METHOD,
+                "reference": ref,
+                "variant": PRIMARY_VARIANT,
+                "alpha": alpha,
+                "metrics": {d["metric"]: d["verdict"] for d in rows},
+                "left_out": {m: r for m, r in (no_power or {}).items() if is_primary(m)},
+                "overall": overall,
+            }
+        )
+    return out
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _num(v: Any, signed: bool = False) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:+.3f}" if signed else f"{v:.3f}"
+
+
+def _mean_ci(r: dict[str, Any], n_total: int) -> str:
+    if r["n"] < 2:
+        text = _num(r["mean"])
+    else:
+        text = f"{_num(r['mean'])} ± {(r['ci_high'] - r['ci_low']) / 2:.3f}"
+    return text + (f" (n={r['n']})" if r["n"] != n_total else "")
+
+
+def _p(p: Any) -> str:
+    if p is None or (isinstance(p, float) and not math.isfinite(p)):
+        return "–"
+    return f"{p:.2g}" if p >= 0.001 else "<0.001"
+
+
+def _diff_cell(d: dict[str, Any]) -> str:
+    mark = "†" if d.get("zero_variance") else ""
+    return f"{_num(d['mean_diff'], True)} {SYMBOL[d['verdict']]} (p {_p(d['p'])}{mark})"
+
+
+def _ci(d: dict[str, Any]) -> str:
+    if d.get("interval") == "compounds":
+        b = d["bootstrap"]
+        return f"[{_num(b['ci_low'], True)}, {_num(b['ci_high'], True)}] (compounds)"
+    return f"[{_num(d['ci_low'], True)}, {_num(d['ci_high'], True)}] (t)"
+
+
+def _metric_label(metric: str) -> str:
+    return metric + (" ↓" if metric in LOWER_IS_BETTER else "")
+
+
+def summary_frame(summary: list[dict[str, Any]], variant: str, n_total: int) -> pd.DataFrame:
+    """Rows: feature sets; columns: metrics; cells: mean ± CI half-width."""
+    recs = [r for r in summary if r["variant"] == variant]
+    rows = list(dict.fromkeys(r["features"] for r in recs))
+    cols = list(dict.fromkeys(r["metric"] for r in recs))
+    df = pd.DataFrame("–", index=pd.Index(rows, name="features"), columns=cols)
+    for r in recs:
+        df.loc[r["features"], r["metric"]] = _mean_ci(r, n_total)
+    return df.rename(columns=_metric_label)
+
+
+def _headline_first(rows: list[str]) -> list[str]:
+    return sorted(rows, key=lambda r: r != HEADLINE_METHOD)
+
+
+def metric_order(summary: list[dict[str, Any]], variant: str) -> list[str]:
+    """The metrics of one variant in table order (first appearance in the summary)."""
+    return list(dict.fromkeys(r["metric"] for r in summary if r["variant"] == variant))
+
+
+def difference_frame(
+    diffs: list[dict[str, Any]], variant: str, reference: str, metric_order: list[str]
+) -> pd.DataFrame:
+    """Rows: feature sets; columns: metrics; cells: difference from the reference, verdict, p."""
+    recs = [d for d in diffs if d["variant"] == variant and d["reference"] == reference]
+    rows = _headline_first(list(dict.fromkeys(d["features"] for d in recs)))
+    cols = [m for m in metric_order if any(d["metric"] == m for d in recs)]
+    df = pd.DataFrame("–", index=pd.Index(rows, name=f"− {reference}"), columns=cols)
+    for d in recs:
+        df.loc[d["features"], d["metric"]] = _diff_cell(d)
+    return df.rename(columns=_metric_label)
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    head = "| " + " | ".join([df.index.name or "", *map(str, df.columns)]) + " |"
+    sep = "|" + "---|" * (len(df.columns) + 1)
+    body = ["| " + " | ".join([str(i), *map(str, r)]) + " |" for i, r in df.iterrows()]
+    return "\n".join([head, sep, *body])
+
+
+def headline_rows(agg: dict[str, Any], reference: str, n_total: int) -> list[list[str]]:
+    """Rows of the headline table: metric, CDCL, reference, difference, CI, n, p, verdict."""
+    means = {
+        (r["features"], r["metric"]): r for r in agg["summary"] if r["variant"] == PRIMARY_VARIANT
+    }
+    out = []
+    for d in agg["differences"]:
+        if (
+            d["variant"] != PRIMARY_VARIANT
+            or d["features"] != HEADLINE_METHOD
+            or d["reference"] != reference
+            or not is_primary(d["metric"])
+        ):
+            continue
+        m, r = means.get((HEADLINE_METHOD, d["metric"])), means.get((reference, d["metric"]))
+        out.append(
+            [
+                _metric_label(d["metric"]),
+                _mean_ci(m, n_total) if m else "–",
+                _mean_ci(r, n_total) if r else "–",
+                _num(d["mean_diff"], True),
+                _ci(d),
+                str(d["n"]),
+                _p(d["p"]) + ("†" if d.get("zero_variance") else ""),
+                _p(d.get("p_holm")),
+                _num(d.get("min_detectable_diff")),
+                d["verdict"],
+            ]
+        )
+    return out
+
+
+HEADLINE_COLUMNS = [
+    "metric",
+    HEADLINE_METHOD,
+    "reference",
+    "difference",
+    "95% CI",
+    "n",
+    "p",
+    "p (Holm)",
+    "detectable ±",
+    "verdict",
+]
+HEADLINE_NOTE = (
+    "n: independent units (folds when seeds share held-out plates, else replicates). "
+    "p (Holm): Holm-adjusted across the pre-declared metrics for this reference; the verdict "
+    "uses it. 95% CI: (t) over units, (compounds) a bootstrap over compounds, used where "
+    "every replicate evaluates the same compounds. detectable ±: the smallest difference the design could detect at this n "
+    "(α two-sided, power 0.8; noncentral t from the observed sd of the paired differences)."
+)
+
+
+def headline_tests(study: dict[str, Any], reference: str) -> str:
+    """The test(s) behind a headline table, e.g. 'paired t on fold means …'."""
+    tests = {
+        d.get("test", st.PAIRED_TEST)
+        for d in study["differences"]
+        if d["variant"] == PRIMARY_VARIANT
+        and d["features"] == HEADLINE_METHOD
+        and d["reference"] == reference
+        and is_primary(d["metric"])
+    }
+    return "; ".join(sorted(tests))
+
+
+def n_units(study: dict[str, Any]) -> int:
+    """The number of independent units of a study (folds when seeds share them, else replicates)."""
+    return int(study.get("n_units", len(study["replicates"])))
+
+
+def _look_suffix(study: dict[str, Any]) -> str:
+    looks = study.get("looks", [])
+    if len(looks) < 2:
+        return ""
+    return (
+        f" (look {len(looks)} of a study planned with {len(study['design']['replicates'])} "
+        "replicates: not corrected for the repeated look, see the notes)"
+    )
+
+
+def second_look_note(study: dict[str, Any]) -> str | None:
+    """The note that a study was extended after an earlier look at its results, or None."""
+    looks = study.get("looks", [])
+    if len(looks) < 2:
+        return None
+    planned = study["design"]["replicates"]
+    earlier = "; ".join(
+        f"look {lk['look']}: {len(lk['replicates'])} replicates, overall "
+        + (", ".join(f"vs {r} {v}" for r, v in lk.get("overall", {}).items()) or "–")
+        for lk in looks[:-1]
+    )
+    return (
+        f"Look {len(looks)}: this study was planned with {len(planned)} replicates "
+        f"({', '.join(planned)}) and its results were reported before the replicates changed to "
+        f"{len(looks[-1]['replicates'])}. Each look tested at α adds to the chance of a false "
+        "'better' or 'worse' (two looks at 0.05 give about 0.08); the verdicts here are not "
+        f"corrected for it. Earlier looks: {earlier}."
+    )
+
+
+def _notes(study: dict[str, Any]) -> list[str]:
+    notes = []
+    look = second_look_note(study)
+    if look:
+        notes.append(look)
+    rows = {r["features"] for r in study["summary"]}
+    if any(("+harmony" in r or "+combat" in r) for r in rows):
+        notes.append(TRANSDUCTIVE_NOTE)
+    missing = study["references_missing"]
+    if missing:
+        notes.append(
+            f"Reference rows not present in these results, left out: {', '.join(missing)}."
+        )
+    if any(d.get("zero_variance") for d in study["differences"]):
+        notes.append(ZERO_VARIANCE_NOTE)
+    if len(study["replicates"]) < 2:
+        notes.append("One replicate only: no interval or test can be computed.")
+    for metric, reason in sorted((study.get("no_power") or {}).items()):
+        if is_primary(metric):
+            notes.append(f"{metric}: left out of the verdicts, {reason}.")
+    return notes
+
+
+def _held_out_line(study: dict[str, Any]) -> str:
+    parts = [
+        f"{r['name']} ({', '.join(r['held_out'])})"
+        for r in study["replicates"]
+        if r.get("held_out")
+    ]
+    return "Held-out batches: " + "; ".join(parts) + "." if parts else ""
+
+
+def write_markdown(study: dict[str, Any], path: Path) -> Path:
+    """study.md: what was run, the headline verdicts, means ± CI and differences per variant."""
+    cfg, n_total = study["config"], n_units(study)
+    md = [
+        f"# cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}",
+        "",
+        f"{len(study['replicates'])} replicates "
+        f"({', '.join(r['name'] for r in study['replicates'])}); "
+        f"methods {', '.join(cfg['methods'])}; {study['replicate_definition']}",
+        "",
+        _held_out_line(study),
+        "",
+        f"Intervals: {st.CI_METHOD} (over units). Test: {study['test']['paired']}, pairing "
+        f"replicates by seed and fold; α = {cfg['alpha']}; {st.HOLM}. Verdict per metric: better / worse / no detectable "
+        "difference (direction-aware: ↓ marks lower-is-better metrics). "
+        f"{st.WILCOXON_TEST} in study.json.",
+        "",
+        *(f"> {n}\n" for n in study["notes"]),
+    ]
+    for ref in study["references_present"]:
+        rows = headline_rows(study, ref, n_total)
+        if not rows:
+            continue
+        h = next((x for x in study["headline"] if x["reference"] == ref), None)
+        md += [
+            f"## {HEADLINE_METHOD} vs {ref} on the pre-declared metrics "
+            f"({VARIANT_TITLES[PRIMARY_VARIANT]})",
+            "",
+            "| " + " | ".join(HEADLINE_COLUMNS).replace("reference", ref) + " |",
+            "|" + "---|" * len(HEADLINE_COLUMNS),
+            *("| " + " | ".join(r) + " |" for r in rows),
+            "",
+            f"Test: {headline_tests(study, ref)}. {HEADLINE_NOTE}",
+            "",
+            f"Overall (the rule of the Studies page, docs/studies.md): **{h['overall'] if h else '–'}**"
+            f"{_look_suffix(study)}.",
+            "",
+        ]
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
+        title = VARIANT_TITLES.get(variant, variant)
+        md += [
+            f"## Mean ± 95% CI half-width, {title}",
+            "",
+            _md_table(summary_frame(study["summary"], variant, n_total)),
+            "",
+        ]
+        for ref in study["references_present"]:
+            md += [
+                f"## Difference from {ref}, {title}",
+                "",
+                "Cell: mean paired difference (row − reference), ▲ better / ▼ worse / · no "
+                "detectable difference, paired t-test p († see the notes above).",
+                "",
+                _md_table(
+                    difference_frame(
+                        study["differences"], variant, ref, metric_order(study["summary"], variant)
+                    )
+                ),
+                "",
+            ]
+    md += [
+        "## Time",
+        "",
+        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study["timings_s"].items()),
+        "",
+    ]
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+def forest_plot(
+    diffs: list[dict[str, Any]], variant: str, reference: str, path: Path
+) -> Path | None:
+    """Difference from the reference per metric with its 95% CI, one panel per feature set."""
+
+    recs = [d for d in diffs if d["variant"] == variant and d["reference"] == reference]
+    rows = _headline_first(list(dict.fromkeys(d["features"] for d in recs)))
+    metrics = list(dict.fromkeys(d["metric"] for d in recs))
+    if not rows:
+        return None
+    plt = _plt()
+    ncols = min(3, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(4.2 * ncols, 0.32 * len(metrics) * nrows + 0.9 * nrows),
+        squeeze=False,
+        sharey=True,
+    )
+    colour = {st.BETTER: "tab:green", st.WORSE: "tab:red"}
+    y_of = {m: len(metrics) - 1 - i for i, m in enumerate(metrics)}
+    for ax, row in zip(axes.flat, rows):
+        for d in (d for d in recs if d["features"] == row):
+            y, x = y_of[d["metric"]], d["mean_diff"]
+            c = colour.get(d["verdict"], "0.35")
+            if all(isinstance(v, float) and math.isfinite(v) for v in (d["ci_low"], d["ci_high"])):
+                ax.plot([d["ci_low"], d["ci_high"]], [y, y], color=c, lw=1.6)
+            ax.plot([x], [y], "o", color=c, ms=4)
+        ax.axvline(0.0, color="0.6", lw=0.8, ls="--")
+        ax.set_title(f"{row} − {reference}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks(range(len(metrics)))
+        ax.set_yticklabels([_metric_label(m) for m in reversed(metrics)], fontsize=7)
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"{VARIANT_TITLES.get(variant, variant)}: difference from {reference}, 95% CI "
+        "(green better, red worse, grey no detectable difference)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Path | None]) -> Path:
+    """The self-contained report.html: headline, forest plots, tables, replicates, times."""
+
+    cfg, n_total = study["config"], n_units(study)
+
+    def table(df: pd.DataFrame) -> str:
+        return df.to_html(escape=True, border=0)
+
+    intro = (
+        f"<p>{len(study['replicates'])} replicates "
+        f"({html.escape(', '.join(r['name'] for r in study['replicates']))}"
+        f"); {html.escape(study['replicate_definition'])}</p>"
+        f"<p>{html.escape(_held_out_line(study))}</p><p>Intervals: "
+        f"{html.escape(st.CI_METHOD)} (over units). Test: {html.escape(study['test']['paired'])}"
+        f"; α = {cfg['alpha']}; {html.escape(st.HOLM)}."
+        "</p>" + "".join(f"<p><b>Note.</b> {html.escape(n)}</p>" for n in study["notes"])
+    )
+    sections: list[tuple[str, str]] = [("Study", intro)]
+    for ref in study["references_present"]:
+        rows = headline_rows(study, ref, n_total)
+        if rows:
+            h = next((x for x in study["headline"] if x["reference"] == ref), None)
+            cols = [c if c != "reference" else ref for c in HEADLINE_COLUMNS]
+            sections.append(
+                (
+                    f"{HEADLINE_METHOD} vs {ref}: pre-declared metrics",
+                    table(pd.DataFrame(rows, columns=cols).set_index("metric"))
+                    + f"<p>Test: {html.escape(headline_tests(study, ref))}. "
+                    f"{html.escape(HEADLINE_NOTE)}</p>"
+                    + f"<p>Overall: <b>{html.escape(h['overall'] if h else '–')}</b>"
+                    f"{html.escape(_look_suffix(study))}</p>",
+                )
+            )
+    for key, pic in pictures.items():
+        sections.append((f"Forest plot: {key}", _img(pic, key)))
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
+        title = VARIANT_TITLES.get(variant, variant)
+        sections.append(
+            (
+                f"Mean ± 95% CI half-width, {title}",
+                table(summary_frame(study["summary"], variant, n_total)),
+            )
+        )
+        for ref in study["references_present"]:
+            sections.append(
+                (
+                    f"Difference from {ref}, {title}",
+                    table(
+                        difference_frame(
+                            study["differences"],
+                            variant,
+                            ref,
+                            metric_order(study["summary"], variant),
+                        )
+                    ),
+                )
+            )
+    sections.append(
+        (
+            "Replicates",
+            "<ul>"
+            + "".join(
+                f'<li><a href="replicates/{html.escape(r["name"])}/report.html">'
+                f"{html.escape(r['name'])}</a>{' (reused)' if r.get('reused') else ''}</li>"
+                for r in study["replicates"]
+            )
+            + "</ul>",
+        )
+    )
+    sections.append(
+        (
+            "Timings",
+            "<p>"
+            + ", ".join(f"{html.escape(k)}: {v:.1f} s" for k, v in study["timings_s"].items())
+            + "</p>",
+        )
+    )
+    title = f"cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}"
+    return write_html(path, title, sections)
+
+
+# ---------------------------------------------------------------- the study
+
+
+def _replicate_definition(spec: StudySpec) -> str:
+    what = (
+        "a replicate is a screen seed and training seed together (the simulated screen is "
+        "regenerated per seed)"
+        if spec.dataset == "synthetic"
+        else "a replicate is a training seed"
+    )
+    folds = (
+        f" and a held-out-batch fold ({', '.join(map(str, spec.folds))})"
+        if spec.folds
+        else ", on the dataset's stored held-out batches"
+    )
+    unit = (
+        "; seeds evaluated on the same fold share its held-out plates, so the fold is the unit "
+        "of replication: figures are averaged within a fold and tested on fold means (n = folds)"
+        if spec.folds and len(spec.seeds) > 1
+        else ""
+    )
+    return what + folds + unit + "."
+
+
+DESIGN_FILE = "design.json"
+
+
+def fix_design(out: Path, names: list[str]) -> dict[str, Any]:
+    """The study's planned replicates: read from ``OUT/design.json``, written there if absent.
+
+    The plan is fixed the first time a study runs in ``out`` (a study.json of an older version
+    without a design counts as the plan it reported), and later runs with other replicates are
+    extensions of it, not a new plan.
+    """
+    path = out / DESIGN_FILE
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise CdclError(
+                f"{path}: damaged; restore it or remove it to fix the present replicates as "
+                "the plan"
+            ) from None
+    old = _previous_study(out)
+    planned = (
+        old["design"]["replicates"]
+        if old and "design" in old
+        else [r["name"] for r in old["replicates"]]
+        if old
+        else names
+    )
+    design = {"replicates": list(planned), "n": len(planned)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(design, indent=2) + "\n")
+    return design
+
+
+def _previous_study(out: Path) -> dict[str, Any] | None:
+    path = out / "study.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a damaged earlier output is replaced, not read
+
+
+def study_looks(
+    out: Path, names: list[str], headline_: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every look at the study's results so far: earlier ones from study.json, then this one.
+
+    Running the same replicates again is the same look; a different set of replicates after a
+    reported study (more seeds into the same --out) is a new look.
+    """
+    old = _previous_study(out)
+    looks: list[dict[str, Any]] = []
+    if old is not None:
+        looks = old.get("looks") or [
+            {
+                "look": 1,
+                "replicates": [r["name"] for r in old["replicates"]],
+                "overall": {h["reference"]: h["overall"] for h in old.get("headline", [])},
+            }
+        ]
+    overall = {h["reference"]: h["overall"] for h in headline_}
+    if looks and looks[-1]["replicates"] == names:
+        looks[-1] = {**looks[-1], "overall": overall}
+    else:
+        looks.append({"look": len(looks) + 1, "replicates": names, "overall": overall})
+    return looks
+
+
+def run_study(spec: StudySpec) -> dict[str, Any]:
+    """Run (or reuse) every replicate, aggregate, write study.json, study.md and report.html."""
+    labels = check_spec(spec)
+    if spec.fresh:
+        for sub in ("replicates", "data"):
+            shutil.rmtree(spec.out / sub, ignore_errors=True)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    reps = replicates(spec)
+    fix_design(spec.out, [r.name for r in reps])  # before any replicate runs
+    records: list[dict[str, Any]] = []
+    figures: list[dict[str, dict[str, dict[str, Any]]]] = []
+    outcomes: list[dict[str, Any]] = []
+    all_results: list[dict[str, Any]] = []
+    for i, rep in enumerate(reps, 1):
+        with Stage(spec, f"replicate {rep.name} ({i}/{len(reps)})", marker="==="):
+            results, reused = run_replicate(spec, rep)
+            if reused:
+                print(f"    reused replicates/{rep.name}/results.json", flush=True)
+        all_results.append(results)
+        figures.append(replicate_figures(results))
+        outcomes.append(replicate_outcomes(results))
+        records.append(
+            {
+                "name": rep.name,
+                "seed": rep.seed,
+                "fold": rep.fold,
+                "dir": f"replicates/{rep.name}",
+                "held_out": held_out_batches(spec, rep),
+                "reused": reused,
+                "timings_s": results.get("timings_s", {}),
+                "training": {
+                    m: {k: t.get(k) for k in ("epoch", "step", "images_per_s", "wall_s")}
+                    for m, t in results.get("training", {}).items()
+                },
+                "tables": results.get("tables", {}),
+            }
+        )
+    return finish_study(
+        spec, labels, records, figures, outcomes, metrics_without_power(all_results)
+    )
+
+
+def finish_study(
+    spec: StudySpec,
+    labels: list[str],
+    records: list[dict[str, Any]],
+    figures: list[dict[str, dict[str, dict[str, Any]]]],
+    outcomes: list[dict[str, Any]] | None = None,
+    no_power: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Aggregate the replicates' figures and write study.json, study.md and report.html."""
+    reps = [Replicate(r["seed"], r["fold"]) for r in records]
+    names = [r.name for r in reps]
+    spec.out.mkdir(parents=True, exist_ok=True)
+    design = fix_design(spec.out, names)
+    # Seeds evaluated on the same held-out fold share its plates: the fold is the unit.
+    units: list[Any] | None = [r.fold for r in reps] if spec.folds else None
+    with Stage(spec, "aggregate", marker="==="):
+        agg = aggregate_study(
+            figures,
+            spec.references,
+            spec.alpha,
+            units=units,
+            outcomes=outcomes,
+            # the simulated screen draws its compounds anew per seed; BBBC021's are fixed
+            fixed_compounds=spec.dataset != "synthetic",
+            no_power=no_power,
+        )
+    looks = study_looks(spec.out, names, agg["headline"])
+    first = _demo_spec(spec, reps[0])
+    study: dict[str, Any] = {
+        "kind": "study",
+        "config": {
+            "dataset": spec.dataset,
+            "quick": spec.quick,
+            "methods": labels,
+            "seeds": list(spec.seeds),
+            "folds": list(spec.folds) if spec.folds else None,
+            "references": list(spec.references),
+            "epochs": spec.epochs,
+            "screen": screen_overrides(spec),
+            "cellprofiler": spec.cellprofiler,
+            "calibrate": spec.calibrate,
+            "budget": budget_overrides(first),
+            "alpha": spec.alpha,
+        },
+        "replicate_definition": _replicate_definition(spec),
+        "design": design,
+        "looks": looks,
+        "n_units": len(set(units)) if st.shares_units(units) else len(reps),
+        "unit": "fold" if st.shares_units(units) else "replicate",
+        "test": {
+            "paired": st.UNIT_TEST if st.shares_units(units) else st.PAIRED_TEST,
+            "multiplicity": st.HOLM,
+            "power": st.MDD_METHOD,
+            "compound_interval": st.BOOTSTRAP_METHOD.format(n_boot=2000),
+            "ci": st.CI_METHOD,
+            "wilcoxon": st.WILCOXON_TEST,
+            "alpha": spec.alpha,
+            "difference": "row − reference, per replicate, complete pairs only",
+            "lower_is_better": sorted(LOWER_IS_BETTER),
+            "primary_variant": PRIMARY_VARIANT,
+            "primary_metrics": sorted(
+                {d["metric"] for d in agg["differences"] if is_primary(d["metric"])}
+            ),
+        },
+        "replicates": records,
+        **agg,
+        "timings_s": spec.timings,
+        "versions": versions(),
+    }
+    study["notes"] = _notes(study)
+    with Stage(spec, "report", marker="==="):
+        pictures: dict[str, Path | None] = {}
+        ref = agg["references_present"][0] if agg["references_present"] else None
+        if ref is not None:
+            for variant in VARIANTS:
+                pictures[f"{VARIANT_TITLES[variant]} vs {ref}"] = forest_plot(
+                    agg["differences"], variant, ref, spec.out / f"forest_{variant}.png"
+                )
+        _write_json(study, spec.out / "study.json")
+        write_markdown(study, spec.out / "study.md")
+        write_html_report(study, spec.out / "report.html", pictures)
+    # Record the report stage's own time once it has ended.
+    study["timings_s"] = dict(spec.timings)
+    _write_json(study, spec.out / "study.json")
+    return {
+        "study": study,
+        "paths": {
+            "json": spec.out / "study.json",
+            "md": spec.out / "study.md",
+            "html": spec.out / "report.html",
+        },
+    }
+
+
+def _write_json(study: dict[str, Any], path: Path) -> None:
+    atomic_write_text(path, json.dumps(to_jsonable(study), indent=2, allow_nan=False) + "\n")
+
+
+def headline_text(study: dict[str, Any]) -> str:
+    """The headline tables as plain text for the terminal."""
+    n_total = n_units(study)
+    parts = []
+    for ref in study["references_present"]:
+        rows = headline_rows(study, ref, n_total)
+        if not rows:
+            continue
+        h = next((x for x in study["headline"] if x["reference"] == ref), None)
+        cols = [c if c != "reference" else ref for c in HEADLINE_COLUMNS]
+        df = pd.DataFrame(rows, columns=cols).set_index("metric")
+        parts.append(
+            f"{HEADLINE_METHOD} vs {ref} ({VARIANT_TITLES[PRIMARY_VARIANT]}):\n"
+            f"{df.to_string()}\ntest: {headline_tests(study, ref)}\n"
+            f"overall: {h['overall'] if h else '–'}{_look_suffix(study)}"
+        )
+    return "\n\n".join(parts) if parts else "(no headline: CDCL or the reference is missing)"

@@ -1,0 +1,601 @@
+"""Scoring one feature set: every metric of docs/design.md §7, and the shared parts of a results.json.
+
+:func:`evaluate_features` (profiles + canonical metadata + train/test masks -> nested dict of
+figures) is the common core of a run's evaluation (:mod:`cdcl.evaluation.run`), of
+``cdcl evaluate --features`` (:mod:`cdcl.evaluation.table_file`), of the demo and of the study.
+
+Conventions (stated in results.json under ``protocol``):
+- profiles are well-level (mean over sites); the logistic probe and the kNN bank are fitted on
+  the wells of the training batches and scored on the wells of the held-out (test) batches,
+  controls excluded; the online probe (from the checkpoint) is scored on test *images*;
+- the unsupervised metrics (NSC/NSCB, kBET, silhouettes, GRIT, mAP, batch classifier) are
+  computed on the evaluation rows (the test batches for a run; all rows for a table unless
+  asked otherwise);
+- every figure is given twice: on the raw profiles and after per-plate standardisation of
+  each plate's profiles against that plate's control profiles (``plate_normalized``).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cdcl import progress
+from cdcl._version import versions
+from cdcl.errors import CdclError
+from cdcl.metrics import (
+    classification,
+    matching,
+    mixing,
+    neighbours,
+    reproducibility,
+    retrieval,
+)
+from cdcl.metrics.feasibility import classification_unavailable, unavailable
+from cdcl.profiles.arrays import label_isin
+from cdcl.profiles.columns import plate_normalize
+from cdcl.profiles.correction import TRANSDUCTIVE_NOTE, apply_corrections
+
+VARIANTS = ("raw", "plate_normalized")
+# Every row is a query up to EXACT_MAX rows; above, QUERY_SAMPLE seeded query rows are scored
+# against all rows (kNN accuracy, kBET, iLISI, silhouettes, mAP), each reported with its
+# standard error.
+EXACT_MAX = 10_000
+QUERY_SAMPLE = 2_000
+SILHOUETTE_EXACT_MAX = EXACT_MAX  # profiles; above, silhouettes score a sample of query rows
+SILHOUETTE_SAMPLE = 1_000  # per label set (x3); s.e. ~ sd(s_i) / 32, ~0.005 for sd 0.15
+MAP_QUERY_SAMPLE = 1_000  # mAP (x4): queries spread over groups; s.e. reported per summary
+PROBE_MAX_TRAIN = 10_000  # logistic probe: stratified sample of training wells above this
+GRIT_MAX_CONTROLS = 2_000  # GRIT: control sample for each row's null mean/std
+MAP_NULL_BUDGET = 1 << 32  # random ranks drawn for mAP p-values; beyond, p-values are skipped
+RESULTS_VERSION = 1
+PROTOCOL = {
+    "profiles": "well level: mean of the image embeddings over sites",
+    "classification": (
+        "logistic probe and weighted kNN (k=10, cosine, exp(sim/0.1)) fitted on training-batch "
+        "wells, scored on held-out-batch wells; controls excluded"
+    ),
+    "online_probe": "the checkpoint's linear probe on held-out-batch images, controls excluded",
+    "unsupervised": "NSC/NSCB, kBET, silhouettes, GRIT, mAP and batch classifier on eval rows",
+    "plate_normalized": (
+        "each plate standardised (mean/std) against its own control profiles; a feature whose "
+        "controls do not vary on a plate gets scale 1 (pycytominer/scikit-learn convention)"
+    ),
+    "tvn": "PCA whitening fitted on all control profiles (Ando et al. 2017); +coral: per batch",
+    "sampling": (
+        f"above {EXACT_MAX:,} rows, {QUERY_SAMPLE:,} seeded query rows (kNN accuracy, kBET, "
+        f"iLISI; {SILHOUETTE_SAMPLE:,} for silhouettes and mAP, spread over groups for mAP) "
+        f"are scored against all rows, with a standard error; logistic probe on at most {PROBE_MAX_TRAIN:,} training wells; GRIT "
+        f"against at most {GRIT_MAX_CONTROLS:,} controls"
+    ),
+    "mixing_per_treatment": (
+        "kBET, iLISI, batch silhouette and graph connectivity within each treatment present "
+        "in >= 2 evaluated batches, averaged over treatments; others listed, left out. kBET and "
+        "iLISI follow scib's per-label rules (treatments under 10 profiles skipped, k0 from the "
+        "treatment's batch sizes, fragmented treatments scored 0) and are not averaged over "
+        "fewer than 3 treatments; graph connectivity is scib's, on one kNN graph of all rows"
+    ),
+}
+
+
+class Timer:
+    """Collects wall-clock seconds per named stage; with ``echo``, prints each to stderr."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.times: dict[str, float] = {}
+        self.echo = echo
+
+    def __call__(self, name: str) -> _Stage:
+        """A context manager timing one stage (times of the same name add up)."""
+        return _Stage(self, name)
+
+    def say(self, line: str) -> None:
+        """Print one progress line to stderr when echoing (stdout stays the result table)."""
+        if self.echo:
+            progress.say(f"cdcl evaluate: {line}")
+
+    def report(self, name: str, seconds: float) -> None:
+        """Print a finished stage's time when echoing."""
+        self.say(f"{name}: {seconds:.1f} s")
+
+
+class _Stage:
+    def __init__(self, timer: Timer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+        progress.working_on(self.name)
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        dt = time.perf_counter() - self.t0
+        self.timer.times[self.name] = round(self.timer.times.get(self.name, 0.0) + dt, 3)
+        if exc_type is None:  # a failed stage says so through its error, not a time
+            self.timer.report(self.name, dt)
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: scikit-learn's multi-line reports keep their last error line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    errs = [ln for ln in lines if ln.split(":", 1)[0].endswith(("Error", "Exception"))]
+    if errs:
+        return errs[-1][:300]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _safe(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
+    """Run one metric; a failure is recorded as one line instead of losing the others.
+
+    Library warnings are silenced here; the command prints the recorded lines once.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+    except Exception as e:  # a metric failing must not lose the evaluation of the rest
+        errors[name] = _one_line(e)
+        return None
+
+
+class _Log:
+    """Wraps metric calls to print one line with its time to stderr (large or verbose runs)."""
+
+    def __init__(self, on: bool, prefix: str) -> None:
+        self.on, self.prefix = on, prefix
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """``fn`` that, when on, reports its wall time as ``prefix name: T s``."""
+        if not self.on:
+            return fn
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            progress.working_on(f"{self.prefix} {name}")
+            try:
+                return fn()
+            finally:
+                dt = time.perf_counter() - t0
+                progress.say(f"  {self.prefix} {name}: {dt:.1f} s")
+
+        return timed
+
+
+def _queries(n: int) -> int | None:
+    """Query sample size for n rows: None (every row) up to EXACT_MAX."""
+    return None if n <= EXACT_MAX else QUERY_SAMPLE
+
+
+def _n_labels_ok(labels: np.ndarray) -> bool:
+    n_lab = pd.Series(labels).nunique()
+    return 2 <= n_lab <= len(labels) - 1
+
+
+def _classification(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    train: np.ndarray,
+    test: np.ndarray,
+    k: int,
+    seed: int,
+    log: _Log | None = None,
+) -> dict[str, Any]:
+    ctrl = meta["is_control"].to_numpy(bool)
+    tr, te = train & ~ctrl, test & ~ctrl
+    y = meta["treatment"].astype(str).to_numpy()
+    out: dict[str, Any] = {"n_train": int(tr.sum()), "n_test": int(te.sum())}
+    if tr.sum() < 2 or te.sum() < 1 or np.unique(y[tr]).size < 2:
+        out["note"] = "too few training or test wells with treatments"
+        return out
+    if not label_isin(y[te], y[tr]).any():
+        # Nothing to learn across batches (e.g. BBBC021: each treatment on one week only).
+        out["note"] = "no held-out treatment occurs in the training batches"
+        return out
+    log = log or _Log(False, "")
+    # Rows are passed as indices: no copy of the training or held-out part of a large table.
+    tr_rows, te_rows = np.flatnonzero(tr), np.flatnonzero(te)
+    rows = {"train_rows": tr_rows, "test_rows": te_rows}
+    out["logistic"] = log(
+        "logistic probe",
+        lambda: classification.logistic_probe_accuracy(
+            x, y[tr], x, y[te], seed=seed, max_train=PROBE_MAX_TRAIN, **rows
+        ),
+    )()
+    kk = min(k, int(tr.sum()))
+    nq = _queries(int(te.sum()))
+    out["knn"] = log(
+        "weighted kNN",
+        lambda: neighbours.weighted_knn_accuracy(
+            x, y[tr], x, y[te], k=kk, max_queries=nq, seed=seed, **rows
+        ),
+    )()
+    return out
+
+
+def _unsupervised(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    null_size: int,
+    seed: int,
+    errors: dict[str, str],
+    pre: str,
+    skipped: dict[str, str] | None = None,
+    log: _Log | None = None,
+) -> dict[str, Any]:
+    """Every metric that needs no training split, on the given rows.
+
+    A metric the rows cannot support is not run; ``skipped`` gets one line saying why.
+    """
+    out: dict[str, Any] = {}
+    log = log or _Log(False, pre)
+    nq = _queries(len(x))
+    ctrl = meta["is_control"].to_numpy(bool)
+    batch = meta["batch"].astype(str).to_numpy()
+    treat = meta["treatment"].astype(str).to_numpy()
+    has_moa = bool("moa" in meta.columns and meta.loc[~ctrl, "moa"].notna().any())
+    why = unavailable(meta, has_moa)
+    skipped = {} if skipped is None else skipped
+    skipped.update({f"{pre}.{k}": v for k, v in why.items()})
+
+    def run(key: str, fn: Callable[[], Any]) -> Any:
+        return None if key in why else _safe(errors, f"{pre}.{key}", fn)
+
+    if has_moa:
+        out["moa_matching"] = run(
+            "moa_matching", log("NSC/NSCB", lambda: matching.nsc_nscb(x, meta))
+        )
+
+    def per_treatment() -> dict[str, Any]:
+        # One kNN graph per treatment serves kBET, iLISI and graph connectivity.
+        return mixing.mixing_per_treatment(x, batch, treat, seed=seed)
+
+    mix = _safe(errors, f"{pre}.mixing_per_treatment", log("mixing per treatment", per_treatment))
+    out["mixing_per_treatment"] = mix
+
+    def global_mixing() -> dict[str, Any]:
+        # One kNN graph over all rows (sampled queries above EXACT_MAX) for kBET and iLISI.
+        if pd.Series(batch).nunique() < 2:
+            return {"kbet": mixing.kbet(x, batch), "ilisi": mixing.ilisi(x, batch)}
+        k_kbet = mixing.default_kbet_k(batch)
+        rows = neighbours.sample_rows(len(x), nq, seed)
+        graph = neighbours.neighbor_graph(x, max(k_kbet - 1, mixing.LISI_K), query_indices=rows)
+        return {
+            "kbet": mixing.kbet(x, batch, graph=graph),
+            "ilisi": mixing.ilisi(x, batch, graph=graph),
+        }
+
+    glob = run("kbet", log("kBET + iLISI", global_mixing))
+    if glob is not None:
+        r = glob["kbet"]
+        if mix is not None:
+            r["per_treatment_mean"] = mix["kbet"]
+            r["per_treatment_n"] = mix["kbet_n"]  # treatments scored under scib's rules
+            if mix.get("kbet_note"):
+                r["per_treatment_note"] = mix["kbet_note"]
+            r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
+        out["kbet"] = r
+        out["ilisi"] = glob["ilisi"]
+    else:
+        out["kbet"] = None
+
+    def silhouettes() -> dict[str, Any]:
+        # Exact up to SILHOUETTE_EXACT_MAX rows; beyond, a seeded sample of query rows scored
+        # against all rows (O(sample * n) instead of O(n^2)).
+        kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
+        kw["seed"] = seed
+        s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
+        # One pass of batch-label silhouettes s_i (Euclidean, as scib) serves three figures:
+        # the mean s; scib's silhouette_batch with every row in one label, mean of 1 - |s_i|;
+        # and 1 - |mean s| (not scib's: opposite signs cancel), kept for comparison.
+        if _n_labels_ok(batch):
+            codes = pd.factorize(pd.Series(batch))[0]
+            q = neighbours.sample_rows(len(x), kw["sample_size"], seed)
+            s_i = mixing.silhouette_values(x, codes, q, metric="euclidean")
+            s["batch"] = float(s_i.mean())
+            s["batch_scib"] = float(np.mean(1.0 - np.abs(s_i)))
+            s["batch_global_1_minus_abs"] = 1.0 - abs(s["batch"])
+        else:
+            s["batch"] = s["batch_scib"] = s["batch_global_1_minus_abs"] = float("nan")
+        # Row subsets are passed as indices: no copy of a screen-sized table.
+        nc = ~ctrl
+        kw["rows"] = np.flatnonzero(nc)
+        s["treatment"] = (
+            mixing.silhouette(x, treat[nc], **kw) if _n_labels_ok(treat[nc]) else float("nan")
+        )
+        if has_moa:
+            moa_ok = nc & meta["moa"].notna().to_numpy()
+            m = meta["moa"].astype(str).to_numpy()[moa_ok]
+            kw["rows"] = np.flatnonzero(moa_ok)
+            s["moa"] = mixing.silhouette(x, m, **kw) if _n_labels_ok(m) else float("nan")
+        return s
+
+    out["silhouette"] = run("silhouette", log("silhouettes", silhouettes))
+
+    def grit() -> dict[str, Any]:
+        if ctrl.sum() < 2:
+            return {"mean_grit": float("nan"), "note": "fewer than 2 control profiles"}
+        table = reproducibility.grit(x, meta, max_controls=GRIT_MAX_CONTROLS, seed=seed)
+        r = dict(reproducibility.grit_summary(table))
+        r["per_treatment"] = dict(zip(table["treatment"].astype(str), table["grit"]))
+        return r
+
+    out["grit"] = run("grit", log("GRIT", grit))
+
+    maps: dict[str, Any] = {}
+    map_kw = {"null_size": null_size, "seed": seed}
+    map_kw["max_queries"] = None if len(x) <= EXACT_MAX else MAP_QUERY_SAMPLE
+    map_kw["max_null_elems"] = MAP_NULL_BUDGET
+
+    # The plain and batch-aware settings of a recipe share its queries and similarities (one
+    # ranking, two sets of positives); rows are normalised as they are read, so no copy of a
+    # screen-sized table is made.
+    def both(recipe: Callable[..., Any]) -> Callable[[], dict[str, Any]]:
+        def scored() -> dict[str, Any]:
+            plain, aware = recipe(x, meta, (False, True), **map_kw)
+            return {"": plain[0], "_batch_aware": aware[0]}
+
+        return scored
+
+    recipes = []
+    if ctrl.any() and (~ctrl).any():
+        recipes.append(("replicate", "replicate mAP", retrieval.replicate_maps))
+    if has_moa:
+        recipes.append(("moa", "MoA mAP", retrieval.moa_maps))
+    for key, label, recipe in recipes:
+        names = {"": f"map.{key}", "_batch_aware": f"map.{key}_batch_aware"}
+        pair = None
+        if not all(nm in why for nm in names.values()):
+            pair = _safe(errors, f"{pre}.map.{key}", log(f"{label} + batch-aware", both(recipe)))
+            if pair is None and f"{pre}.map.{key}" in errors:  # the shared ranking failed
+                errors[f"{pre}.map.{key}_batch_aware"] = errors[f"{pre}.map.{key}"]
+        for suffix, nm in names.items():
+            maps[f"{key}{suffix}"] = None if pair is None or nm in why else pair[suffix]
+    out["map"] = maps
+    out["batch_classifier"] = run(
+        "batch_classifier",
+        log(
+            "batch classifier",
+            lambda: classification.batch_classifier_accuracy(x, batch, seed=seed),
+        ),
+    )
+    return out
+
+
+def evaluate_features(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    train_mask: np.ndarray | None = None,
+    test_mask: np.ndarray | None = None,
+    *,
+    eval_mask: np.ndarray | None = None,
+    k: int = 10,
+    null_size: int = 2000,
+    seed: int = 0,
+    variants: tuple[str, ...] = VARIANTS,
+    timer: Timer | None = None,
+    name: str = "features",
+    verbose: bool | None = None,
+) -> dict[str, Any]:
+    """All metrics of one feature set: ``{"raw": {...}, "plate_normalized": {...}, "n": ...}``.
+
+    ``meta`` holds the canonical columns (``plate, well, batch, treatment, is_control``; ``moa``
+    and ``compound`` where known), one row per profile. Classification needs both masks
+    (training rows, held-out rows); the other metrics run on ``eval_mask`` (default: the test
+    rows, or all rows without a split). Failed metrics are listed under ``errors``.
+
+    ``verbose`` (default: on above ``EXACT_MAX`` profiles) prints one line per metric with its
+    wall time to stderr. Each variant also gets ``aggregate``, the scib-style overall score
+    (:func:`aggregate_scores`).
+    """
+    x = np.asarray(features, dtype=np.float32)
+    n = x.shape[0]
+    if n == 0 or x.ndim != 2 or x.shape[1] == 0:
+        raise CdclError(f"{name}: empty feature set (shape {x.shape}); nothing to evaluate")
+    if len(meta) != n:
+        raise ValueError(f"{n} profiles but {len(meta)} metadata rows")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise CdclError(
+            f"{name}: {bad} profiles contain NaN or infinite values; drop or impute them"
+        )
+    meta = meta.reset_index(drop=True)
+    constant = bool(n > 1 and (x.min(axis=0) == x.max(axis=0)).all())
+    timer = timer or Timer()
+    all_rows = np.ones(n, dtype=bool)
+    test = all_rows if test_mask is None else np.asarray(test_mask, bool)
+    train = None if train_mask is None else np.asarray(train_mask, bool)
+    ev = (
+        (test if test_mask is not None else all_rows)
+        if eval_mask is None
+        else np.asarray(eval_mask, bool)
+    )
+    errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}  # metric -> why the rows cannot support it
+    out: dict[str, Any] = {
+        "n": {
+            "profiles": n,
+            "dims": int(x.shape[1]),
+            "train": int(train.sum()) if train is not None else 0,
+            "test": int(test.sum()),
+            "eval": int(ev.sum()),
+            "eval_batches": int(meta.loc[ev, "batch"].nunique()),
+        }
+    }
+    if verbose is None:
+        verbose = n > EXACT_MAX
+    for variant in variants:
+        log = _Log(bool(verbose), f"{name} {variant}")
+        with timer(f"{name}.{variant}"):
+            norm_info: dict[str, Any] = {}
+            if variant == "raw":
+                xv = x
+            elif variant == "plate_normalized":
+                normalize = functools.partial(plate_normalize, x, meta, info=norm_info)
+                xv = log("plate normalisation", normalize)()
+            else:
+                raise ValueError(f"unknown variant {variant!r}")
+            res: dict[str, Any] = {"normalization": norm_info} if norm_info else {}
+            if train is not None and train.any():
+                res["classification"] = _safe(
+                    errors,
+                    f"{variant}.classification",
+                    lambda xv=xv, log=log: _classification(xv, meta, train, test, k, seed, log),
+                )
+                why = classification_unavailable(meta, train, test)
+                if why:
+                    skipped[f"{variant}.classification"] = why
+            sub_meta = meta.loc[ev].reset_index(drop=True)
+            xe = xv if ev.all() else xv[ev]  # no copy of the whole table when scoring every row
+            res.update(_unsupervised(xe, sub_meta, null_size, seed, errors, variant, skipped, log))
+            res["aggregate"] = aggregate_scores(res)
+            out[variant] = res
+    first = out.get(variants[0], {}) if variants else {}
+    mix = first.get("mixing_per_treatment") or {}
+    if mix.get("n_single_batch"):
+        shown = ", ".join(mix["single_batch_treatments"][:5])
+        more = " ..." if mix["n_single_batch"] > 5 else ""
+        print(
+            f"note: {name}: {mix['n_single_batch']} treatment(s) occur in only one evaluated "
+            f"batch ({shown}{more}); left out of the per-treatment mixing metrics",
+            file=sys.stderr,
+        )
+    if constant:
+        out["note"] = (
+            f"{name}: every feature is constant over the profiles: all similarities tie, so "
+            "retrieval scores chance (ties count as chance) and no figure here says anything"
+        )
+        print(f"note: {out['note']}", file=sys.stderr)
+    if errors:
+        out["errors"] = errors
+    if skipped:
+        out["unavailable"] = skipped
+    return out
+
+
+def _get(d: Any, *path: str) -> float:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return float("nan")
+        d = d[key]
+    return float(d) if isinstance(d, (int, float)) else float("nan")
+
+
+def aggregate_scores(res: dict[str, Any]) -> dict[str, Any]:
+    """scib-style overall score of one variant: 0.4 x batch-mixing mean + 0.6 x biology mean.
+
+    Batch-mixing components (all per treatment, so that design imbalance cannot pass for a
+    batch effect): kBET acceptance, scaled iLISI, scib's batch silhouette (mean 1 - |s_i|) and graph
+    connectivity (:func:`cdcl.metrics.mixing_per_treatment`). Biology components:
+    NSC and NSCB (MoA of the nearest other compound, the latter across batches), MoA
+    retrieval mAP, and held-out treatment accuracy of the weighted kNN classifier (where a
+    train/test split exists). Each is in [0, 1] with 1 = best; missing ones are dropped and
+    named (``dropped``). Batch-classifier accuracy is left out: its chance level depends on
+    the batch sizes, so it is not on the [0, 1] best-is-1 scale of the others.
+    """
+    mix = ("mixing_per_treatment",)
+    batch = {
+        "kbet_per_treatment": _get(res, *mix, "kbet"),
+        "ilisi_per_treatment": _get(res, *mix, "ilisi"),
+        "batch_silhouette_per_treatment": _get(res, *mix, "batch_silhouette"),
+        "graph_connectivity": _get(res, *mix, "graph_connectivity"),
+    }
+    bio = {
+        "nsc": _get(res, "moa_matching", "nsc"),
+        "nscb": _get(res, "moa_matching", "nscb"),
+        "moa_map": _get(res, "map", "moa", "map"),
+        "treatment_knn_accuracy": _get(res, "classification", "knn", "accuracy"),
+    }
+    return mixing.scib_aggregate(batch, bio)
+
+
+def online_probe_scores(
+    probe: Any,
+    image_features: np.ndarray,
+    treatments: np.ndarray,
+    label_of: dict[str, int],
+    mask: np.ndarray,
+) -> dict[str, Any]:
+    """Accuracy and macro F1 of the checkpoint's online linear probe on the masked images."""
+
+    t = np.asarray(treatments).astype(str)
+    keep = np.asarray(mask, bool) & label_isin(t, list(label_of))
+    if not keep.any():
+        return {
+            "note": "online probe: needs held-out images of a treatment seen in training; have 0",
+            "n_test": 0,
+        }
+    classes = np.empty(max(label_of.values()) + 1, dtype=object)
+    for name, i in label_of.items():
+        classes[i] = name
+    preds = []
+    with torch.inference_mode():
+        probe.eval()
+        for a in range(0, int(keep.sum()), 4096):
+            block = torch.from_numpy(image_features[keep][a : a + 4096])
+            preds.append(probe(block).argmax(dim=1).cpu().numpy())
+    pred = classes[np.concatenate(preds)].astype(str)
+    out: dict[str, Any] = dict(classification.classification_scores(t[keep], pred))
+    out["n_test"] = int(keep.sum())
+    return out
+
+
+def base_results(kind: str, **fields: Any) -> dict[str, Any]:
+    """The common header of a results.json."""
+    return {
+        "results_version": RESULTS_VERSION,
+        "kind": kind,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions(),
+        "protocol": PROTOCOL,
+        **fields,
+    }
+
+
+def corrected_sets(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    corrections: tuple[str, ...],
+    *,
+    seed: int,
+    timer: Timer,
+    name: str,
+) -> dict[str, np.ndarray]:
+    """``{"<name>+<correction>": profiles}``: each post-hoc correction of one feature set, timed."""
+
+    out: dict[str, np.ndarray] = {}
+    for c in corrections:
+        with timer(f"{name}+{c}.fit"):
+            out[f"{name}+{c}"] = apply_corrections(
+                x,
+                meta["batch"].astype(str).to_numpy(),
+                meta["is_control"].to_numpy(bool),
+                (c,),
+                seed=seed,
+            )[c]
+    return out
+
+
+def protocol_with(corrections: tuple[str, ...]) -> dict[str, str]:
+    """PROTOCOL, plus the transductive-fit statement when post-hoc corrections were scored."""
+    if not corrections:
+        return PROTOCOL
+
+    return {**PROTOCOL, "corrections": TRANSDUCTIVE_NOTE}
+
+
+def split_masks(samples: pd.DataFrame, split: pd.Series) -> dict[str, Any]:
+    """Train/test batch lists of a split (per image)."""
+    s = split.astype(str).to_numpy()
+    b = samples["batch"].astype(str).to_numpy()
+    return {
+        "train_batches": sorted(set(b[s == "train"])),
+        "val_batches": sorted(set(b[s == "val"])),
+        "test_batches": sorted(set(b[s == "test"])),
+    }

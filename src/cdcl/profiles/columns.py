@@ -1,0 +1,355 @@
+"""Profile tables: metadata resolution, per-plate standardisation (against controls) and TVN.
+
+Internally every profile set is ``(features float32 (n, d), meta DataFrame)`` where ``meta`` has
+the canonical columns ``plate, well, batch, treatment, compound, moa, is_control`` (``compound``
+and ``moa`` may be missing). :func:`resolve_table_meta` maps an arbitrary ``Metadata_*`` table
+(CellProfiler, pycytominer, our own exports) onto those names.
+
+TVN (typical variation normalisation; Ando et al., "Improving phenotypic measurements in
+high-content imaging screens", bioRxiv 2017): the embedding is PCA-whitened with the
+covariance of the negative-control profiles, so that directions along which controls vary
+(plate, batch, staining noise) are shrunk and the remaining treatment signal is on a common
+scale. The optional CORAL step (Sun et al., AAAI 2016) then whitens each batch with the
+covariance of that batch's own controls (after the global whitening the target covariance is
+the identity), aligning the second-order statistics of the batches.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+
+from cdcl.data.query import query_mask
+from cdcl.errors import CdclError
+from cdcl.profiles.arrays import _codes, _features, _labels
+
+CANONICAL = ("plate", "well", "batch", "treatment", "compound", "moa", "is_control")
+CONTROL_NAMES = ("dmso", "negcon", "negative_control", "control", "untreated", "empty")
+
+
+def _find_column(columns: list[str], wanted: str) -> str | None:
+    """Exact match first, then case-insensitive (``Metadata_batch`` vs ``Metadata_Batch``)."""
+    if wanted in columns:
+        return wanted
+    low = {c.lower(): c for c in columns}
+    return low.get(wanted.lower())
+
+
+def _resolve(
+    table: pd.DataFrame,
+    spec: str | None,
+    defaults: tuple[str, ...],
+    option: str,
+    required: bool,
+) -> pd.Series | None:
+    """A metadata column by user spec (``A`` or ``A,B`` joined with ``@``) or by defaults."""
+    cols = [str(c) for c in table.columns]
+    if spec:
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        found = []
+        for p in parts:
+            c = _find_column(cols, p) or _find_column(cols, f"Metadata_{p}")
+            if c is None:
+                meta_cols = [x for x in cols if x.startswith("Metadata_")]
+                raise CdclError(
+                    f"{option} {p}: no such column; metadata columns are "
+                    f"{', '.join(meta_cols) or '(none)'}"
+                )
+            found.append(c)
+        if len(found) == 1:
+            return table[found[0]]
+        return table[found].astype(str).agg("@".join, axis=1)
+    for d in defaults:
+        c = _find_column(cols, d)
+        if c is not None:
+            return table[c]
+    if required:
+        raise CdclError(
+            f"no {option.lstrip('-').replace('-col', '')} column found (looked for "
+            f"{', '.join(defaults)}); name one with {option}"
+        )
+    return None
+
+
+def _as_str(s: pd.Series) -> pd.Series:
+    return s.astype(object).where(s.notna(), None).map(lambda v: None if v is None else str(v))
+
+
+def resolve_table_meta(
+    meta_table: pd.DataFrame,
+    *,
+    batch_col: str | None = None,
+    batch_pattern: str | None = None,
+    treatment_col: str | None = None,
+    compound_col: str | None = None,
+    moa_col: str | None = None,
+    plate_col: str | None = None,
+    well_col: str | None = None,
+    control_query: str | None = None,
+) -> pd.DataFrame:
+    """Canonical metadata (see module doc) from a ``Metadata_*`` table; CdclError on bad input.
+
+    ``--treatment-col A,B`` joins several columns (e.g. compound and concentration). The batch
+    defaults to ``Metadata_batch`` and then to the plate; ``batch_pattern`` is a regular
+    expression whose first group (or whole match) is taken from the batch column's values
+    (e.g. ``^(Week\\d+)`` turns BBBC021 plates into imaging weeks). Controls come from
+    ``control_query`` (a control query on the table's columns, see :mod:`cdcl.data.query`),
+    else pycytominer's ``Metadata_control_type == "negcon"``, else a boolean
+    ``Metadata_is_control`` column, else treatments/compounds named like DMSO.
+    """
+    t = meta_table.reset_index(drop=True)
+    out = pd.DataFrame(index=t.index)
+    plate = _resolve(t, plate_col, ("Metadata_plate",), "--plate-col", required=False)
+    well = _resolve(t, well_col, ("Metadata_well",), "--well-col", required=False)
+    out["plate"] = _as_str(plate) if plate is not None else "plate0"
+    out["well"] = _as_str(well) if well is not None else [str(i) for i in range(len(t))]
+    batch = _resolve(t, batch_col, ("Metadata_batch",), "--batch-col", required=False)
+    out["batch"] = _as_str(batch) if batch is not None else out["plate"]
+    if batch_pattern:
+        try:
+            rx = re.compile(batch_pattern)
+        except re.error as e:
+            raise CdclError(
+                f"--batch-pattern {batch_pattern!r}: invalid regular expression ({e})"
+            ) from None
+
+        def pick(v: str | None) -> str | None:
+            m = None if v is None else rx.search(v)
+            if m is None:
+                return v
+            return m.group(1) if m.groups() else m.group(0)
+
+        out["batch"] = out["batch"].map(pick)
+    treat = _resolve(
+        t,
+        treatment_col,
+        ("Metadata_treatment", "Metadata_pert_iname", "Metadata_broad_sample", "Metadata_compound"),
+        "--treatment-col",
+        required=True,
+    )
+    out["treatment"] = _as_str(treat)
+    comp = _resolve(
+        t, compound_col, ("Metadata_compound", "Metadata_pert_iname"), "--compound-col", False
+    )
+    if comp is not None:
+        out["compound"] = _as_str(comp)
+    moa = _resolve(
+        t, moa_col, ("Metadata_moa", "Metadata_MoA", "Metadata_mechanism"), "--moa-col", False
+    )
+    if moa is not None:
+        out["moa"] = _as_str(moa)
+    out["is_control"] = control_mask(t, out, control_query)
+    for col in ("batch", "treatment"):
+        missing = out[col].isna().to_numpy()
+        if missing.any():
+            raise CdclError(
+                f"profile table: `{col}` is empty in row {int(np.flatnonzero(missing)[0])}; "
+                "fill it or choose another column"
+            )
+    return out
+
+
+def control_mask(table: pd.DataFrame, canon: pd.DataFrame, query: str | None) -> np.ndarray:
+    """Boolean control flag per row: the query, a Metadata_is_control column, or DMSO-like names."""
+    if query:
+        return query_mask(table, query)
+    col = _find_column([str(c) for c in table.columns], "Metadata_control_type")
+    if col is not None:  # pycytominer's convention: negcon / poscon / trt
+        return table[col].astype(str).str.lower().eq("negcon").to_numpy()
+    col = _find_column([str(c) for c in table.columns], "Metadata_is_control")
+    if col is not None:
+        v = table[col]
+        if v.dtype == bool:
+            return v.to_numpy()
+        return v.astype(str).str.lower().isin(("true", "1", "yes")).to_numpy()
+    names = canon["treatment"].fillna("").str.lower()
+    mask = names.isin(CONTROL_NAMES)
+    if "compound" in canon:
+        mask |= canon["compound"].fillna("").str.lower().isin(CONTROL_NAMES)
+    return mask.to_numpy()
+
+
+def _is_constant(var: np.ndarray, mean: np.ndarray, n: int) -> np.ndarray:
+    """Features indistinguishable from a constant (scikit-learn's ``StandardScaler`` rule).
+
+    A variance below the rounding error of the two-pass algorithm (Chan, Golub & LeVeque),
+    ``n eps var + (n mean eps)^2``, is zero for practical purposes.
+    """
+    eps = np.finfo(np.float64).eps
+    return var <= n * eps * var + (n * mean * eps) ** 2
+
+
+def standardize_per_plate(
+    features: ArrayLike,
+    plates: ArrayLike,
+    is_control: ArrayLike,
+    *,
+    robust: bool = False,
+    info: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Standardise each plate against its own negative controls (pycytominer's conventions).
+
+    For every plate: ``(x - mean_c) / std_c`` where mean/std (ddof=0) are those of the plate's
+    control rows, per feature: pycytominer ``normalize(method="standardize",
+    samples=<controls>)`` applied plate by plate, i.e. scikit-learn's ``StandardScaler``. A
+    feature whose controls do not vary on the plate (variance within rounding error of 0,
+    scikit-learn's rule) gets scale 1: it is centred, not blown up. ``robust=True`` is
+    pycytominer's ``mad_robustize``: ``(x - median_c) / (1.4826 MAD_c)``, MAD the median
+    absolute deviation; where the controls' MAD is 0 the scale is 1 as well (pycytominer
+    divides by its ``mad_robustize_epsilon``, 1e-18, there, which sends such a feature to
+    about 1e18). A plate without control rows falls back to all its rows, with a
+    ``warnings.warn`` naming the plate (never an error).
+
+    ``info``: when given, receives ``zero_scale_pairs`` (plate x feature pairs that got scale
+    1) and ``zero_scale_plates`` (plates with at least one).
+
+    Returns:
+        float32 array of the same shape as ``features``.
+    """
+    x = _features(features)
+    n = x.shape[0]
+    plate = _labels(plates, n, "plates")
+    ctrl = np.asarray(is_control, dtype=bool)
+    if ctrl.shape != (n,):
+        raise ValueError(f"is_control must have {n} entries, got shape {ctrl.shape}")
+    codes, uniq = _codes(plate, "plates")
+    out = np.empty(x.shape, dtype=np.float32)
+    zero_pairs = 0
+    zero_plates = 0
+    for p in range(uniq.size):
+        rows = np.flatnonzero(codes == p)
+        block = np.asarray(x[rows], dtype=np.float64)
+        ref_mask = ctrl[rows]
+        if not ref_mask.any():
+            warnings.warn(
+                f"plate {uniq[p]!r} has no control rows: standardised against all its "
+                f"{rows.size} rows instead",
+                stacklevel=2,
+            )
+            ref_mask = np.ones(rows.size, dtype=bool)
+        ref = block[ref_mask]
+        if robust:
+            centre = np.median(ref, axis=0)
+            scale = 1.4826 * np.median(np.abs(ref - centre), axis=0)
+            zero = scale == 0
+        else:
+            centre = ref.mean(axis=0)
+            var = ref.var(axis=0)
+            zero = _is_constant(var, centre, ref.shape[0])
+            scale = np.sqrt(var)
+        scale = np.where(zero, 1.0, scale)
+        zero_pairs += int(zero.sum())
+        zero_plates += int(zero.any())
+        out[rows] = ((block - centre) / scale).astype(np.float32)
+    if info is not None:
+        info["zero_scale_pairs"] = zero_pairs
+        info["zero_scale_plates"] = zero_plates
+    return out
+
+
+ZERO_SCALE_NOTE = (
+    "features whose control wells do not vary on a plate get scale 1 (centred only), "
+    "pycytominer's and scikit-learn's convention"
+)
+
+
+def plate_normalize(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    robust: bool = False,
+    info: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """Standardise each plate's profiles against that plate's control profiles.
+
+    ``info`` receives the counts of :func:`standardize_per_plate` and a ``note`` stating the
+    zero-variance convention.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # plates without controls fall back to all rows
+        out = standardize_per_plate(
+            features,
+            meta["plate"].astype(str).to_numpy(),
+            meta["is_control"].to_numpy(bool),
+            robust=robust,
+            info=info,
+        )
+    if info is not None:
+        info["note"] = ZERO_SCALE_NOTE
+    return out
+
+
+def covariance_eigh(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, eigenvalues (descending, >= 0) and eigenvectors (d, d) of the covariance of rows x.
+
+    Each eigenvector's sign is fixed (largest-magnitude entry positive), so transforms built
+    from it (TVN, sphering, the PCA before Harmony) do not depend on the LAPACK build.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / max(1, x.shape[0] - 1)
+    vals, vecs = np.linalg.eigh(cov)
+    order = np.argsort(vals)[::-1]
+    vals, vecs = np.maximum(vals[order], 0.0), vecs[:, order]
+    if vecs.size:
+        pivot = vecs[np.abs(vecs).argmax(axis=0), np.arange(vecs.shape[1])]
+        vecs = vecs * np.where(pivot < 0, -1.0, 1.0)[None, :]
+    return mean, vals, vecs
+
+
+def _whitener(x: np.ndarray, eps: float, max_components: int | None = None) -> tuple[Any, Any]:
+    """Mean and whitening matrix (d, k) of rows x: PCA with eigenvalues floored at eps*max."""
+    mean, vals, vecs = covariance_eigh(x)
+    if max_components is not None:
+        vals, vecs = vals[:max_components], vecs[:, :max_components]
+    floor = eps * max(float(vals[0]), 1e-12) if vals.size else eps
+    return mean, vecs / np.sqrt(np.maximum(vals, floor))[None, :]
+
+
+def tvn(
+    features: np.ndarray,
+    meta: pd.DataFrame,
+    *,
+    coral: bool = False,
+    eps: float = 1e-2,
+    coral_shrinkage: float = 0.1,
+    fit_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """Typical variation normalisation: PCA-whiten all profiles with the controls' covariance.
+
+    ``fit_mask`` restricts the control rows the transform is fitted on (default: every control;
+    controls carry no treatment label, so using those of held-out batches leaks nothing).
+    Eigenvalues below ``eps`` times the largest are floored (so noise directions are not blown
+    up); the output keeps ``min(d, n_controls - 1)`` components. With ``coral=True`` each batch
+    is then re-whitened with its own controls' covariance, shrunk towards the identity by
+    ``coral_shrinkage`` (few controls per batch give a singular covariance).
+    """
+    x = np.asarray(features, dtype=np.float64)
+    ctrl = meta["is_control"].to_numpy(bool)
+    if fit_mask is not None:
+        ctrl = ctrl & np.asarray(fit_mask, bool)
+    if ctrl.sum() < 3:
+        raise CdclError(f"TVN needs at least 3 control profiles, found {int(ctrl.sum())}")
+    k = min(x.shape[1], int(ctrl.sum()) - 1)
+    mean, w = _whitener(x[ctrl], eps, max_components=k)
+    out = (x - mean) @ w
+    if coral:
+        batch = meta["batch"].astype(str).to_numpy()
+        for b in np.unique(batch):
+            rows = batch == b
+            c_rows = rows & ctrl
+            if c_rows.sum() < 2:
+                continue  # too few controls to estimate this batch's covariance: leave as is
+            xc = out[c_rows]
+            mu = xc.mean(axis=0)
+            cov = np.cov(xc, rowvar=False).reshape(out.shape[1], out.shape[1])
+            cov = (1 - coral_shrinkage) * cov + coral_shrinkage * np.eye(out.shape[1])
+            vals, vecs = np.linalg.eigh(cov)
+            inv_sqrt = vecs @ np.diag(1.0 / np.sqrt(np.maximum(vals, 1e-6))) @ vecs.T
+            out[rows] = (out[rows] - mu) @ inv_sqrt
+    return out.astype(np.float32)

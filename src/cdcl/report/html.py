@@ -1,0 +1,839 @@
+"""Plots and the self-contained HTML report of an evaluation, and side-by-side comparison of runs.
+
+- UMAP of well profiles coloured by batch and by treatment/MoA (the paper's Figure 1), with a
+  fixed random state (umap-learn; PCA when there are too few points for a neighbour graph);
+- training curves from ``metrics.jsonl``;
+- a metrics table (headline figures of every feature set, raw and plate-normalised);
+- ``report.html`` with every image inlined as a base64 PNG (no external resources), plus the
+  PNGs next to it; :func:`compare` puts several results directories side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cdcl.data.dataset_dir import atomic_write_text
+from cdcl.errors import CdclError
+from cdcl.metrics.info import BATCH, BIO, info_for
+from cdcl.report.plot_sample import DEFAULT_PLOT_SAMPLE, stratified_plot_rows
+from cdcl.report.results import read_results
+
+# (label, path inside a variant's results, higher is better?)
+HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("logistic probe accuracy", ("classification", "logistic", "accuracy"), True),
+    ("logistic probe macro F1", ("classification", "logistic", "macro_f1"), True),
+    ("kNN accuracy", ("classification", "knn", "accuracy"), True),
+    ("kNN macro F1", ("classification", "knn", "macro_f1"), True),
+    ("NSC", ("moa_matching", "nsc"), True),
+    ("NSCB", ("moa_matching", "nscb"), True),
+    ("kBET acceptance", ("kbet", "acceptance_rate"), True),
+    ("kBET acceptance per treatment", ("kbet", "per_treatment_mean"), True),
+    ("iLISI (scaled)", ("ilisi", "ilisi"), True),
+    ("iLISI per treatment", ("mixing_per_treatment", "ilisi"), True),
+    ("batch 1-|s| per treatment", ("mixing_per_treatment", "batch_silhouette"), True),
+    ("graph connectivity", ("mixing_per_treatment", "graph_connectivity"), True),
+    ("batch silhouette 1-|s_i| (scib)", ("silhouette", "batch_scib"), True),
+    ("treatment silhouette", ("silhouette", "treatment"), True),
+    ("MoA silhouette", ("silhouette", "moa"), True),
+    ("GRIT (mean)", ("grit", "mean_grit"), True),
+    ("replicate mAP", ("map", "replicate", "map"), True),
+    ("replicate retrieved (p<0.05)", ("map", "replicate", "fraction_significant"), True),
+    ("replicate mAP, batch-aware", ("map", "replicate_batch_aware", "map"), True),
+    (
+        "replicate retrieved, batch-aware",
+        ("map", "replicate_batch_aware", "fraction_significant"),
+        True,
+    ),
+    ("MoA mAP", ("map", "moa", "map"), True),
+    ("MoA retrieved (p<0.05)", ("map", "moa", "fraction_significant"), True),
+    ("MoA mAP, batch-aware", ("map", "moa_batch_aware", "map"), True),
+    ("MoA retrieved, batch-aware", ("map", "moa_batch_aware", "fraction_significant"), True),
+    ("batch classifier accuracy", ("batch_classifier", "accuracy"), False),
+    ("batch classifier chance", ("batch_classifier", "chance"), False),
+    ("scib-style aggregate (0.4 batch + 0.6 bio)", ("aggregate", "score"), True),
+)
+ONLINE_PROBE = (
+    ("online probe accuracy", ("online_probe", "accuracy"), True),
+    ("online probe macro F1", ("online_probe", "macro_f1"), True),
+)
+
+
+def _get(d: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def metrics_long(results: dict[str, Any], run: str = "") -> pd.DataFrame:
+    """Headline figures as a long table: run, set, variant, metric, value, higher_is_better."""
+    rows = []
+    for set_name, res in (results.get("feature_sets") or {}).items():
+        for variant in ("raw", "plate_normalized"):
+            if variant not in res:
+                continue
+            for label, path, hib in HEADLINE:
+                v = _get(res[variant], path)
+                if isinstance(v, int | float) or v is None:
+                    rows.append((run, set_name, variant, label, v, hib))
+        for label, path, hib in ONLINE_PROBE:
+            v = _get(res, path)
+            if isinstance(v, int | float):
+                rows.append((run, set_name, "images", label, v, hib))
+    return pd.DataFrame(
+        rows, columns=["run", "set", "variant", "metric", "value", "higher_is_better"]
+    )
+
+
+def metrics_table(results: dict[str, Any], run: str = "") -> pd.DataFrame:
+    """Headline figures pivoted: one row per metric, one column per (set, variant)."""
+    long = metrics_long(results, run)
+    if long.empty:
+        return pd.DataFrame()
+    order = [lab for lab, _, _ in ONLINE_PROBE + HEADLINE]
+    long["col"] = long["set"] + " | " + long["variant"]
+    cols = list(dict.fromkeys(long["col"]))
+    table = long.pivot_table(
+        index="metric", columns="col", values="value", aggfunc="first", dropna=False
+    )
+    table = table.reindex([m for m in order if m in table.index])
+    return table.reindex(columns=cols)
+
+
+# ---------------------------------------------------------------- plotting
+
+
+def _plt() -> Any:
+    # pyplot is imported only after the backend is set, and only when a figure is drawn.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def umap_coords(
+    profiles: np.ndarray, seed: int = 0, n_epochs: int = 200, n_neighbors: int = 15
+) -> np.ndarray:
+    """2-D UMAP of profiles (standardised per feature first), fixed random state."""
+    x = np.asarray(profiles, dtype=np.float32)
+    sd = x.std(axis=0)
+    x = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    n = x.shape[0]
+    if n < 10:  # too few points for a neighbour graph: the first two principal components
+        u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+        out = np.zeros((n, 2), dtype=np.float32)
+        k = min(2, u.shape[1])
+        out[:, :k] = u[:, :k] * s[:k]
+        return out
+    # numba's OpenMP layer shares torch's libgomp: UMAP's numba.set_num_threads(...) and its
+    # restore to numba's default (every core) would leave torch on every core, and a later
+    # training step in this process (demo, study) oversubscribed (measured 5x slower next to
+    # another job with OMP_NUM_THREADS=1). Torch's count is put back afterwards.
+    import umap  # numba's start-up (seconds) only when a UMAP is drawn
+
+    torch_threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # n_jobs overridden by random_state, etc.
+        reducer = umap.UMAP(
+            n_neighbors=min(n_neighbors, n - 1),
+            n_epochs=n_epochs,
+            random_state=seed,
+            init="pca" if n < 4000 else "spectral",
+            metric="euclidean",
+        )
+        try:
+            return reducer.fit_transform(x).astype(np.float32)
+        finally:
+            torch.set_num_threads(torch_threads)
+
+
+def _colour_axes(ax: Any, xy: np.ndarray, labels: pd.Series, title: str, grey: Any = None) -> None:
+    plt = _plt()
+    lab = labels.astype(str).fillna("NA").to_numpy()
+    uniq = sorted(set(lab))
+    cmap = plt.get_cmap("tab20" if len(uniq) > 10 else "tab10")
+    grey_mask = np.zeros(len(lab), bool) if grey is None else np.asarray(grey, bool)
+    if grey_mask.any():
+        ax.scatter(xy[grey_mask, 0], xy[grey_mask, 1], s=6, c="#bbbbbb", label="control", lw=0)
+    for i, u in enumerate(u for u in uniq if (lab[~grey_mask] == u).any()):
+        m = (lab == u) & ~grey_mask
+        ax.scatter(xy[m, 0], xy[m, 1], s=8, color=cmap(i % cmap.N), label=u, lw=0)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if len(uniq) <= 15:
+        ax.legend(fontsize=6, markerscale=1.5, loc="best", frameon=False)
+
+
+def umap_frame(profiles: np.ndarray, meta: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """UMAP coordinates with the metadata used to colour them."""
+    xy = umap_coords(profiles, seed=seed)
+    cols = [
+        c
+        for c in ("plate", "well", "batch", "treatment", "moa", "is_control", "split")
+        if c in meta
+    ]
+    df = meta[cols].reset_index(drop=True).copy()
+    df.insert(0, "umap_y", xy[:, 1])
+    df.insert(0, "umap_x", xy[:, 0])
+    return df
+
+
+def _colour_by(df: pd.DataFrame) -> str:
+    """MoA when known (fewer, meaningful colours), else treatment."""
+    if "moa" in df and df["moa"].notna().any():
+        return "moa"
+    return "treatment"
+
+
+def draw_umap_panels(axes: Any, df: pd.DataFrame, title: str) -> None:
+    """Two panels: coloured by batch, and by MoA/treatment (controls grey)."""
+    xy = df[["umap_x", "umap_y"]].to_numpy()
+    _colour_axes(axes[0], xy, df["batch"], f"{title}: batch")
+    by = _colour_by(df)
+    ctrl = df["is_control"].to_numpy(bool) if "is_control" in df else None
+    _colour_axes(axes[1], xy, df[by], f"{title}: {by}", grey=ctrl)
+
+
+def plot_umap(df: pd.DataFrame, title: str, path: str | Path) -> Path:
+    """Save the two-panel UMAP figure as a PNG."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    draw_umap_panels(axes, df, title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def read_metrics_jsonl(path: str | Path) -> pd.DataFrame:
+    """The numeric records of a training log (bad lines, e.g. a half-written last one, skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            rows.append(
+                {
+                    k: v
+                    for k, v in rec.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def plot_training_curves(
+    metrics_path: str | Path, path: str | Path, max_panels: int = 9
+) -> Path | None:
+    """Small multiples of every logged number against the step (None when nothing to plot)."""
+    p = Path(metrics_path)
+    if not p.is_file():
+        return None
+    df = read_metrics_jsonl(p)
+    if df.empty:
+        return None
+    xcol = next((c for c in ("step", "global_step", "iteration", "epoch") if c in df), None)
+    x = df[xcol] if xcol else pd.Series(np.arange(len(df)))
+    skip = {"step", "global_step", "iteration", "epoch", "time", "timestamp", "wall_s"}
+    ys = [c for c in df.columns if c not in skip and df[c].notna().sum() > 1][:max_panels]
+    if not ys:
+        return None
+    plt = _plt()
+    ncol = min(3, len(ys))
+    nrow = math.ceil(len(ys) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 2.6 * nrow), squeeze=False)
+    for ax, c in zip(axes.ravel(), ys):
+        ok = df[c].notna()
+        ax.plot(x[ok], df.loc[ok, c], lw=1)
+        ax.set_title(c, fontsize=9)
+        ax.set_xlabel(xcol or "record", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(ys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- HTML
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}
+.best{font-weight:bold;background:#e8f4e8}.meta td{text-align:left}
+img{max-width:100%;border:1px solid #eee;margin:4px 0}
+.err{color:#a00}.small{font-size:11px;color:#666}
+.scroll{max-width:100%;overflow-x:auto}pre{white-space:pre-wrap}
+.warn{background:#fff4e0;border-left:4px solid #e69500;padding:6px 10px;margin:8px 0}
+table.fig{table-layout:fixed;width:100%;max-width:1340px}
+table.fig th{font-size:11px;font-weight:normal;white-space:normal;vertical-align:bottom}
+table.fig th.grp{font-weight:bold;text-align:center}table.fig td{padding:2px 4px}
+table.fig td:first-child,table.fig th:first-child{width:150px;overflow-wrap:anywhere}
+.bar{position:relative;height:16px;background:#f3f3f3}
+.bar i{position:absolute;left:0;top:0;bottom:0;background:#9ecae1}
+.bar.agg i{background:#74c476}.bar span{position:relative;font-size:11px;padding-right:3px}
+table.gloss td,table.gloss th{text-align:left;vertical-align:top}
+"""
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+TIE_TOL = 5e-4  # values equal to the 3 decimals shown are ties: no single best
+
+
+def _unique_best(vals: pd.Series, higher: bool) -> Any:
+    """The column holding the one best value of a row, None when two or more tie for it."""
+    vals = vals.dropna()
+    if len(vals) < 2:
+        return None
+    best = vals.max() if higher else vals.min()
+    if ((vals - best).abs() <= TIE_TOL).sum() > 1:
+        return None
+    return vals.idxmax() if higher else vals.idxmin()
+
+
+def table_html(table: pd.DataFrame, higher: dict[str, bool] | None = None) -> str:
+    """An HTML table of metrics (rows) x columns; a row's unique best value is highlighted."""
+    if table.empty:
+        return "<p>No metrics.</p>"
+    higher = higher or {lab: hib for lab, _, hib in HEADLINE + ONLINE_PROBE}
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = [f"<tr><th>metric</th>{head}</tr>"]
+    for metric, row in table.iterrows():
+        vals = pd.to_numeric(row, errors="coerce")
+        best = None
+        if "chance" not in str(metric):
+            best = _unique_best(vals, higher.get(str(metric), True))
+        cells = "".join(
+            f'<td class="best">{_fmt(v)}</td>' if c == best else f"<td>{_fmt(v)}</td>"
+            for c, v in row.items()
+        )
+        arrow = "↑" if higher.get(str(metric), True) else "↓"
+        rows.append(f"<tr><td>{html.escape(str(metric))} {arrow}</td>{cells}</tr>")
+    return '<div class="scroll"><table>' + "".join(rows) + "</table></div>"
+
+
+# Every headline label and the path of its value in a feature set's results.
+LABEL_PATHS: dict[str, tuple[str, ...]] = {lab: path for lab, path, _ in ONLINE_PROBE + HEADLINE}
+BASELINE_SETS = ("random network", "intensity stats", "random", "intensity")
+WEIGHTS = ((BATCH, 0.4), (BIO, 0.6))  # scib's aggregate weighting
+# The figure's metrics (one per idea: no macro F1 or share-significant twins); the full table
+# below it keeps every figure.
+FIGURE_METRICS = {
+    ("online_probe", "accuracy"),
+    ("classification", "logistic", "accuracy"),
+    ("classification", "knn", "accuracy"),
+    ("moa_matching", "nsc"),
+    ("moa_matching", "nscb"),
+    ("map", "replicate_batch_aware", "map"),
+    ("map", "moa", "map"),
+    ("map", "moa_batch_aware", "map"),
+    ("kbet", "acceptance_rate"),
+    ("kbet", "per_treatment_mean"),
+    ("mixing_per_treatment", "kbet"),
+    ("ilisi", "ilisi"),
+    ("mixing_per_treatment", "ilisi"),
+    ("mixing_per_treatment", "batch_silhouette"),
+    ("mixing_per_treatment", "graph_connectivity"),
+    ("silhouette", "batch_scib"),
+    ("batch_classifier", "accuracy"),
+}
+SAME_AS_BASELINE_TOL = 0.01  # every headline figure this close to a baseline's: no signal
+
+
+def scaled_scores(frame: pd.DataFrame, paths: dict[str, tuple[str, ...]]) -> pd.DataFrame:
+    """Each scored metric min-max scaled over the rows, 1 = best row (scib-metrics' scaling).
+
+    A column whose rows all tie (or with fewer than two values) has no scaled score (NaN).
+    """
+    out = pd.DataFrame(index=frame.index)
+    for col in frame.columns:
+        info = info_for(paths.get(col, ()))
+        if info is None or not info.group:
+            continue
+        v = pd.to_numeric(frame[col], errors="coerce")
+        lo, hi = v.min(), v.max()
+        if v.notna().sum() < 2 or not hi - lo > TIE_TOL:
+            out[col] = np.nan
+            continue
+        out[col] = (v - lo) / (hi - lo) if info.higher_is_better else (hi - v) / (hi - lo)
+    return out
+
+
+def _bar(value: Any, scaled: float, cls: str = "bar") -> str:
+    width = 0.0 if not np.isfinite(scaled) else 100.0 * float(scaled)
+    return f'<div class="{cls}"><i style="width:{width:.0f}%"></i><span>{_fmt(value)}</span></div>'
+
+
+def results_figure_html(frame: pd.DataFrame, paths: dict[str, tuple[str, ...]]) -> str:
+    """The scib-style results table: metrics grouped into batch removal and biology conservation,
+    a bar per value scaled within its column, and per row the group means and their 0.4/0.6 total.
+    """
+    shown = [c for c in frame.columns if tuple(paths.get(c, ())) in FIGURE_METRICS]
+    frame = frame[shown or list(frame.columns)]
+    scaled = scaled_scores(frame, paths)
+    groups = {g: [c for c in scaled.columns if info_for(paths[c]).group == g] for g in (BATCH, BIO)}
+    groups = {g: cols for g, cols in groups.items() if cols}
+    if frame.empty or not groups:
+        return ""
+    agg = pd.DataFrame(index=frame.index)
+    for g, cols in groups.items():
+        agg[g] = scaled[cols].mean(axis=1, skipna=True)
+    # A group without a scaled score (every row ties) drops out of the total, as scib-metrics
+    # drops a missing metric, rather than blanking it.
+    weights = pd.DataFrame({g: agg[g].notna() * w for g, w in WEIGHTS if g in agg})
+    agg["total"] = sum(agg[g].fillna(0) * weights[g] for g in weights) / weights.sum(axis=1)
+    top = "".join(
+        f'<th class="grp" colspan="{len(c)}">{html.escape(g)}</th>' for g, c in groups.items()
+    )
+    top = f'<tr><th></th>{top}<th class="grp" colspan="{len(agg.columns)}">aggregate</th></tr>'
+    heads = "".join(
+        f"<th>{html.escape(c)} {'↑' if info_for(paths[c]).higher_is_better else '↓'}</th>"
+        for cols in groups.values()
+        for c in cols
+    )
+    heads += "".join(f"<th>{html.escape(c)}</th>" for c in agg.columns)
+    rows = [top, f"<tr><th>features</th>{heads}</tr>"]
+    for name in agg.sort_values("total", ascending=False, na_position="last").index:
+        cells = "".join(
+            f"<td>{_bar(frame.at[name, c], scaled.at[name, c])}</td>"
+            for cols in groups.values()
+            for c in cols
+        )
+        cells += "".join(
+            f"<td>{_bar(agg.at[name, c], agg.at[name, c], 'bar agg')}</td>" for c in agg.columns
+        )
+        rows.append(f"<tr><td>{html.escape(str(name))}</td>{cells}</tr>")
+    caption = (
+        '<p class="small">Bars: each metric scaled over the rows shown (best row full, worst '
+        "empty; a column where every row ties has no bar). Aggregate: mean scaled score per "
+        "group, total = 0.4 × batch removal + 0.6 × biology conservation, as in scib-metrics' "
+        "Benchmarker. Scaled scores rank these rows only; the values printed are the raw "
+        "metrics. Rows sorted by total.</p>"
+    )
+    return '<table class="fig">' + "".join(rows) + "</table>" + caption
+
+
+def glossary_html(labels: list[str], paths: dict[str, tuple[str, ...]]) -> str:
+    """One row per metric shown: its group, better direction, chance/null value and meaning."""
+    rows = [
+        "<tr><th>metric</th><th>group</th><th>better</th><th>chance / null</th><th>meaning</th></tr>"
+    ]
+    for lab in labels:
+        info = info_for(paths.get(lab, ()))
+        if info is None:
+            continue
+        better = "higher" if info.higher_is_better else "lower"
+        rows.append(
+            f"<tr><td>{html.escape(lab)}</td><td>{html.escape(info.group or '–')}</td>"
+            f"<td>{better}</td><td>{html.escape(info.null)}</td>"
+            f"<td>{html.escape(info.meaning)}</td></tr>"
+        )
+    return '<table class="gloss">' + "".join(rows) + "</table>" if len(rows) > 1 else ""
+
+
+def indistinguishable_warnings(
+    frame: pd.DataFrame,
+    learned: list[str],
+    baselines: tuple[str, ...] = BASELINE_SETS,
+    tol: float = SAME_AS_BASELINE_TOL,
+) -> list[str]:
+    """A line for each learned row whose every figure is within ``tol`` of a baseline row's."""
+    lines = []
+    for name in (n for n in learned if n in frame.index):
+        a = pd.to_numeric(frame.loc[name], errors="coerce")
+        for base in (b for b in baselines if b in frame.index and b != name):
+            b = pd.to_numeric(frame.loc[base], errors="coerce")
+            both = a.notna() & b.notna()
+            if both.sum() >= 2 and ((a[both] - b[both]).abs() <= tol).all():
+                lines.append(
+                    f"{name} cannot be told apart from {base}: every one of its {int(both.sum())} "
+                    f"figures is within {tol} of it. Training has produced nothing these metrics "
+                    "see (a longer budget usually helps)."
+                )
+    return lines
+
+
+def summary_html(
+    frame: pd.DataFrame,
+    paths: dict[str, tuple[str, ...]],
+    learned: list[str],
+    baselines: tuple[str, ...] = BASELINE_SETS,
+) -> str:
+    """Warnings, the results figure and the metric glossary for one table of feature sets."""
+    warn = "".join(
+        f'<p class="warn"><b>Warning.</b> {html.escape(w)}</p>'
+        for w in indistinguishable_warnings(frame, learned, baselines)
+    )
+    return (
+        warn
+        + results_figure_html(frame, paths)
+        + "<h3>What the metrics mean</h3>"
+        + glossary_html([c for c in frame.columns], paths)
+    )
+
+
+def sets_frame(results: dict[str, Any], variant: str) -> pd.DataFrame:
+    """Headline figures of one variant: one row per feature set, one column per metric."""
+    long = metrics_long(results)
+    long = long[long["variant"].isin([variant, "images"])]
+    if not (long["variant"] == variant).any():
+        return pd.DataFrame()
+    order = [lab for lab in LABEL_PATHS if lab in set(long["metric"])]
+    frame = long.pivot_table(
+        index="set", columns="metric", values="value", aggfunc="first", dropna=False
+    )
+    frame = frame.reindex(columns=[c for c in order if "chance" not in c and "aggregate" not in c])
+    return frame.reindex(list(dict.fromkeys(long["set"])))
+
+
+def _kv_html(d: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{_fmt(v) if not isinstance(v, dict | list) else html.escape(json.dumps(v))}</td></tr>"
+        for k, v in d.items()
+    )
+    return f'<table class="meta">{rows}</table>'
+
+
+def write_html(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """Write a self-contained HTML page (inline CSS, images as data URIs) atomically."""
+    body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
+    doc = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )
+    path = Path(path)
+    atomic_write_text(path, doc)
+    return path
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    return f'<img alt="{html.escape(alt)}" src="{_png_data_uri(Path(path))}">'
+
+
+def make_plots(
+    out_dir: str | Path,
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] | None = None,
+    metrics_jsonl: str | Path | None = None,
+    seed: int = 0,
+    plot_sample: int | None = DEFAULT_PLOT_SAMPLE,
+    timer: Any = None,
+) -> list[Path]:
+    """UMAP PNGs (+ coordinates as CSV, for compare) and training curves under ``OUT/plots``.
+
+    Each UMAP is drawn on at most ``plot_sample`` rows, a seeded sample stratified by batch
+    and treatment (:func:`cdcl.report.plot_sample.stratified_plot_rows`; None or 0: every
+    row), so time and memory do not grow with the table. ``timer`` (a
+    :class:`cdcl.metrics.score.Timer`) times each figure.
+    """
+    plots = Path(out_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, (x, meta) in (profiles or {}).items():
+        if len(x) < 3:
+            continue
+        rows = stratified_plot_rows(meta, plot_sample, seed)
+        if rows.size < len(x):
+            # Only the sampled rows are copied: the plot's memory does not grow with the table.
+            x, meta = x[rows], meta.iloc[rows].reset_index(drop=True)
+        if timer is not None:
+            timer.say(f"UMAP of {name} on {rows.size:,} rows ...")
+        with timer(f"plots.umap.{name}") if timer is not None else contextlib.nullcontext():
+            df = umap_frame(x, meta, seed=seed)
+            safe = _safe_name(name)
+            tmp = plots / f".umap_{safe}.csv.tmp"
+            df.to_csv(tmp, index=False)
+            tmp.replace(plots / f"umap_{safe}.csv")
+            written.append(plot_umap(df, name, plots / f"umap_{safe}.png"))
+    if metrics_jsonl is not None:
+        curves = plot_training_curves(metrics_jsonl, plots / "training_curves.png")
+        if curves is not None:
+            written.append(curves)
+    return written
+
+
+def render_report(results: dict[str, Any], out_dir: str | Path, title: str | None = None) -> Path:
+    """``OUT/report.html``: metrics table, the UMAPs and curves found in ``OUT/plots``, provenance."""
+    out = Path(out_dir)
+    plots = out / "plots"
+    sets = list((results.get("feature_sets") or {}).keys())
+    umap_imgs = [(n, plots / f"umap_{_safe_name(n)}.png") for n in sets]
+    umap_imgs = [(n, p) for n, p in umap_imgs if p.is_file()]
+    curves = plots / "training_curves.png"
+    src = results.get("source", {})
+    title = title or f"cdcl evaluation: {src.get('run') or src.get('features_file') or out.name}"
+    sections = [
+        *_results_sections(results),
+        ("All metrics", table_html(metrics_table(results)) + _protocol_html(results)),
+    ]
+    if umap_imgs:
+        sections.append(
+            (
+                "UMAP of well profiles",
+                f'<p class="small">{html.escape(_plotted_rows_text(results))}; controls grey.</p>'
+                + "".join(_img(p, f"UMAP {n}") for n, p in umap_imgs),
+            )
+        )
+    if curves.is_file():
+        sections.append(("Training curves", _img(curves, "training curves")))
+    for name, res in (results.get("feature_sets") or {}).items():
+        if isinstance(res, dict) and res.get("calibration"):
+            sections.append((f"Calibration of {name}", _calibration_html(res["calibration"])))
+    info = {
+        k: results.get(k)
+        for k in ("kind", "created", "split", "timings_s")
+        if results.get(k) is not None
+    }
+    sections.append(
+        ("Provenance", _kv_html({**src, **info}) + _kv_html(results.get("versions", {})))
+    )
+    errors = {
+        f"{s}: {k}": v
+        for s, r in (results.get("feature_sets") or {}).items()
+        for k, v in (r.get("errors") or {}).items()
+    }
+    if errors:
+        sections.append(("Metrics that failed", f'<div class="err">{_kv_html(errors)}</div>'))
+    # Why a metric is empty: one reason per line, the same for every feature set and variant.
+    reasons = {
+        str(v): None
+        for r in (results.get("feature_sets") or {}).values()
+        for v in (r.get("unavailable") or {}).values()
+    }
+    if reasons:
+        items = "".join(f"<li>{html.escape(t)}</li>" for t in reasons)
+        sections.append(("Metrics not computed", f"<ul>{items}</ul>"))
+    return write_html(out / "report.html", title, sections)
+
+
+def learned_sets(names: list[str]) -> list[str]:
+    """The trained representations among feature-set names (not baselines, not corrections)."""
+    return [n for n in names if n not in BASELINE_SETS and "+" not in n]
+
+
+def _results_sections(results: dict[str, Any]) -> list[tuple[str, str]]:
+    """The results figure (plate-normalised profiles when present) with its glossary."""
+    for variant, what in (
+        ("plate_normalized", "profiles standardised per plate"),
+        ("raw", "raw profiles"),
+    ):
+        frame = sets_frame(results, variant)
+        if not frame.empty and frame.shape[1] > 0:
+            body = summary_html(frame, LABEL_PATHS, learned_sets(list(frame.index)))
+            return [(f"Results: held-out batches, {what}", body)]
+    return []
+
+
+def _calibration_html(cal: dict[str, Any]) -> str:
+    """Null and injected-effect values of every metric, with the metrics that lack power."""
+    from cdcl.report.calibration import calibration_table
+
+    table = calibration_table(cal).set_index("metric")
+    design = cal.get("design", {})
+    intro = (
+        f'<p class="small">Raw profiles of the {design.get("n_profiles")} evaluated rows '
+        f"({design.get('n_batches')} batches, {design.get('n_treatments')} treatments); "
+        f"median treatment effect {design.get('median_treatment_effect', float('nan')):.3g}. "
+        + "; ".join(html.escape(f"{k}: {v}") for k, v in cal.get("conditions", {}).items())
+        + "</p>"
+    )
+    body = table.to_html(float_format=lambda v: f"{v:.3f}", na_rep="-", escape=True)
+    reasons = "".join(
+        f"<li>{html.escape(label)}: {html.escape(cal['metrics'][label]['reason'])}</li>"
+        for label in cal.get("no_power", [])
+    )
+    return intro + body + (f"<ul>{reasons}</ul>" if reasons else "")
+
+
+def make_report(
+    results: dict[str, Any],
+    out_dir: str | Path,
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] | None = None,
+    metrics_jsonl: str | Path | None = None,
+    seed: int = 0,
+    title: str | None = None,
+) -> Path:
+    """Plots then ``report.html`` in ``out_dir`` (see :func:`make_plots`, :func:`render_report`)."""
+    make_plots(out_dir, profiles, metrics_jsonl, seed=seed)
+    return render_report(results, out_dir, title=title)
+
+
+def _plotted_rows_text(results: dict[str, Any]) -> str:
+    """Which rows the UMAPs show: all of them, or the stated stratified sample."""
+    info = results.get("plots") or {}
+    shown, total = info.get("rows_plotted"), info.get("rows_total")
+    if shown is None or total is None or shown >= total:
+        return "Raw well profiles of all evaluated batches, every row"
+    by = " and ".join(info.get("stratified_by") or ())
+    return (
+        f"Raw well profiles: a seeded sample of {shown:,} of {total:,} rows, stratified by "
+        f"{by} (metrics use every row)"
+    )
+
+
+def _protocol_html(results: dict[str, Any]) -> str:
+    p = results.get("protocol") or {}
+    items = "".join(
+        f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>" for k, v in p.items()
+    )
+    return f'<ul class="small">{items}</ul>' if items else ""
+
+
+def _safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
+
+
+# ---------------------------------------------------------------- compare
+
+
+def compare(
+    result_dirs: list[str | Path], out_dir: str | Path, names: list[str] | None = None
+) -> Path:
+    """Side-by-side metrics (CSV + HTML) and a UMAP panel grid of several results directories."""
+    if len(result_dirs) < 1:
+        raise CdclError("compare: give at least one run or results directory")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = names or _unique_names([Path(d) for d in result_dirs])
+    longs, umaps = [], []
+    for d, name in zip(result_dirs, names):
+        d = Path(d)
+        res = read_results(d)
+        longs.append(metrics_long(res, name))
+        base = d if d.is_dir() else d.parent
+        first = next(iter(res.get("feature_sets") or {}), None)
+        if first is not None:
+            f = base / "plots" / f"umap_{_safe_name(first)}.csv"
+            if f.is_file():
+                umaps.append((f"{name}: {first}", pd.read_csv(f)))
+    long = pd.concat(longs, ignore_index=True)
+    atomic_write_text(out / "comparison.csv", long.to_csv(index=False))
+    long, shared = shared_baselines_once(long)
+    long["col"] = long["run"] + " | " + long["set"] + " | " + long["variant"]
+    cols = list(dict.fromkeys(long["col"]))
+    table = long.pivot_table(
+        index="metric", columns="col", values="value", aggfunc="first", dropna=False
+    )
+    order = [lab for lab, _, _ in ONLINE_PROBE + HEADLINE]
+    table = table.reindex([m for m in order if m in table.index]).reindex(columns=cols)
+    note = (
+        f'<p class="small">{html.escape(", ".join(shared))}: the same figures in every run, '
+        f"shown once as “{SHARED_RUN}”.</p>"
+        if shared
+        else ""
+    )
+    sections = [*_compare_results(long), ("All metrics", note + table_html(table))]
+    if umaps:
+        plt = _plt()
+        fig, axes = plt.subplots(len(umaps), 2, figsize=(10, 4.2 * len(umaps)), squeeze=False)
+        for row, (title, df) in zip(axes, umaps):
+            draw_umap_panels(row, df, title)
+        fig.tight_layout()
+        grid = _save(fig, out / "umap_grid.png")
+        sections.append(("UMAP of well profiles", _img(grid, "UMAP grid")))
+    srcs = {n: str(Path(d)) for n, d in zip(names, result_dirs)}
+    sections.append(("Runs", _kv_html(srcs)))
+    return write_html(out / "compare.html", "cdcl comparison", sections)
+
+
+SHARED_RUN = "shared"
+
+
+def shared_baselines_once(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Baseline rows identical in every run kept once, under run ``shared``; their names."""
+    runs = list(dict.fromkeys(long["run"]))
+    drop = pd.Series(False, index=long.index)
+    shared = []
+    for s in (s for s in dict.fromkeys(long["set"]) if s in BASELINE_SETS):
+        rows = long["set"] == s
+        per_run = long[rows].pivot_table(
+            index=["variant", "metric"], columns="run", values="value", aggfunc="first",
+            dropna=False,
+        ).reindex(columns=runs)  # fmt: skip
+        if len(runs) < 2 or per_run.isna().all(axis=0).any():
+            continue  # a run without this baseline: nothing is shared
+        values = per_run.to_numpy(dtype=float)
+        if not np.allclose(values, values[:, :1], rtol=0, atol=1e-9, equal_nan=True):
+            continue
+        drop |= rows & (long["run"] != runs[0])
+        long.loc[rows & (long["run"] == runs[0]), "run"] = SHARED_RUN
+        shared.append(s)
+    return long[~drop].reset_index(drop=True), shared
+
+
+def _compare_results(long: pd.DataFrame) -> list[tuple[str, str]]:
+    """The results figure over every run's feature sets (plate-normalised when present)."""
+    for variant in ("plate_normalized", "raw"):
+        sub = long[long["variant"] == variant]
+        if sub.empty:
+            continue
+        sub = sub.assign(row=sub["run"] + ": " + sub["set"])
+        frame = sub.pivot_table(
+            index="row", columns="metric", values="value", aggfunc="first", dropna=False
+        )
+        frame = frame.reindex(
+            index=list(dict.fromkeys(sub["row"])),
+            columns=[c for c in LABEL_PATHS if c in frame.columns and "chance" not in c],
+        )
+        is_base = sub["set"].isin(BASELINE_SETS)
+        learned = list(
+            dict.fromkeys(sub.loc[~is_base & ~sub["set"].str.contains("+", regex=False), "row"])
+        )
+        baselines = tuple(dict.fromkeys(sub.loc[is_base, "row"]))
+        frame = frame[[c for c in frame.columns if "aggregate" not in c]]
+        body = summary_html(frame, LABEL_PATHS, learned, baselines)
+        return [(f"Results ({variant.replace('_', '-')} profiles)", body)]
+    return []
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    names = [p.name or str(p) for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    return [f"{i}:{n}" for i, n in enumerate(names)]
