@@ -1,4 +1,5 @@
-"""Input checks and small array helpers shared by the metric families (not public)."""
+"""Input checks and small array helpers shared by the metric families and the profile
+transformations (not public)."""
 
 from __future__ import annotations
 
