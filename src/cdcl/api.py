@@ -112,6 +112,13 @@ def build_table(
     cell_type_col: str | None = None,
     control_treatment: str | None = None,
     split_col: str | None = None,
+    no_controls: bool = False,
+    rgb_channels: Sequence[str] | str | None = None,
+    crops_from: str | None = None,
+    crop_size: int | None = None,
+    crops_per_well: int | None = None,
+    crop_seed: int = 0,
+    crop_columns: Sequence[str] | str | None = None,
     image_size: int | None = None,
     name: str | None = None,
     workers: int = 1,
@@ -152,6 +159,22 @@ def build_table(
         Treatment label of the controls (default: their compound).
     split_col : str, optional
         Column with the screen's own ``train``/``val``/``test`` assignment.
+    no_controls : bool
+        The screen has no negative controls: plate statistics use all images of each plate.
+    rgb_channels : list of str or str, optional
+        One RGB file per row holding these channels as its planes (red, green, blue);
+        ``channels`` picks and orders the dataset's channels among them.
+    crops_from : str, optional
+        Template of one nuclei CSV per row, e.g.
+        ``"fields/{Metadata_Plate}/{Metadata_Well}-{Metadata_Site}-Nuclei.csv"``: store one
+        ``crop_size`` crop per nucleus centre instead of the whole field.
+    crop_size : int, optional
+        Side of the crops in pixels (required with ``crops_from``).
+    crops_per_well, crop_seed : int, optional
+        Keep at most this many crops per well, drawn with this seed.
+    crop_columns : list of str or str, optional
+        The centre columns of the nuclei files (default
+        ``Nuclei_Location_Center_X,Nuclei_Location_Center_Y``).
     image_size : int, optional
         Resize every image to N x N pixels (default: keep the native size).
     name : str, optional
@@ -172,11 +195,26 @@ def build_table(
     """
     import contextlib
 
+    from cdcl.data.crops import CENTER_COLUMNS, CropSpec
     from cdcl.data.table import TableOptions
     from cdcl.data.table import build_table as _build
+    from cdcl.errors import CdclError
     from cdcl.locking import command_lock
 
-    names = channels.split(",") if isinstance(channels, str) else list(channels)
+    def _names(value: Sequence[str] | str) -> list[str]:
+        return [c.strip() for c in (value.split(",") if isinstance(value, str) else value)]
+
+    names = _names(channels)
+    crops = None
+    if crops_from is not None:
+        if crop_size is None:
+            raise CdclError("--crops-from needs --crop-size N, the side of the crops in pixels")
+        xy = _names(crop_columns) if crop_columns is not None else list(CENTER_COLUMNS)
+        if len(xy) != 2:
+            raise CdclError(f"--crop-columns {','.join(xy)}: give two columns, X,Y")
+        crops = CropSpec(crops_from, int(crop_size), crops_per_well, int(crop_seed), (xy[0], xy[1]))
+    elif crop_size is not None or crops_per_well is not None or crop_columns is not None:
+        raise CdclError("--crop-size, --crops-per-well and --crop-columns need --crops-from")
     opts = TableOptions(
         batch_col=batch_col,
         plate_col=plate_col,
@@ -190,13 +228,14 @@ def build_table(
         control_query=control_query,
         control_treatment=control_treatment,
         split_col=split_col,
+        no_controls=no_controls,
     )
     guard = command_lock(Path(out), "cdcl build table") if lock else contextlib.nullcontext()
     with guard:
         rep = _build(
             samples,
             Path(out),
-            [c.strip() for c in names],
+            names,
             opts,
             path_template=path_template,
             root=Path(root) if root is not None else None,
@@ -207,6 +246,8 @@ def build_table(
             name=name,
             workers=workers,
             skip_bad=skip_bad,
+            rgb_channels=_names(rgb_channels) if rgb_channels is not None else None,
+            crops=crops,
         )
     if verbose:
         for w in rep.warnings:

@@ -94,7 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument(
         "--path-template",
         help="one file per channel, e.g. 'images/{plate}/{well}_s{site}_w{channel_index}.png' "
-        "({column}, {channel}, {channel_index} = 1-based)",
+        "({column}, {channel}, {channel_index} = 1-based; {well_row} and {well_column} = the "
+        "well's 1-based row and column, for Opera Phenix names such as "
+        "'r{well_row:02d}c{well_column:02d}f{Metadata_Site:02d}p01-ch{channel_index}sk1fk1fl1.tiff')",
     )
     src.add_argument(
         "--npz", type=Path, help="one array file (.npz/.npy) holding all images in table order"
@@ -107,6 +109,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=-1,
         help="axis of the channels in the array (default -1)",
+    )
+    p.add_argument(
+        "--rgb-channels",
+        default=None,
+        metavar="NAMES",
+        help="each --path-template file is one RGB image holding these channels as its red, "
+        "green, blue planes (e.g. Actin,Tubulin,DNA); --channels picks and orders them",
+    )
+    p.add_argument(
+        "--crops-from",
+        default=None,
+        metavar="TEMPLATE",
+        help="nuclei CSV of each field, e.g. 'fields/{Metadata_Plate}/{Metadata_Well}-"
+        "{Metadata_Site}-Nuclei.csv': store one crop per nucleus centre instead of the field",
+    )
+    p.add_argument(
+        "--crop-size", type=int, default=None, metavar="N", help="side of the crops in pixels"
+    )
+    p.add_argument(
+        "--crops-per-well",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep at most N crops per well, drawn with --crop-seed (default: all)",
+    )
+    p.add_argument(
+        "--crop-seed", type=int, default=0, metavar="S", help="seed of --crops-per-well (default 0)"
+    )
+    p.add_argument(
+        "--crop-columns",
+        default=None,
+        metavar="X,Y",
+        help="centre columns of the nuclei files (default "
+        "Nuclei_Location_Center_X,Nuclei_Location_Center_Y; X = column, Y = row)",
     )
     p.add_argument(
         "--root",
@@ -161,6 +197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="condition selecting negative controls, e.g. 'compound == \"DMSO\"' (column "
         "comparisons ==, !=, <, >, <=, >=, in [...], joined with &, |, ~; nothing else; default: "
         "Metadata_control_type == negcon, else treatments named DMSO)",
+    )
+    p.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="the screen has no negative controls: plate statistics use all images of a plate "
+        "(a warning, not an error)",
     )
     p.add_argument(
         "--control-treatment",
@@ -258,6 +300,13 @@ def _build(args: argparse.Namespace) -> None:
             cell_type_col=args.cell_type_col,
             control_treatment=args.control_treatment,
             split_col=args.split_col,
+            no_controls=args.no_controls,
+            rgb_channels=args.rgb_channels,
+            crops_from=args.crops_from,
+            crop_size=args.crop_size,
+            crops_per_well=args.crops_per_well,
+            crop_seed=args.crop_seed,
+            crop_columns=args.crop_columns,
             lock=False,  # run() holds the output directory's lock
             **common,
         )

@@ -21,7 +21,10 @@ import numpy as np
 import pandas as pd
 
 from cdcl.data.build import ArrayFields, BuildReport, FileFields, build_dataset, jsonable
+from cdcl.data.crops import CropSpec, nucleus_crops
+from cdcl.data.phenix import WELL_FIELDS, well_fields
 from cdcl.data.query import query_mask
+from cdcl.data.rgb import RgbFields, rgb_planes
 from cdcl.errors import CdclError
 from cdcl.parquet import read_parquet
 
@@ -64,24 +67,63 @@ def control_mask(df: pd.DataFrame, query: str, where: str) -> np.ndarray:
     return query_mask(df, query, option=f"--control-query (on {where})")
 
 
-def template_fields(template: str) -> list[str]:
-    """The placeholder names used by a path template."""
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+CHANNEL_FIELDS = ("channel", "channel_index")
+
+
+def template_fields(template: str, option: str = "--path-template") -> list[str]:
+    """The placeholder names used by a path template; one-line error when it is malformed."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise CdclError(
+            f"{option} {template!r}: malformed ({e}); placeholders look like {{Metadata_Plate}}"
+        ) from None
+    if any(n == "" or n.isdigit() for n in names):
+        raise CdclError(
+            f"{option} {template!r}: every placeholder needs a column name, e.g. "
+            "{Metadata_Well}; write {{ and }} for literal braces"
+        )
+    return names
 
 
 def expand_paths(
-    df: pd.DataFrame, template: str, channels: list[str], root: Path
+    df: pd.DataFrame,
+    template: str,
+    channels: list[str] | None,
+    root: Path,
+    well_col: str | None = None,
+    option: str = "--path-template",
 ) -> list[list[str]]:
-    """One path per channel for every row, from a template; relative paths start at ``root``."""
-    names = template_fields(template)
-    cols = [n for n in names if n not in ("channel", "channel_index")]
-    require_columns(df, cols, "--path-template", " (a placeholder of the template)")
-    records = df[cols].to_dict("records")
+    """One path per channel for every row (one per row when ``channels`` is None).
+
+    Placeholders are columns, ``{channel}``, ``{channel_index}`` (1-based) and, from the well
+    name, ``{well_row}`` and ``{well_column}`` (1-based; Opera Phenix names). Relative paths
+    start at ``root``.
+    """
+    names = list(dict.fromkeys(template_fields(template, option)))
+    if channels is None and any(n in CHANNEL_FIELDS for n in names):
+        raise CdclError(
+            f"{option} {template!r}: one file holds every channel here, so the template "
+            "cannot use {channel} or {channel_index}"
+        )
+    derived = [n for n in names if n in WELL_FIELDS and n not in df.columns]
+    cols = [n for n in names if n not in CHANNEL_FIELDS and n not in derived]
+    require_columns(df, cols, option, " (a placeholder of the template)")
+    values = df[cols]
+    if derived:
+        if well_col is None or well_col not in df.columns:
+            raise CdclError(f"{option}: {{well_row}}/{{well_column}} need a well column")
+        values = pd.concat([values, well_fields(df[well_col], well_col)[derived]], axis=1)
     out = []
-    for rec in records:
+    for i, rec in enumerate(values.to_dict("records")):
         row = []
-        for k, ch in enumerate(channels):
-            p = Path(template.format(**rec, channel=ch, channel_index=k + 1))
+        for k, ch in enumerate(channels or [""]):
+            try:
+                p = Path(template.format(**rec, channel=ch, channel_index=k + 1))
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                raise CdclError(
+                    f"{option} {template!r}: cannot fill it for row {i} ({type(e).__name__}: {e})"
+                ) from None
             row.append(str(p if p.is_absolute() else root / p))
         out.append(row)
     return out
@@ -106,6 +148,7 @@ class TableOptions:
     control_query: str | None = None
     control_treatment: str | None = None
     split_col: str | None = None  # the user's own train/val/test assignment, kept as `split`
+    no_controls: bool = False  # the screen has no negative controls (plate stats use all images)
 
 
 # Field -> (column names tried in order, case-insensitively; the flag that names another column).
@@ -135,6 +178,7 @@ CONVENTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "cell_type": (("Metadata_Cell_Type", "Metadata_CellType", "cell_type"), "--cell-type-col"),
 }
 REQUIRED = ("plate", "well", "treatment")
+METADATA_PREFIX = "Metadata_"  # columns kept as they are in the samples table
 CONTROL_TYPE_COLUMN = "Metadata_control_type"  # pycytominer: negcon / poscon / trt
 CONTROL_NAMES = ("dmso", "negcon", "negative_control", "untreated", "empty")
 
@@ -218,13 +262,15 @@ def resolve_options(
     if opt.split_col and opt.split_col not in cols:
         problems.append(f"column `{opt.split_col}` missing (given as --split-col {opt.split_col})")
     control_query = opt.control_query
-    if control_query is None and found["treatment"]:
+    if opt.no_controls and control_query is not None:
+        problems.append("give --control-query or --no-controls, not both")
+    if control_query is None and found["treatment"] and not opt.no_controls:
         control_query = _default_controls(df, found["treatment"], found["compound"])
         if control_query is None:
             problems.append(
                 "no negative controls found (no Metadata_control_type == negcon, no treatment "
                 "named DMSO); say which rows they are with --control-query, e.g. "
-                "\"Metadata_Compound == 'DMSO'\""
+                "\"Metadata_Compound == 'DMSO'\", or pass --no-controls"
             )
     if problems:
         have = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
@@ -252,6 +298,7 @@ def resolve_options(
         control_query=control_query,
         control_treatment=opt.control_treatment,
         split_col=opt.split_col,
+        no_controls=opt.no_controls,
     )
     return resolved, notes
 
@@ -284,6 +331,8 @@ def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.Da
     compound = df[opt.compound_col or opt.treatment_col].astype(str).to_numpy()
     if opt.control_query:
         ctrl = control_mask(df, opt.control_query, where)
+    elif opt.no_controls:
+        ctrl = np.zeros(len(df), dtype=bool)
     else:
         raise CdclError(
             "--control-query missing; say which rows are negative controls, e.g. 'compound == \"DMSO\"'"
@@ -316,6 +365,12 @@ def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.Da
                 f"{where}: column `{opt.split_col}` has values {bad[:3]}; use train, val or test"
             )
         out["split"] = split.to_numpy()
+    for c in df.columns:  # the table's own Metadata_* columns travel with each image
+        if str(c).startswith(METADATA_PREFIX) and str(c) not in out.columns:
+            col = df[c]
+            out[str(c)] = (
+                col.astype(str).where(col.notna(), None) if col.dtype == object else col
+            ).to_numpy()
     out["source_row"] = np.arange(len(df), dtype=np.int64)
     return out
 
@@ -335,9 +390,16 @@ def build_table(
     name: str | None = None,
     workers: int = 1,
     skip_bad: bool = False,
+    rgb_channels: list[str] | None = None,
+    crops: CropSpec | None = None,
     extra_args: dict[str, Any] | None = None,
 ) -> BuildReport:
-    """Build a dataset from any metadata table plus per-channel files or one array file."""
+    """Build a dataset from any metadata table plus per-channel files or one array file.
+
+    ``rgb_channels`` names the planes of one packed RGB file per row (the template then has no
+    channel placeholder); ``crops`` cuts single-cell crops around nucleus centres instead of
+    storing whole fields (see cdcl.data.crops).
+    """
     if not channels or any(not c.strip() for c in channels):
         raise CdclError(
             "--channels: give the channel names in order, e.g. --channels DNA,Actin,Tubulin"
@@ -346,6 +408,8 @@ def build_table(
         raise CdclError(f"--channels {','.join(channels)}: channel names must be unique")
     if (path_template is None) == (npz is None):
         raise CdclError("give exactly one image source: --path-template TEMPLATE or --npz FILE")
+    if npz is not None and (rgb_channels is not None or crops is not None):
+        raise CdclError("--rgb-channels and --crops-from read image files: use --path-template")
     if isinstance(samples_file, pd.DataFrame):
         df = samples_file.reset_index(drop=True)
         where, stem = "samples table", "samples"
@@ -366,8 +430,20 @@ def build_table(
                 f"{npz}: {len(fields)} images but {where} has {len(df)} rows; "
                 "the table must list the array's images in order"
             )
+    elif rgb_channels is not None:
+        planes = rgb_planes(rgb_channels, channels)
+        paths = expand_paths(df, path_template or "", None, base_dir, options.well_col)
+        fields = RgbFields([p[0] for p in paths], planes)
     else:
-        fields = FileFields(expand_paths(df, path_template or "", channels, base_dir))
+        fields = FileFields(
+            expand_paths(df, path_template or "", channels, base_dir, options.well_col)
+        )
+    if crops is not None:
+        nuclei = expand_paths(df, crops.template, None, base_dir, options.well_col, "--crops-from")
+        samples, fields, crop_notes = nucleus_crops(
+            samples, fields, [p[0] for p in nuclei], crops, workers=workers, skip_bad=skip_bad
+        )
+        notes += crop_notes
     args = jsonable(
         {
             "samples": origin,
@@ -378,6 +454,8 @@ def build_table(
             "npz_key": npz_key,
             "channel_axis": channel_axis,
             "image_size": image_size,
+            "rgb_channels": rgb_channels,
+            "crops": {**vars(crops), "columns": list(crops.columns)} if crops else None,
             **{k: v for k, v in vars(options).items()},
             **(extra_args or {}),
         }
