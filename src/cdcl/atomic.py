@@ -1,9 +1,12 @@
-"""Atomic file writes, and a full disk reported as one line naming the file.
+"""Atomic file writes, and a failed write reported as one line naming the file.
 
 Every output is written to a hidden temporary sibling (``.NAME.tmpPID``), flushed, fsynced and
 renamed over the target only once complete, so a kill or a full disk leaves the previous file
 exactly as it was. A write that fails for lack of space (ENOSPC, EDQUOT, or EFBIG from a
-file-size limit) becomes a :class:`DiskFullError` naming the file; the temporary file is removed.
+file-size limit) becomes a :class:`DiskFullError` naming the file; any other operating-system
+failure (a read-only file system, a directory in the way, a missing folder) a
+:class:`WriteError` naming it; the temporary file is removed. :func:`naming_failures` does the
+same for writes that cannot be atomic (appending a log line).
 """
 
 from __future__ import annotations
@@ -57,6 +60,54 @@ def disk_full_error(path: str | Path, cause: OSError, kept: str | None = None) -
     )
 
 
+class WriteError(CdclError):
+    """A file could not be written for a reason other than space (permissions, read-only, ...)."""
+
+
+def os_error_cause(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or the cause of a library's wrapper), if any."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and not isinstance(e, CdclError):
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_error(path: str | Path, cause: OSError) -> WriteError:
+    """The one-line error for ``path`` that could not be written (not for lack of space)."""
+    reason = cause.strerror or str(cause) or type(cause).__name__
+    return WriteError(
+        f"{path}: write failed ({reason}); the previous {Path(path).name} (if any) is "
+        "unchanged. Check that its folder exists and is writable, then rerun the same command"
+    )
+
+
+def failed_write(path: str | Path, exc: BaseException) -> CdclError | None:
+    """The one-line error naming ``path`` for a write that raised ``exc`` (None: not an OS error)."""
+    if isinstance(exc, CdclError):
+        return None
+    cause = disk_full_cause(exc)
+    if cause is not None:
+        return disk_full_error(path, cause)
+    cause = os_error_cause(exc)
+    return write_error(path, cause) if cause is not None else None
+
+
+@contextmanager
+def naming_failures(path: str | Path) -> Iterator[None]:
+    """Re-raise an OS error of the ``with`` block (a write to ``path``) as one naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        err = failed_write(path, e)
+        if err is None:
+            raise
+        raise err from e
+
+
 def temp_sibling(path: Path) -> Path:
     """The hidden temporary file ``path`` is written to before the rename."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -66,7 +117,8 @@ def temp_sibling(path: Path) -> Path:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success rename it over ``path``, else remove it.
 
-    A failure for lack of space is re-raised as :class:`DiskFullError` naming ``path``.
+    A failure for lack of space is re-raised as :class:`DiskFullError` naming ``path``, any
+    other OS error as :class:`WriteError` naming it (not the temporary file).
     """
     path = Path(path)
     tmp = temp_sibling(path)
@@ -74,10 +126,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     except Exception as e:
-        cause = disk_full_cause(e)
-        if cause is not None:
-            raise disk_full_error(path, cause) from e
-        raise
+        err = failed_write(path, e)
+        if err is None:
+            raise
+        raise err from e
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -44,6 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cdcl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RecursionError:
+        # Input nested thousands deep (a YAML override, a JSON file) that a parser descends
+        # recursively: one line, not a traceback thousands of frames long.
+        print(
+            f"cdcl {args.command}: error: an argument or a file it names is nested too deeply "
+            "to read (RecursionError); simplify it (e.g. a `key=value` override or a YAML/JSON "
+            "file with thousands of nested brackets)",
+            file=sys.stderr,
+        )
+        return 2
+    except UnicodeError as e:
+        print(f"cdcl {args.command}: error: {unicode_message(e)}", file=sys.stderr)
+        return 2
     except Exception as e:
         # A full disk anywhere (a log line, a plot) is one line naming the file, not a traceback.
         from cdcl.atomic import disk_full_cause, disk_full_error
@@ -56,6 +69,20 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def unicode_message(error: UnicodeError) -> str:
+    """One line for text that is not valid UTF-8 (a file's bytes or an argument's)."""
+    if isinstance(error, UnicodeDecodeError | UnicodeEncodeError):
+        bad = error.object[error.start : error.start + 4]
+        shown = bad.hex(" ") if isinstance(bad, bytes) else ascii(bad)
+        where = f"position {error.start} ({shown})"
+    else:
+        where = "an argument or a file"
+    return (
+        f"text that is not valid UTF-8 at {where}: {error.reason} ({type(error).__name__}); "
+        "save the file as UTF-8 and give names and arguments in UTF-8"
+    )
 
 
 def one_line(error: CdclError) -> str:

@@ -98,7 +98,8 @@ def probe_image_file(path: str) -> tuple[tuple[int, int], str]:
         size = os.path.getsize(path)
         with tifffile.TiffFile(path) as tif:
             page = tif.pages[0]
-            shape = tuple(page.shape)
+            # A multi-page TIFF (one page per channel) reads as C x H x W: its series says so.
+            shape = tuple(tif.series[0].shape) if tif.series else tuple(page.shape)
             dtype = str(page.dtype)
             ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
         if ends and max(ends) > size:
@@ -144,10 +145,17 @@ def read_image_file(path: str) -> np.ndarray:
 
 class _ChannelsError(ValueError):
     def __init__(self, shape: tuple[int, ...]) -> None:
-        n = shape[-1] if len(shape) == 3 else "several"
-        super().__init__(
-            f"holds {n} channels (shape {tuple(shape)}); each file must be one grayscale plane"
-        )
+        shape = tuple(int(x) for x in shape)
+        if len(shape) == 3:
+            # The channel axis is the short one: first for planes (C x H x W, multi-page TIFF),
+            # last for interleaved samples (H x W x C, RGB).
+            first = shape[0] <= shape[-1]
+            n = shape[0] if first else shape[-1]
+            layout = "C x H x W" if first else "H x W x C"
+            what = f"holds {n} channels (shape {shape}, read as {layout})"
+        else:
+            what = f"holds {len(shape)}-dimensional pixel data (shape {shape})"
+        super().__init__(f"{what}; each file must be one grayscale plane")
 
 
 class _DepthError(ValueError):

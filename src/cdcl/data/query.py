@@ -53,6 +53,8 @@ _TOKEN = re.compile(
 )
 # Words that are Python syntax rather than column names: named in the refusal.
 _KEYWORDS = {"lambda", "if", "else", "for", "import", "is", "None", "await", "yield", "del"}
+MAX_DEPTH = 64  # nested parentheses and ~/not: deeper is refused (the parser is recursive)
+MAX_DIGITS = 400  # longer number literals are refused (no column holds such a number)
 
 
 class QueryError(CdclError):
@@ -105,8 +107,27 @@ class _Column:
     name: str
 
 
+def _shown(query: str, limit: int = 200) -> str:
+    """``query`` quoted for a message, shortened past ``limit`` characters."""
+    text = repr(query)
+    return text if len(text) <= limit else f"{text[: limit - 20]}...' ({len(query)} characters)"
+
+
+def _literal(value: Any) -> str:
+    """A literal for a message: long numbers by their digit count."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**40:
+        return f"a {len(str(abs(value)))}-digit number"
+    return _printable(repr(value))
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    """``text`` as written (backslashes kept), control characters escaped, shortened."""
+    out = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 def _refused(query: str, option: str, what: str) -> QueryError:
-    return QueryError(f"{option} {query!r}: {what} is not allowed; {GRAMMAR}")
+    return QueryError(f"{option} {_shown(query)}: {what} is not allowed; {GRAMMAR}")
 
 
 def _snippet(query: str, start: int, stop_chars: str = " )&|=!<>,") -> str:
@@ -148,7 +169,8 @@ def _tokenize(query: str, option: str) -> list[_Tok]:
                     f"the unclosed {'backtick' if ch == '`' else 'string'} at character {pos + 1}"
                 )
             else:
-                what = f"`{ch}` (at character {pos + 1})"
+                shown = ch if ch.isprintable() else ascii(ch)
+                what = f"`{shown}` (at character {pos + 1})"
             # Refused when the parser reaches it, so that a call or keyword before it is named.
             toks.append(_Tok("bad", what, pos))
             return toks
@@ -172,6 +194,7 @@ class _Parser:
         self.query, self.option = query, option
         self.toks = _tokenize(query, option)
         self.i = 0
+        self.depth = 0  # nesting of parentheses and ~/not at the current token
 
     def peek(self) -> _Tok:
         return self.toks[self.i]
@@ -190,7 +213,7 @@ class _Parser:
         if tok.kind == "bad":
             return self.fail(tok.text)
         if tok.kind == "end":
-            return QueryError(f"{self.option} {self.query!r}: ends too early; {GRAMMAR}")
+            return QueryError(f"{self.option} {_shown(self.query)}: ends too early; {GRAMMAR}")
         return self.fail(f"`{_snippet(self.query, tok.pos)}` (at character {tok.pos + 1})")
 
     def is_word(self, word: str) -> bool:
@@ -217,16 +240,30 @@ class _Parser:
             parts.append(self.factor())
         return parts[0] if len(parts) == 1 else Combine("&", tuple(parts))
 
+    def nest(self, tok: _Tok) -> None:
+        """Enter one level of parentheses or ~/not; refuse beyond MAX_DEPTH levels."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.fail(
+                f"nesting parentheses and ~/not more than {MAX_DEPTH} levels deep (at character "
+                f"{tok.pos + 1})"
+            )
+
     def factor(self) -> Node:
         tok = self.peek()
         if tok.text == "~" or self.is_word("not"):
             self.take()
-            return Invert(self.factor())
+            self.nest(tok)
+            node: Node = Invert(self.factor())
+            self.depth -= 1
+            return node
         if tok.text == "(":
             self.take()
+            self.nest(tok)
             node = self.query_()
             if self.take().text != ")":
                 raise self.unexpected(self.toks[self.i - 1])
+            self.depth -= 1
             if self.peek().text in _COMPARE:
                 raise self.fail(f"comparing a condition `{self.peek().text}`")
             return node
@@ -238,11 +275,11 @@ class _Parser:
         if tok.kind == "column":
             return _Column(tok.text)
         if tok.kind == "string":
-            return ast.literal_eval(tok.text)  # a lone quoted string: only escapes are decoded
+            return self.string(tok)
         if tok.kind == "number":
-            return _number(tok.text)
+            return self.number(tok)
         if tok.text == "-" and self.peek().kind == "number":
-            return -_number(self.take().text)
+            return -self.number(self.take())
         if tok.kind == "name":
             if tok.text in ("True", "False"):
                 return tok.text == "True"
@@ -257,6 +294,32 @@ class _Parser:
                 raise self.unexpected(tok)
             return _Column(tok.text)
         raise self.unexpected(tok)
+
+    def string(self, tok: _Tok) -> str:
+        """A quoted literal with its escapes decoded; a bad escape is refused, naming it."""
+        try:
+            # A lone quoted string: only escapes are decoded. NUL bytes and text that is not
+            # valid UTF-8 were refused before parsing (check_text).
+            value = ast.literal_eval(tok.text)
+        except (SyntaxError, ValueError, UnicodeError, MemoryError) as e:
+            reason = str(getattr(e, "msg", e) or type(e).__name__).splitlines()[0]
+            reason = reason.split(": ", 1)[-1] if "codec can't decode" in reason else reason
+            raise self.fail(
+                f"the string {_printable(tok.text)} (at character {tok.pos + 1}: {reason}; "
+                'use the escapes of Python strings, e.g. \\n, \\\\, \\", \\u00e9)'
+            ) from None
+        if not isinstance(value, str):  # pragma: no cover - the tokeniser only passes quotes
+            raise self.fail(f"the literal {_printable(tok.text)}")
+        return value
+
+    def number(self, tok: _Tok) -> int | float:
+        """A number literal; more than MAX_DIGITS digits is refused (no column holds one)."""
+        digits = sum(c.isdigit() for c in tok.text)
+        if digits > MAX_DIGITS:
+            raise self.fail(
+                f"a number with {digits} digits (at character {tok.pos + 1}; at most {MAX_DIGITS})"
+            )
+        return _number(tok.text)
 
     def condition(self) -> Node:
         start = self.peek()
@@ -318,7 +381,24 @@ def parse_query(query: str, option: str = "--control-query") -> Node:
     """The parsed query; QueryError (one line naming the refused part) outside the grammar."""
     if not isinstance(query, str) or not query.strip():
         raise QueryError(f"{option}: empty query; {GRAMMAR}")
+    check_text(query, option)
     return _Parser(query, option).parse()
+
+
+def check_text(query: str, option: str) -> None:
+    """Refuse NUL bytes and text that is not valid UTF-8 (undecodable bytes in argv or a file)."""
+    if "\x00" in query:
+        raise _refused(query, option, f"a NUL byte (at character {query.index(chr(0)) + 1})")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ascii(query[e.start])
+        raise _refused(
+            query,
+            option,
+            f"the byte {bad} that is not valid UTF-8 (at character {e.start + 1}; give the "
+            "query in UTF-8)",
+        ) from None
 
 
 def query_columns(node: Node) -> list[str]:
@@ -334,7 +414,13 @@ def query_columns(node: Node) -> list[str]:
 
 def _compare(s: pd.Series, c: Compare, query: str, option: str) -> np.ndarray:
     if c.op in ("in", "not in"):
-        hit = s.isin(list(c.value)).to_numpy(bool)
+        try:
+            hit = s.isin(list(c.value)).fillna(False).to_numpy(bool)
+        except (TypeError, OverflowError, ValueError):
+            raise QueryError(
+                f"{option} {_shown(query)}: column `{c.column}` ({s.dtype}) cannot be compared "
+                f"with the list of {c.op}"
+            ) from None
         return ~hit if c.op == "not in" else hit
     try:
         if c.op == "==":
@@ -349,10 +435,12 @@ def _compare(s: pd.Series, c: Compare, query: str, option: str) -> np.ndarray:
             res = s <= c.value
         else:
             res = s >= c.value
-    except TypeError:
+    except (TypeError, OverflowError, ValueError) as e:
+        why = " (out of the column's range)" if isinstance(e, OverflowError) else ""
         raise QueryError(
-            f"{option} {query!r}: column `{c.column}` ({s.dtype}) cannot be compared with "
-            f"{c.value!r} by {c.op}"
+            f"{option} {_shown(query)}: column `{c.column}` ({s.dtype}) cannot be compared with "
+            f"{_literal(c.value)} by "
+            f"{c.op}{why}"
         ) from None
     # Missing values (NaN, pd.NA) never match an order comparison, as in pandas.
     return res.fillna(False).to_numpy(dtype=bool)
@@ -373,10 +461,10 @@ def _evaluate(node: Node, df: pd.DataFrame, query: str, option: str) -> np.ndarr
         s = _column(df, node.column)
         if not pd.api.types.is_bool_dtype(s):
             raise QueryError(
-                f"{option} {query!r}: column `{node.column}` is not True/False; compare it, "
-                f'e.g. {node.column} == "DMSO"'
+                f"{option} {_shown(query)}: column `{node.column}` is not True/False; compare "
+                f'it, e.g. {node.column} == "DMSO"'
             )
-        return s.to_numpy(bool)
+        return s.fillna(False).to_numpy(bool)  # a missing flag (pd.NA) counts as False
     if isinstance(node, Invert):
         return ~_evaluate(node.part, df, query, option)
     masks = [_evaluate(p, df, query, option) for p in node.parts]
@@ -393,7 +481,7 @@ def query_mask(df: pd.DataFrame, query: str, option: str = "--control-query") ->
     for col in query_columns(node):
         if col not in columns:
             have = ", ".join(columns[:12]) + (", ..." if len(columns) > 12 else "")
-            raise QueryError(f"{option} {query!r}: no column `{col}` (columns: {have})")
+            raise QueryError(f"{option} {_shown(query)}: no column `{col}` (columns: {have})")
     return _evaluate(node, df, query, option)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cdcl import schema
 from cdcl.atomic import atomic_path
 from cdcl.config import config_from_dict
 from cdcl.errors import CdclError
@@ -27,6 +28,99 @@ VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+
+
+class Tensor(schema.Spec):
+    """A torch tensor (a schema spec for the weights and RNG states in a checkpoint)."""
+
+    expected = "a tensor"
+
+    def _check(self, value: object, path: str) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise self.fail(value, path)
+
+
+DAMAGED_HINT = (
+    "the checkpoint is damaged or was not written by `cdcl train`: retrain, or point at "
+    "another checkpoint"
+)
+_COUNT = schema.Int(min=0)
+_INDEX = schema.MapOf(schema.Int(min=0))  # label or batch name -> its index
+_IMAGE_SIZE = schema.ListOf(schema.Int(min=1), min_len=2, max_len=2)
+# build: what rebuilds the method (loop._build_info); evaluation needs all of it.
+_BUILD_FOR_EVAL = {
+    "n_classes": _COUNT,
+    "n_batches": _COUNT,
+    "batch_shares": schema.ListOf(schema.Float(min=0)),
+}
+# What `cdcl train` writes (run_state._state); everything read back is checked before use.
+CHECKPOINT_SCHEMA = schema.Obj(
+    required={
+        "version": schema.Version(known=(VERSION,)),
+        "method": schema.MapOf(Tensor()),
+        "config": schema.MapOf(schema.Any()),  # checked field by field by config_from_dict
+        "label_of": _INDEX,
+        "batch_of": _INDEX,
+        "build": schema.Obj(
+            required={"in_chans": schema.Int(min=1), "img_size": schema.Int(min=1)},
+            optional={**_BUILD_FOR_EVAL, "n_local": _COUNT},
+        ),
+    },
+    optional={
+        "optimizer": schema.MapOf(schema.Any()),
+        "probe_optimizer": schema.MapOf(schema.Any()),
+        "step": _COUNT,
+        "epoch": _COUNT,
+        "step_in_epoch": _COUNT,
+        "steps_per_epoch": schema.Int(min=1),
+        "world_size": schema.Int(min=1),
+        "best_metric": schema.Nullable(schema.Float()),
+        "best_step": schema.Nullable(_COUNT),
+        "rng": schema.Obj(
+            optional={
+                "python": schema.Obj(
+                    required={
+                        "version": schema.Int(),
+                        "state": schema.ListOf(schema.Int(min=0)),
+                        "gauss": schema.Nullable(schema.Float()),
+                    }
+                ),
+                "numpy": schema.Obj(
+                    required={
+                        "name": schema.Str(),
+                        "keys": Tensor(),
+                        "pos": _COUNT,
+                        "has_gauss": _COUNT,
+                        "cached_gaussian": schema.Float(finite=False),
+                    }
+                ),
+                "torch": Tensor(),
+                "torch_per_rank": schema.ListOf(Tensor(), min_len=1),
+                "cuda": schema.ListOf(Tensor()),
+            }
+        ),
+        "dataset": schema.Obj(
+            optional={
+                "path": schema.Str(),
+                "name": schema.Str(),
+                "source": schema.Str(),
+                "channels": schema.ListOf(schema.Str()),
+                "image_size": _IMAGE_SIZE,
+            }
+        ),
+        "views": schema.MapOf(schema.Any()),
+        "feature_dim": schema.Nullable(schema.Int(min=1)),
+        "val": schema.Nullable(schema.MapOf(schema.Any())),
+        "metrics_lines": _COUNT,
+    },
+)
+# Evaluation rebuilds the method: everything it needs must be there.
+EVAL_SCHEMA = schema.Obj(
+    required={
+        "build": schema.Obj(required=_BUILD_FOR_EVAL),
+        "dataset": schema.Obj(required={"image_size": _IMAGE_SIZE}),
+    }
+)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -61,14 +155,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             f"{path}: not a cdcl checkpoint (no `format: {FORMAT}` marker); "
             "cdcl reads only checkpoints written by `cdcl train`"
         )
-    if int(ckpt.get("version", 0)) > VERSION:
-        raise CdclError(
-            f"{path}: checkpoint format version {ckpt.get('version')} is newer than this cdcl "
-            f"({VERSION}); upgrade cdcl"
-        )
-    missing = [k for k in ("method", "config", "label_of", "batch_of", "build") if k not in ckpt]
-    if missing:
-        raise CdclError(f"{path}: checkpoint lacks `{missing[0]}`; it is incomplete, retrain")
+    schema.check(ckpt, CHECKPOINT_SCHEMA, str(path), DAMAGED_HINT)
     return ckpt
 
 
@@ -180,10 +267,29 @@ def build_method_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[Any,
     return cfg, method
 
 
+def check_finite_weights(ckpt: dict[str, Any], path: Path) -> None:
+    """CdclError naming the checkpoint and the first weight holding NaN or infinity.
+
+    Such weights would turn every profile into NaN; training never saves them (run_state.save
+    refuses), so the file was damaged or edited.
+    """
+    for name, t in ckpt["method"].items():
+        if torch.is_floating_point(t) or torch.is_complex(t):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise CdclError(
+                    f"{path}: weight `{name}` holds {bad} NaN or infinite value(s) of "
+                    f"{t.numel()}; every profile would be NaN: use another checkpoint "
+                    "(e.g. checkpoints/last.pt or best.pt of a good run) or retrain"
+                )
+
+
 def load_for_eval(path_or_run: Path, which: str = "best", device: str = "cpu") -> EvalModel:
     """Restore a run's method in eval mode (run dir: best.pt if present, else last.pt)."""
     path = find_checkpoint(Path(path_or_run), which)
     ckpt = load_checkpoint(path)
+    schema.check(ckpt, EVAL_SCHEMA, str(path), DAMAGED_HINT)
+    check_finite_weights(ckpt, path)
     cfg, method = build_method_from_checkpoint(ckpt, path)
     method.to(device).eval()
     views = cfg.views
