@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from cdcl.atomic import naming_failures
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.train import distributed as D
 
@@ -55,7 +56,7 @@ class MetricsLog:
         """Append one JSON line (and mirror numbers to TensorBoard)."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with naming_failures(self.path), self.path.open("a") as f:  # a full disk names the file
             f.write(json.dumps(record) + "\n")
         self.lines += 1
         if self.tb is not None:
