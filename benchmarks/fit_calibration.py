@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 
-from cdcl.data import calibration, synthetic
 from cdcl.data import nuisance as nz
+from cdcl.data import synthetic
+from cdcl.experiments import screen_calibration as calibration
 
 OPTICS = (
     "log_gain", "offset", "log_gamma", "log_saturation", "bleed", "log_blur", "focus_sd",

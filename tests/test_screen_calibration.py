@@ -11,8 +11,9 @@ import pytest
 from conftest import SHARED_DATA
 from scipy.stats import binom
 
-from cdcl.data import calibration, synthetic
+from cdcl.data import synthetic
 from cdcl.data.dataset_dir import open_dataset
+from cdcl.experiments import screen_calibration as calibration
 
 # A screen with many control fields per batch, cheap to render (32 px): 4 batches x 1 plate x
 # (2 treatments + 12 controls) x 3 sites.
