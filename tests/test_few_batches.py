@@ -16,7 +16,7 @@ from cdcl.api import train_config
 from cdcl.config import load_config, preset_names
 from cdcl.data.split_check import few_heldout_batches
 from cdcl.data.splits import assign_split, held_out_count, rotating_batch_split
-from cdcl.presets.sizing import sized_values
+from cdcl.presets.sizing import sized_schedule, sized_values
 
 
 def _samples(n_batches: int) -> pd.DataFrame:
@@ -125,20 +125,24 @@ def test_generic_presets_are_sized_from_the_dataset(tmp_path: Path) -> None:
     small = sized_values((32, 32), 96)
     big = sized_values((1080, 1080), 200_000)
     assert small["views.resize"] is None and small["model.patch_size"] == 8
-    assert small["train.epochs"] == 200 and small["model.embed_dim"] == 128
+    # 96 images: batch 32 (two steps an epoch at least), 100 passes, 9,600 images seen.
+    assert small["train.batch_size"] == 32 and small["train.epochs"] == 100
+    assert small["model.embed_dim"] == 128
     assert big["views.resize"] == 256 and big["model.patch_size"] == 16
     assert big["model.embed_dim"] == 384 and big["train.epochs"] == 10
     mid = sized_values((520, 696), 20_000)
-    assert mid["model.embed_dim"] == 192 and 10 <= mid["train.epochs"] <= 200
+    assert mid["model.embed_dim"] == 192 and mid["train.epochs"] == 10
     data = write_random_dataset(tmp_path / "ds", n_batches=4, size=32)
     cfg, _, _, notes = train_config(data, "generic-cdcl", overrides={"train.epochs": 3})
     assert cfg.method.name == "cdcl" and cfg.train.epochs == 3  # the user's value wins
     assert cfg.model.patch_size == 8 and cfg.views.resize is None
     assert notes and "generic-cdcl sized for 40 images of 32x32 px" in notes[0]
-    dino, _, _, _ = train_config(data, "generic-dino")
-    assert (
-        dino.method.name == "dino"
-        and dino.train.epochs == sized_values((32, 32), 40)["train.epochs"]
-    )
+    assert "3 epochs" in notes[0] and "as you set: train.epochs" in notes[0]
+    dino, _, _, notes = train_config(data, "generic-dino")
+    # The schedule follows the training images of the split, not every image of the screen.
+    n_train = int(notes[0].split(" training images")[0].rsplit(" ", 1)[1])
+    assert n_train < 40 and dino.method.name == "dino"
+    assert dino.train.batch_size == sized_schedule(n_train)["train.batch_size"]
+    assert dino.train.epochs == sized_schedule(n_train)["train.epochs"]
     # Without a dataset the preset is a valid config on its own.
     assert load_config("generic-dino").method.name == "dino"

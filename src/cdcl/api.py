@@ -315,27 +315,50 @@ def train_config(
     subset: str | None = None,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> tuple[Config, list[str], list[str], list[str]]:
-    """The resolved config of :func:`train`, all its overrides, the user's, and notices.
+    """The resolved config of `train`, all its overrides, the user's, and notices.
 
-    A ``generic-*`` preset is sized from the dataset first (:mod:`cdcl.presets.sizing`); the
-    user's overrides, then ``split`` and ``subset``, win over it.
+    A ``generic-*`` preset is sized from the dataset first (`cdcl.presets.sizing`): the
+    network and crops from its images, the batch and epochs from the training images of the
+    split. The user's overrides, then ``split`` and ``subset``, win over it.
     """
     from cdcl.config import load_config
-    from cdcl.presets.sizing import is_generic, sized_overrides
+    from cdcl.presets.sizing import (
+        SCHEDULE_KEYS,
+        as_overrides,
+        is_generic,
+        sized_overrides,
+        sized_schedule,
+        sizing_note,
+        warmup_epochs,
+    )
+    from cdcl.train.data import prepare_data
 
     notes: list[str] = []
     user = _override_list(overrides)
-    base: list[str] = []
-    if is_generic(preset):
-        base, note = sized_overrides(open_dataset(data), preset)
-        notes.append(note)
     flags = [f"data.path={Path(data).resolve()}"]
     if split is not None:
         flags.append(f"data.split={int(split)}")
     if subset is not None:
         flags.append(f"data.subset={subset}")
-    all_overrides = [*base, *user, *flags]
-    return load_config(preset, all_overrides), all_overrides, user, notes
+    if not is_generic(preset):
+        all_overrides = [*user, *flags]
+        return load_config(preset, all_overrides), all_overrides, user, notes
+    ds = open_dataset(data)
+    base = [o for o in sized_overrides(ds, preset) if o.split("=", 1)[0] not in SCHEDULE_KEYS]
+    cfg = load_config(preset, [*base, *user, *flags])
+    # The schedule from the training images of the split, keeping what the user set.
+    n_train = len(prepare_data(cfg).train_rows)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    user_keys = {o.split("=", 1)[0] for o in user}
+    batch = cfg.train.batch_size if "train.batch_size" in user_keys else None
+    schedule = sized_schedule(n_train, world, batch)
+    if "train.epochs" in user_keys:
+        schedule.pop("train.epochs")
+        schedule["train.warmup_epochs"] = warmup_epochs(cfg.train.epochs)
+    all_overrides = [*base, *as_overrides(schedule), *user, *flags]
+    cfg = load_config(preset, all_overrides)
+    notes.append(sizing_note(ds, preset, cfg, n_train, world, sorted(user_keys)))
+    return cfg, all_overrides, user, notes
 
 
 def train(

@@ -32,7 +32,7 @@ from cdcl.methods.base import StepState
 from cdcl.train import distributed as D
 from cdcl.train.checkpoint import CHECKPOINT_DIR, LAST
 from cdcl.train.data import RunData, epoch_loader, prepare_data, to_device, training_set
-from cdcl.train.metrics_log import METRICS_FILE, MetricsLog, StepLogger
+from cdcl.train.metrics_log import METRICS_FILE, MetricsLog, StepLogger, format_duration
 from cdcl.train.optim import build_optimizers
 from cdcl.train.run_state import Run, open_checkpoint, restore, save
 from cdcl.train.schedules import build_schedules
@@ -76,7 +76,10 @@ def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[s
         t.batch_size * D.world_size(),
         run.steps_per_epoch,
         device,
+        start_step=p.step,
     )
+    if D.is_main():
+        print(f"cdcl train: {schedule_line(run, stop_at)}", file=sys.stderr)
     run.method.train()
     stopped_early = False
     # (A checkpoint taken after an epoch's last step but before its end still owes that epoch's
@@ -87,11 +90,33 @@ def _train(cfg: Config, out: Path, resume: bool, device: torch.device) -> dict[s
             break
         p.epoch += 1
         p.step_in_epoch = 0
-        save(run, validate(run))  # the epoch-boundary checkpoint: nothing left to skip on resume
+        with logger.epoch_end(p.step):
+            save(run, validate(run))  # the epoch-boundary checkpoint: nothing to skip on resume
     if stopped_early:
-        save(run, validate(run))
+        with logger.epoch_end(p.step):
+            save(run, validate(run))
     run.metrics.close()
-    return _summary(run)
+    return _summary(run, logger.elapsed())
+
+
+def schedule_line(run: Run, stop_at: int) -> str:
+    """The run's schedule as configured (after overrides), and what is left of it."""
+    t, p, spe = run.cfg.train, run.progress, run.steps_per_epoch
+    images = t.batch_size * D.world_size()
+    total = run.sched.total_steps
+    line = (
+        f"schedule: {t.epochs} epochs x {spe} steps of {images} images = {total} steps, "
+        f"{total * images:,} images seen (train.epochs={t.epochs}, "
+        f"train.batch_size={t.batch_size})"
+    )
+    if stop_at < total:
+        line += f"; stopping at step {stop_at} (train.max_steps={t.max_steps})"
+    if p.step:
+        line += f"; {max(stop_at - p.step, 0)} steps left from step {p.step}"
+    return (
+        f"{line}; the time a step takes on {run.device.type} is measured over the first "
+        "steps, and an estimate of the run's length follows"
+    )
 
 
 def set_up(cfg: Config, out: Path, device: torch.device) -> Run:
@@ -227,11 +252,14 @@ def _step_state(values: dict[str, Any]) -> StepState:
     return StepState(**{k: v for k, v in values.items() if k in names})
 
 
-def _summary(run: Run) -> dict[str, Any]:
+def _summary(run: Run, seconds: float) -> dict[str, Any]:
     """The run's summary (and rank 0's closing line)."""
     p = run.progress
     if D.is_main():
-        msg = f"cdcl train: done at step {p.step} (epoch {p.epoch}); checkpoint {run.last_path}"
+        msg = (
+            f"cdcl train: done at step {p.step} (epoch {p.epoch}) in {format_duration(seconds)}; "
+            f"checkpoint {run.last_path}"
+        )
         if p.best is not None:
             msg += f"; best validation probe accuracy {p.best:.3f} at step {p.best_step}"
         print(msg, file=sys.stderr)
