@@ -1,4 +1,5 @@
-"""MkDocs hook: fill `<!-- cli-reference -->` with the `--help` of every cdcl command.
+"""MkDocs hook: fill `<!-- cli-reference -->` with the `--help` of every cdcl command, and add
+the site's table stylesheet (docs/stylesheets/tables.css: wide tables fit the window).
 
 The reference is generated from the real parser at build time, so it cannot drift from the code.
 """
@@ -9,8 +10,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 MARKER = "<!-- cli-reference -->"
+STYLESHEET = "stylesheets/tables.css"
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
@@ -42,3 +45,10 @@ def cli_reference() -> str:
 def on_page_markdown(markdown: str, **_: object) -> str:
     """Replace the marker on the CLI reference page."""
     return markdown.replace(MARKER, cli_reference()) if MARKER in markdown else markdown
+
+
+def on_config(config: Any, **_: object) -> Any:
+    """Add the table stylesheet to every page."""
+    if STYLESHEET not in config.extra_css:
+        config.extra_css.append(STYLESHEET)
+    return config

@@ -60,17 +60,17 @@ def synth(
 
     Parameters
     ----------
-    out : path
+    out
         Dataset directory to write. A directory already holding the same screen (same preset,
         seed and overrides) is reused as it is.
-    preset : {"tiny", "small", "medium"}
-        ``tiny``: 96 images of 32 px (tests); ``small``: 2016 images of 64 px (the demo);
+    preset
+        ``"tiny"``: 96 images of 32 px (tests); ``small``: 2016 images of 64 px (the demo);
         ``medium``: 8064 images with three doses (benchmarks).
-    seed : int
+    seed
         Random seed of the design and the pixels.
-    overwrite : bool
+    overwrite
         Replace a different dataset already at ``out``.
-    progress : bool
+    progress
         Show a progress bar on stderr.
     **overrides
         Fields of the screen's configuration, e.g. ``batches=4``, ``sites=2``,
@@ -136,56 +136,85 @@ def build_table(
 
     Parameters
     ----------
-    samples : DataFrame or path
+    samples
         The table (a DataFrame, or a CSV, TSV or Parquet file).
-    out : path
+    out
         Dataset directory to write (resumed when a build with the same inputs was killed).
-    channels : list of str or str
+    channels
         Channel names in order (``["DNA", "ER", "RNA"]`` or ``"DNA,ER,RNA"``).
-    path_template : str, optional
+    path_template
         One file per channel, e.g. ``"images/{Metadata_Plate}/{Metadata_Well}_s{Metadata_Site}_w{channel_index}.tif"``;
         placeholders are any column, ``{channel}`` and ``{channel_index}`` (1-based).
-    npz, npz_key, channel_axis
+    npz
         Instead of files: one ``.npz``/``.npy`` array holding all images in table order.
-    root : path, optional
+    npz_key
+        The array's name inside an ``.npz`` file (default: its only array).
+    channel_axis
+        The axis of ``npz``'s arrays that holds the channels.
+    root
         Base of relative paths (default: the table's folder, or the working directory for a
         DataFrame).
-    control_query : str, optional
-        pandas query selecting the negative controls, e.g. ``"Metadata_Compound == 'DMSO'"``;
-        default: a ``Metadata_control_type`` of ``negcon``, else treatments named like DMSO.
-    batch_col, plate_col, well_col, site_col, treatment_col, dose_col, compound_col, moa_col, cell_type_col : str, optional
-        Column names where the table does not follow the conventions.
-    control_treatment : str, optional
+    control_query
+        A control query selecting the negative-control rows, e.g.
+        ``"Metadata_Compound == 'DMSO'"``: cdcl's own condition language (column
+        comparisons, ``in [...]``, ``&``, ``|``, ``~``), parsed and never run as Python;
+        not a pandas query (see the Reliability page for what it accepts).
+        Default: the rows whose ``Metadata_control_type`` is ``negcon``, else treatments
+        named like DMSO.
+    batch_col
+        The batch column (default: ``Metadata_Batch`` or ``batch``; without one, each plate
+        is its own batch).
+    plate_col
+        The plate column (default: ``Metadata_Plate`` or ``plate``).
+    well_col
+        The well column (default: ``Metadata_Well`` or ``well``).
+    site_col
+        The site (field of view) column (default: ``Metadata_Site``, ``site`` or
+        ``Metadata_Field``; ``""`` when there is one image per well).
+    treatment_col
+        The treatment column (default: ``Metadata_Treatment``, ``treatment``,
+        ``Metadata_Compound`` or ``compound``).
+    dose_col
+        The dose column; the treatment becomes ``<treatment>@<dose>``.
+    compound_col
+        The compound column (default: ``Metadata_Compound`` or ``compound``).
+    moa_col
+        The mechanism-of-action column (default: ``Metadata_MoA`` or ``moa``).
+    cell_type_col
+        The cell-type column (default: ``Metadata_Cell_Type``).
+    control_treatment
         Treatment label of the controls (default: their compound).
-    split_col : str, optional
+    split_col
         Column with the screen's own ``train``/``val``/``test`` assignment.
-    no_controls : bool
+    no_controls
         The screen has no negative controls: plate statistics use all images of each plate.
-    rgb_channels : list of str or str, optional
+    rgb_channels
         One RGB file per row holding these channels as its planes (red, green, blue);
         ``channels`` picks and orders the dataset's channels among them.
-    crops_from : str, optional
+    crops_from
         Template of one nuclei CSV per row, e.g.
         ``"fields/{Metadata_Plate}/{Metadata_Well}-{Metadata_Site}-Nuclei.csv"``: store one
         ``crop_size`` crop per nucleus centre instead of the whole field.
-    crop_size : int, optional
+    crop_size
         Side of the crops in pixels (required with ``crops_from``).
-    crops_per_well, crop_seed : int, optional
-        Keep at most this many crops per well, drawn with this seed.
-    crop_columns : list of str or str, optional
+    crops_per_well
+        Keep at most this many crops per well (default: all).
+    crop_seed
+        Seed of the draw that keeps ``crops_per_well`` crops.
+    crop_columns
         The centre columns of the nuclei files (default
         ``Nuclei_Location_Center_X,Nuclei_Location_Center_Y``).
-    image_size : int, optional
+    image_size
         Resize every image to N x N pixels (default: keep the native size).
-    name : str, optional
+    name
         Dataset name recorded in ``dataset.json``.
-    workers : int
+    workers
         Reader processes.
-    skip_bad : bool
+    skip_bad
         Drop images with missing or unreadable files (listed in ``skipped.csv``).
-    verbose : bool
+    verbose
         Print the build's warnings and its one-line summary.
-    lock : bool
+    lock
         Hold ``out``'s lock while building (off only when the caller holds it).
 
     Returns
@@ -265,8 +294,8 @@ def open_dataset(path: PathLike) -> Dataset:
 
     Parameters
     ----------
-    path : path
-        A directory written by :func:`synth`, :func:`build_table` or ``cdcl build``.
+    path
+        A directory written by `synth`, `build_table` or ``cdcl build``.
 
     Returns
     -------
@@ -284,7 +313,7 @@ def info(path: PathLike) -> str:
 
     Parameters
     ----------
-    path : path
+    path
         Dataset directory.
 
     Returns
@@ -375,21 +404,22 @@ def train(
 
     Parameters
     ----------
-    data : path
+    data
         Dataset directory.
-    out : path
+    out
         Run directory (checkpoints, ``config.yaml``, ``metrics.jsonl``).
-    preset : str or path
-        Preset name (``generic-cdcl``, ``generic-dino``, ``synthetic-cdcl``, ``rxrx1-cdcl``, ...;
-        ``cdcl train --list-presets``) or a YAML file. ``generic-*`` presets are sized from the
-        dataset (image size, number of images).
-    split : int, optional
+    preset
+        Preset name or a YAML file (``cdcl train --list-presets``). For your own screen,
+        ``generic-cdcl`` or ``generic-dino``: sized from the dataset (image size, number of
+        images, images seen); ``synthetic-*``, ``bbbc021-*``, ``rxrx1-*`` and ``cpg0004-*``
+        reproduce the settings used for those datasets.
+    split
         Held-out-batch fold (default: the dataset's stored split, else fold 1).
-    subset : str, optional
+    subset
         Training-subset strategy, e.g. ``only_controls``.
-    overrides : dict or list of str, optional
+    overrides
         Config values, ``{"train.epochs": 1}`` or ``["train.epochs=1"]``.
-    resume : bool
+    resume
         Continue from ``out/checkpoints/last.pt``.
 
     Returns
@@ -447,28 +477,35 @@ def embed(
 
     Parameters
     ----------
-    source : path or str
+    source
         Run directory, checkpoint file, ``"random:<timm arch>"`` or ``"intensity"``.
-    data : path, optional
+    data
         Dataset directory (default: the run's).
-    out : path, optional
+    out
         Also write the profiles to this ``.parquet``, ``.h5ad`` or ``.csv`` file (resumable:
         a killed job redoes at most one part).
-    checkpoint : {"best", "last"}
-        Which checkpoint of a run.
-    split : {"all", "train", "val", "test"}
-        Which images to embed; every profile carries ``Metadata_Split``, the part of the
+    checkpoint
+        Which checkpoint of a run: ``"best"`` or ``"last"``.
+    split
+        Which images to embed (``"all"``, ``"train"``, ``"val"`` or ``"test"``); every profile carries ``Metadata_Split``, the part of the
         run's held-out-batch split it belongs to.
-    fold : int, optional
+    fold
         Held-out-batch fold (default: the run's).
-    level : {"well", "image"}
-        Well profiles (mean over sites) or one profile per image.
-    batch_size, workers, chunk_size, device, seed
-        Images per forward pass, loader processes, images per resumable part, ``auto`` /
-        ``cpu`` / ``cuda``, seed of a random backbone.
-    progress : bool
+    level
+        ``"well"``: well profiles (mean over sites); ``"image"``: one profile per image.
+    batch_size
+        Images per forward pass.
+    workers
+        Loader processes (default: chosen from the CPUs).
+    chunk_size
+        Images per resumable part of ``out``.
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    seed
+        Seed of a random backbone.
+    progress
         Show a progress bar on stderr.
-    as_anndata : bool
+    as_anndata
         Return an AnnData (features in ``X``, metadata in ``obs``, provenance in ``uns``)
         instead of a DataFrame.
 
@@ -562,39 +599,71 @@ def evaluate(
 
     Parameters
     ----------
-    profiles : DataFrame, AnnData or path
-        A profile table with ``Metadata_*`` columns (as :func:`embed` returns, or
+    profiles
+        A profile table with ``Metadata_*`` columns (as `embed` returns, or
         pycytominer's output), an AnnData (metadata in ``obs``), a ``.parquet`` / ``.csv`` /
         ``.h5ad`` file, or a run directory (then the run is embedded with its baselines).
-    out : path, optional
+    out
         Directory for ``results.json``, ``report.html`` and plots (default: a temporary one
         for tables, the run directory for runs).
-    fold : int, optional
+    fold
         Held-out-batch fold for the classification probes. Default: the table's
         ``Metadata_Split`` column (what the run held out) when it has one, else fold 1.
-    batch_col, batch_pattern, treatment_col, compound_col, moa_col, plate_col, well_col : str, optional
-        Metadata columns where the table does not use ``Metadata_Batch``, ``Metadata_Plate``,
-        ``Metadata_Treatment``/``Metadata_Compound``, ``Metadata_MoA``, ``Metadata_Well``.
-        Without a batch column, plates are batches.
-    control_query : str, optional
-        pandas query selecting negative controls (default: ``Metadata_Is_Control``, else
-        treatments named like DMSO).
-    eval_on : {"all", "test"}
-        Rows for the unsupervised metrics of a table.
-    tvn : bool
+    batch_col
+        The batch column (default: ``Metadata_Batch``; without one, each plate is its own
+        batch). Names are matched ignoring case, with or without ``Metadata_``.
+    batch_pattern
+        A regular expression applied to the batch column; its first group is the batch
+        (e.g. ``^(Week\\d+)``).
+    treatment_col
+        The treatment column, or several joined with commas (default: ``Metadata_Treatment``,
+        ``Metadata_pert_iname``, ``Metadata_broad_sample`` or ``Metadata_Compound``).
+    compound_col
+        The compound column (default: ``Metadata_Compound`` or ``Metadata_pert_iname``).
+    moa_col
+        The mechanism-of-action column (default: ``Metadata_MoA``).
+    plate_col
+        The plate column (default: ``Metadata_Plate``).
+    well_col
+        The well column (default: ``Metadata_Well``).
+    control_query
+        A control query selecting the negative-control rows, e.g.
+        ``"Metadata_Compound == 'DMSO'"``: cdcl's own condition language (column
+        comparisons, ``in [...]``, ``&``, ``|``, ``~``), parsed and never run as Python;
+        not a pandas query (see the Reliability page for what it accepts).
+        Default: the rows whose ``Metadata_control_type`` is ``negcon``, else a True/False
+        ``Metadata_is_control`` column, else treatments or compounds named like DMSO.
+    eval_on
+        Rows for the unsupervised metrics of a table: ``"all"`` or ``"test"``.
+    tvn
         Also score the table after typical variation normalisation.
-    corrections : list of str or str
+    corrections
         Also score after post-hoc corrections: ``sphering``, ``harmony``, ``combat``.
-    checkpoint, data, level, baselines, batch_size
-        For a run directory: which checkpoint, dataset, profile level, whether to add the
-        intensity and random baselines, images per forward pass.
-    null_size, seed, umap, name, progress
-        mAP null size, seed, whether to draw UMAPs, the feature set's name, progress bars.
+    checkpoint
+        For a run directory: which checkpoint, ``"best"`` or ``"last"``.
+    data
+        For a run directory: the dataset to embed (default: the run's).
+    level
+        For a run directory: ``"well"`` or ``"image"`` profiles.
+    baselines
+        For a run directory: also score the intensity and random-network baselines.
+    batch_size
+        For a run directory: images per forward pass.
+    null_size
+        Size of the mAP null distribution.
+    seed
+        Seed of the baselines, the null distributions, kBET and UMAP.
+    umap
+        Also draw UMAP plots.
+    name
+        The feature set's name in the results (default: ``features``).
+    progress
+        Show progress bars on stderr.
 
     Returns
     -------
     dict
-        The contents of ``results.json``; :func:`metrics` turns it into a table.
+        The contents of ``results.json``; `metrics` turns it into a table.
     """
     from cdcl.profiles.correction import parse_corrections
     from cdcl.report.results import read_results
@@ -650,12 +719,12 @@ def evaluate(
 
 
 def metrics(results: Mapping[str, Any] | PathLike) -> pd.DataFrame:
-    """The headline metrics of :func:`evaluate`'s results: one row per feature set.
+    """The headline metrics of `evaluate`'s results: one row per feature set.
 
     Parameters
     ----------
-    results : dict or path
-        What :func:`evaluate` returned, or a ``results.json`` file (or its directory).
+    results
+        What `evaluate` returned, or a ``results.json`` file (or its directory).
 
     Returns
     -------
@@ -686,14 +755,20 @@ def correct(
 
     Parameters
     ----------
-    profiles : DataFrame, AnnData or path
+    profiles
         Profiles with ``Metadata_*`` columns (or ``obs``).
-    method : {"sphering", "harmony", "combat"}
-        ``sphering`` whitens with the controls' covariance; ``harmony`` (harmonypy) and
-        ``combat`` (scanpy) are fitted on these profiles with their batch labels.
-    batch_col, plate_col, treatment_col, control_query : str, optional
-        As in :func:`evaluate`.
-    seed : int
+    method
+        ``"harmony"`` (harmonypy) and ``"combat"`` (scanpy) are fitted on these profiles with
+        their batch labels; ``"sphering"`` whitens with the controls' covariance.
+    batch_col
+        The batch column, as in `evaluate`.
+    plate_col
+        The plate column, as in `evaluate`.
+    treatment_col
+        The treatment column, as in `evaluate`.
+    control_query
+        The negative controls, as in `evaluate` (sphering needs them).
+    seed
         Seed of Harmony's clustering.
 
     Returns
@@ -749,21 +824,31 @@ def study(
 
     Parameters
     ----------
-    out : path
+    out
         Study directory (``study.json``, ``study.md``, ``report.html``, one folder per
         replicate; finished replicates are reused).
-    dataset : {"synthetic", "bbbc021"}
-        What to train and evaluate on.
-    methods : list of str, optional
+    dataset
+        What to train and evaluate on: ``"synthetic"`` or ``"bbbc021"``.
+    methods
         Methods to compare (default: every method of the dataset).
-    seeds, folds : list of int
-        Replicates: every seed on every fold (``folds=None``: the stored split).
-    references : list of str, optional
+    seeds
+        Replicates: every seed on every fold.
+    folds
+        Held-out-batch folds (default: the stored split).
+    references
         Rows every method is compared against (default: the study's own).
-    epochs : int, optional
+    epochs
         Training epochs per replicate (default: the presets').
-    quick, fresh, bbbc021_dir, progress, alpha
-        Short settings, rerun everything, the BBBC021 folder, progress lines, test level.
+    quick
+        Short settings (a tiny screen, two epochs) to check the set-up.
+    fresh
+        Rerun every replicate instead of reusing finished ones.
+    bbbc021_dir
+        The BBBC021 folder (for ``dataset="bbbc021"``).
+    progress
+        Print progress lines on stderr.
+    alpha
+        Level of the paired tests.
 
     Returns
     -------

@@ -91,7 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--control-query",
         help="condition selecting negative controls, e.g. \"Metadata_Compound == 'DMSO'\" "
-        "(column comparisons ==, !=, <, >, <=, >=, in [...], joined with &, |, ~; nothing else)",
+        "(column comparisons ==, !=, <, >, <=, >=, in [...], joined with &, |, ~; nothing else; "
+        "default: Metadata_control_type == negcon, else a Metadata_is_control column, else "
+        "treatments named DMSO)",
     )
     g.add_argument(
         "--eval-on",
