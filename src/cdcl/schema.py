@@ -28,15 +28,18 @@ Specs: :class:`Any`, :class:`Bool`, :class:`Int`, :class:`Float`, :class:`Str`, 
 (the words after "expected"). Values are checked, never converted: ``True`` is not an integer,
 ``3.0`` is not an integer, NaN and infinities are not numbers unless ``Float(finite=False)``.
 Field paths read ``build.args.seed``, ``channels[2]``, ``label_of["DMSO"]``.
+:func:`read_json` reads a JSON file and checks it in one step.
 
 This module imports only :mod:`cdcl.errors`, so any module may use it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any as _AnyType
 
 from cdcl.errors import CdclError
@@ -59,6 +62,7 @@ __all__ = [
     "check",
     "describe",
     "is_safe_name",
+    "read_json",
 ]
 
 
@@ -438,3 +442,41 @@ def check(doc: _AnyType, spec: Spec, where: str, hint: str = "") -> _AnyType:
     except RecursionError:  # a document nested thousands deep
         raise SchemaError("", "is nested too deeply", None).located(where, hint) from None
     return doc
+
+
+class _NotJsonNumber(ValueError):
+    """NaN, Infinity or -Infinity in a document: Python's json reads them, JSON does not."""
+
+
+def _reject_constant(name: str) -> float:
+    raise _NotJsonNumber(name)
+
+
+def read_json(path: str | Path, spec: Spec, hint: str = "") -> _AnyType:
+    """The JSON document in ``path``, checked against ``spec``; SchemaError naming the file.
+
+    Text that is not UTF-8, not JSON (NaN and Infinity included), nested too deeply to parse
+    or holding an integer too long to convert is one line, as is any field that does not fit.
+    A file that cannot be read raises its OSError (the caller says what is missing).
+    """
+    where = str(path)
+    raw = Path(path).read_bytes()
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as e:
+        problem = f"is not UTF-8 text (byte {e.start})"
+        raise SchemaError("", problem, "a JSON document").located(where, hint) from None
+    except json.JSONDecodeError as e:
+        problem = f"is not valid JSON ({e.msg}, line {e.lineno})"
+        raise SchemaError("", problem, None).located(where, hint) from None
+    except RecursionError:
+        raise SchemaError("", "is nested too deeply", None).located(where, hint) from None
+    except _NotJsonNumber as e:
+        problem = f"holds {e}, which is not a JSON number"
+        raise SchemaError("", problem, "numbers, or null for a missing value").located(
+            where, hint
+        ) from None
+    except ValueError:  # an integer over Python's digit limit (4300)
+        problem = "holds an integer too long to read (over 4300 digits)"
+        raise SchemaError("", problem, None).located(where, hint) from None
+    return check(doc, spec, where, hint)

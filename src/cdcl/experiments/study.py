@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from cdcl import schema as sc
 from cdcl._version import versions
 from cdcl.data.dataset_dir import atomic_write_text, open_dataset
 from cdcl.data.splits import assign_split
@@ -45,7 +46,7 @@ from cdcl.experiments.demo import (
     run_demo,
 )
 from cdcl.report.html import _img, _plt, _save, write_html
-from cdcl.report.results import to_jsonable
+from cdcl.report.results import read_results, to_jsonable
 
 VARIANTS = ("plate_normalized", "raw")
 VARIANT_TITLES = {
@@ -251,15 +252,27 @@ def run_replicate(spec: StudySpec, rep: Replicate) -> tuple[dict[str, Any], bool
     key_file, results_file = demo.out / KEY_FILE, demo.out / "results.json"
     if key_file.is_file() and results_file.is_file():
         try:
-            if json.loads(key_file.read_text()) == key:
-                return json.loads(results_file.read_text()), True
-        except json.JSONDecodeError:
-            pass  # a damaged key file: run the replicate again
+            same = json.loads(key_file.read_text()) == key
+        except (ValueError, RecursionError):
+            same = False  # a damaged key file: run the replicate again
+        if same:
+            return read_replicate_results(results_file), True
     key_file.unlink(missing_ok=True)
     run_demo(demo)
     # The key is written last: its presence says the replicate's results are complete.
     atomic_write_text(key_file, json.dumps(key, indent=2))
-    return json.loads(results_file.read_text()), False
+    return read_replicate_results(results_file), False
+
+
+def read_replicate_results(path: Path) -> dict[str, Any]:
+    """A replicate's results.json, checked (cdcl.report.results) and holding its tables."""
+    hint = f"remove {path.parent} to run that replicate again"
+    results = read_results(path, hint=hint)
+    if not results.get("tables"):
+        raise sc.SchemaError("tables", "is missing or empty", "the demo's tables").located(
+            str(path), hint
+        )
+    return results
 
 
 def metrics_without_power(results: list[dict[str, Any]]) -> dict[str, str]:
@@ -932,13 +945,7 @@ def fix_design(out: Path, names: list[str]) -> dict[str, Any]:
     """
     path = out / DESIGN_FILE
     if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise CdclError(
-                f"{path}: damaged; restore it or remove it to fix the present replicates as "
-                "the plan"
-            ) from None
+        return read_design(path)
     old = _previous_study(out)
     planned = (
         old["design"]["replicates"]
@@ -953,14 +960,66 @@ def fix_design(out: Path, names: list[str]) -> dict[str, Any]:
     return design
 
 
+_REPLICATES = sc.ListOf(sc.Name(), min_len=1, unique=True)
+# The plan of a study (design.json, and study.json's `design`); a newer format is refused.
+DESIGN_SCHEMA = sc.Obj(
+    required={"replicates": _REPLICATES, "n": sc.Int(min=1)},
+    optional={"format_version": sc.Version(known=(1,))},
+)
+# What a study reads back from an earlier study.json: its plan, replicates and looks.
+STUDY_SCHEMA = sc.Obj(
+    required={"replicates": sc.ListOf(sc.Obj(required={"name": sc.Name()}), min_len=1)},
+    optional={
+        "format_version": sc.Version(known=(1,)),
+        "kind": sc.Str(choices=("study",)),
+        "design": DESIGN_SCHEMA,
+        "looks": sc.Nullable(
+            sc.ListOf(
+                sc.Obj(
+                    required={
+                        "look": sc.Int(min=1),
+                        "replicates": _REPLICATES,
+                        "overall": sc.MapOf(sc.Any()),
+                    }
+                )
+            )
+        ),
+        "headline": sc.ListOf(
+            sc.Obj(required={"reference": sc.Str(nonempty=True), "overall": sc.Any()})
+        ),
+    },
+)
+
+
+def _check_design(design: dict[str, Any], where: str, prefix: str, hint: str) -> None:
+    """Refuse a plan whose count ``n`` is not its number of replicates."""
+    n, names = design["n"], design["replicates"]
+    if n != len(names):
+        raise sc.SchemaError(
+            f"{prefix}n",
+            f"is {n} for {len(names)} replicates",
+            "the number of replicates",
+        ).located(where, hint)
+
+
+def read_design(path: Path) -> dict[str, Any]:
+    """``OUT/design.json``, checked: distinct, safe replicate names and their count."""
+    hint = "restore it, or remove it to fix the present replicates as the plan"
+    design = sc.read_json(path, DESIGN_SCHEMA, hint)
+    _check_design(design, str(path), "", hint)
+    return design
+
+
 def _previous_study(out: Path) -> dict[str, Any] | None:
+    """The earlier study.json of ``out`` (its plan and looks), checked; None when absent."""
     path = out / "study.json"
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a damaged earlier output is replaced, not read
+    hint = "restore it, or remove it (the looks it recorded are then forgotten)"
+    study = sc.read_json(path, STUDY_SCHEMA, hint)
+    if "design" in study:
+        _check_design(study["design"], str(path), "design.", hint)
+    return study
 
 
 def study_looks(

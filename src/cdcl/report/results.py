@@ -1,7 +1,9 @@
 """results.json: where it lives, how it is written (atomically, strict JSON) and read back.
 
 Shared by the evaluation (which writes it) and the report (which reads it), so neither imports
-the other.
+the other. A results.json read back is checked against :data:`RESULTS_SCHEMA` first: a document
+without results, a metric that is not a number, or a ``results_version`` newer than this cdcl
+is one line naming the file and the field, never a run silently left out of a comparison.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from cdcl import schema as sc
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.data.query import check_stored_query
 from cdcl.errors import CdclError
+from cdcl.metrics.info import METRIC_INFO
 
 RESULTS_FILE = "results.json"
+RESULTS_VERSIONS = (1,)  # the results_version values this cdcl reads (metrics.score writes 1)
+VARIANTS = ("raw", "plate_normalized")
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -54,18 +60,139 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
     return path
 
 
-def read_results(path: str | Path) -> dict[str, Any]:
-    """Load a results.json (file or directory holding one); CdclError when absent or broken."""
+def read_results(path: str | Path, hint: str = "") -> dict[str, Any]:
+    """Load a results.json (file or directory holding one); CdclError when absent or broken.
+
+    The document is checked against :data:`RESULTS_SCHEMA`: it must hold at least one feature
+    set with results, every metric the reports read is a number or null, and a
+    ``results_version`` newer than this cdcl reads is refused (upgrade cdcl). ``hint`` replaces
+    the message's advice (default: evaluate again).
+    """
     p = Path(path)
     f = p / RESULTS_FILE if p.is_dir() else p
     if not f.is_file():
         raise CdclError(f"{f}: not found; run `cdcl evaluate` first")
     try:
-        results = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CdclError(f"{f}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    source = results.get("source") if isinstance(results, dict) else None
-    columns = source.get("columns") if isinstance(source, dict) else None
+        results = sc.read_json(f, RESULTS_SCHEMA, hint or RESULTS_HINT)
+    except OSError as e:
+        raise CdclError(f"{f}: cannot be read ({e.strerror or e})") from None
+    columns = (results.get("source") or {}).get("columns")
     if isinstance(columns, dict):
         check_stored_query(columns.get("control_query"), str(f), "source.columns.control_query")
     return results
+
+
+RESULTS_HINT = "evaluate again to rewrite it (`cdcl evaluate`, `cdcl demo` or `cdcl study`)"
+_METRIC = sc.Nullable(sc.Float())
+
+
+def _tree(leaves: dict[tuple[str, ...], sc.Spec]) -> sc.Spec:
+    """Nested optional objects (each may be null) with ``leaves[path]`` at each path."""
+    heads: dict[str, dict[tuple[str, ...], sc.Spec]] = {}
+    for path, spec in leaves.items():
+        heads.setdefault(path[0], {})[path[1:]] = spec
+    fields = {k: rest[()] if () in rest else _tree(rest) for k, rest in heads.items()}
+    return sc.Nullable(sc.Obj(optional=fields))
+
+
+class _SameLength(sc.Obj):
+    """An object whose list fields ``names`` (those present) all have the same length."""
+
+    def __init__(self, names: dict[str, sc.Spec]) -> None:
+        super().__init__(optional={k: sc.ListOf(v) for k, v in names.items()})
+
+    def _check(self, value: object, path: str) -> None:
+        super()._check(value, path)
+        lengths = {k: len(value[k]) for k in self.optional if k in value}  # type: ignore[index]
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{k} {n}" for k, n in lengths.items())
+            raise sc.SchemaError(path, f"has lists of different lengths ({shown})", "equal ones")
+
+
+class _WithResults(sc.Obj):
+    """A feature set: at least one of raw, plate_normalized or online_probe holds results."""
+
+    def _check(self, value: object, path: str) -> None:
+        super()._check(value, path)
+        if not any(isinstance(value.get(k), dict) for k in (*VARIANTS, "online_probe")):  # type: ignore[union-attr]
+            raise sc.SchemaError(
+                path, "holds no results", "an object with raw, plate_normalized or online_probe"
+            )
+
+
+class _TableRow(sc.Spec):
+    """A row of a demo's ``tables``: ``features`` names the set, every other value is a metric."""
+
+    expected = "an object with `features` (a name) and metric values (numbers or null)"
+
+    def _check(self, value: object, path: str) -> None:
+        sc.Obj(required={"features": sc.Str(nonempty=True)}).check(value, path)
+        metrics = {k: v for k, v in value.items() if k != "features"}  # type: ignore[union-attr]
+        sc.MapOf(_METRIC).check(metrics, path)
+
+
+def _variant_spec() -> sc.Spec:
+    """One profile variant's results: every metric path of cdcl.metrics.info, plus outcomes."""
+    queries = _SameLength({"compound": sc.Str(), "hit": sc.OneOf(sc.Bool(), sc.Float())})
+    per_label = _SameLength({"label": sc.Str(), "correct": sc.Float(min=0), "n": sc.Float(min=0)})
+    leaves: dict[tuple[str, ...], sc.Spec] = {
+        p: _METRIC for p in METRIC_INFO if p[0] != "online_probe"
+    }
+    leaves[("moa_matching", "queries", "nsc")] = sc.Nullable(queries)
+    leaves[("moa_matching", "queries", "nscb")] = sc.Nullable(queries)
+    leaves[("classification", "logistic", "per_label")] = sc.Nullable(per_label)
+    return _tree(leaves)
+
+
+_CALIBRATION = sc.Nullable(
+    sc.Obj(
+        optional={
+            "no_power": sc.ListOf(sc.Str()),
+            "metrics": sc.MapOf(sc.Nullable(sc.Obj(optional={"reason": sc.Nullable(sc.Str())}))),
+        }
+    )
+)
+
+_FEATURE_SETS = sc.MapOf(
+    _WithResults(
+        optional={
+            **{v: _variant_spec() for v in VARIANTS},
+            "online_probe": _tree({p[1:]: _METRIC for p in METRIC_INFO if p[0] == "online_probe"}),
+            "calibration": _CALIBRATION,
+            "errors": sc.Nullable(sc.MapOf(sc.Str())),
+        }
+    ),
+    min_len=1,
+)
+_FEATURE_SETS.expected = "an object naming at least one feature set and its results"
+
+# What a results.json must hold before any of it is read (evaluations and demos write it;
+# compare, the study and the API read it). Unknown fields are kept and not read.
+RESULTS_SCHEMA = sc.Obj(
+    required={"feature_sets": _FEATURE_SETS},
+    optional={
+        "results_version": sc.Version(known=RESULTS_VERSIONS),
+        "kind": sc.Str(nonempty=True),
+        "source": sc.Nullable(
+            sc.Obj(
+                optional={
+                    "columns": sc.Nullable(sc.Obj()),
+                    "notes": sc.Nullable(sc.ListOf(sc.Str())),
+                }
+            )
+        ),
+        "protocol": sc.Nullable(sc.MapOf(sc.Any())),
+        "plots": sc.Nullable(
+            sc.Obj(
+                optional={
+                    "rows_plotted": sc.Nullable(sc.Int(min=0)),
+                    "rows_total": sc.Nullable(sc.Int(min=0)),
+                    "stratified_by": sc.Nullable(sc.ListOf(sc.Str())),
+                }
+            )
+        ),
+        "tables": sc.MapOf(sc.ListOf(_TableRow())),
+        "training": sc.MapOf(sc.Obj()),
+        "timings_s": sc.MapOf(sc.Nullable(sc.Float())),
+    },
+)

@@ -1,0 +1,246 @@
+"""Nothing silently wrong from a damaged or crafted file, part 2: documents, tables, full disks.
+
+results.json (compare, the study's resume, the API), a study's design.json and study.json,
+profile tables (duplicate columns, semicolons, values beyond float32, a --batch-pattern without
+a group), writes that really fail (a link to /dev/full, a directory in the way) and an
+interrupt after the new results are written. Each is refused in one line: exit 2 through the
+command line (no traceback) or a CdclError through the library.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from cli_process import cdcl
+
+from cdcl.cli import main
+from cdcl.errors import CdclError
+from cdcl.experiments.study import (
+    StudySpec,
+    fix_design,
+    replicate_key,
+    replicates,
+    run_replicate,
+    study_looks,
+)
+from cdcl.report.html import compare
+from cdcl.report.results import read_results
+
+
+def one_error(proc_or_rc: object, stderr: str = "") -> str:
+    """The one error line of a refused command: exit 2, no traceback, nothing else but notes."""
+    if not isinstance(proc_or_rc, int):
+        proc_or_rc, stderr = proc_or_rc.returncode, proc_or_rc.stderr  # type: ignore[attr-defined]
+    assert proc_or_rc == 2, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [
+        ln
+        for ln in stderr.splitlines()
+        if ln.strip() and "warning:" not in ln and "note: " not in ln
+    ]
+    assert len(lines) == 1 and ": error: " in lines[0], stderr
+    return lines[0]
+
+
+def run_main(capsys: pytest.CaptureFixture, *args: object) -> str:
+    """`cdcl ARGS` in this process (cdcl.cli.main): its one error line."""
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    return one_error(rc, capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------- results.json
+
+GOOD = {
+    "results_version": 1,
+    "kind": "features",
+    "feature_sets": {
+        "model": {
+            "raw": {"kbet": {"acceptance_rate": 0.5}, "moa_matching": {"nsc": 0.25}},
+            "plate_normalized": {"kbet": {"acceptance_rate": 0.75}, "grit": None},
+        }
+    },
+}
+
+
+def _results_dir(tmp_path: Path, doc: object, name: str = "run", text: str | None = None) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps(doc) if text is None else text)
+    return d
+
+
+def _edit(path: str, value: object) -> dict:
+    doc = copy.deepcopy(GOOD)
+    *keys, last = path.split(".")
+    holder = doc
+    for k in keys:
+        holder = holder[k]
+    holder[last] = value
+    return doc
+
+
+CRAFTED_RESULTS = [
+    (_edit("feature_sets", {}), "`feature_sets` is an object with 0 fields"),
+    (_edit("feature_sets", None), "`feature_sets` is null"),
+    (_edit("feature_sets", [1, 2]), "`feature_sets` is a list of 2 items"),
+    ({"results_version": 1}, "`feature_sets` is missing"),
+    (
+        _edit("feature_sets.model.raw.kbet.acceptance_rate", "high"),
+        '`feature_sets.model.raw.kbet.acceptance_rate` is "high" (a string); expected null or '
+        "a finite number",
+    ),
+    (_edit("results_version", 999), "`results_version` is 999, newer than this cdcl reads"),
+    (_edit("feature_sets.model", {"n": {"profiles": 3}}), "`feature_sets.model` holds no results"),
+    ([1, 2], "the document is a list of 2 items; expected an object"),
+    (None, "the document is null; expected an object"),
+    ("results", 'the document is "results" (a string); expected an object'),
+]
+
+
+def test_a_real_looking_results_json_is_read(tmp_path: Path) -> None:
+    d = _results_dir(tmp_path, GOOD)
+    assert read_results(d) == GOOD
+    out = compare([d], tmp_path / "cmp")
+    assert out.is_file()
+
+
+@pytest.mark.parametrize(("doc", "needle"), CRAFTED_RESULTS)
+def test_crafted_results_are_refused_by_compare(
+    tmp_path: Path, capsys: pytest.CaptureFixture, doc: object, needle: str
+) -> None:
+    good = _results_dir(tmp_path, GOOD, "good")
+    bad = _results_dir(tmp_path, doc, "bad")
+    line = run_main(capsys, "compare", good, bad, "--out", tmp_path / "cmp")
+    assert f"{bad / 'results.json'}: " in line and needle in line, line
+    assert not (tmp_path / "cmp" / "compare.html").exists()
+
+
+def test_deeply_nested_results_through_the_cli(tmp_path: Path) -> None:
+    bad = _results_dir(tmp_path, None, "deep", text="[" * 100_000 + "]" * 100_000)
+    line = one_error(cdcl("compare", bad, "--out", tmp_path / "cmp"))
+    assert str(bad / "results.json") in line and "nested too deeply" in line, line
+
+
+def test_results_without_results_through_the_cli(tmp_path: Path) -> None:
+    """The AttributeError of old: a results.json whose feature_sets is a list."""
+    bad = _results_dir(tmp_path, _edit("feature_sets", ["model"]))
+    line = one_error(cdcl("compare", bad, "--out", tmp_path / "cmp"))
+    assert "`feature_sets` is a list of 1 item" in line, line
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('{"results_version": 1, "feature_sets": NaN}', "holds NaN, which is not a JSON number"),
+        ('{"feature_sets": {"m": {"raw": {"kbet": {"acceptance_rate": 1', "not valid JSON"),
+        ('{"results_version": ' + "9" * 5000 + "}", "an integer too long to read"),
+    ],
+)
+def test_results_that_are_not_json(tmp_path: Path, text: str, needle: str) -> None:
+    d = _results_dir(tmp_path, None, text=text)
+    with pytest.raises(CdclError) as e:
+        read_results(d)
+    assert str(e.value).startswith(f"{d / 'results.json'}: ") and needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_demo_table_row_with_a_string_metric(tmp_path: Path) -> None:
+    doc = {**GOOD, "kind": "demo", "tables": {"raw": [{"features": "CDCL", "NSC": "high"}]}}
+    with pytest.raises(CdclError, match=r'`tables.raw\[0\].NSC` is "high"'):
+        read_results(_results_dir(tmp_path, doc))
+
+
+def test_outcome_lists_of_different_lengths(tmp_path: Path) -> None:
+    queries = {"nsc": {"compound": ["a", "b"], "hit": [True]}}
+    doc = _edit("feature_sets.model.raw.moa_matching", {"nsc": 0.5, "queries": queries})
+    with pytest.raises(CdclError, match="has lists of different lengths"):
+        read_results(_results_dir(tmp_path, doc))
+
+
+# ----------------------------------------------------------------- a study's documents
+
+
+def _study_dir(tmp_path: Path, name: str, text: str) -> Path:
+    out = tmp_path / "study"
+    out.mkdir(exist_ok=True)
+    (out / name).write_text(text)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('{"replicates": 5, "n": "x"}', "`replicates` is 5 (an integer)"),
+        ("[1, 2]", "the document is a list of 2 items"),
+        ('{"replicates": ["../../../etc"], "n": 1}', '`replicates[0]` is "../../../etc"'),
+        ('{"replicates": ["seed0", "seed0"], "n": 2}', '`replicates` has "seed0"'),
+        ('{"replicates": ["seed0", "seed1"], "n": 3}', "`n` is 3 for 2 replicates"),
+        ('{"replicates": ["seed0"], "n": 1, "format_version": 2}', "newer than this cdcl"),
+        ("{", "not valid JSON"),
+    ],
+)
+def test_crafted_design_json_is_refused(tmp_path: Path, text: str, needle: str) -> None:
+    out = _study_dir(tmp_path, "design.json", text)
+    with pytest.raises(CdclError) as e:
+        fix_design(out, ["seed0"])
+    msg = str(e.value)
+    assert msg.startswith(f"{out / 'design.json'}: ") and needle in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('{"replicates": [{"name": "../../../etc"}]}', '`replicates[0].name` is "../../../etc"'),
+        ('{"replicates": 5, "n": "x"}', "`replicates` is 5 (an integer)"),
+        ("[1, 2]", "the document is a list of 2 items"),
+        (
+            '{"replicates": [{"name": "seed0"}], "design": {"replicates": ["seed0"], "n": 2}}',
+            "`design.n` is 2 for 1 replicates",
+        ),
+        (
+            '{"replicates": [{"name": "s"}], "looks": [{"look": 0, "replicates": ["s"], '
+            '"overall": {}}]}',
+            "`looks[0].look` is 0",
+        ),
+        ('{"replicates": [{"name": "s"}], "headline": [{"reference": 1}]}', "headline[0]"),
+    ],
+)
+def test_crafted_study_json_is_refused(tmp_path: Path, text: str, needle: str) -> None:
+    out = _study_dir(tmp_path, "study.json", text)
+    for call in (lambda: fix_design(out, ["seed0"]), lambda: study_looks(out, ["seed0"], [])):
+        with pytest.raises(CdclError) as e:
+            call()
+        msg = str(e.value)
+        assert msg.startswith(f"{out / 'study.json'}: ") and needle in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("doc", "needle"),
+    [
+        (_edit("feature_sets", {}), "`feature_sets` is an object with 0 fields"),
+        (_edit("feature_sets", None), "`feature_sets` is null"),
+        (_edit("results_version", 999), "newer than this cdcl reads"),
+        ({**GOOD, "tables": {"raw": [{"features": "CDCL", "NSC": "high"}]}}, '"high"'),
+        (GOOD, "`tables` is missing or empty"),
+    ],
+)
+def test_a_resumed_study_refuses_a_replicate_without_results(
+    tmp_path: Path, doc: dict, needle: str
+) -> None:
+    """A finished replicate (its key matches) is reused only when its results.json has results."""
+    spec = StudySpec(out=tmp_path / "study", quick=True, seeds=(0,), methods=("DINO", "CDCL"))
+    rep = replicates(spec)[0]
+    folder = spec.out / "replicates" / rep.name
+    folder.mkdir(parents=True)
+    (folder / "replicate.json").write_text(json.dumps(replicate_key(spec, rep)))
+    (folder / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(CdclError) as e:
+        run_replicate(spec, rep)
+    msg = str(e.value)
+    assert msg.startswith(f"{folder / 'results.json'}: ") and needle in msg, msg
+    advice = "upgrade cdcl" if "newer" in needle else f"remove {folder} to run that replicate"
+    assert advice in msg, msg
