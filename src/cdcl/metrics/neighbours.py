@@ -108,6 +108,95 @@ def _merge(
     return np.take_along_axis(all_idx, order, axis=1), np.take_along_axis(all_val, order, axis=1)
 
 
+_SCAN = 64  # columns per maximum when looking for entries above a row's k-th best
+
+
+def _above(scores: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.nonzero(scores > thr[:, None])``, testing the maxima of strided columns first.
+
+    Column j's group is j, j + 64, j + 128, ...: its maximum is an elementwise (vectorised)
+    reduction, and only the few groups above the threshold are looked at column by column.
+    """
+    q, r = scores.shape
+    main = r - r % _SCAN
+    span = main // _SCAN
+    gmax = scores[:, :main].reshape(q, span, _SCAN).max(axis=1) if span else scores[:, :0]
+    gr, gj = np.nonzero(gmax > thr[:, None])
+    cols = gj[:, None] + _SCAN * np.arange(span)
+    hit, at = np.nonzero(scores[gr[:, None], cols] > thr[gr][:, None])
+    tail_r, tail_c = np.nonzero(scores[:, main:] > thr[:, None])
+    return np.concatenate([gr[hit], tail_r]), np.concatenate([cols[hit, at], tail_c + main])
+
+
+def _merge_above(
+    best_idx: np.ndarray, best_val: np.ndarray, scores: np.ndarray, col_offset: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Merge the entries of a later block that beat each row's current k-th best.
+
+    Same result as :func:`_select_topk` + :func:`_merge` (score desc, lowest index): a later
+    block's columns have higher indices, so only entries strictly above the k-th best can
+    enter. After the first blocks few entries do, which spares a full ``argpartition``.
+    Returns None when too many entries pass (then the full selection is cheaper).
+    """
+    q, k = best_val.shape
+    rows, cols = _above(scores, best_val[:, -1])
+    if rows.size > 2 * q * k:
+        return None
+    r_all = np.concatenate([np.repeat(np.arange(q), k), rows])
+    i_all = np.concatenate([best_idx.ravel(), cols + col_offset])
+    v_all = np.concatenate([best_val.ravel(), scores[rows, cols]])
+    order = np.lexsort((i_all, -v_all, r_all))
+    # Every row holds at least its k current entries: keep the first k of each row.
+    starts = np.searchsorted(r_all[order], np.arange(q))
+    rank = np.arange(order.size) - np.repeat(starts, np.bincount(r_all, minlength=q))
+    keep = order[rank < k]
+    return i_all[keep].reshape(q, k), v_all[keep].reshape(q, k)
+
+
+@dataclass(frozen=True)
+class _RefPart:
+    """The reference rows of a search and what is precomputed on them."""
+
+    x: np.ndarray
+    rows: np.ndarray | None  # a subset of x's rows (``ref_rows``), or None for all
+    norms: np.ndarray
+    sq: np.ndarray  # squared norms, float32
+    metric: str
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0] if self.rows is None else self.rows.size
+
+
+def _chunk_topk(
+    qv: np.ndarray, self_rows: np.ndarray | None, ref: _RefPart, k: int, r_block: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Running top-k of one chunk of prepared queries over the reference set, block by block.
+
+    ``self_rows``: the queries' own reference rows, excluded as neighbours (None: keep all).
+    """
+    q = qv.shape[0]
+    best_idx = np.zeros((q, 0), dtype=np.int64)
+    best_val = np.zeros((q, 0), dtype=np.float32)
+    buf = np.empty((q, min(r_block, ref.n)), dtype=np.float32)
+    for ra, rb in iter_blocks(ref.n, r_block):
+        block = ref.x[ra:rb] if ref.rows is None else ref.x[ref.rows[ra:rb]]
+        scores = np.matmul(
+            qv, _prepare(block, ref.norms[ra:rb], ref.metric).T, out=buf[:, : rb - ra]
+        )
+        if ref.metric == "euclidean":
+            scores -= ref.sq[ra:rb][None, :]
+        if self_rows is not None:
+            inside = np.flatnonzero((self_rows >= ra) & (self_rows < rb))
+            scores[inside, self_rows[inside] - ra] = -np.inf
+        merged = _merge_above(best_idx, best_val, scores, ra) if best_idx.shape[1] else None
+        if merged is None:
+            idx, val = _select_topk(scores, ra, k)
+            merged = _merge(best_idx, best_val, idx, val, k)
+        best_idx, best_val = merged
+    return best_idx, best_val
+
+
 def knn_indices(
     features: np.ndarray,
     k: int,
@@ -197,21 +286,12 @@ def knn_indices(
         qx = qsrc[rows]
         q_norm = row_norms(qx)
         qv = _prepare(qx, q_norm, metric)
-        best_idx = np.full((qb - qa, 0), 0, dtype=np.int64)
-        best_val = np.full((qb - qa, 0), 0, dtype=np.float32)
-        for ra, rb in iter_blocks(n, r_block):
-            block = ref[ra:rb] if rrows is None else ref[rrows[ra:rb]]
-            rv = _prepare(block, ref_norm[ra:rb], metric)
-            scores = qv @ rv.T
-            if metric == "euclidean":
-                # Rank by 2 q.x - |x|^2 (= |q|^2 - |q - x|^2): same order as -distance.
-                scores *= 2.0
-                scores -= ref_sq[ra:rb][None, :]
-            if excl:
-                inside = np.flatnonzero((rows >= ra) & (rows < rb))
-                scores[inside, rows[inside] - ra] = -np.inf
-            idx, val = _select_topk(scores, ra, k)
-            best_idx, best_val = _merge(best_idx, best_val, idx, val, k)
+        if metric == "euclidean":
+            # Rank by 2 q.x - |x|^2 (= |q|^2 - |q - x|^2): same order as -distance. Doubling
+            # the queries is exact, so the scores equal 2 (q @ x.T) bit for bit.
+            qv = qv * np.float32(2.0)
+        ref_part = _RefPart(ref, rrows, ref_norm, ref_sq, metric)
+        best_idx, best_val = _chunk_topk(qv, rows if excl else None, ref_part, k, r_block)
         if metric == "euclidean":
             d2 = (q_norm**2).astype(np.float32)[:, None] - best_val
             best_val = -np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
