@@ -13,8 +13,13 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from cli_process import cdcl
+from test_evaluate_pipeline import planted_profiles
 
 from cdcl.cli import main
 from cdcl.errors import CdclError
@@ -26,6 +31,8 @@ from cdcl.experiments.study import (
     run_replicate,
     study_looks,
 )
+from cdcl.profiles.columns import apply_batch_pattern
+from cdcl.profiles.table import read_profile_table, split_table
 from cdcl.report.html import compare
 from cdcl.report.results import read_results
 
@@ -244,3 +251,107 @@ def test_a_resumed_study_refuses_a_replicate_without_results(
     assert msg.startswith(f"{folder / 'results.json'}: ") and needle in msg, msg
     advice = "upgrade cdcl" if "newer" in needle else f"remove {folder} to run that replicate"
     assert advice in msg, msg
+
+
+# ----------------------------------------------------------------- profile tables
+
+
+@pytest.fixture(scope="module")
+def table() -> pd.DataFrame:
+    """A small, valid profile table (4 batches, 2 MoAs, controls) as pycytominer names it."""
+    x, meta = planted_profiles()
+    t = pd.DataFrame({f"Metadata_{c.capitalize()}": meta[c] for c in meta.columns})
+    return pd.concat([t, pd.DataFrame(x, columns=[f"f{j}" for j in range(x.shape[1])])], axis=1)
+
+
+def _evaluate(capsys: pytest.CaptureFixture, path: Path, *extra: str) -> str:
+    out = path.parent / "out"
+    line = run_main(capsys, "evaluate", "--features", path, "--out", out, "--no-umap", *extra)
+    assert not (out / "results.json").exists()
+    return line
+
+
+def test_two_metadata_batch_columns(
+    table: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    t = table.copy()
+    t.insert(1, "Metadata_Batch_2", t["Metadata_Batch"].str.upper())
+    header = ",".join(t.columns).replace("Metadata_Batch_2", "Metadata_Batch")
+    csv_path = tmp_path / "dup.csv"
+    csv_path.write_text(header + "\n" + t.to_csv(index=False, header=False))
+    pq_path = tmp_path / "dup.parquet"
+    names = [c if c != "Metadata_Batch_2" else "Metadata_Batch" for c in t.columns]
+    pq.write_table(pa.Table.from_pandas(t, preserve_index=False).rename_columns(names), pq_path)
+    for path in (csv_path, pq_path):
+        line = _evaluate(capsys, path)
+        assert f"{path}: column `Metadata_Batch` appears twice (columns 2 and " in line, line
+        with pytest.raises(CdclError, match="appears twice"):
+            read_profile_table(path)
+
+
+def test_a_feature_column_without_metadata(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "one.csv"
+    pd.DataFrame({"f0": np.arange(10.0)}).to_csv(path, index=False)
+    line = _evaluate(capsys, path)
+    assert f"{path}: no metadata columns: none of its 1 columns (`f0`)" in line, line
+    with pytest.raises(CdclError, match="no metadata columns"):
+        split_table(pd.DataFrame({"f0": [1.0, 2.0]}))
+
+
+@pytest.mark.parametrize(
+    ("scale", "needle"),
+    [(1e300, "beyond float32"), (1e25, "its square overflows float32")],
+)
+def test_finite_values_too_large_for_float32(
+    table: pd.DataFrame, tmp_path: Path, capsys: pytest.CaptureFixture, scale: float, needle: str
+) -> None:
+    t = table.copy()
+    t["f3"] = t["f3"].astype(np.float64) * scale
+    for path in (tmp_path / "big.csv", tmp_path / "big.parquet"):
+        t.to_csv(path, index=False) if path.suffix == ".csv" else t.to_parquet(path)
+        line = _evaluate(capsys, path)
+        assert f"{path}: feature column `f3` holds " in line and needle in line, line
+        assert "NaN or infinite" not in line
+    with pytest.raises(CdclError, match="feature column `f3` holds"):
+        split_table(t)
+
+
+def test_semicolon_separated_csv_is_read_as_such(table: pd.DataFrame, tmp_path: Path) -> None:
+    comma, semi, decimal = tmp_path / "c.csv", tmp_path / "s.csv", tmp_path / "d.csv.gz"
+    table.to_csv(comma, index=False)
+    table.to_csv(semi, index=False, sep=";")
+    table.to_csv(decimal, index=False, sep=";", decimal=",")
+    expected = read_profile_table(comma)
+    for path in (semi, decimal):
+        got = read_profile_table(path)
+        pd.testing.assert_frame_equal(got, expected)
+        x, meta, names = split_table(got)
+        assert x.shape == (len(table), 16) and names[0] == "f0"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "needle"),
+    [
+        ("B0", "the expression has no group; put the part of the value that names the batch"),
+        ("(b)", "turns all 4 batch values (b0, b1, b2, ...) into the one batch 'b'"),
+        ("^(Week\\d+)", "matches none of the batch values (e.g. 'b0')"),
+        ("(b", "invalid regular expression"),
+    ],
+)
+def test_batch_pattern_without_a_group_is_refused(
+    table: pd.DataFrame,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    pattern: str,
+    needle: str,
+) -> None:
+    path = tmp_path / "t.csv"
+    table.to_csv(path, index=False)
+    line = _evaluate(capsys, path, "--batch-pattern", pattern)
+    assert f"--batch-pattern {pattern!r}: {needle}" in line, line
+
+
+def test_batch_pattern_with_a_group_takes_it() -> None:
+    plates = pd.Series(["Week1_22123", "Week1_22141", "Week2_24121", None], dtype=object)
+    got = apply_batch_pattern(plates, r"^(Week\d+)")
+    assert list(got) == ["Week1", "Week1", "Week2", None]

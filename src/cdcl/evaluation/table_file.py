@@ -356,7 +356,7 @@ def _load_table(
         table = read_profile_table(features_file)
         if len(table) == 0:
             raise CdclError(f"{where}: the table has no rows")
-        x, meta_table, names = split_table(table)
+        x, meta_table, names = split_table(table, where)
         del table  # the features now live in x only
     if len(x) == 0:
         raise CdclError(f"{where}: the table has no rows")

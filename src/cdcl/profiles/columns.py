@@ -96,7 +96,7 @@ def resolve_table_meta(
 
     ``--treatment-col A,B`` joins several columns (e.g. compound and concentration). The batch
     defaults to ``Metadata_batch`` and then to the plate; ``batch_pattern`` is a regular
-    expression whose first group (or whole match) is taken from the batch column's values
+    expression whose first group is taken from the batch column's values
     (e.g. ``^(Week\\d+)`` turns BBBC021 plates into imaging weeks). Controls come from
     ``control_query`` (a control query on the table's columns, see :mod:`cdcl.data.query`),
     else pycytominer's ``Metadata_control_type == "negcon"``, else a boolean
@@ -111,20 +111,7 @@ def resolve_table_meta(
     batch = _resolve(t, batch_col, ("Metadata_batch",), "--batch-col", required=False)
     out["batch"] = _as_str(batch) if batch is not None else out["plate"]
     if batch_pattern:
-        try:
-            rx = re.compile(batch_pattern)
-        except re.error as e:
-            raise CdclError(
-                f"--batch-pattern {batch_pattern!r}: invalid regular expression ({e})"
-            ) from None
-
-        def pick(v: str | None) -> str | None:
-            m = None if v is None else rx.search(v)
-            if m is None:
-                return v
-            return m.group(1) if m.groups() else m.group(0)
-
-        out["batch"] = out["batch"].map(pick)
+        out["batch"] = apply_batch_pattern(out["batch"], batch_pattern)
     treat = _resolve(
         t,
         treatment_col,
@@ -151,6 +138,42 @@ def resolve_table_meta(
                 f"profile table: `{col}` is empty in row {int(np.flatnonzero(missing)[0])}; "
                 "fill it or choose another column"
             )
+    return out
+
+
+def apply_batch_pattern(batch: pd.Series, pattern: str) -> pd.Series:
+    """Each batch value replaced by the first group of ``pattern`` found in it (``--batch-pattern``).
+
+    Refused in one line: an invalid expression, one without a group (``B0`` would turn B01, B02
+    ... into the one batch "B0"), one that matches no value, and one that merges every batch
+    into one. Values it does not match are kept as they are.
+    """
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise CdclError(f"--batch-pattern {pattern!r}: invalid regular expression ({e})") from None
+    if rx.groups == 0:
+        raise CdclError(
+            f"--batch-pattern {pattern!r}: the expression has no group; put the part of the "
+            "value that names the batch in parentheses, e.g. '^(Week\\d+)' takes Week1 from "
+            "Week1_22123"
+        )
+    found = batch.map(lambda v: None if v is None else rx.search(v))
+    if found.isna().all():
+        first = next((v for v in batch if v is not None), None)
+        raise CdclError(
+            f"--batch-pattern {pattern!r}: matches none of the batch values (e.g. {first!r})"
+        )
+    picked = [v if m is None or m.group(1) is None else m.group(1) for v, m in zip(batch, found)]
+    out = pd.Series(picked, index=batch.index, dtype=object)
+    before = batch.dropna().unique()
+    if len(before) > 1 and out.dropna().nunique() == 1:
+        shown = ", ".join(map(str, before[:3])) + (", ..." if len(before) > 3 else "")
+        raise CdclError(
+            f"--batch-pattern {pattern!r}: turns all {len(before)} batch values ({shown}) into "
+            f"the one batch {out.dropna().iloc[0]!r}; its first group should capture the part "
+            "that differs between batches"
+        )
     return out
 
 

@@ -15,6 +15,7 @@ This module does not import torch (embedding lives in :mod:`cdcl.embed.inference
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pandas as pd
 
 from cdcl.errors import CdclError
 from cdcl.parquet import read_parquet, write_parquet
+from cdcl.profiles.checks import check_column_names, check_feature_values, sniff_csv
 
 # Metadata carried from samples.parquet into profiles, in export order.
 META_COLUMNS = (
@@ -280,39 +282,75 @@ def write_profiles(
 
 
 def read_profile_table(path: str | Path) -> pd.DataFrame:
-    """Read a profile table (.parquet, .csv, .csv.gz, .tsv or .h5ad) into one DataFrame."""
+    """Read a profile table (.parquet, .csv, .csv.gz, .tsv or .h5ad) into one DataFrame.
+
+    Its column names are checked (:mod:`cdcl.profiles.checks`: no repeats, features and
+    metadata both present); a CSV or TSV separated by semicolons or tabs is read with the
+    separator its header uses.
+    """
     path = Path(path)
     if not path.exists():
         raise CdclError(f"{path}: file not found")
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):
-            return read_parquet(path)
-        if name.endswith((".csv", ".csv.gz")):
-            return pd.read_csv(path)
-        if name.endswith((".tsv", ".tsv.gz", ".txt")):
-            return pd.read_csv(path, sep="\t")
-        if name.endswith(".h5ad"):
-            return anndata_to_frame(ad.read_h5ad(path))
+            import pyarrow.parquet as pq
+
+            check_column_names(list(pq.read_schema(path).names), str(path))
+            table = read_parquet(path)
+        elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
+            table = _read_delimited(path, "," if name.endswith((".csv", ".csv.gz")) else "\t")
+        elif name.endswith(".h5ad"):
+            table = anndata_to_frame(ad.read_h5ad(path))
+        else:
+            raise CdclError(f"{path}: unknown format; use .parquet, .csv, .csv.gz, .tsv or .h5ad")
     except CdclError:
         raise
     except Exception as e:
-        raise CdclError(f"{path}: unreadable profile table ({type(e).__name__}: {e})") from None
-    raise CdclError(f"{path}: unknown format; use .parquet, .csv, .csv.gz, .tsv or .h5ad")
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CdclError(f"{path}: unreadable profile table ({type(e).__name__}: {first})") from None
+    check_column_names([str(c) for c in table.columns], str(path))
+    return table
 
 
-def split_table(table: pd.DataFrame) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
-    """Split a profile table into (features float32, Metadata_* frame, feature names)."""
+def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
+    """A CSV/TSV table, with the separator (and decimal mark) its header and first row use."""
+    sep, decimal, names = sniff_csv(path, sep)
+    # pandas renames a repeated header to NAME.1: the raw header is checked instead.
+    check_column_names(names, str(path))
+    if sep == ";":
+        mark = " and decimal commas" if decimal == "," else ""
+        print(f"note: {path}: read as semicolon-separated{mark}", file=sys.stderr)
+    return pd.read_csv(path, sep=sep, decimal=decimal)
+
+
+def _check_table(table: pd.DataFrame, where: str) -> None:
+    """Column names (no repeats, features and metadata both present) and feature magnitudes."""
+    check_column_names([str(c) for c in table.columns], where)
+    for i, name in enumerate(table.columns):
+        col = table.iloc[:, i]
+        if str(name).startswith(METADATA_PREFIX) or pd.api.types.is_bool_dtype(col):
+            continue
+        if pd.api.types.is_numeric_dtype(col):
+            values = col.to_numpy(dtype=np.float64, na_value=np.nan)
+            check_feature_values(values, str(name), where)
+
+
+def split_table(
+    table: pd.DataFrame, where: str = "profile table"
+) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """Split a profile table into (features float32, Metadata_* frame, feature names).
+
+    The table is checked first: its column names, and feature values small enough for float32
+    arithmetic (:mod:`cdcl.profiles.checks`); ``where`` names the table in errors.
+    """
+    _check_table(table, where)
     meta_cols = [c for c in table.columns if str(c).startswith(METADATA_PREFIX)]
     feat_cols = [c for c in table.columns if not str(c).startswith(METADATA_PREFIX)]
-    if not feat_cols:
-        raise CdclError(
-            "profile table has no feature columns (every column starts with `Metadata_`)"
-        )
     non_numeric = [c for c in feat_cols if not pd.api.types.is_numeric_dtype(table[c])]
     if non_numeric:
         raise CdclError(
-            f"profile table: feature column `{non_numeric[0]}` is not numeric; "
+            f"{where}: feature column `{non_numeric[0]}` is not numeric; "
             "prefix metadata columns with `Metadata_`"
         )
     x = table[feat_cols].to_numpy(dtype=np.float32)
@@ -348,12 +386,9 @@ def read_parquet_profiles(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, l
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
+        check_column_names(list(schema.names), str(path))
         meta_cols = [n for n in schema.names if n.startswith(METADATA_PREFIX)]
         feat_cols = [n for n in schema.names if not n.startswith(METADATA_PREFIX)]
-        if not feat_cols:
-            raise CdclError(
-                "profile table has no feature columns (every column starts with `Metadata_`)"
-            )
         for c in feat_cols:
             t = schema.field(c).type
             if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
@@ -372,7 +407,9 @@ def read_parquet_profiles(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, l
             for batch in batches:
                 b = a + batch.num_rows
                 for j, col in enumerate(batch.columns):
-                    x[a:b, j] = col.to_numpy(zero_copy_only=False)
+                    values = col.to_numpy(zero_copy_only=False)
+                    check_feature_values(values, feat_cols[j], str(path), first_row=a)
+                    x[a:b, j] = values
                 a = b
             # Arrow's allocator keeps freed decode buffers for reuse; handed back per row
             # group, they would otherwise add gigabytes to the peak of a large table's load
@@ -384,5 +421,6 @@ def read_parquet_profiles(path: str | Path) -> tuple[np.ndarray, pd.DataFrame, l
     except CdclError:
         raise
     except Exception as e:
-        raise CdclError(f"{path}: unreadable profile table ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CdclError(f"{path}: unreadable profile table ({type(e).__name__}: {first})") from None
     return x, meta.reset_index(drop=True), [str(c) for c in feat_cols]
