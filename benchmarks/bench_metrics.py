@@ -16,7 +16,8 @@ above that 2,000 seeded queries scored against all rows, 1,000 for silhouettes a
 stratified training wells) and weighted kNN (k=10) trained on all batches but the last and
 scored on the last one (controls excluded), and on all rows NSC/NSCB, the shared kNN graph
 with kBET + iLISI, the per-treatment mixing metrics (one graph per treatment: kBET, iLISI,
-batch silhouette, graph connectivity), silhouettes of batch / treatment / MoA labels, GRIT
+batch silhouette; and the kNN graph over all rows, searched from a sample of whole treatments
+above 10,000 rows, for kBET's fragmentation rule and graph connectivity), silhouettes of batch / treatment / MoA labels, GRIT
 (at most 2,000 controls), replicate and MoA mAP (plain and batch-aware, null_size=2000,
 queries spread over groups) and the batch classifier (its 20,000-row sample). The row
 ``evaluate_features`` times one whole call with both variants (raw and plate-normalised), i.e.
@@ -161,7 +162,9 @@ def cost_models(sil_sample: int, test_frac: float) -> dict[str, Callable[[int], 
         "knn_search_ours": lambda n: float(_queries(int(test_frac * n))) * n,
         "nsc_nscb": lin,
         "kbet_ilisi_graph": sampled,
-        "mixing_per_treatment": lin,  # sum of squared treatment sizes, treatments fixed ~ n
+        # The graph over all rows searched from sampled treatments (at most GRAPH_PAIRS pairs),
+        # then one graph per treatment (sum of squared sizes, the treatments fixed: ~ n^2).
+        "mixing_per_treatment": lambda n: min(float(n) * n, 4e9) + float(n) * n / 300,
         "silhouette_batch": sampled,
         "silhouette_treatment": sampled,
         "silhouette_moa": sampled,

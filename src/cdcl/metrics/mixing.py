@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,11 @@ KBET_K0_MAX = 70
 FRAGMENT_MIN_COVER = 0.75
 # Below this many scored treatments a per-treatment kBET / iLISI mean is not reported.
 MIN_SCORED_GROUPS = 3
+# Above EXACT_MAX rows, per-label kBET (its fragmentation rule) and graph connectivity read
+# the kNN graph over ALL rows from the rows of a seeded sample of whole labels: their exact
+# neighbours among all rows, so a sampled label's subgraph is the full graph's. GRAPH_PAIRS
+# bounds searched rows x all rows (~4e9 pairs: about half a minute at 384 features, 2 cores).
+GRAPH_PAIRS = 4_000_000_000
 
 
 def _default_kbet_k(batch_sizes: np.ndarray, n: int) -> int:
@@ -249,80 +255,171 @@ def kbet_per_group(
     alpha: float = 0.05,
     metric: str = "euclidean",
     max_graph_rows: int | None = EXACT_MAX,
+    pair_budget: int = GRAPH_PAIRS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """kBET within each group (e.g. per treatment), with scib-metrics' ``kbet_per_label`` rules.
 
     scib-metrics ``metrics/_kbet.py``: a group with fewer than ``min_group_size`` (10) rows or
     one batch is skipped; ``k0 = min(70, max(10, floor(mean batch size / 4)))`` (capped at
-    the group size - 1); the group's subgraph of one global kNN graph (``CONNECTIVITY_K``,
-    over all rows, or a seeded sample of ``max_graph_rows`` above that, where fragmentation
-    is judged only for groups whose rows are all in the sample) is split into
-    connected components: one component -> kBET on the group; several -> kBET on the
-    components of at least ``3 k0`` rows if they hold >= 75% of the group, else 0. Convention
-    difference: the neighbours are Euclidean kNN among the group's rows, where scib-metrics
-    uses diffusion distances on the group's subgraph.
+    the group size - 1); the group's subgraph of one kNN graph over all rows
+    (``CONNECTIVITY_K``) is split into connected components: one component -> kBET on the
+    group; several -> kBET on the components of at least ``3 k0`` rows if they hold >= 75%
+    of the group, else 0. Convention difference: the neighbours are Euclidean kNN among the
+    group's rows, where scib-metrics uses diffusion distances on the group's subgraph.
+
+    Above ``max_graph_rows`` rows a seeded sample of whole groups is scored
+    (:func:`label_graph`, ``pair_budget``); ``stderr`` is the sampling standard error of the
+    mean (0 when every group is scored) and ``graph`` says how the graph was searched.
 
     Returns:
-        ``{"mean_acceptance", "n_groups", "n_skipped", "n_fragmented", "per_group"}``; the
-        mean is over scored groups (NaN if none).
+        ``{"mean_acceptance", "stderr", "n_groups", "n_skipped", "n_fragmented",
+        "per_group", "graph"}``; the mean is over scored groups (NaN if none).
     """
     x = _features(features)
     n = x.shape[0]
     bcodes, _ = _codes(_labels(batch, n, "batch"), "batch")
     gcodes, guniq = _codes(_labels(groups, n, "groups"), "groups")
-    adj, in_graph = _global_adjacency(x, max_graph_rows, metric, seed)
+    rows_of = _group_rows(gcodes, guniq.size)
+    big = max(3, min_group_size)
+    ok = np.array([r.size >= big and np.unique(bcodes[r]).size >= 2 for r in rows_of], bool)
+    lg = label_graph(
+        x, gcodes, ok, exact_max=max_graph_rows, pair_budget=pair_budget, metric=metric, seed=seed
+    )
     per_group: dict[Hashable, float] = {}
-    skipped = fragmented = 0
-    order = np.argsort(gcodes, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(gcodes, minlength=guniq.size))])
-    for g in range(guniq.size):
-        rows = np.sort(order[bounds[g] : bounds[g + 1]])
-        if rows.size < max(3, min_group_size) or np.unique(bcodes[rows]).size < 2:
-            skipped += 1
-            continue
-        comps = _group_components(adj, in_graph, rows)
+    fragmented = 0
+    for g in lg.scored:
+        rows = rows_of[g]
+        comps = _fragments(lg.adj, rows)
         acc, info = _kbet_group(x, bcodes, rows, comps, alpha=alpha, metric=metric)
         fragmented += int(bool(info.get("fragmented")))
         per_group[guniq[g]] = acc
-    vals = list(per_group.values())
+    vals = np.array(list(per_group.values()), dtype=np.float64)
     return {
-        "mean_acceptance": float(np.mean(vals)) if vals else float("nan"),
-        "n_groups": len(vals),
-        "n_skipped": skipped,
+        "mean_acceptance": float(vals.mean()) if vals.size else float("nan"),
+        "stderr": srs_stderr(vals, lg.frame.size),
+        "n_groups": int(vals.size),
+        "n_skipped": int((~ok).sum()),
         "n_fragmented": fragmented,
         "per_group": per_group,
+        "graph": lg.info(n),
     }
 
 
-def _global_adjacency(
-    x: np.ndarray, max_rows: int | None, metric: str, seed: int
-) -> tuple[csr_matrix, np.ndarray]:
-    """Directed kNN adjacency (``CONNECTIVITY_K - 1`` others per row) over all rows or a sample.
+def _group_rows(codes: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    """The sorted rows of each group code."""
+    order = np.argsort(codes, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes, minlength=n_groups))])
+    return [np.sort(order[bounds[g] : bounds[g + 1]]) for g in range(n_groups)]
 
-    Returns ``(adj, rows)``: ``adj`` is over ``rows`` (positions 0..len(rows)-1), the sorted
-    rows of ``x`` the graph was built on (all rows up to ``max_rows``).
+
+@dataclass(frozen=True)
+class LabelGraph:
+    """One kNN graph over all rows, searched from every row or from a sample of whole labels.
+
+    ``adj`` (n x n, directed) holds each searched row's ``CONNECTIVITY_K - 1`` exact nearest
+    rows, so the subgraph on any label in ``scored`` equals the full graph's. ``frame``: the
+    labels eligible for the sample; ``too_large``: eligible labels left out, larger than a
+    sample may hold (their rows are not searched).
+    """
+
+    adj: csr_matrix
+    scored: np.ndarray
+    frame: np.ndarray
+    too_large: np.ndarray
+    n_query_rows: int
+
+    def has(self, code: int) -> bool:
+        """Whether the label's subgraph is complete (the label was searched)."""
+        i = np.searchsorted(self.scored, code)
+        return bool(i < self.scored.size and self.scored[i] == code)
+
+    def info(self, n: int) -> dict[str, Any]:
+        """How the graph was built, for results.json."""
+        return {
+            "n_rows": int(n),
+            "n_query_rows": int(self.n_query_rows),
+            "labels_scored": int(self.scored.size),
+            "labels_in_frame": int(self.frame.size),
+            "sampled": bool(self.scored.size < self.frame.size),
+            "n_too_large": int(self.too_large.size),
+        }
+
+
+def _knn_adjacency(x: np.ndarray, query: np.ndarray | None, metric: str) -> csr_matrix:
+    """Directed n x n adjacency: each query row (default all) to its nearest other rows."""
+    n = x.shape[0]
+    graph = neighbor_graph(x, CONNECTIVITY_K - 1, query_indices=query, metric=metric)
+    src = np.repeat(graph.queries, graph.k)
+    data = np.ones(src.size, dtype=np.int8)
+    return csr_matrix((data, (src, graph.indices.ravel())), shape=(n, n))
+
+
+def _sample_labels(sizes: np.ndarray, frame: np.ndarray, budget_rows: int, seed: int) -> np.ndarray:
+    """Seeded simple random sample of the ``frame`` labels whose rows fit ``budget_rows``.
+
+    The sample size is the budget over the mean label size (at least ``MIN_SCORED_GROUPS``),
+    so its rows fit the budget on average; whole labels, so each subgraph is complete.
+    """
+    if sizes[frame].sum() <= budget_rows:
+        return frame  # every label fits: nothing to sample
+    m = int(budget_rows // float(sizes[frame].mean()))
+    m = min(frame.size, max(m, MIN_SCORED_GROUPS))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(frame, m, replace=False))
+
+
+def label_graph(
+    x: np.ndarray,
+    codes: np.ndarray,
+    eligible: np.ndarray,
+    *,
+    exact_max: int | None = EXACT_MAX,
+    pair_budget: int = GRAPH_PAIRS,
+    max_label_rows: int = EXACT_MAX,
+    metric: str = "euclidean",
+    seed: int = 0,
+) -> LabelGraph:
+    """The kNN graph over all rows that per-label kBET and graph connectivity read.
+
+    Up to ``exact_max`` rows (None: always) every row is searched and every ``eligible``
+    label (bool per label code) scored. Above, a seeded simple random sample of whole
+    eligible labels is searched against all rows, about ``pair_budget / n`` rows in all;
+    labels with more than ``max_label_rows`` rows (or a third of that budget) are left out.
     """
     n = x.shape[0]
-    rows = sample_rows(n, max_rows, seed)
-    sub = x if rows.size == n else x[rows]
-    graph = neighbor_graph(sub, CONNECTIVITY_K - 1, metric=metric)
-    kk = graph.k
-    src = np.repeat(np.arange(rows.size), kk)
-    adj = csr_matrix(
-        (np.ones(src.size, dtype=np.int8), (src, graph.indices.ravel())),
-        shape=(rows.size, rows.size),
-    )
-    return adj, rows
+    sizes = np.bincount(codes, minlength=eligible.size)
+    cand = np.flatnonzero(eligible)
+    if exact_max is None or n <= exact_max:
+        empty = np.zeros(0, dtype=np.int64)
+        return LabelGraph(_knn_adjacency(x, None, metric), cand, cand, empty, n)
+    budget = max(pair_budget // n, 1)
+    cap = min(max_label_rows, budget // MIN_SCORED_GROUPS)
+    frame, too_large = cand[sizes[cand] <= cap], cand[sizes[cand] > cap]
+    scored = _sample_labels(sizes, frame, budget, seed)
+    query = np.flatnonzero(np.isin(codes, scored))
+    adj = _knn_adjacency(x, query, metric) if query.size else csr_matrix((n, n), dtype=np.int8)
+    return LabelGraph(adj, scored, frame, too_large, int(query.size))
 
 
-def _group_components(adj: csr_matrix, in_graph: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
-    """Weak components of ``rows`` in the global graph; None if the graph misses some of them."""
-    pos = np.searchsorted(in_graph, rows)
-    pos = np.minimum(pos, in_graph.size - 1)
-    if not np.array_equal(in_graph[pos], rows):
-        return None  # the global graph is a sample that does not hold every row of the group
-    return _fragments(adj, pos)
+def srs_stderr(values: np.ndarray, population: int) -> float:
+    """Standard error of a mean of [0, 1] scores over a simple random sample of labels.
+
+    ``values``: the sampled labels' scores; sd / sqrt(m) x sqrt(1 - m / N) (finite
+    population correction); 0 when every label is scored, NaN with fewer than 2.
+    """
+    m = values.size
+    if m >= population:
+        return 0.0
+    if m < 2:
+        return float("nan")
+    sd = float(values.std(ddof=1))
+    if sd == 0.0:
+        # Every sampled label scores the same, so the sample cannot estimate the spread: take
+        # that of one label in m lying at the far end of [0, 1] (rare labels unlike the sample).
+        far = max(float(values[0]), 1.0 - float(values[0]))
+        sd = far * math.sqrt((1.0 / m) * (1.0 - 1.0 / m))
+    return sd / math.sqrt(m) * math.sqrt(1.0 - m / population)
 
 
 def silhouette(
@@ -644,12 +741,12 @@ def ilisi(
     }
 
 
-def _label_connectivity(adj: csr_matrix, pos: np.ndarray) -> float:
-    """Largest strongly connected share of the rows ``pos`` in the subgraph of ``adj`` on them."""
-    if pos.size < 2:
+def _label_connectivity(adj: csr_matrix, rows: np.ndarray) -> float:
+    """Largest strongly connected share of ``rows`` in the subgraph of ``adj`` on them."""
+    if rows.size < 2:
         return 1.0
-    comps = connected_components(adj[pos][:, pos], directed=True, connection="strong")[1]
-    return float(np.bincount(comps).max() / pos.size)
+    comps = connected_components(adj[rows][:, rows], directed=True, connection="strong")[1]
+    return float(np.bincount(comps).max() / rows.size)
 
 
 def graph_connectivity(
@@ -658,8 +755,9 @@ def graph_connectivity(
     *,
     metric: str = "euclidean",
     max_rows: int | None = EXACT_MAX,
+    pair_budget: int = GRAPH_PAIRS,
     seed: int = 0,
-    adjacency: tuple[csr_matrix, np.ndarray] | None = None,
+    graph: LabelGraph | None = None,
 ) -> dict[str, Any]:
     """Graph connectivity (scib): mean over labels of the label's largest connected share.
 
@@ -670,28 +768,32 @@ def graph_connectivity(
     ``connected_components(connection="strong")``, as scib-metrics) and the label scores the
     share of its rows in the largest one. 1 = every label is one piece; a label whose rows
     sit in batch-specific pieces, or among other labels' rows, scores low. With more than
-    ``max_rows`` rows the graph is built on a seeded sample of that many rows (``n_rows``
-    says how many). ``adjacency``: a precomputed ``(adj, rows)`` from the same construction.
+    ``max_rows`` rows a seeded sample of whole labels is scored on the graph over all rows
+    (:func:`label_graph`); ``stderr`` is its sampling standard error (0 when every label is
+    scored). ``graph``: a precomputed :class:`LabelGraph` of these rows and label codes.
 
     Returns:
-        ``{"score", "n_labels", "n_rows", "per_label": {label: fraction}}``.
+        ``{"score", "stderr", "n_labels", "n_rows", "per_label": {label: fraction}, "graph"}``.
     """
     x = _features(features)
     n = x.shape[0]
     codes, uniq = _codes(_labels(labels, n, "labels"), "labels")
     if n < 2:
         return {"score": float("nan"), "n_labels": 0, "n_rows": n, "per_label": {}}
-    adj, rows = adjacency if adjacency is not None else _global_adjacency(x, max_rows, metric, seed)
-    sub_codes = codes[rows]
-    per: dict[Any, float] = {}
-    for g in np.unique(sub_codes):
-        per[uniq[g]] = _label_connectivity(adj, np.flatnonzero(sub_codes == g))
-    vals = list(per.values())
+    if graph is None:
+        every = np.ones(uniq.size, dtype=bool)
+        kw = {"exact_max": max_rows, "pair_budget": pair_budget, "metric": metric}
+        graph = label_graph(x, codes, every, seed=seed, **kw)
+    rows_of = _group_rows(codes, uniq.size)
+    per = {uniq[g]: _label_connectivity(graph.adj, rows_of[g]) for g in graph.scored}
+    vals = np.array(list(per.values()), dtype=np.float64)
     return {
-        "score": float(np.mean(vals)) if vals else float("nan"),
-        "n_labels": len(vals),
-        "n_rows": int(rows.size),
+        "score": float(vals.mean()) if vals.size else float("nan"),
+        "stderr": srs_stderr(vals, graph.frame.size),
+        "n_labels": int(vals.size),
+        "n_rows": n,
         "per_label": per,
+        "graph": graph.info(n),
     }
 
 
@@ -705,6 +807,7 @@ def mixing_per_treatment(
     silhouette_queries: int = 500,
     alpha: float = 0.05,
     metric: str = "euclidean",
+    pair_budget: int = GRAPH_PAIRS,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Batch mixing within each treatment: kBET, iLISI, batch silhouette, graph connectivity.
@@ -717,23 +820,29 @@ def mixing_per_treatment(
 
     - kBET: scib-metrics' ``kbet_per_label`` rules (:func:`kbet_per_group`): treatments with
       fewer than ``min_group_size`` (10) rows skipped, k0 from the treatment's batch sizes,
-      fragmented treatments (in one global kNN graph) scored on their large components or 0.
+      fragmented treatments (in one kNN graph over all rows) scored on their large
+      components or 0.
     - iLISI: same skip rule; k = min(90, n - 1), perplexity k / 3, scaled by the treatment's
       batch count (scib's ``ilisi_knn`` within the treatment).
     - batch silhouette: scib's ``silhouette_batch`` with treatments as labels
       (:func:`batch_silhouette_score`, Euclidean; at most ``silhouette_queries`` query rows
       per treatment).
-    - graph connectivity: scib's definition (:func:`graph_connectivity`) on one global kNN
-      graph of all rows (a seeded sample of ``max_group_rows`` above that), treatments as
-      labels, over the treatments present in >= 2 batches.
+    - graph connectivity: scib's definition (:func:`graph_connectivity`) on the same kNN
+      graph over all rows, treatments as labels, over the treatments present in >= 2 batches.
 
+    Up to ``max_group_rows`` rows every treatment is scored. Above, kBET and graph
+    connectivity score a seeded sample of whole treatments on the graph over all rows
+    (:func:`label_graph`, ``pair_budget``) and report its standard error (``kbet_stderr``,
+    ``graph_connectivity_stderr``; 0 when every treatment is scored) and how the graph was
+    searched (``graph``); iLISI and the silhouette still score every treatment, a treatment
+    with more than ``max_group_rows`` rows on a seeded sample of that many rows.
     kBET and iLISI report how many treatments they scored (``kbet_n``, ``ilisi_n``); with
     fewer than ``MIN_SCORED_GROUPS`` (3) the mean is NaN and ``kbet_note`` / ``ilisi_note``
-    say why instead of averaging one or two treatments. A treatment with more than
-    ``max_group_rows`` rows is represented by a seeded sample of that many rows.
+    say why instead of averaging one or two treatments.
 
     Returns:
         ``{"kbet", "ilisi", "batch_silhouette", "graph_connectivity", "kbet_n", "ilisi_n",
+        "graph_connectivity_n", "kbet_stderr", "graph_connectivity_stderr", "graph",
         "n_treatments", "n_single_batch", "single_batch_treatments", "n_too_small",
         "per_treatment"}`` (+ notes).
     """
@@ -741,74 +850,115 @@ def mixing_per_treatment(
     n = x.shape[0]
     bcodes, _ = _codes(_labels(batch, n, "batch"), "batch")
     tcodes, tuniq = _codes(_labels(treatment, n, "treatment"), "treatment")
-    adj, in_graph = _global_adjacency(x, max_group_rows, metric, seed)
-    graph_pos = np.full(n, -1, dtype=np.int64)
-    graph_pos[in_graph] = np.arange(in_graph.size)
-    order = np.argsort(tcodes, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(tcodes, minlength=tuniq.size))])
-    single: list[Any] = []
-    too_small = 0
+    rows_of = _group_rows(tcodes, tuniq.size)
+    multi = np.array([np.unique(bcodes[r]).size >= 2 for r in rows_of], dtype=bool)
+    lg = label_graph(
+        x,
+        tcodes,
+        multi,
+        exact_max=max_group_rows,
+        pair_budget=pair_budget,
+        max_label_rows=max_group_rows,
+        metric=metric,
+        seed=seed,
+    )
+    opts = {"min_group_size": min_group_size, "max_group_rows": max_group_rows}
+    opts.update(silhouette_queries=silhouette_queries, alpha=alpha, metric=metric, seed=seed)
     per: dict[Any, dict[str, float]] = {}
-    for g in range(tuniq.size):
-        rows = np.sort(order[bounds[g] : bounds[g + 1]])
-        if np.unique(bcodes[rows]).size < 2:
-            single.append(tuniq[g])
-            continue
-        pos = graph_pos[rows]
-        pos = np.sort(pos[pos >= 0])
-        rec: dict[str, float] = {
-            "graph_connectivity": _label_connectivity(adj, pos) if pos.size else float("nan"),
-            "n_rows": int(rows.size),
-        }
-        if rows.size > max_group_rows:
-            rows = np.sort(rows[sample_rows(rows.size, max_group_rows, seed + g)])
-        local, sizes = np.unique(bcodes[rows], return_inverse=True, return_counts=True)[1:]
-        nb_g = sizes.size
-        rec["n_batches"] = int(nb_g)
+    for g in np.flatnonzero(multi):
+        per[tuniq[g]] = _treatment_mixing(x, bcodes, rows_of[g], int(g), lg, **opts)
+    min_size = max(3, min_group_size)
+    pop = {"graph_connectivity": int(lg.frame.size)}
+    pop["kbet"] = int(sum(rows_of[g].size >= min_size for g in lg.frame))  # kBET skips fewer
+    out = _treatment_means(per, pop, min_group_size)
+    out["graph"] = lg.info(n)
+    if lg.too_large.size:
+        out["too_large_treatments"] = [str(tuniq[g]) for g in lg.too_large]
+    single = [tuniq[g] for g in np.flatnonzero(~multi)]
+    out["n_treatments"] = len(per)
+    out["n_single_batch"] = len(single)
+    out["single_batch_treatments"] = [str(t) for t in single]
+    out["n_too_small"] = sum(1 for v in per.values() if v["n_rows"] < min_size)
+    out["per_treatment"] = {str(t): v for t, v in per.items()}
+    return out
+
+
+def _treatment_mixing(
+    x: np.ndarray,
+    bcodes: np.ndarray,
+    rows: np.ndarray,
+    g: int,
+    lg: LabelGraph,
+    *,
+    min_group_size: int,
+    max_group_rows: int,
+    silhouette_queries: int,
+    alpha: float,
+    metric: str,
+    seed: int,
+) -> dict[str, float]:
+    """kBET, iLISI, batch silhouette and graph connectivity of one treatment (code ``g``)."""
+    scored = lg.has(g)  # its subgraph of the graph over all rows is complete
+    nan = float("nan")
+    rec: dict[str, float] = {
+        "graph_connectivity": _label_connectivity(lg.adj, rows) if scored else nan,
+        "n_rows": int(rows.size),
+    }
+    if rows.size > max_group_rows:  # never a scored one: the graph sample leaves these out
+        rows = np.sort(rows[sample_rows(rows.size, max_group_rows, seed + g)])
+    local, sizes = np.unique(bcodes[rows], return_inverse=True, return_counts=True)[1:]
+    nb_g = sizes.size
+    rec["n_batches"] = int(nb_g)
+    if nb_g <= rows.size - 1:
         sil_q = sample_rows(rows.size, silhouette_queries, seed + g)
-        if nb_g <= rows.size - 1:
-            s = silhouette_values(x[rows], local, sil_q, metric="euclidean")
-            rec["batch_silhouette"] = float(np.mean(1.0 - np.abs(s)))
-        else:
-            rec["batch_silhouette"] = float("nan")  # every row its own batch: undefined
-        if rows.size < max(3, min_group_size):
-            too_small += 1
-            rec["kbet"] = rec["ilisi"] = float("nan")
-            per[tuniq[g]] = rec
-            continue
-        k_lisi = min(LISI_K, rows.size - 1)
-        k_kbet = _scib_kbet_k0(sizes, rows.size)
-        graph = rows_graph(x, rows, max(k_kbet - 1, k_lisi), metric=metric)
-        comps = _group_components(adj, in_graph, rows)
+        s = silhouette_values(x[rows], local, sil_q, metric="euclidean")
+        rec["batch_silhouette"] = float(np.mean(1.0 - np.abs(s)))
+    else:
+        rec["batch_silhouette"] = nan  # every row its own batch: undefined
+    rec["kbet"] = rec["ilisi"] = nan
+    if rows.size < max(3, min_group_size):
+        return rec
+    k_lisi = min(LISI_K, rows.size - 1)
+    k_kbet = _scib_kbet_k0(sizes, rows.size)
+    graph = rows_graph(x, rows, max(k_kbet - 1, k_lisi), metric=metric)
+    if scored:
+        comps = _fragments(lg.adj, rows)
         acc, info = _kbet_group(x, bcodes, rows, comps, alpha=alpha, metric=metric, graph=graph)
         rec["kbet"] = acc
         rec["kbet_k"] = info["k"]
         rec["fragmented"] = float(bool(info.get("fragmented")))
-        lpos = np.searchsorted(rows, graph.indices[:, :k_lisi])
-        lisi_graph = NeighborGraph(
-            np.arange(rows.size), lpos, graph.similarities[:, :k_lisi], graph.metric, rows.size
-        )
-        lisi = lisi_values(lisi_graph, local, k_lisi / 3.0)
-        rec["ilisi"] = float((np.median(lisi) - 1.0) / (nb_g - 1.0))
-        per[tuniq[g]] = rec
+    lpos = np.searchsorted(rows, graph.indices[:, :k_lisi])
+    lisi_graph = NeighborGraph(
+        np.arange(rows.size), lpos, graph.similarities[:, :k_lisi], graph.metric, rows.size
+    )
+    lisi = lisi_values(lisi_graph, local, k_lisi / 3.0)
+    rec["ilisi"] = float((np.median(lisi) - 1.0) / (nb_g - 1.0))
+    return rec
+
+
+def _treatment_means(
+    per: dict[Any, dict[str, float]], population: dict[str, int], min_group_size: int
+) -> dict[str, Any]:
+    """Means over the scored treatments, their counts, and the sampling errors of kBET and GC.
+
+    ``population``: for kBET and graph connectivity, how many treatments the sample was drawn
+    from (equal to the number scored when nothing was sampled: standard error 0).
+    """
     out: dict[str, Any] = {}
     for key in ("kbet", "ilisi", "batch_silhouette", "graph_connectivity"):
         vals = np.array([v[key] for v in per.values()], dtype=np.float64)
         vals = vals[np.isfinite(vals)]
         out[key] = float(vals.mean()) if vals.size else float("nan")
-        if key in ("kbet", "ilisi"):
+        if key != "batch_silhouette":
             out[f"{key}_n"] = int(vals.size)
-            if vals.size < MIN_SCORED_GROUPS:
-                out[key] = float("nan")
-                out[f"{key}_note"] = (
-                    f"only {vals.size} treatment(s) have >= {min_group_size} profiles in >= 2 "
-                    f"batches (scib's rule); fewer than {MIN_SCORED_GROUPS}: not averaged"
-                )
-    out["n_treatments"] = len(per)
-    out["n_single_batch"] = len(single)
-    out["single_batch_treatments"] = [str(t) for t in single]
-    out["n_too_small"] = too_small
-    out["per_treatment"] = {str(t): v for t, v in per.items()}
+        if key in population:
+            out[f"{key}_stderr"] = srs_stderr(vals, population[key])
+        if key in ("kbet", "ilisi") and vals.size < MIN_SCORED_GROUPS:
+            out[key] = float("nan")
+            out[f"{key}_note"] = (
+                f"only {vals.size} treatment(s) have >= {min_group_size} profiles in >= 2 "
+                f"batches (scib's rule); fewer than {MIN_SCORED_GROUPS}: not averaged"
+            )
     return out
 
 

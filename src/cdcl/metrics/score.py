@@ -81,7 +81,10 @@ PROTOCOL = {
         "in >= 2 evaluated batches, averaged over treatments; others listed, left out. kBET and "
         "iLISI follow scib's per-label rules (treatments under 10 profiles skipped, k0 from the "
         "treatment's batch sizes, fragmented treatments scored 0) and are not averaged over "
-        "fewer than 3 treatments; graph connectivity is scib's, on one kNN graph of all rows"
+        "fewer than 3 treatments; graph connectivity is scib's, on one kNN graph of all rows. "
+        f"Above {EXACT_MAX:,} rows kBET and graph connectivity score a seeded sample of whole "
+        "treatments (all their rows, searched exactly against all rows) with its standard "
+        "error; treatments too large for the sample are listed and left out"
     ),
 }
 
@@ -277,6 +280,7 @@ def _unsupervised(
         if mix is not None:
             r["per_treatment_mean"] = mix["kbet"]
             r["per_treatment_n"] = mix["kbet_n"]  # treatments scored under scib's rules
+            r["per_treatment_stderr"] = mix["kbet_stderr"]  # > 0 when treatments were sampled
             if mix.get("kbet_note"):
                 r["per_treatment_note"] = mix["kbet_note"]
             r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
