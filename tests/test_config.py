@@ -10,14 +10,18 @@ import yaml
 from cdcl.config import Config, config_diff, config_from_dict, load_config, preset_names
 from cdcl.errors import ConfigError
 
+METHODS = ("supervised", "dino", "byol", "dino-cb", "byol-cb", "cdcl", "cdcl-same-batch")
 REQUIRED_PRESETS = (
-    [f"synthetic-{m}" for m in ("supervised", "dino", "byol", "dino-cb", "byol-cb", "cdcl")]
-    + [f"rxrx1-{m}" for m in ("supervised", "dino", "byol", "dino-cb", "byol-cb", "cdcl")]
+    [f"synthetic-{m}" for m in METHODS]
+    + [f"rxrx1-{m}" for m in METHODS]
     + [
         "cpg0004-supervised",
         "cpg0004-cdcl",
+        "cpg0004-cdcl-same-batch",
         "bbbc021-dino",
         "bbbc021-cdcl",
+        "bbbc021-cdcl-same-batch",
+        "generic-cdcl-same-batch",
     ]
 )
 
@@ -36,6 +40,19 @@ def test_every_preset_loads_and_round_trips(name: str) -> None:
     assert cfg.method.name == expected
     assert config_from_dict(cfg.to_dict()) == cfg
     assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+@pytest.mark.parametrize("family", ["synthetic", "rxrx1", "cpg0004", "bbbc021", "generic"])
+def test_same_batch_control_differs_from_cdcl_only_in_its_name(family: str) -> None:
+    """X-cdcl-same-batch is X-cdcl with method.name cdcl_same_batch (its pairing follows)."""
+    cdcl, ctrl = load_config(f"{family}-cdcl"), load_config(f"{family}-cdcl-same-batch")
+    assert config_diff(cdcl.to_dict(), ctrl.to_dict()) == {
+        "method.name": ("cdcl", "cdcl_same_batch")
+    }
+    assert (cdcl.method.resolved().pairing, ctrl.method.resolved().pairing) == (
+        "cross_batch",
+        "same_batch",
+    )
 
 
 def test_seed_faithful_values() -> None:

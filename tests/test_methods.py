@@ -1,4 +1,4 @@
-"""The six methods with tiny backbones, and N processes × B ≡ 1 process × N·B with gloo."""
+"""The seven methods with tiny backbones, and N processes × B ≡ 1 process × N·B with gloo."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ TINY_VIT = ModelConfig(
     arch="vit_tiny_patch16_224", patch_size=8, embed_dim=32, depth=2, num_heads=2, drop_path=0.1
 )
 TINY_RESNET = ModelConfig(arch="resnet18")
-NAMES = ["supervised", "dino", "dino_cb", "cdcl", "byol", "byol_cb"]
+NAMES = ["supervised", "dino", "dino_cb", "cdcl", "cdcl_same_batch", "byol", "byol_cb"]
 
 
 def _mcfg(name: str, **kw) -> MethodConfig:
@@ -91,7 +91,8 @@ def test_step_is_finite_and_teacher_follows(name: str, model: ModelConfig) -> No
     assert m.view_kind == {"supervised": "single", "byol": "byol", "byol_cb": "byol"}.get(
         name, "dino"
     )
-    assert m.cross_batch == (name in ("dino_cb", "byol_cb", "cdcl"))
+    assert m.cross_batch == (name in ("dino_cb", "byol_cb", "cdcl", "cdcl_same_batch"))
+    assert m.pairing == ("same_batch" if name == "cdcl_same_batch" else "cross_batch")
     loss, logs = m.loss(_batch(m), StepState(step=0, epoch=0.0))
     assert torch.isfinite(loss) and math.isfinite(logs["loss"]) and "probe_acc" in logs
     loss.backward()
@@ -153,7 +154,7 @@ def test_state_dict_round_trip(name: str) -> None:
         assert ka == kb and torch.equal(va, vb)
     if name in ("dino", "dino_cb"):
         assert a.center.abs().sum() > 0 and torch.equal(a.center, b.center)
-    if name == "cdcl":
+    if name in ("cdcl", "cdcl_same_batch"):
         assert a.batch_centers.abs().sum() > 0
     x = torch.randn(2, 5, 32, 32)
     a.eval()
@@ -175,6 +176,26 @@ def test_dino_family_structure() -> None:
     assert not over.use_barlow and over.per_batch_centering
     with pytest.raises(ConfigError):
         _build("simclr")
+
+
+def test_cdcl_same_batch_is_cdcl_but_for_the_pairing() -> None:
+    """Same switches, networks and loss as CDCL; only the partner the data draws differs."""
+    cdcl, ctrl = _build("cdcl", seed=3), _build("cdcl_same_batch", seed=3)
+    flags = ("per_batch_centering", "use_barlow", "cross_batch", "n_views", "view_kind")
+    assert [getattr(ctrl, f) for f in flags] == [getattr(cdcl, f) for f in flags]
+    assert (cdcl.pairing, ctrl.pairing) == ("cross_batch", "same_batch")
+    sd_a, sd_b = cdcl.state_dict(), ctrl.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    batch = _batch(cdcl)
+    cdcl.train(), ctrl.train()
+    torch.manual_seed(0)
+    loss_a, logs_a = cdcl.loss(batch, StepState(epoch=1.0))
+    torch.manual_seed(0)
+    loss_b, logs_b = ctrl.loss(batch, StepState(epoch=1.0))
+    assert torch.equal(loss_a, loss_b) and logs_a == logs_b
+    assert torch.equal(cdcl.batch_centers, ctrl.batch_centers)
+    with pytest.raises(ConfigError, match="pairing `same_batch` needs a partner"):
+        _build("dino", pairing="same_batch")
 
 
 def test_teacher_temperature_from_epoch_or_trainer() -> None:
@@ -372,7 +393,8 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path: Path) -> No
             assert float((g - r).abs().max()) <= 1e-5 * scale, case
 
 
-def test_cdcl_step_on_a_loaded_training_batch(random_dataset: Path) -> None:
+@pytest.mark.parametrize("name", ["cdcl", "cdcl_same_batch"])
+def test_cdcl_step_on_a_loaded_training_batch(random_dataset: Path, name: str) -> None:
     torch.set_num_threads(1)
     from cdcl.data.dataset_dir import open_dataset
     from cdcl.data.training_set import TrainingSet
@@ -384,7 +406,7 @@ def test_cdcl_step_on_a_loaded_training_batch(random_dataset: Path) -> None:
     label_of = {t: k for k, t in enumerate(sorted(s["treatment"].unique()))}
     batch_of = {b: k for k, b in enumerate(sorted(s["batch"].unique()))}
     m = build_method(
-        _mcfg("cdcl"),
+        _mcfg(name),
         TINY_VIT,
         in_chans=len(ds.channels),
         img_size=ds.image_size[0],
@@ -392,13 +414,17 @@ def test_cdcl_step_on_a_loaded_training_batch(random_dataset: Path) -> None:
         n_batches=len(batch_of),
         batch_shares=torch.tensor([1 / 3] * 3),
     )
-    ts = TrainingSet(ds, rows, label_of, batch_of, ViewsConfig(), m.view_kind, m.cross_batch, 0)
+    views = ViewsConfig()
+    ts = TrainingSet(
+        ds, rows, label_of, batch_of, views, m.view_kind, m.cross_batch, 0, pairing=m.pairing
+    )
     loader = torch.utils.data.DataLoader(
         ts, batch_size=6, shuffle=True, num_workers=2, collate_fn=ts.collate
     )
     batch = next(iter(loader))
     assert len(batch["views"]) == m.n_views
-    assert bool((batch["batch_id"] != batch["partner_batch_id"]).all())
+    same = batch["batch_id"] == batch["partner_batch_id"]
+    assert bool(same.all() if name == "cdcl_same_batch" else (~same).all())
     m.train()
     loss, logs = m.loss(batch, StepState())
     loss.backward()

@@ -1,4 +1,4 @@
-"""Cross-batch partner index and the training dataset that uses it."""
+"""Partner index (cross-batch and same-batch pairing) and the training dataset that uses it."""
 
 from __future__ import annotations
 
@@ -84,13 +84,70 @@ def test_partner_scalar_matches_vectorised_and_rejects_unknown() -> None:
         pi.partner(8, np.random.default_rng(0))  # not a training row
 
 
-def _training_set(path: Path, kind: str, cross: bool, seed: int = 0, **views) -> TrainingSet:
+def test_same_batch_partners_stay_in_the_batch_and_share_the_treatment() -> None:
+    """CDCL-same-batch's pairing: another image of the treatment in the image's own batch."""
+    t, b, idx = _table()
+    pi = PartnerIndex(t, b, idx, pairing="same_batch")
+    by_image = {int(i): (tt, bb) for i, tt, bb in zip(idx, t, b)}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        j, fb = pi.partners(idx, rng)
+        for i, jj, f in zip(idx, j, fb):
+            assert by_image[int(jj)] == by_image[int(i)]  # same treatment, same batch
+            alone = by_image[int(i)] == ("t4", "b2")  # the only image of t4 in b2
+            assert f == alone and (jj == i) == alone  # itself only when it is alone
+    # t3 lives in one batch only: that is no fallback here (its 3 images pair with each other).
+    assert pi.fallback_treatments == ["t4"]
+    assert pi.fallback_count == 20 and pi.n_draws == 20 * len(idx)
+
+
+def test_same_batch_partner_uniform_over_the_other_images_of_the_batch() -> None:
+    t, b, idx = _table()
+    pi = PartnerIndex(t, b, idx, pairing="same_batch")
+    a = int(idx[3])  # t0 in b0: candidates are the other 9 t0 images of b0
+    draws, fell_back = pi.partners(np.full(9000, a), np.random.default_rng(2))
+    counts = Counter(draws.tolist())
+    candidates = [int(i) for i, tt, bb in zip(idx, t, b) if (tt, bb) == ("t0", "b0") and i != a]
+    assert sorted(counts) == sorted(candidates) and not fell_back.any()
+    assert chisquare([counts[c] for c in candidates]).pvalue > 1e-3
+
+
+def test_unknown_pairing_is_refused() -> None:
+    t, b, idx = _table()
+    with pytest.raises(ValueError, match="pairing `other_plate` unknown"):
+        PartnerIndex(t, b, idx, pairing="other_plate")
+
+
+def _training_set(
+    path: Path, kind: str, cross: bool, seed: int = 0, pairing: str = "cross_batch", **views
+) -> TrainingSet:
     ds = open_dataset(path)
     s = ds.samples
     rows = np.flatnonzero(s["batch"].to_numpy() != "b2")  # train on b0 and b1
     label_of = {t: k for k, t in enumerate(sorted(s["treatment"].unique()))}
     batch_of = {"b0": 0, "b1": 1}
-    return TrainingSet(ds, rows, label_of, batch_of, ViewsConfig(**views), kind, cross, seed)
+    return TrainingSet(
+        ds, rows, label_of, batch_of, ViewsConfig(**views), kind, cross, seed, pairing=pairing
+    )
+
+
+@pytest.mark.parametrize("pairing", ["cross_batch", "same_batch"])
+def test_training_set_partners_by_pairing(random_dataset: Path, pairing: str) -> None:
+    """Over every item and several epochs: CDCL's partners always leave the image's batch,
+    CDCL-same-batch's never do; both share the image's treatment and are another image."""
+    ts = _training_set(random_dataset, "dino", cross=True, pairing=pairing)
+    s = ts.dataset.samples
+    for epoch in range(3):
+        ts.set_epoch(epoch)
+        for k in range(len(ts)):
+            item = ts[k]
+            i, j = item["index"], item["partner_index"]
+            assert s.treatment[i] == s.treatment[j] and i != j and not item["fell_back"]
+            same = s.batch[i] == s.batch[j]
+            assert same == (pairing == "same_batch")
+            assert (item["batch_id"] == item["partner_batch_id"]) == same
+            assert np.array_equal(item["images"][1], ts.dataset.read(j))
+    assert ts.fallback_count == 0 and ts.fallback_treatments == []
 
 
 def test_training_set_items(random_dataset: Path) -> None:

@@ -830,7 +830,8 @@ def study(
     dataset
         What to train and evaluate on: ``"synthetic"`` or ``"bbbc021"``.
     methods
-        Methods to compare (default: every method of the dataset).
+        Methods to compare (default: every method of the dataset; ``CDCL-same-batch``, the
+        pairing control, only when named).
     seeds
         Replicates: every seed on every fold.
     folds

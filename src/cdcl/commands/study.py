@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods",
         default=None,
         help="comma-separated methods (default: all of the dataset's: supervised,DINO,DINO-CB,"
-        "CDCL on synthetic, DINO,CDCL on bbbc021)",
+        "CDCL on synthetic, DINO,CDCL on bbbc021); CDCL-same-batch, the pairing control, only "
+        "when named",
     )
     parser.add_argument(
         "--seeds",

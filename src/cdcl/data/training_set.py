@@ -1,10 +1,11 @@
-"""The training dataset: image A, its cross-batch partner B and the random draws of their views.
+"""The training dataset: image A, its partner B and the random draws of their views.
 
 Per item k (training row ``rows[k]``): a fresh RNG ``np.random.default_rng([seed, epoch, k])``
-draws the partner (when ``cross_batch``) and seeds a ``torch.Generator`` from which every random
-choice of the item's views is drawn (``draw_view_params``), so a resumed run (same seed,
-``set_epoch(epoch)``) reproduces exactly the same partners and views, whatever the worker count
-or order.
+draws the partner (when ``cross_batch``: from another batch, or from A's own batch with
+``pairing="same_batch"``, see ``cdcl.data.pairing``) and seeds a ``torch.Generator`` from which
+every random choice of the item's views is drawn (``draw_view_params``), so a resumed run (same
+seed, ``set_epoch(epoch)``) reproduces exactly the same partners and views, whatever the worker
+count or order.
 
 Items carry the raw pixels (A and B as stored, uint8/uint16), their plate control statistics
 and the drawn parameters; :meth:`TrainingSet.collate` stacks a batch of them and the views are
@@ -52,6 +53,7 @@ class TrainingSet(TorchDataset):
         cross_batch: bool,
         seed: int,
         views_in_loader: bool = True,
+        pairing: str = "cross_batch",
     ) -> None:
         if view_kind not in VIEW_KINDS:
             raise CdclError(f"view kind `{view_kind}` unknown; use one of {', '.join(VIEW_KINDS)}")
@@ -77,7 +79,8 @@ class TrainingSet(TorchDataset):
         size = dataset.image_size[0]
         self.views_cfg = views_cfg.resolved(views_cfg.resize or size)
         self.view_kind = view_kind
-        self.cross_batch = bool(cross_batch)
+        self.cross_batch = bool(cross_batch)  # whether B is a partner image (else A itself)
+        self.pairing = pairing  # which partner: cross_batch or same_batch (PAIRINGS)
         self.seed = int(seed)
         self.epoch = 0
         self.value_max = float(np.iinfo(np.dtype(dataset.info.dtype)).max)
@@ -86,7 +89,7 @@ class TrainingSet(TorchDataset):
         self.n_channels = len(dataset.channels)
         self.views_in_loader = bool(views_in_loader)
         self.partner_index = (
-            PartnerIndex(self._treatment[self.rows], self._batch[self.rows], self.rows)
+            PartnerIndex(self._treatment[self.rows], self._batch[self.rows], self.rows, pairing)
             if self.cross_batch
             else None
         )
@@ -100,12 +103,12 @@ class TrainingSet(TorchDataset):
 
     @property
     def fallback_count(self) -> int:
-        """Partner draws that fell back to the same batch in this process (sum 'fell_back' for all)."""
+        """Partner draws that fell back in this process (sum 'fell_back' for all processes)."""
         return 0 if self.partner_index is None else self.partner_index.fallback_count
 
     @property
     def fallback_treatments(self) -> list[str]:
-        """Treatments that cannot be paired across batches (present in one batch only)."""
+        """Treatments with an image that has no partner of the pairing's kind (see pairing)."""
         return [] if self.partner_index is None else list(self.partner_index.fallback_treatments)
 
     def __getitem__(self, k: int) -> dict[str, Any]:

@@ -59,8 +59,12 @@ METHODS: dict[str, str] = {
     "DINO": "dino",
     "DINO-CB": "dino-cb",
     "CDCL": "cdcl",
+    "CDCL-same-batch": "cdcl-same-batch",
 }
 BBBC021_METHODS = ("DINO", "CDCL")
+# Trained only when named (DemoSpec.methods, `cdcl study --methods`), on either dataset: the
+# pairing control CDCL-same-batch (CDCL with its partner from the image's own batch).
+ON_REQUEST = ("CDCL-same-batch",)
 DEMO_EPOCHS = {"synthetic": 10, "bbbc021": 12}
 # The held-out plates the README's BBBC021 figures were measured on (one DMSO-only plate, one
 # with cycloheximide at 15 and 50 µM). `DemoSpec.split = k` uses treatment-paired fold k instead.
@@ -229,10 +233,11 @@ def bbbc021_test_plates(table: pd.DataFrame, split: int | None) -> set[str]:
 
 
 def method_labels(spec: DemoSpec) -> list[str]:
-    """The methods a run trains: ``spec.methods`` or every method of the dataset."""
-    allowed = list(BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS)
+    """The methods a run trains: ``spec.methods`` or the dataset's (not those ON_REQUEST)."""
+    default = BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS
+    allowed = [m for m in default if m not in ON_REQUEST] + list(ON_REQUEST)
     if spec.methods is None:
-        return allowed
+        return [m for m in default if m not in ON_REQUEST]
     bad = [m for m in spec.methods if m not in allowed]
     if bad or not spec.methods:
         raise CdclError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -30,8 +31,8 @@ import torch.nn.functional as F
 
 from cdcl.errors import ConfigError
 
-METHOD_NAMES = ("supervised", "dino", "byol", "dino_cb", "byol_cb", "cdcl")
-# name -> (cross_batch, per_batch_centering, barlow)
+METHOD_NAMES = ("supervised", "dino", "byol", "dino_cb", "byol_cb", "cdcl", "cdcl_same_batch")
+# name -> (cross_batch, per_batch_centering, barlow); cross_batch: view B from a partner image.
 _DEFAULT_FLAGS = {
     "supervised": (False, False, False),
     "dino": (False, False, False),
@@ -39,12 +40,16 @@ _DEFAULT_FLAGS = {
     "dino_cb": (True, False, False),
     "byol_cb": (True, False, False),
     "cdcl": (True, True, True),
+    "cdcl_same_batch": (True, True, True),
 }
+# Which partner (cdcl.data.pairing.PAIRINGS) a method draws by default: another batch, except
+# for CDCL-same-batch, the control that draws it from the image's own batch.
+_DEFAULT_PAIRING = {"cdcl_same_batch": "same_batch"}
 
 
 @dataclass
 class MethodConfig:
-    """Method name and loss/head settings; the three switches default from the name."""
+    """Method name and loss/head settings; the switches and the pairing default from the name."""
 
     name: str = "dino"
     out_dim: int = 4096
@@ -62,21 +67,30 @@ class MethodConfig:
     only_cross_domain: bool = False
     per_batch_centering: bool | None = None
     barlow: bool | None = None
-    cross_batch: bool | None = None
+    cross_batch: bool | None = None  # view B from a partner image (which one: ``pairing``)
+    # cross_batch: the partner is from another batch; same_batch: from the image's own batch
+    pairing: Literal["cross_batch", "same_batch"] | None = None
     byol_proj_hidden: int = 4096
     byol_proj_dim: int = 256
     byol_pred_hidden: int = 4096
 
     def resolved(self) -> MethodConfig:
-        """A copy with the switches (cross_batch, per_batch_centering, barlow) filled from name."""
+        """A copy with the switches (cross_batch, per_batch_centering, barlow, pairing) filled."""
         if self.name not in METHOD_NAMES:
             raise ConfigError(
                 f"method.name `{self.name}` unknown; use one of {', '.join(METHOD_NAMES)}"
             )
         cb, pbc, bt = _DEFAULT_FLAGS[self.name]
+        cross_batch = cb if self.cross_batch is None else bool(self.cross_batch)
+        pairing = self.pairing or _DEFAULT_PAIRING.get(self.name, "cross_batch")
+        if pairing == "same_batch" and not cross_batch:
+            raise ConfigError(
+                "method.pairing `same_batch` needs a partner image: set method.cross_batch=true"
+            )
         return replace(
             self,
-            cross_batch=cb if self.cross_batch is None else bool(self.cross_batch),
+            cross_batch=cross_batch,
+            pairing=pairing,
             per_batch_centering=pbc
             if self.per_batch_centering is None
             else bool(self.per_batch_centering),
@@ -109,6 +123,8 @@ class Method(nn.Module):
     def __init__(self, cfg: MethodConfig, feat_dim: int, n_classes: int) -> None:
         super().__init__()
         self.cfg = cfg
+        # Which partner the data draws when cross_batch (cdcl.data.pairing.PAIRINGS).
+        self.pairing: str = cfg.pairing or "cross_batch"
         self.feat_dim = int(feat_dim)
         self.n_classes = int(n_classes)
         self.probe = nn.Linear(self.feat_dim, max(self.n_classes, 1))

@@ -1,4 +1,4 @@
-"""DINO, DINO-CB and CDCL: one class, three switches (docs/design.md §5).
+"""DINO, DINO-CB, CDCL and CDCL-same-batch: one class, three switches (docs/design.md §5).
 
 - DINO: one centre (1, K), cross-entropy over (teacher global i, student view v ≠ i) pairs.
 - DINO-CB: DINO with cross-batch pairing (``cross_batch``: view B comes from a partner image
@@ -6,6 +6,9 @@
 - CDCL: DINO-CB + per-batch centres (teacher row of view A centred with the centre of
   ``batch_id``, view B with that of ``partner_batch_id``) + the Barlow term; total
   (1−w)·L_dino/log K + w·L_bt. Plain DINO's loss is L_dino/log K.
+- CDCL-same-batch: CDCL whose partner B is another image of the same treatment from A's *own*
+  batch (``pairing="same_batch"``, drawn in the data); the loss is CDCL's. The control that
+  isolates the cross-batch constraint from the use of the treatment label.
 
 Centres are buffers updated inside ``loss()`` after the forward pass (no_grad, training mode
 only) from the raw (uncentred) teacher logits of both global views.

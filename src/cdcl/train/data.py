@@ -79,6 +79,7 @@ def training_set(
         cfg.train.seed,
         # Views in the loader workers on the CPU (they overlap with the step); on the GPU there.
         views_in_loader=device.type != "cuda",
+        pairing=method.pairing,
     )
 
 
