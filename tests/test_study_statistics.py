@@ -362,3 +362,92 @@ def test_compound_interval_in_the_study(tmp_path: Path) -> None:
         if x["metric"] == "NSCB"
     )
     assert d["interval"] == "t" and d["bootstrap"]["n_compounds"] == 24
+
+
+# ---------------------------------------------------------------- the sign-flip test
+
+
+def _brute_force_sign_flip(d: list[float]) -> float:
+    """Every assignment of signs written out, the statistic |mean| as the docs state it."""
+    import itertools
+
+    observed = abs(sum(d) / len(d))
+    tie = 1e-9 * sum(abs(x) for x in d) / len(d)
+    hits = [
+        abs(sum(s * x for s, x in zip(signs, d)) / len(d)) >= observed - tie
+        for signs in itertools.product((1, -1), repeat=len(d))
+    ]
+    return sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 8, 10])
+def test_sign_flip_equals_brute_force(n: int) -> None:
+    rng = np.random.default_rng(n)
+    for _ in range(5):
+        d = rng.normal(0.01, 0.02, n).tolist()
+        assert st.sign_flip_p(d) == pytest.approx(_brute_force_sign_flip(d), abs=1e-15)
+    # ties and zeros: repeated magnitudes and exact zeros
+    d = rng.choice([-0.1, 0.0, 0.1, 0.2], size=n).tolist()
+    assert st.sign_flip_p(d) == pytest.approx(_brute_force_sign_flip(d), abs=1e-15)
+
+
+def test_sign_flip_known_values() -> None:
+    # All differences of one sign: only the observed assignment and its mirror reach |mean|.
+    assert st.sign_flip_p([0.01, 0.02, 0.03, 0.04, 0.05]) == 2 / 32
+    assert st.sign_flip_p([-1.0, -2.0, -3.0]) == 2 / 8 == 0.25  # n = 3 can never go lower
+    assert st.sign_flip_p([0.1] * 20) == 2 / 2**20
+    # Ties count as at least as extreme: +1 +1 +1 -1 has |sum| 2, reached by 10 of 16.
+    assert st.sign_flip_p([1.0, 1.0, 1.0, -1.0]) == 10 / 16
+    # 0.3 + 0.1 - 0.2: |sum| 0.2 is reached by 6 of 8 (0.2 itself within rounding).
+    assert st.sign_flip_p([0.3, 0.1, -0.2]) == 6 / 8
+    assert st.sign_flip_p([0.0, 0.0, 0.0]) == 1.0  # nothing to flip
+    assert st.sign_flip_p([1.0, -1.0]) == 1.0
+    assert math.isnan(st.sign_flip_p([])) and math.isnan(st.sign_flip_p([None, math.nan]))
+    with pytest.raises(ValueError, match="at most 2\\^24"):
+        st.sign_flip_p([1.0], max_exact=25)
+
+
+def test_sign_flip_monte_carlo_above_twenty_units() -> None:
+    d = np.random.default_rng(3).normal(0.2, 1.0, 22)
+    exact = st.sign_flip_p(d, max_exact=22)
+    mc = st.sign_flip_p(d)  # 22 > 20: 100,000 random assignments, seed 0
+    assert mc == st.sign_flip_p(d)  # reproducible
+    assert abs(mc - exact) < 4 * math.sqrt(exact * (1 - exact) / st.SIGNFLIP_DRAWS)
+    # Never 0: the observed assignment counts, p >= 1 / (1 + draws).
+    assert st.sign_flip_p([1.0] * 25) == 1 / (1 + st.SIGNFLIP_DRAWS)
+    assert st.sign_flip_p([1.0] * 25, draws=999, seed=1) == 1 / 1000
+
+
+def test_paired_difference_carries_the_sign_flip_p() -> None:
+    a, b = [0.6, 0.55, 0.7, 0.62, 0.58], [0.5, 0.52, 0.6, 0.61, 0.5]
+    d = st.paired_difference(a, b)
+    assert d["p_signflip"] == 2 / 32 and d["p"] < 0.05  # all five differences positive
+    # The same nonzero difference everywhere: t says p = 0, the sign flip stays at 2/2^n.
+    z = st.paired_difference([0.6] * 3, [0.5] * 3)
+    assert z["zero_variance"] and z["p"] == 0.0 and z["p_signflip"] == 0.25
+    assert math.isnan(st.paired_difference([0.6], [0.5])["p_signflip"])  # as p: n < 2
+    # Shared units: the test runs on the fold means, like the t-test.
+    a, b, units = _seeds_by_folds()
+    f = st.paired_difference(a, b, units=units)
+    means = st.unit_means(a, units) - st.unit_means(b, units)
+    assert f["p_signflip"] == st.sign_flip_p(means) == 0.25  # n = 3 folds
+
+
+def test_sign_flip_in_the_study_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    spec = StudySpec(out=out, seeds=(0, 1, 2), methods=("DINO", "CDCL"))
+    finish_study(spec, ["DINO", "CDCL"], _records([0, 1, 2], [None]), _simple_figures(3))
+    study = json.loads((out / "study.json").read_text())
+    assert study["test"]["signflip"] == st.SIGNFLIP_TEST
+    assert all("p_signflip" in d for d in study["differences"])
+    d = next(x for x in study["differences"] if x["metric"] == "NSCB")
+    assert d["p_signflip"] == 0.25  # CDCL ahead in all 3 seeds: the smallest p at n = 3
+    assert any(
+        n.startswith("With n = 3 units the sign-flip p cannot be below") for n in study["notes"]
+    )
+    md = (out / "study.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| metric |"))
+    assert "| p | p (Holm) | p (sign-flip) |" in header
+    row = next(line for line in md.splitlines() if line.startswith("| NSCB |"))
+    assert row.split(" | ")[header.split(" | ").index("p (sign-flip)")] == "0.25"
+    assert "p (sign-flip)" in (out / "report.html").read_text()

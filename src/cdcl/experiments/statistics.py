@@ -7,7 +7,8 @@ difference uses only the replicates where both figures exist, so every result ca
 When several replicates share a unit (seeds evaluated on the same held-out fold), the unit is
 what is independent: figures are averaged within the unit first and the test runs on the unit
 means, so ``n`` counts units. Holm's step-down adjustment guards a family of metrics, and the
-minimum detectable difference says how large an effect the design could have found.
+minimum detectable difference says how large an effect the design could have found. An exact
+sign-flip test over the same units gives a p-value that assumes no normality.
 """
 
 from __future__ import annotations
@@ -26,6 +27,17 @@ PAIRED_TEST = "paired t-test (scipy.stats.ttest_rel), two-sided"
 CI_METHOD = "95% t-interval across replicates: mean ± t(0.975, n-1) · sd / sqrt(n)"
 WILCOXON_TEST = "Wilcoxon signed-rank (scipy.stats.wilcoxon), two-sided, when n >= 6"
 WILCOXON_MIN_N = 6
+SIGNFLIP_MAX_EXACT = 20  # up to this many units every sign assignment is enumerated (2^20)
+SIGNFLIP_DRAWS = 100_000  # Monte Carlo draws above it
+SIGNFLIP_SEED = 0
+SIGNFLIP_TIE = 1e-9  # |sum| within this share of sum|d| of the observed one counts as a tie
+SIGNFLIP_TEST = (
+    "sign-flip (permutation) test of the mean paired difference over units, two-sided: the share "
+    "of the 2^n assignments of signs to the n differences whose |mean| is at least the observed "
+    "|mean| (ties, to within 1e-9 x mean|d|, count as at least as extreme; the observed "
+    f"assignment is one of them), exact up to n = {SIGNFLIP_MAX_EXACT}; above, {SIGNFLIP_DRAWS} random "
+    f"assignments (seed {SIGNFLIP_SEED}) and p = (1 + hits) / (1 + draws)"
+)
 UNIT_TEST = "paired t on fold means (scipy.stats.ttest_rel over per-fold averages), two-sided"
 HOLM = "Holm step-down adjustment across the pre-declared metrics, per reference"
 POWER = 0.8
@@ -109,6 +121,41 @@ def paired(a: Sequence[Any], b: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def sign_flip_p(
+    diffs: Sequence[Any],
+    max_exact: int = SIGNFLIP_MAX_EXACT,
+    draws: int = SIGNFLIP_DRAWS,
+    seed: int = SIGNFLIP_SEED,
+) -> float:
+    """Two-sided sign-flip p of the mean of ``diffs`` (see SIGNFLIP_TEST); nan when empty.
+
+    Under the null of a distribution symmetric about zero every sign assignment is equally
+    likely, so p is the share of assignments whose |sum| reaches the observed |sum|. With
+    n ≤ ``max_exact`` all 2^n sums are enumerated (the smallest p is 2/2^n); above, ``draws``
+    random assignments estimate it, counting the observed one: (1 + hits) / (1 + draws).
+    """
+    if max_exact > 24:  # 2^n sums in memory: 2^24 of them take 128 MiB
+        raise ValueError(f"max_exact {max_exact}: enumerate at most 2^24 assignments")
+    d = clean(diffs)
+    n = len(d)
+    if n == 0:
+        return math.nan
+    bound = abs(float(d.sum())) - SIGNFLIP_TIE * float(np.abs(d).sum())
+    if n <= max_exact:
+        sums = np.zeros(1)
+        for x in d:  # every assignment of signs, doubling the list per difference
+            sums = np.concatenate((sums + x, sums - x))
+        return float(np.count_nonzero(np.abs(sums) >= bound)) / sums.size
+    rng = np.random.default_rng(seed)
+    hits, done, chunk = 0, 0, max(1, 2**22 // n)
+    while done < draws:
+        m = min(chunk, draws - done)
+        signs = rng.integers(0, 2, size=(m, n), dtype=np.int8) * 2 - 1
+        hits += int(np.count_nonzero(np.abs(signs @ d) >= bound))
+        done += m
+    return (1 + hits) / (1 + draws)
+
+
 def verdict(
     mean_diff: float, p: float, n: int, lower_is_better: bool = False, alpha: float = ALPHA
 ) -> str:
@@ -188,7 +235,7 @@ def paired_difference(
     confidence: float = CONFIDENCE,
     units: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
-    """method − reference over complete replicate pairs: mean, sd, t CI, paired t p, verdict.
+    """method − reference over complete replicate pairs: mean, sd, t CI, t and sign-flip p, verdict.
 
     With ``units`` (one per replicate) shared by several replicates, each unit's complete pairs
     are averaged first and the test runs on the unit means: ``n`` is the number of units and
@@ -219,6 +266,8 @@ def paired_difference(
         t_stat, p = float(res.statistic), float(res.pvalue)
     elif n >= 2:
         t_stat, p = 0.0, 1.0  # identical figures in every replicate
+    # The t-test's companion without a normality assumption (nan, like p, below 2 units).
+    p_flip = sign_flip_p(d) if n >= 2 else math.nan
     p_w = math.nan
     if n >= WILCOXON_MIN_N and np.any(d != 0.0):
         with warnings.catch_warnings():
@@ -237,6 +286,7 @@ def paired_difference(
         "ci_high": hi,
         "t": t_stat,
         "p": p,
+        "p_signflip": p_flip,
         "p_wilcoxon": p_w,
         "verdict": verdict(mean_diff, p, n, lower_is_better, alpha),
         "min_detectable_diff": min_detectable_difference(sd_diff, n, alpha),

@@ -605,6 +605,7 @@ def headline_rows(agg: dict[str, Any], reference: str, n_total: int) -> list[lis
                 str(d["n"]),
                 _p(d["p"]) + ("†" if d.get("zero_variance") else ""),
                 _p(d.get("p_holm")),
+                _p(d.get("p_signflip")),
                 _num(d.get("min_detectable_diff")),
                 d["verdict"],
             ]
@@ -621,6 +622,7 @@ HEADLINE_COLUMNS = [
     "n",
     "p",
     "p (Holm)",
+    "p (sign-flip)",
     "detectable ±",
     "verdict",
 ]
@@ -629,7 +631,9 @@ HEADLINE_NOTE = (
     "p (Holm): Holm-adjusted across the pre-declared metrics for this reference; the verdict "
     "uses it. 95% CI: (t) over units, (compounds) a bootstrap over compounds, used where "
     "every replicate evaluates the same compounds. detectable ±: the smallest difference the design could detect at this n "
-    "(α two-sided, power 0.8; noncentral t from the observed sd of the paired differences)."
+    "(α two-sided, power 0.8; noncentral t from the observed sd of the paired differences). "
+    "p (sign-flip): exact sign-flip test over the same units, no normality assumed, not "
+    "adjusted and not used by the verdict; it cannot fall below 2/2^n (0.25 at n = 3)."
 )
 
 
@@ -681,6 +685,14 @@ def second_look_note(study: dict[str, Any]) -> str | None:
     )
 
 
+SIGNFLIP_FLOOR_NOTE = (
+    "With n = {n} units the sign-flip p cannot be below 2/2^{n} = {floor:.3g}, above α: "
+    "only the t-test, which assumes normally distributed differences, can call a difference "
+    "here. Take its verdicts as provisional and add units to have one that needs no such "
+    "assumption."
+)
+
+
 def _notes(study: dict[str, Any]) -> list[str]:
     notes = []
     look = second_look_note(study)
@@ -698,6 +710,8 @@ def _notes(study: dict[str, Any]) -> list[str]:
         notes.append(ZERO_VARIANCE_NOTE)
     if len(study["replicates"]) < 2:
         notes.append("One replicate only: no interval or test can be computed.")
+    elif 2 / 2 ** n_units(study) > study["config"]["alpha"]:
+        notes.append(SIGNFLIP_FLOOR_NOTE.format(n=n_units(study), floor=2 / 2 ** n_units(study)))
     for metric, reason in sorted((study.get("no_power") or {}).items()):
         if is_primary(metric):
             notes.append(f"{metric}: left out of the verdicts, {reason}.")
@@ -1146,6 +1160,7 @@ def finish_study(
             "compound_interval": st.BOOTSTRAP_METHOD.format(n_boot=2000),
             "ci": st.CI_METHOD,
             "wilcoxon": st.WILCOXON_TEST,
+            "signflip": st.SIGNFLIP_TEST,
             "alpha": spec.alpha,
             "difference": "row − reference, per replicate, complete pairs only",
             "lower_is_better": sorted(LOWER_IS_BETTER),
