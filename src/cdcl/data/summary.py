@@ -80,3 +80,21 @@ def default_split(ds: Any) -> Any:
     from cdcl.data.splits import assign_split
 
     return assign_split(ds.samples, ds.info.source, None)
+
+
+def split_warnings(path: Path) -> list[str]:
+    """Why the default split's held-out batches cannot be (fully) evaluated, with the fixes."""
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.split_check import few_heldout_batches, heldout_problem
+
+    ds = open_dataset(path, validate_on_open=False)
+    try:
+        split = default_split(ds)
+    except CdclError:  # already said in the summary's `held out` line
+        return []
+    what = "the default split"
+    # One warning: a fold with nothing to score first, else one with a single held-out batch.
+    problem = heldout_problem(ds.samples, split, ds.info.source, what) or few_heldout_batches(
+        ds.samples, split, ds.info.source, what
+    )
+    return [problem] if problem else []

@@ -46,6 +46,30 @@ def dataset_fingerprint(ds: Any) -> dict[str, object]:
     return {"path": str(Path(ds.path).resolve()), "sha256": h.hexdigest()[:16]}
 
 
+def select_images(ds: Any, split: str, number: int | None) -> tuple[np.ndarray, Any]:
+    """The rows of ``split`` (all, train, val, test) of fold ``number``, and every row's part.
+
+    The parts are None when the dataset has no held-out-batch split (e.g. a single batch); then
+    only ``split="all"`` is possible.
+    """
+    from cdcl.data.splits import assign_split
+
+    if split not in ("all", "train", "val", "test"):
+        raise CdclError(f"--split {split}: use all, train, val or test")
+    try:  # the run's held-out-batch split, written with every profile
+        parts = assign_split(ds.samples, ds.info.source, number).astype(str).to_numpy()
+    except CdclError:
+        if split != "all":
+            raise
+        parts = None  # e.g. a single batch: nothing is held out
+    if split == "all":
+        return np.arange(len(ds.samples)), parts
+    idx = np.flatnonzero(parts == split)
+    if len(idx) == 0:
+        raise CdclError(f"--split {split}: no images in that part of the split")
+    return idx, parts
+
+
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that determine the features."""
     out = {}
@@ -88,7 +112,6 @@ def embed_to_file(
     import torch
 
     from cdcl.data.dataset_dir import open_dataset
-    from cdcl.data.splits import assign_split
     from cdcl.embed.job import (
         EmbedJob,
         job_key,
@@ -124,20 +147,7 @@ def embed_to_file(
     number = split_number
     if number is None and src.model is not None:
         number = getattr(src.model.config.data, "split", None)
-    try:  # the run's held-out-batch split, written with every profile
-        parts = assign_split(samples, ds.info.source, number).astype(str).to_numpy()
-    except CdclError:
-        if split != "all":
-            raise
-        parts = None  # e.g. a single batch: nothing is held out
-    if split == "all":
-        idx = np.arange(len(samples))
-    else:
-        if split not in ("train", "val", "test"):
-            raise CdclError(f"--split {split}: use all, train, val or test")
-        idx = np.flatnonzero(parts == split)
-        if len(idx) == 0:
-            raise CdclError(f"--split {split}: no images in that part of the split")
+    idx, parts = select_images(ds, split, number)
     meta = image_meta(samples, idx)
     if parts is not None:
         meta["split"] = parts[idx]
@@ -211,4 +221,103 @@ def embed_to_file(
     job.remove()
     if not quiet:
         print(f"{rows} {level} profiles x {dim} features -> {path}")
+    return path
+
+
+def cellprofiler_to_file(
+    data: Path,
+    out: Path,
+    options: Any,
+    *,
+    split: str = "all",
+    split_number: int | None = None,
+    level: str = "well",
+    fmt: str | None = None,
+    chunk_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+) -> Path:
+    """CellProfiler profiles of a dataset (measured resumably, aggregated, normalised, selected).
+
+    ``options`` is a :class:`cdcl.embed.cellprofiler_features.CellProfilerOptions`. Every
+    option is checked, and the masks asked for looked up, before the output lock is taken.
+    """
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.embed.cellprofiler_features import CHUNK_SIZE, resolve_objects
+    from cdcl.locking import command_lock
+
+    chunk = CHUNK_SIZE if chunk_size is None else chunk_size
+    if chunk < 1:
+        raise CdclError(f"--chunk-size {chunk}: use a positive number of images")
+    workers = 1 if workers is None else workers
+    if workers < 1:
+        raise CdclError(f"--workers {workers}: CellProfiler needs at least 1 measuring process")
+    if level not in ("image", "well"):
+        raise CdclError(f"--level {level}: use image or well")
+    out = output_path(Path(out), fmt)
+    ds = open_dataset(data)
+    idx, _ = select_images(ds, split, split_number)
+    resolve_objects(ds, options.segmentation)  # no masks where asked for: say so before any work
+    key = f"{Path(ds.path).resolve()}|{dataset_fingerprint(ds)['sha256']}|{split}|{split_number}"
+    with command_lock(out, "cdcl embed --features cellprofiler"):
+        return _measure_to_file(
+            ds, idx, out, options, key=key, split=split, level=level, chunk=chunk,
+            workers=workers, progress=progress, quiet=quiet,
+        )  # fmt: skip
+
+
+def _measure_to_file(
+    ds: Any,
+    idx: np.ndarray,
+    out: Path,
+    options: Any,
+    *,
+    key: str,
+    split: str,
+    level: str,
+    chunk: int,
+    workers: int,
+    progress: bool,
+    quiet: bool,
+) -> Path:
+    """Measure, aggregate and write the CellProfiler profiles of rows ``idx`` into ``out``."""
+    import shutil
+
+    # Heavy imports (torch through the profile writers, pycytominer) only once the input is good.
+    from cdcl.embed.cellprofiler import cellprofiler_profiles, write_named_profiles
+    from cdcl.profiles.table import image_meta
+
+    work = out.parent / f".{out.name}.cellprofiler"
+    t0 = time.perf_counter()
+    res, _job = cellprofiler_profiles(
+        ds,
+        idx,
+        image_meta(ds.samples, idx),
+        level=level,
+        options=options,
+        work_dir=work,
+        key=key,
+        chunk_size=chunk,
+        workers=workers,
+        progress=progress,
+    )
+    cost = res.info["measured_now"]
+    if cost["fields"] and not quiet:
+        per_field = 1000 * cost["seconds"] / cost["fields"]
+        per_obj = 1000 * cost["seconds"] / max(cost["objects"], 1)
+        print(
+            f"measured {cost['fields']} fields ({cost['objects']} objects) in "
+            f"{cost['seconds']:.1f} s: {per_field:.0f} ms per field, {per_obj:.1f} ms per "
+            f"object ({', '.join(options.families)}; segmentation {res.info['segmentation']})"
+        )
+    wall = round(time.perf_counter() - t0, 2)
+    prov = {"source": res.info, "data": key, "split": split, "wall_s": wall}
+    path = write_named_profiles(res.features, res.meta, res.names, out, prov)
+    shutil.rmtree(work, ignore_errors=True)
+    if not quiet:
+        print(
+            f"{len(res.features)} {level} profiles x {len(res.names)} CellProfiler features "
+            f"(kept of {res.info['features_measured']} measured) -> {path}"
+        )
     return path

@@ -140,9 +140,14 @@ def check_spec(spec: StudySpec) -> list[str]:
         raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
     if not spec.seeds:
         raise CdclError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    for option, values in (("--seeds", spec.seeds), ("--folds", spec.folds or ())):
+        if len(set(values)) != len(values):  # two replicates of one seed are one replicate
+            raise CdclError(f"{option} {','.join(map(str, values))}: a value is repeated")
     if spec.folds is not None and any(f < 1 for f in spec.folds):
         folds = ",".join(map(str, spec.folds))
         raise CdclError(f"--folds {folds}: folds are numbered from 1")
+    if not 0 < spec.alpha < 1:
+        raise CdclError(f"--alpha {spec.alpha}: must lie between 0 and 1")
     if screen_overrides(spec):
         if spec.dataset != "synthetic":
             raise CdclError(
