@@ -20,18 +20,7 @@ from typing import Any
 from cdcl import api
 from cdcl._version import __version__
 
-VERBS = (
-    "build_table",
-    "correct",
-    "embed",
-    "evaluate",
-    "info",
-    "metrics",
-    "open_dataset",
-    "study",
-    "synth",
-    "train",
-)
+VERBS = tuple(api.__all__)
 
 
 class _Verb:

@@ -1,7 +1,8 @@
 """The Python API: one verb per step of a screen, for notebooks and scripts.
 
-Every command of the ``cdcl`` command line calls one of these functions, so a notebook and a
-shell script run the same code::
+Every command of the ``cdcl`` command line parses its arguments, calls one of these functions
+and prints what it returns, so a notebook and a shell script run the same code with the same
+defaults and the same checks of their arguments::
 
     import cdcl
 
@@ -10,6 +11,22 @@ shell script run the same code::
     profiles = cdcl.embed(run)                              # a Metadata_* DataFrame
     results = cdcl.evaluate(profiles)                       # DataFrame, AnnData, file or run
     cdcl.metrics(results)                                   # one row per feature set
+
+=========================  ==============================================
+command                    function
+=========================  ==============================================
+``cdcl synth``             `synth`
+``cdcl build table``       `build_table`
+``cdcl build rxrx1``       `build_rxrx1`
+``cdcl build cpg0004``     `build_cpg0004`
+``cdcl info``              `info`
+``cdcl train``             `train` (``--list-presets``: `presets`)
+``cdcl embed``             `embed` (CellProfiler: ``features="cellprofiler"``)
+``cdcl evaluate``          `evaluate` (a run, or a table with ``--features``)
+``cdcl compare``           `compare`
+``cdcl demo``              `demo`
+``cdcl study``             `study`
+=========================  ==============================================
 
 Heavy libraries (torch, timm, scanpy) are imported inside the verbs, so ``import cdcl`` is fast.
 """
@@ -32,13 +49,18 @@ if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     from cdcl.data.dataset_dir import Dataset
 
 __all__ = [
+    "build_cpg0004",
+    "build_rxrx1",
     "build_table",
+    "compare",
     "correct",
+    "demo",
     "embed",
     "evaluate",
     "info",
     "metrics",
     "open_dataset",
+    "presets",
     "study",
     "synth",
     "train",
@@ -53,7 +75,10 @@ def synth(
     *,
     seed: int = 0,
     overwrite: bool = False,
+    calibration: bool = True,
+    montage: PathLike | None = None,
     progress: bool = False,
+    verbose: bool = False,
     **overrides: Any,
 ) -> Path:
     """Render the built-in simulated Cell Painting screen into a dataset directory.
@@ -70,8 +95,16 @@ def synth(
         Random seed of the design and the pixels.
     overwrite
         Replace a different dataset already at ``out``.
+    calibration
+        Measure the screen's batch effect against the real references into
+        ``calibration.json`` (kept until the screen changes), as ``cdcl synth`` does without
+        ``--no-calibration``.
+    montage
+        Also save a PNG montage here (one row per batch).
     progress
         Show a progress bar on stderr.
+    verbose
+        Print the summary ``cdcl synth`` prints (design, split, speed, calibration, paths).
     **overrides
         Fields of the screen's configuration, e.g. ``batches=4``, ``sites=2``,
         ``image_size=48``, ``test_batches=1`` (the options of ``cdcl synth``).
@@ -81,13 +114,81 @@ def synth(
     pathlib.Path
         The dataset directory.
     """
-    from cdcl.data.synthetic import generate
+    import time
+
+    from cdcl.data import synthetic
     from cdcl.locking import command_lock
 
-    with command_lock(Path(out), "cdcl synth"):
-        return generate(
-            Path(out), preset, seed, overwrite=overwrite, progress=progress, **overrides
+    out = Path(out)
+    synthetic.resolve_config(preset, **overrides)  # every option, before the lock
+    with command_lock(out, "cdcl synth"):
+        reused = not overwrite and synthetic.reusable(
+            out, synthetic.build_key(preset, seed, **overrides)
         )
+        if reused and verbose:
+            print(
+                f"cdcl synth: {out} already holds this screen (preset {preset}, seed "
+                f"{seed}); reusing it (--overwrite rebuilds)"
+            )
+        start = time.perf_counter()
+        if not reused:
+            synthetic.generate(
+                out, preset, seed, overwrite=overwrite, progress=progress, **overrides
+            )
+        elapsed = None if reused else time.perf_counter() - start
+        lines = _synth_lines(out, preset, seed, overrides, elapsed, montage, calibration)
+    if verbose:
+        print("\n".join(lines))
+    return out
+
+
+def _synth_lines(
+    out: Path,
+    preset: str,
+    seed: int,
+    overrides: dict[str, Any],
+    elapsed: float | None,
+    montage: PathLike | None,
+    calibration: bool,
+) -> list[str]:
+    """The summary of a rendered screen; draws the montage and measures the calibration."""
+    from cdcl.data import synthetic
+    from cdcl.data.dataset_dir import open_dataset
+
+    cfg = synthetic.resolve_config(preset, **overrides)
+    ds = open_dataset(out)
+    s = ds.samples
+    parts = s.groupby("split")["batch"].unique()
+    split = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in sorted(parts.items()))
+    n_t = s.loc[~s["is_control"], "treatment"].nunique()
+    n_m = s.loc[~s["is_control"], "moa"].nunique()
+    lines = [
+        f"screen   preset {preset}, seed {seed}: {cfg.batches} batches x {cfg.plates} "
+        f"plates x {cfg.n_wells} wells x {cfg.sites} sites",
+        f"images   {len(s)} ({cfg.image_size}x{cfg.image_size} px, 5 channels "
+        f"{', '.join(ds.channels)}, uint16)",
+        f"design   {n_t} treatments in {n_m} MoAs + control {synthetic.CONTROL} on every plate",
+        f"split    {split}",
+    ]
+    if elapsed is not None:
+        lines.append(f"speed    {len(s) / max(elapsed, 1e-9):.0f} images/s ({elapsed:.1f} s)")
+    if montage is not None:
+        from cdcl.data.montage import montage as draw_montage
+
+        lines.append(f"montage  {draw_montage(ds, Path(montage))}")
+    lines.append(f"strength batch effect x {cfg.batch_strength:g} (1 = calibrated)")
+    if calibration:
+        from cdcl.experiments.screen_calibration import (
+            CALIBRATION_FILE,
+            dataset_calibration,
+            report_lines,
+        )
+
+        lines.extend(report_lines(dataset_calibration(out)))
+        lines.append(f"calib    {out / CALIBRATION_FILE}")
+    lines.append(f"truth    {out / synthetic.GROUND_TRUTH_FILE}")
+    lines.append(f"dataset  {out}")
+    return lines
 
 
 def build_table(
@@ -233,6 +334,7 @@ def build_table(
     def _names(value: Sequence[str] | str) -> list[str]:
         return [c.strip() for c in (value.split(",") if isinstance(value, str) else value)]
 
+    _check_workers(workers)
     names = _names(channels)
     crops = None
     if crops_from is not None:
@@ -278,6 +380,19 @@ def build_table(
             rgb_channels=_names(rgb_channels) if rgb_channels is not None else None,
             crops=crops,
         )
+    return _built(rep, verbose)
+
+
+def _check_workers(workers: int) -> None:
+    """A build reads with at least one process."""
+    from cdcl.errors import CdclError
+
+    if workers < 1:
+        raise CdclError(f"--workers {workers}: must be at least 1")
+
+
+def _built(rep: Any, verbose: bool) -> Path:
+    """The built directory, after printing the build's warnings and summary when ``verbose``."""
     if verbose:
         for w in rep.warnings:
             print(f"cdcl build: warning: {w}", file=sys.stderr)
@@ -287,6 +402,149 @@ def build_table(
             f"{rep.n_skipped} skipped) in {rep.seconds:.1f} s"
         )
     return Path(rep.path)
+
+
+def build_rxrx1(
+    root: PathLike,
+    out: PathLike,
+    *,
+    cell_type: str = "HUVEC",
+    image_size: int | None = 256,
+    workers: int = 1,
+    skip_bad: bool = False,
+    name: str | None = None,
+    verbose: bool = True,
+) -> Path:
+    """Build a dataset directory from an RxRx1 release (``metadata.csv`` and ``images/``).
+
+    Parameters
+    ----------
+    root
+        The RxRx1 folder holding ``metadata.csv`` and ``images/<experiment>/Plate<n>/``.
+    out
+        Dataset directory to write (resumed when a build with the same inputs was killed).
+    cell_type
+        The cell type to keep: ``"HUVEC"`` (as in the paper), ``"RPE"``, ``"HEPG2"``,
+        ``"U2OS"`` or ``"all"``.
+    image_size
+        Resize every image to N x N pixels (anti-aliased; None keeps the native size).
+    workers
+        Reader processes.
+    skip_bad
+        Drop images with missing or unreadable files (listed in ``skipped.csv``).
+    name
+        Dataset name recorded in ``dataset.json``.
+    verbose
+        Print the build's warnings and its one-line summary.
+
+    Returns
+    -------
+    pathlib.Path
+        The dataset directory.
+    """
+    from cdcl.data.rxrx1 import build_rxrx1 as _build
+    from cdcl.locking import command_lock
+
+    _check_workers(workers)
+    with command_lock(Path(out), "cdcl build rxrx1"):
+        rep = _build(
+            Path(root),
+            Path(out),
+            cell_type=cell_type,
+            image_size=image_size,
+            workers=workers,
+            skip_bad=skip_bad,
+            name=name,
+        )
+    return _built(rep, verbose)
+
+
+def build_cpg0004(
+    root: PathLike,
+    out: PathLike,
+    *,
+    load_data: str = "**/load_data.csv",
+    platemaps: Sequence[PathLike] | None = None,
+    moa: PathLike | None = None,
+    batch_column: str = "plate",
+    remap_prefix: Sequence[str] | Mapping[str, str] = (),
+    image_size: int | None = 256,
+    workers: int = 1,
+    skip_bad: bool = False,
+    name: str | None = None,
+    verbose: bool = True,
+) -> Path:
+    """Build a dataset directory from cpg0004 (LINCS Cell Painting) load_data files.
+
+    Parameters
+    ----------
+    root
+        Folder with the per-plate ``load_data.csv`` files.
+    out
+        Dataset directory to write (resumed when a build with the same inputs was killed).
+    load_data
+        Glob of the load_data files under ``root``.
+    platemaps
+        Folders with ``barcode_platemap.csv`` and ``platemap/*.txt`` (default: found under
+        ``root``).
+    moa
+        ``repurposing_info_external_moa_map_resolved.tsv`` (MoA per broad_sample).
+    batch_column
+        What a batch is: ``"plate"`` (as in the paper), ``"Batch_Number"`` or ``"Batch_Date"``.
+    remap_prefix
+        Rewrite image paths or URLs starting with OLD to start with NEW: ``["OLD=NEW"]`` or
+        ``{"OLD": "NEW"}``.
+    image_size
+        Resize every image to N x N pixels (anti-aliased; None keeps the native size).
+    workers
+        Reader processes.
+    skip_bad
+        Drop images with missing or unreadable files (listed in ``skipped.csv``).
+    name
+        Dataset name recorded in ``dataset.json``.
+    verbose
+        Print the build's warnings and its one-line summary.
+
+    Returns
+    -------
+    pathlib.Path
+        The dataset directory.
+    """
+    from cdcl.data.cellpainting import build_cpg0004 as _build
+    from cdcl.locking import command_lock
+
+    _check_workers(workers)
+    remaps = _remaps(remap_prefix)
+    with command_lock(Path(out), "cdcl build cpg0004"):
+        rep = _build(
+            Path(root),
+            Path(out),
+            platemaps=[Path(p) for p in platemaps] if platemaps else None,
+            moa=Path(moa) if moa is not None else None,
+            batch_column=batch_column,
+            load_data=load_data,
+            remaps=remaps,
+            image_size=image_size,
+            workers=workers,
+            skip_bad=skip_bad,
+            name=name,
+        )
+    return _built(rep, verbose)
+
+
+def _remaps(values: Sequence[str] | Mapping[str, str]) -> list[tuple[str, str]]:
+    """``["OLD=NEW", ...]`` or ``{"OLD": "NEW"}`` as (old, new) pairs."""
+    from cdcl.errors import CdclError
+
+    if isinstance(values, Mapping):
+        return [(str(k), str(v)) for k, v in values.items()]
+    out = []
+    for v in values:
+        if "=" not in v:
+            raise CdclError(f"--remap-prefix {v}: expected OLD=NEW")
+        old, new = v.split("=", 1)
+        out.append((old, new))
+    return out
 
 
 def open_dataset(path: PathLike) -> Dataset:
@@ -301,29 +559,54 @@ def open_dataset(path: PathLike) -> Dataset:
     -------
     cdcl.data.dataset_dir.Dataset
         ``.samples`` (one metadata row per image), ``.channels``, ``.image_size``, and
-        ``.images(indices)`` / ``.standardized(indices)`` for pixels.
+        ``.read_many(indices)`` / ``.standardized(indices)`` for pixels.
     """
     from cdcl.data.dataset_dir import open_dataset as _open
 
     return _open(Path(path))
 
 
-def info(path: PathLike) -> str:
+def info(path: PathLike, *, deep: bool = False, verbose: bool = False) -> str:
     """A readable summary of a dataset directory (the text ``cdcl info`` prints).
+
+    When the default split's held-out batches cannot be (fully) evaluated, a warning naming the
+    fix goes to stderr.
 
     Parameters
     ----------
     path
         Dataset directory.
+    deep
+        Also decode every image chunk.
+    verbose
+        Also print the summary (on stdout, before any warning).
 
     Returns
     -------
     str
         Design, channels, held-out batches of the default split and the validation result.
     """
-    from cdcl.data.summary import summarize
+    from cdcl.data.summary import split_warnings, summarize
 
-    return summarize(Path(path))
+    text = summarize(Path(path), deep=deep)
+    if verbose:
+        print(text)
+    for problem in split_warnings(Path(path)):
+        print(f"cdcl info: warning: {problem}", file=sys.stderr)
+    return text
+
+
+def presets() -> list[str]:
+    """The names of the training presets (``cdcl train --list-presets``).
+
+    Returns
+    -------
+    list of str
+        Preset names, for `train`'s ``preset``.
+    """
+    from cdcl.config import preset_names
+
+    return list(preset_names())
 
 
 def _override_list(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
@@ -457,90 +740,180 @@ def train(
 
 
 def embed(
-    source: PathLike,
+    source: PathLike | None = None,
     data: PathLike | None = None,
     *,
     out: PathLike | None = None,
+    fmt: str | None = None,
     checkpoint: str = "best",
     split: str = "all",
     fold: int | None = None,
     level: str = "well",
     batch_size: int = 64,
     workers: int | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     device: str = "auto",
     seed: int = 0,
+    features: str | None = None,
+    families: Sequence[str] | str | None = None,
+    segmentation: str = "auto",
+    nucleus_diameter: float | None = None,
+    normalize: str = "mad_robustize",
+    select: bool = True,
     progress: bool = False,
     as_anndata: bool = False,
-) -> pd.DataFrame | anndata.AnnData | None:
+    read_back: bool = True,
+) -> pd.DataFrame | anndata.AnnData | Path | None:
     """Embed a dataset with a run's backbone (or a baseline) into image or well profiles.
+
+    With ``features="cellprofiler"`` the profiles are hand-crafted instead: every cell
+    segmented and measured with cp-measure, the median per well, normalised per plate against
+    the controls and feature-selected (docs/cellprofiler.md); no run is needed.
 
     Parameters
     ----------
     source
-        Run directory, checkpoint file, ``"random:<timm arch>"`` or ``"intensity"``.
+        Run directory, checkpoint file, ``"random:<timm arch>"`` or ``"intensity"`` (None, or
+        ``"cellprofiler"``, with ``features="cellprofiler"``).
     data
-        Dataset directory (default: the run's).
+        Dataset directory (default: the run's; required for baselines and CellProfiler).
     out
         Also write the profiles to this ``.parquet``, ``.h5ad`` or ``.csv`` file (resumable:
-        a killed job redoes at most one part).
+        a killed job redoes at most one part); held under a lock while it is written.
+    fmt
+        The file format, ``"parquet"``, ``"h5ad"`` or ``"csv"`` (default: from ``out``'s
+        extension, else parquet, whose extension is then added).
     checkpoint
         Which checkpoint of a run: ``"best"`` or ``"last"``.
     split
-        Which images to embed (``"all"``, ``"train"``, ``"val"`` or ``"test"``); every profile carries ``Metadata_Split``, the part of the
-        run's held-out-batch split it belongs to.
+        Which images to embed (``"all"``, ``"train"``, ``"val"`` or ``"test"``); every
+        profile carries ``Metadata_Split``, the part of the run's held-out-batch split it
+        belongs to.
     fold
         Held-out-batch fold (default: the run's).
     level
-        ``"well"``: well profiles (mean over sites); ``"image"``: one profile per image.
+        ``"well"``: well profiles (mean over sites; the median of the cells for CellProfiler);
+        ``"image"``: one profile per image.
     batch_size
         Images per forward pass.
     workers
-        Loader processes (default: chosen from the CPUs).
+        Loader processes (default: 4 with CUDA, 0 on the CPU); for CellProfiler, processes
+        measuring cells (default 1).
     chunk_size
-        Images per resumable part of ``out``.
+        Images per resumable part of ``out`` (default 4096; 64 for CellProfiler).
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     seed
         Seed of a random backbone.
+    features
+        ``"cellprofiler"`` for CellProfiler features; None for a network or a baseline.
+    families
+        CellProfiler: the cp-measure feature families, a list or comma-separated, or
+        ``"all"`` (default: the cheapest, see docs/cellprofiler.md).
+    segmentation
+        CellProfiler: ``"masks"`` (the cell masks stored with the dataset), ``"otsu"`` (Otsu
+        and watershed on the DNA channel) or ``"auto"`` (masks when stored, else otsu).
+    nucleus_diameter
+        CellProfiler with otsu: the typical nuclear diameter in pixels (default: estimated per
+        image).
+    normalize
+        CellProfiler: pycytominer's per-plate normalisation against the controls.
+    select
+        CellProfiler: pycytominer's feature selection (False keeps every feature and
+        missing values).
     progress
         Show a progress bar on stderr.
     as_anndata
         Return an AnnData (features in ``X``, metadata in ``obs``, provenance in ``uns``)
         instead of a DataFrame.
+    read_back
+        With ``out``: return the profiles read back from the file; False returns the file's
+        path instead (for tables larger than memory, as ``cdcl embed`` does).
 
     Returns
     -------
-    pandas.DataFrame or anndata.AnnData
+    pandas.DataFrame or anndata.AnnData or pathlib.Path
         ``Metadata_*`` columns (``Metadata_Plate``, ``Metadata_Well``, ``Metadata_Batch``, ...)
-        and feature columns that pycytominer infers; None on non-zero torchrun ranks.
+        and feature columns that pycytominer infers (the written file without
+        ``read_back``); None on non-zero torchrun ranks.
     """
-    from cdcl.embed.to_file import embed_to_file
+    cellprofiler = _embed_kind(source, features, data, checkpoint, device)
+    if not read_back and out is None:
+        from cdcl.errors import CdclError
 
-    def embed_into(path: Path, quiet: bool) -> pd.DataFrame | anndata.AnnData | None:
-        written = embed_to_file(
-            source,
-            path,
-            data=Path(data) if data is not None else None,
-            checkpoint=checkpoint,
-            split=split,
-            split_number=fold,
-            level=level,
-            batch_size=batch_size,
-            workers=workers,
-            chunk_size=chunk_size,
-            device=device,
-            seed=seed,
-            progress=progress,
-            quiet=quiet,
+        raise CdclError("read_back=False returns the written file: give out=PATH")
+    common = dict(split=split, split_number=fold, level=level, fmt=fmt, workers=workers)
+    common.update(progress=progress)
+    if cellprofiler:
+        from cdcl.embed.cellprofiler_features import CellProfilerOptions, parse_families
+        from cdcl.embed.to_file import cellprofiler_to_file
+
+        options = CellProfilerOptions(  # checked before anything is read
+            families=parse_families(families),
+            segmentation=segmentation,
+            normalize=normalize,
+            select=select,
+            nucleus_diameter=nucleus_diameter,
         )
-        return None if written is None else _read_profiles(written, as_anndata)
+
+        def write(path: Path, quiet: bool) -> Path | None:
+            dataset = Path(str(data))  # _embed_kind refused None
+            return cellprofiler_to_file(
+                dataset, path, options, chunk_size=chunk_size, quiet=quiet, **common
+            )
+    else:
+        network = dict(checkpoint=checkpoint, batch_size=batch_size, device=device, seed=seed)
+        network.update(chunk_size=4096 if chunk_size is None else chunk_size)
+
+        def write(path: Path, quiet: bool) -> Path | None:
+            return _network_to_file(str(source), path, data, quiet=quiet, **common, **network)
+
+    def embed_into(path: Path, quiet: bool) -> Any:
+        written = write(path, quiet)
+        if written is None or not read_back:
+            return written
+        return _read_profiles(written, as_anndata)
 
     if out is not None:
         return embed_into(Path(out), quiet=False)
     with tempfile.TemporaryDirectory(prefix="cdcl-embed-") as tmp:
         name = "profiles.h5ad" if as_anndata else "profiles.parquet"
         return embed_into(Path(tmp) / name, quiet=True)
+
+
+def _network_to_file(source: str, path: Path, data: PathLike | None, **options: Any) -> Path | None:
+    """A network's (or a baseline's) profiles written to ``path`` under its lock."""
+    from cdcl.embed.to_file import embed_to_file, output_path
+    from cdcl.locking import command_lock
+
+    with command_lock(output_path(path, options.get("fmt")), "cdcl embed"):
+        return embed_to_file(source, path, data=Path(data) if data is not None else None, **options)
+
+
+def _embed_kind(
+    source: PathLike | None,
+    features: str | None,
+    data: PathLike | None,
+    checkpoint: str,
+    device: str,
+) -> bool:
+    """Check what `embed` is asked to do; True for CellProfiler features, False for a network."""
+    from cdcl.errors import CdclError
+
+    if features not in (None, "cellprofiler"):
+        raise CdclError(f"--features {features}: the only hand-crafted features are cellprofiler")
+    if checkpoint not in ("best", "last"):
+        raise CdclError(f"--checkpoint {checkpoint}: use best or last")
+    if device not in ("auto", "cpu", "cuda"):
+        raise CdclError(f"--device {device}: use auto, cpu or cuda")
+    cellprofiler = features == "cellprofiler" or str(source) == "cellprofiler"
+    if source is None and not cellprofiler:
+        raise CdclError("give a SOURCE (run, checkpoint, random:<arch>, intensity) or --features")
+    if cellprofiler and source not in (None, "cellprofiler"):
+        raise CdclError(f"{source}: --features cellprofiler takes no run or checkpoint")
+    if cellprofiler and data is None:
+        raise CdclError("--features cellprofiler needs --data DIR (the dataset to measure)")
+    return cellprofiler
 
 
 def _read_profiles(path: Path, as_anndata: bool) -> pd.DataFrame | anndata.AnnData:
@@ -581,21 +954,30 @@ def evaluate(
     plate_col: str | None = None,
     well_col: str | None = None,
     control_query: str | None = None,
-    eval_on: str = "all",
+    eval_on: str | None = None,
     tvn: bool = False,
+    variants: Sequence[str] | str = ("raw", "plate_normalized"),
+    name: str | None = None,
     corrections: Sequence[str] | str = (),
     checkpoint: str = "best",
     data: PathLike | None = None,
     level: str = "well",
     baselines: bool = True,
+    cellprofiler: bool = False,
     batch_size: int = 64,
     null_size: int = 2000,
     seed: int = 0,
-    umap: bool = False,
-    name: str | None = None,
+    calibrate: bool | None = None,
+    umap: bool = True,
+    plot_sample: int = 20_000,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score profiles (or a run) with every metric: batch mixing, biology, retrieval.
+
+    ``cdcl evaluate RUN`` and ``cdcl evaluate --features FILE`` call this function with the
+    same defaults, so a table scores the same here and on the command line. Every option is
+    checked, and ``out`` too, before anything is loaded; a feature set whose every metric
+    came out empty is refused (CdclError) before anything is written.
 
     Parameters
     ----------
@@ -605,13 +987,16 @@ def evaluate(
         ``.h5ad`` file, or a run directory (then the run is embedded with its baselines).
     out
         Directory for ``results.json``, ``report.html`` and plots (default: a temporary one
-        for tables, the run directory for runs).
+        for tables, the run directory for runs); held under a lock while it is written. An
+        existing file (the input table, say) is refused at once.
     fold
         Held-out-batch fold for the classification probes. Default: the table's
         ``Metadata_Split`` column (what the run held out) when it has one, else fold 1.
     batch_col
         The batch column (default: ``Metadata_Batch``; without one, each plate is its own
-        batch). Names are matched ignoring case, with or without ``Metadata_``.
+        batch). Names are matched ignoring case, with or without ``Metadata_``. For a run,
+        any ``Metadata_*`` column of its dataset: mixing is judged by it, the held-out plates
+        stay the run's (pair by plate, judge by acquisition batch).
     batch_pattern
         A regular expression applied to the batch column; its first group is the batch
         (e.g. ``^(Week\\d+)``).
@@ -634,29 +1019,49 @@ def evaluate(
         Default: the rows whose ``Metadata_control_type`` is ``negcon``, else a True/False
         ``Metadata_is_control`` column, else treatments or compounds named like DMSO.
     eval_on
-        Rows for the unsupervised metrics of a table: ``"all"`` or ``"test"``.
+        Rows for the unsupervised metrics of a table: ``"all"`` or ``"test"``. Default: the
+        held-out (``test``) rows when the table has a ``Metadata_Split`` column, as for a run,
+        else all rows.
     tvn
-        Also score the table after typical variation normalisation.
+        Also score the table after typical variation normalisation (a run's own feature set
+        always gets its ``+tvn`` row).
+    variants
+        For a table: the profile variants to score, ``raw`` and ``plate_normalized`` (a
+        list or comma-separated; ``"raw"`` alone needs one copy of the table less).
+    name
+        For a table: the feature set's name in the results (default: ``features``).
     corrections
         Also score after post-hoc corrections: ``sphering``, ``harmony``, ``combat``.
     checkpoint
-        For a run directory: which checkpoint, ``"best"`` or ``"last"``.
+        For a run directory: which checkpoint, ``"best"``, ``"last"`` or the path of a
+        checkpoint file.
     data
         For a run directory: the dataset to embed (default: the run's).
     level
         For a run directory: ``"well"`` or ``"image"`` profiles.
     baselines
         For a run directory: also score the intensity and random-network baselines.
+    cellprofiler
+        For a run directory: also score CellProfiler features of its images (cp-measure on
+        every cell, median per well, normalised and feature-selected), with the
+        ``corrections`` rows.
     batch_size
         For a run directory: images per forward pass.
     null_size
         Size of the mAP null distribution.
     seed
         Seed of the baselines, the null distributions, kBET and UMAP.
+    calibrate
+        Also score the main feature set's design under a null (profiles permuted within
+        treatment) and injected batch effects; metrics that cannot see the strongest are
+        marked "no power" and left out of the aggregate. Default (None): on small designs
+        (under 50 evaluated profiles per batch) only; False never.
     umap
-        Also draw UMAP plots.
-    name
-        The feature set's name in the results (default: ``features``).
+        Draw UMAP plots into the report: on by default, here and in ``cdcl evaluate``
+        (``--no-umap``). Without ``out`` a table's report is temporary and no plots are drawn.
+    plot_sample
+        UMAPs draw a seeded sample of at most this many rows, stratified by batch and
+        treatment (0: every row); the metrics always use every row.
     progress
         Show progress bars on stderr.
 
@@ -665,32 +1070,42 @@ def evaluate(
     dict
         The contents of ``results.json``; `metrics` turns it into a table.
     """
+    from cdcl.evaluation.checks import check_options, check_out, parse_variants
     from cdcl.profiles.correction import parse_corrections
-    from cdcl.report.results import read_results
 
-    corr = parse_corrections(corrections) if corrections else ()
     frame = _profile_frame(profiles)
-    if frame is None and Path(profiles).is_dir():
-        from cdcl.evaluation.run import evaluate_run
+    is_run = frame is None and Path(profiles).is_dir()
+    if frame is None and not is_run and not Path(profiles).is_file():
+        from cdcl.errors import CdclError
 
-        path = evaluate_run(
+        raise CdclError(f"{profiles}: no such run directory or profile table")
+    check_options(
+        level=level,
+        eval_on=eval_on,
+        plot_sample=plot_sample,
+        table=not is_run,
+        cellprofiler=cellprofiler,
+    )
+    # Checked before any loading: a typo costs no embedding time.
+    corr = parse_corrections(corrections) if corrections else ()
+    chosen = parse_variants(variants)
+    check_out(out, Path(profiles) if frame is None and not is_run else None)
+    options = dict(null_size=null_size, seed=seed, umap=umap, calibrate=calibrate)
+    options.update(plot_sample=plot_sample, corrections=corr, progress=progress)
+    if is_run:
+        return _evaluate_run(
             Path(profiles),
+            out,
             checkpoint=checkpoint,
             data=data,
-            split_number=fold,
-            out=out,
-            baselines=("intensity", "random") if baselines else (),
-            corrections=corr,
-            batch_size=batch_size,
-            null_size=null_size,
-            seed=seed,
-            umap=umap,
-            progress=progress,
+            fold=fold,
             level=level,
+            baselines=(("intensity", "random") if baselines else ())
+            + (("cellprofiler",) if cellprofiler else ()),
+            batch_size=batch_size,
+            batch_col=batch_col,  # for a run: the column mixing is judged by
+            **options,
         )
-        return read_results(path)
-    from cdcl.evaluation.table_file import evaluate_table
-
     columns = dict(
         batch_col=batch_col,
         batch_pattern=batch_pattern,
@@ -701,21 +1116,72 @@ def evaluate(
         well_col=well_col,
         control_query=control_query,
     )
-    options = dict(
-        split_number=fold,
-        eval_on=eval_on,
-        tvn=tvn,
-        corrections=corr,
-        null_size=null_size,
-        seed=seed,
-        umap=umap,
-        name=name,
-    )
     table = frame if frame is not None else Path(profiles)
-    if out is not None:
-        return read_results(evaluate_table(table, Path(out), **columns, **options))
-    with tempfile.TemporaryDirectory(prefix="cdcl-evaluate-") as tmp:
-        return read_results(evaluate_table(table, Path(tmp), **columns, **options))
+    settings = dict(split_number=fold, eval_on=eval_on, tvn=tvn, name=name, variants=chosen)
+    return _evaluate_table(table, out, columns, {**settings, **options})
+
+
+def _evaluate_run(run: Path, out: PathLike | None, **options: Any) -> dict[str, Any]:
+    """`evaluate` of a run directory under its output's lock; the results."""
+    from cdcl.evaluation.checks import refuse_empty
+    from cdcl.evaluation.run import evaluate_run  # models and views: runs only
+    from cdcl.locking import command_lock
+    from cdcl.progress import keep_alive
+    from cdcl.report.results import read_results
+
+    level = options["level"]
+    options["split_number"] = options.pop("fold")
+    # Embedding, scoring and drawing: a line per stage, and one after every 10 s of silence.
+    with command_lock(Path(out) if out is not None else run, "cdcl evaluate"):
+        with keep_alive(options["progress"]):
+            path = evaluate_run(
+                run,
+                out=out,
+                before_write=lambda res: refuse_empty(res, table=False, level=level),
+                **options,
+            )
+    return read_results(path)
+
+
+BIG_TABLE_BYTES = 64 * 2**20  # a profile table this large prints progress from the start
+
+
+def _evaluate_table(
+    table: pd.DataFrame | Path,
+    out: PathLike | None,
+    columns: dict[str, Any],
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """`evaluate` of a profile table under its output's lock (or in a temporary directory)."""
+    from cdcl.locking import command_lock
+    from cdcl.progress import keep_alive, say
+    from cdcl.report.results import read_results
+
+    options = dict(options)
+    progress = options.pop("progress")
+
+    def score(where: Path) -> dict[str, Any]:
+        from cdcl.evaluation.checks import refuse_empty
+        from cdcl.evaluation.table_file import evaluate_table
+
+        def before_write(res: dict[str, Any]) -> None:
+            refuse_empty(res, table=True, level="well")
+
+        path = evaluate_table(table, where, **columns, **options, before_write=before_write)
+        return read_results(path)
+
+    if out is None:
+        options["umap"] = False  # the report is temporary: nothing would see the plots
+        with tempfile.TemporaryDirectory(prefix="cdcl-evaluate-") as tmp:
+            return score(Path(tmp))
+    with command_lock(Path(out), "cdcl evaluate"):
+        # Importing the metric libraries takes seconds (tens on a busy machine): a large table
+        # gets a first line and the keep-alive before them, not after.
+        big = progress and isinstance(table, Path) and table.stat().st_size > BIG_TABLE_BYTES
+        if big:
+            say("cdcl evaluate: loading the evaluation libraries ...")
+        with keep_alive(big):
+            return score(Path(out))
 
 
 def metrics(results: Mapping[str, Any] | PathLike) -> pd.DataFrame:
@@ -805,71 +1271,246 @@ def correct(
     return table
 
 
-def study(
+def compare(
+    runs: Sequence[PathLike],
     out: PathLike,
     *,
+    names: Sequence[str] | str | None = None,
+) -> Path:
+    """Put the results of several runs (or evaluated tables) side by side.
+
+    Parameters
+    ----------
+    runs
+        Directories holding ``results.json`` (or the files themselves).
+    out
+        Output directory for ``comparison.csv``, ``umap_grid.png`` and ``compare.html``;
+        held under a lock while it is written.
+    names
+        Display names, one per run (a list or comma-separated; default: from the paths).
+
+    Returns
+    -------
+    pathlib.Path
+        The comparison page (``compare.html``).
+    """
+    from cdcl.errors import CdclError
+    from cdcl.locking import command_lock
+    from cdcl.report.html import compare as _compare
+
+    dirs = [Path(r) for r in runs]
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    if names is not None and len(names) != len(dirs):
+        raise CdclError(f"--names has {len(names)} names for {len(dirs)} runs")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise CdclError(f"--out {out}: is a file; give a directory for the comparison")
+    with command_lock(Path(out), "cdcl compare"):
+        return _compare(dirs, Path(out), names=list(names) if names else None)
+
+
+def demo(
+    out: PathLike = "demo_out",
+    *,
     dataset: str = "synthetic",
-    methods: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0, 1, 2),
-    folds: Sequence[int] | None = None,
-    references: Sequence[str] | None = None,
+    bbbc021_dir: PathLike | None = None,
+    quick: bool = False,
+    fresh: bool = False,
+    seed: int = 0,
+    epochs: int | None = None,
+    calibrate: bool = False,
+    cellprofiler: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The paper's central comparison: DINO, DINO-CB, CDCL and a supervised baseline.
+
+    Trains every method with one budget on the simulated screen (or the BBBC021 week-4 crops),
+    evaluates them with the baselines on held-out batches and writes ``report.html``,
+    ``results.md`` and ``results.json``. Every option is checked before anything is written.
+
+    Parameters
+    ----------
+    out
+        Output directory (finished steps are reused); held under a lock while it runs.
+    dataset
+        ``"synthetic"``: the built-in ``small`` screen; ``"bbbc021"``: the real week-4 crops
+        (DINO and CDCL on 4 plates, evaluated on the 2 held-out plates).
+    bbbc021_dir
+        The folder with ``cells_subset.npz`` (for ``dataset="bbbc021"``).
+    quick
+        The tiny screen and two epochs per method: a check that everything runs, not a result.
+    fresh
+        Rebuild the data and retrain everything.
+    seed
+        Random seed.
+    epochs
+        Training epochs per method (default: the budget).
+    calibrate
+        Also score the first method's held-out design under a null and injected batch
+        effects (see `evaluate`).
+    cellprofiler
+        Add the CellProfiler row and its +sphering/+harmony/+combat rows.
+    progress
+        Show progress bars and a line per step.
+
+    Returns
+    -------
+    dict
+        ``{"table": ..., "timings": {stage: seconds}, "paths": {"html", "md", ...}}``.
+    """
+    import torch
+
+    from cdcl.experiments.demo import DemoSpec, check_demo_spec, run_demo
+    from cdcl.locking import command_lock
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    spec = DemoSpec(
+        out=Path(out),
+        dataset=dataset,
+        quick=quick,
+        fresh=fresh,
+        seed=seed,
+        epochs=epochs,
+        bbbc021_dir=Path(bbbc021_dir) if bbbc021_dir is not None else None,
+        progress=progress,
+        calibrate=calibrate,
+        cellprofiler=cellprofiler,
+    )
+    check_demo_spec(spec)  # every option, before the lock or any file exists
+    with command_lock(spec.out, "cdcl demo"):
+        return run_demo(spec)
+
+
+def study(
+    out: PathLike = "study_out",
+    *,
+    dataset: str = "synthetic",
+    methods: Sequence[str] | str | None = None,
+    seeds: Sequence[int] | str | None = None,
+    folds: Sequence[int] | str | None = None,
+    references: Sequence[str] | str | None = None,
     epochs: int | None = None,
     quick: bool = False,
     fresh: bool = False,
     bbbc021_dir: PathLike | None = None,
-    progress: bool = False,
     alpha: float = 0.05,
+    test_batches: int | None = None,
+    batch_strength: float | Sequence[float] | str | None = None,
+    cellprofiler: bool = False,
+    calibrate: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Replicated comparison of methods (seeds x folds) with paired statistics.
+
+    Every option is checked before anything is written (a repeated seed or fold, say).
 
     Parameters
     ----------
     out
         Study directory (``study.json``, ``study.md``, ``report.html``, one folder per
-        replicate; finished replicates are reused).
+        replicate; finished replicates are reused); held under a lock while it runs.
     dataset
-        What to train and evaluate on: ``"synthetic"`` or ``"bbbc021"``.
+        What to train and evaluate on: ``"synthetic"`` (the ``small`` screen, regenerated per
+        seed) or ``"bbbc021"`` (the real week-4 crops).
     methods
-        Methods to compare (default: every method of the dataset; ``CDCL-same-batch``, the
-        pairing control, only when named).
+        Methods to compare, a list or comma-separated (default: every method of the dataset;
+        ``CDCL-same-batch``, the pairing control, only when named).
     seeds
-        Replicates: every seed on every fold.
+        Replicates: every seed on every fold, a list or comma-separated (default ``0,1,2``;
+        with ``quick``, ``0,1``). On the simulated screen the seed sets both the screen and
+        the training.
     folds
-        Held-out-batch folds (default: the stored split).
+        Held-out-batch folds, a list or comma-separated (default: the stored split).
     references
-        Rows every method is compared against (default: the study's own).
+        Rows every other row is compared with, a list or comma-separated; rows not present
+        are skipped (default ``DINO,DINO+harmony``; with ``cellprofiler`` also
+        ``CellProfiler+harmony``).
     epochs
-        Training epochs per replicate (default: the presets').
+        Training epochs per replicate (default: the demo's).
     quick
-        Short settings (a tiny screen, two epochs) to check the set-up.
+        The tiny screen, two replicates and the demo's quick budget, to check the set-up.
     fresh
         Rerun every replicate instead of reusing finished ones.
     bbbc021_dir
         The BBBC021 folder (for ``dataset="bbbc021"``).
-    progress
-        Print progress lines on stderr.
     alpha
         Level of the paired tests.
+    test_batches
+        Simulated screen: held-out batches, added after the training batches (default: the
+        preset's).
+    batch_strength
+        Simulated screen: batch-effect multiplier (0 none, 1 calibrated). Several (a list or
+        ``"0,0.5,1,2"``) run one study per strength in ``OUT/bs<s>/`` and write the curve
+        of CDCL - reference against strength (``curve.md``, ``curve.json``, ``curve.png``).
+    cellprofiler
+        Add the CellProfiler row and its corrected rows to every replicate.
+    calibrate
+        Calibrate every replicate's design; pre-declared metrics without power are reported
+        and left out of the verdicts.
+    progress
+        Show progress bars and a line per step.
 
     Returns
     -------
     dict
-        ``{"study": ..., "paths": {"json", "md", "html"}}``.
+        ``{"study": ..., "paths": {"json", "md", "html"}}``; with several batch strengths
+        ``{"curve": ..., "studies": ..., "paths": {"json", "md", "png"}}``.
     """
-    from cdcl.experiments.study import DEFAULT_REFERENCES, StudySpec, run_study
+    import torch
 
+    from cdcl.experiments.curve import CURVE_REFERENCES, check_curve, parse_strengths, run_curve
+    from cdcl.experiments.study import DEFAULT_REFERENCES, StudySpec, check_spec, run_study
+    from cdcl.locking import command_lock
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    strengths = parse_strengths(_joined(batch_strength))
     spec = StudySpec(
         out=Path(out),
         dataset=dataset,
-        methods=tuple(methods) if methods else None,
-        seeds=tuple(int(s) for s in seeds),
-        folds=tuple(int(f) for f in folds) if folds else None,
-        references=tuple(references) if references else DEFAULT_REFERENCES,
+        methods=_words(methods),
+        seeds=_ints(seeds, "--seeds") or ((0, 1) if quick else (0, 1, 2)),
+        folds=_ints(folds, "--folds"),
+        references=(CURVE_REFERENCES if cellprofiler else DEFAULT_REFERENCES)
+        if references is None
+        else _words(references) or (),
         epochs=epochs,
         quick=quick,
         fresh=fresh,
         bbbc021_dir=Path(bbbc021_dir) if bbbc021_dir is not None else None,
         progress=progress,
         alpha=alpha,
+        test_batches=test_batches,
+        batch_strength=strengths[0] if strengths and len(strengths) == 1 else None,
+        cellprofiler=cellprofiler,
+        calibrate=calibrate,
     )
-    return run_study(spec)
+    curve = strengths is not None and len(strengths) > 1
+    # every option, before the lock or any file exists
+    check_curve(spec, strengths) if curve else check_spec(spec)  # type: ignore[arg-type]
+    with command_lock(spec.out, "cdcl study"):
+        return run_curve(spec, strengths) if curve else run_study(spec)  # type: ignore[arg-type]
+
+
+def _joined(value: float | Sequence[Any] | str | None) -> str | None:
+    """A number, a list or a comma-separated string as one comma-separated string."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return str(value)
+    return ",".join(str(v) for v in value)
+
+
+def _words(value: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    """A list or a comma-separated string of names as a tuple (None when empty)."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    names = tuple(str(v).strip() for v in parts if str(v).strip())
+    return names or None
+
+
+def _ints(value: Sequence[int] | str | None, option: str) -> tuple[int, ...] | None:
+    """A list or a comma-separated string of integers as a tuple (None when empty)."""
+    from cdcl.experiments.study import parse_ints
+
+    return parse_ints(_joined(value), option)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "Build a dataset directory from RxRx1, cpg0004 (LINCS Cell Painting) or any metadata table."
@@ -217,72 +216,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(p, None)
 
 
-def _report(rep: object) -> None:
-    from cdcl.data.build import BuildReport
-
-    assert isinstance(rep, BuildReport)
-    for w in rep.warnings:
-        print(f"cdcl build: warning: {w}", file=sys.stderr)
-    resumed = f", resumed after {rep.resumed_from} finished" if rep.resumed_from else ""
-    print(
-        f"built {rep.path}: {rep.n_images} images ({rep.n_written} written{resumed}, "
-        f"{rep.n_skipped} skipped) in {rep.seconds:.1f} s"
-    )
-
-
-def _remaps(values: list[str]) -> list[tuple[str, str]]:
-    from cdcl.errors import CdclError
-
-    out = []
-    for v in values:
-        if "=" not in v:
-            raise CdclError(f"--remap-prefix {v}: expected OLD=NEW")
-        old, new = v.split("=", 1)
-        out.append((old, new))
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run the chosen adapter, holding the output directory's lock, and print what was built."""
-    from cdcl.errors import CdclError
-    from cdcl.locking import command_lock
+    """Build through the adapter's verb of `cdcl.api` (which holds the output's lock and prints
+    the build's warnings and summary)."""
+    from cdcl import api
 
-    if args.workers < 1:
-        raise CdclError(f"--workers {args.workers}: must be at least 1")
-    with command_lock(args.out, f"cdcl build {args.adapter}"):
-        _build(args)
-    return 0
-
-
-def _build(args: argparse.Namespace) -> None:
-    """Run the adapter the arguments name."""
     common = dict(
         image_size=args.image_size, workers=args.workers, skip_bad=args.skip_bad, name=args.name
     )
     if args.adapter == "rxrx1":
-        from cdcl.data.rxrx1 import build_rxrx1
-
-        rep = build_rxrx1(args.root, args.out, cell_type=args.cell_type, **common)
+        api.build_rxrx1(args.root, args.out, cell_type=args.cell_type, **common)
     elif args.adapter == "cpg0004":
-        from cdcl.data.cellpainting import build_cpg0004
-
-        rep = build_cpg0004(
+        api.build_cpg0004(
             args.root,
             args.out,
+            load_data=args.load_data,
             platemaps=args.platemaps,
             moa=args.moa,
             batch_column=args.batch_column,
-            load_data=args.load_data,
-            remaps=_remaps(args.remap_prefix),
+            remap_prefix=args.remap_prefix,
             **common,
         )
     else:
-        from cdcl.api import build_table
-
-        build_table(
+        api.build_table(
             args.samples,
             args.out,
-            [c.strip() for c in args.channels.split(",")],
+            args.channels,
             path_template=args.path_template,
             npz=args.npz,
             npz_key=args.npz_key,
@@ -307,8 +266,6 @@ def _build(args: argparse.Namespace) -> None:
             crops_per_well=args.crops_per_well,
             crop_seed=args.crop_seed,
             crop_columns=args.crop_columns,
-            lock=False,  # run() holds the output directory's lock
             **common,
         )
-        return
-    _report(rep)
+    return 0

@@ -16,18 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write comparison.csv, umap_grid.png and compare.html."""
-    from cdcl.errors import CdclError
-    from cdcl.report.html import compare
+    """Write comparison.csv, umap_grid.png and compare.html through `cdcl.compare`."""
+    from cdcl.api import compare
 
-    names = None
-    if args.names:
-        names = [n.strip() for n in args.names.split(",")]
-        if len(names) != len(args.runs):
-            raise CdclError(f"--names has {len(names)} names for {len(args.runs)} runs")
-    from cdcl.locking import command_lock
-
-    with command_lock(args.out, "cdcl compare"):
-        path = compare(args.runs, args.out, names=names)
+    path = compare(args.runs, args.out, names=args.names or None)
     print(f"comparison: {path}")
     return 0

@@ -52,29 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo and print the table and the report's path."""
-    import torch
+    """Run the demo through `cdcl.demo` and print the table and the report's path."""
+    from cdcl.api import demo
+    from cdcl.experiments.demo import to_text
 
-    from cdcl.experiments.demo import DemoSpec, check_demo_spec, run_demo, to_text
-    from cdcl.locking import command_lock
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    spec = DemoSpec(
-        out=Path(args.out),
+    t0 = time.perf_counter()
+    result = demo(
+        args.out,
         dataset=args.dataset,
+        bbbc021_dir=args.bbbc021_dir,
         quick=args.quick,
         fresh=args.fresh,
         seed=args.seed,
         epochs=args.epochs,
-        bbbc021_dir=args.bbbc021_dir,
-        progress=not args.no_progress,
         calibrate=args.calibrate,
         cellprofiler=args.cellprofiler,
+        progress=not args.no_progress,
     )
-    check_demo_spec(spec)  # every option, before the lock or any file exists
-    t0 = time.perf_counter()
-    with command_lock(spec.out, "cdcl demo"):
-        result = run_demo(spec)
     print()
     print("Held-out batches, well profiles standardised per plate against controls:")
     print(to_text(result["table"]))

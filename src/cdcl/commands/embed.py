@@ -59,42 +59,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of a random backbone")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from cdcl.commands.embed_cellprofiler import add_cellprofiler_arguments
+    _add_cellprofiler_arguments(parser)
 
-    add_cellprofiler_arguments(parser)
+
+def _add_cellprofiler_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--features cellprofiler` options of `cdcl embed`."""
+    from cdcl.embed.cellprofiler_features import (
+        DEFAULT_FAMILIES,
+        FAMILIES,
+        NORMALIZATIONS,
+        SEGMENTATIONS,
+    )
+
+    g = parser.add_argument_group("CellProfiler features (--features cellprofiler)")
+    g.add_argument(
+        "--features",
+        choices=("cellprofiler",),
+        help="hand-crafted features instead of a network: segment, measure every cell with "
+        "cp-measure, median per well, normalise per plate against controls, select features",
+    )
+    g.add_argument(
+        "--families",
+        help=f"comma-separated cp-measure families out of {', '.join(FAMILIES)}, or all "
+        f"(default {','.join(DEFAULT_FAMILIES)}: the cheapest, see docs/cellprofiler.md)",
+    )
+    g.add_argument(
+        "--segmentation",
+        choices=SEGMENTATIONS,
+        default="auto",
+        help="masks: the cell masks stored with the dataset (the simulated screen's); otsu: "
+        "Otsu + watershed on the DNA channel; auto (default): masks when stored, else otsu",
+    )
+    g.add_argument(
+        "--nucleus-diameter",
+        type=float,
+        help="typical nuclear diameter in px for otsu (default: estimated per image)",
+    )
+    g.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        default="mad_robustize",
+        help="per-plate normalisation against the controls, pycytominer's (default mad_robustize)",
+    )
+    g.add_argument(
+        "--no-select",
+        action="store_true",
+        help="keep every feature (no pycytominer feature selection, missing values kept)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Embed under the output file's lock (a second embed into the same file stops at once)."""
-    from cdcl.embed.to_file import embed_to_file, output_path
-    from cdcl.errors import CdclError
-    from cdcl.locking import command_lock
+    """Embed into the output file through `cdcl.embed` (which holds the file's lock)."""
+    from cdcl.api import embed
 
-    cellprofiler = args.features is not None or args.source == "cellprofiler"
-    if args.source is None and not cellprofiler:
-        raise CdclError("give a SOURCE (run, checkpoint, random:<arch>, intensity) or --features")
-    if cellprofiler:  # takes the same output lock itself
-        from cdcl.commands.embed_cellprofiler import run_cellprofiler
-
-        return run_cellprofiler(args)
-    out = output_path(Path(args.out), args.format)
-    if args.chunk_size is None:
-        args.chunk_size = 4096
-    with command_lock(out, "cdcl embed"):
-        embed_to_file(
-            args.source,
-            out,
-            data=args.data,
-            checkpoint=args.checkpoint,
-            split=args.split,
-            split_number=args.split_number,
-            level=args.level,
-            fmt=args.format,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            chunk_size=args.chunk_size,
-            device=args.device,
-            seed=args.seed,
-            progress=not args.no_progress,
-        )
+    embed(
+        args.source,
+        args.data,
+        out=args.out,
+        fmt=args.format,
+        checkpoint=args.checkpoint,
+        split=args.split,
+        fold=args.split_number,
+        level=args.level,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        chunk_size=args.chunk_size,
+        device=args.device,
+        seed=args.seed,
+        features=args.features,
+        families=args.families,
+        segmentation=args.segmentation,
+        nucleus_diameter=args.nucleus_diameter,
+        normalize=args.normalize,
+        select=not args.no_select,
+        progress=not args.no_progress,
+        read_back=False,  # the file may be larger than memory
+    )
     return 0

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cdcl.errors import CdclError
 
-BIG_TABLE_BYTES = 64 * 2**20  # a profile table this large prints progress from the start
 HELP = (
     "Evaluate a run on its held-out batches (writes RUN/results.json, plots, report.html), "
     "or score any profile table with --features FILE --out DIR."
@@ -49,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also score CellProfiler features (cp-measure on every cell, median per well, "
         "normalised and feature-selected; see docs/cellprofiler.md), with the --correct rows",
     )
-    parser.add_argument("--no-umap", action="store_true", help="skip the UMAP plots")
+    parser.add_argument(
+        "--no-umap",
+        action="store_true",
+        help="skip the UMAP plots (drawn by default, as by cdcl.evaluate)",
+    )
     parser.add_argument(
         "--plot-sample",
         type=int,
@@ -69,14 +71,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--calibrate",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also score the main feature set's design under a null (profiles permuted within "
         "treatment) and injected batch effects (0.25-4 x the median treatment effect, and a "
-        "non-linear one); metrics that cannot see the strongest are marked 'no power'",
+        "non-linear one); metrics that cannot see the strongest are marked 'no power' and "
+        "left out of the aggregate (default: on for designs under 50 profiles per batch)",
     )
     g = parser.add_argument_group("profile tables (--features)")
     g.add_argument("--features", type=Path, help="profile table: .csv[.gz], .parquet or .h5ad")
-    g.add_argument("--batch-col", help="batch column (default Metadata_Batch, else the plate)")
+    g.add_argument(
+        "--batch-col",
+        help="batch column mixing is judged by (default Metadata_Batch, else the plate; with a "
+        "RUN, any Metadata_* column of its dataset, e.g. the acquisition batch of a run paired "
+        "by plate)",
+    )
     g.add_argument(
         "--batch-pattern",
         help=r"regex applied to the batch column; its first group is the batch (e.g. '^(Week\d+)')",
@@ -113,49 +122,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch to the table or the run evaluation and print where the results went."""
-    from cdcl.locking import command_lock
-    from cdcl.report.html import metrics_table
-    from cdcl.report.results import read_results
+    """Evaluate the run or the table through `cdcl.evaluate` and print where the results went."""
+    from cdcl.api import evaluate
 
-    def refuse_empty(results: dict[str, Any]) -> None:
-        # Called before anything is written: an earlier results.json in --out stays intact.
-        if any_figure(results):
-            return
-        lines = why_missing(results)
-        for line in lines:
-            print(f"cdcl evaluate: note: {line}", file=sys.stderr)
-        first = lines[0] if lines else "every metric came out empty"
-        level = "" if args.features is not None or args.level == "image" else "; or --level image"
-        raise CdclError(
-            f"no metric could be computed on the held-out profiles ({first}); evaluate a fold "
-            f"whose held-out batches carry treatments the training batches have (--split N){level}"
-            "; nothing was written"
-        )
-
-    if args.plot_sample < 0:
-        raise CdclError(f"--plot-sample {args.plot_sample}: give a row count >= 0 (0 = every row)")
-    corrections: tuple[str, ...] = ()
-    if args.correct is not None:
-        from cdcl.profiles.correction import parse_corrections
-
-        # Checked before any loading: a typo costs no embedding time.
-        corrections = parse_corrections(args.correct)
-    if args.features is not None:
-        if args.run is not None:
-            raise CdclError("give either a RUN directory or --features FILE, not both")
-        if args.out is None:
-            raise CdclError("--features needs --out DIR for results.json and the report")
-        if args.cellprofiler:
-            raise CdclError(
-                "--cellprofiler measures a run's images; for a table, make one with "
-                "`cdcl embed --features cellprofiler` and score it with --features"
-            )
-    elif args.run is None:
+    if args.features is not None and args.run is not None:
+        raise CdclError("give either a RUN directory or --features FILE, not both")
+    if args.features is None and args.run is None:
         raise CdclError("give a RUN directory, or --features FILE --out DIR")
-    with command_lock(args.out or args.run, "cdcl evaluate"):
-        path = _evaluate(args, corrections, refuse_empty)
-    results = read_results(path)
+    if args.features is not None and args.out is None:
+        raise CdclError("--features needs --out DIR for results.json and the report")
+    results = evaluate(
+        args.features if args.features is not None else args.run,
+        args.out,
+        fold=args.split,
+        batch_col=args.batch_col,
+        batch_pattern=args.batch_pattern,
+        treatment_col=args.treatment_col,
+        compound_col=args.compound_col,
+        moa_col=args.moa_col,
+        plate_col=args.plate_col,
+        well_col=args.well_col,
+        control_query=args.control_query,
+        eval_on=args.eval_on,
+        tvn=args.tvn,
+        variants=args.variants,
+        name=args.name,
+        corrections=args.correct or (),
+        checkpoint=args.checkpoint,
+        data=args.data,
+        level=args.level,
+        baselines=not args.no_baselines,
+        cellprofiler=args.cellprofiler,
+        batch_size=args.batch_size,
+        null_size=args.null_size,
+        seed=args.seed,
+        calibrate=args.calibrate,
+        umap=not args.no_umap,
+        plot_sample=args.plot_sample,
+        progress=True,
+    )
+    _print_results(results, Path(args.out or args.run) / "results.json")
+    return 0
+
+
+def _print_results(results: dict[str, Any], path: Path) -> None:
+    """The calibration, the metrics table, the corrections, where the results went, and notes."""
+    from cdcl.evaluation.checks import why_missing
+    from cdcl.report.html import metrics_table
+
     _print_calibration(results)
     table = metrics_table(results)
     if not table.empty:
@@ -163,99 +177,13 @@ def run(args: argparse.Namespace) -> int:
 
         with pd.option_context("display.width", 160, "display.max_columns", 12):
             print(table.apply(pd.to_numeric).round(3).to_string(na_rep="-"))
-    if corrections:
-        from cdcl.metrics.score import protocol_with
-
-        print(protocol_with(corrections)["corrections"])
+    fitted = (results.get("protocol") or {}).get("corrections")
+    if fitted:  # the corrections were fitted on the evaluated profiles: say so
+        print(fitted)
     print(f"results: {path}")
     print(f"report:  {path.parent / 'report.html'}")
     for line in [*((results.get("source") or {}).get("notes") or []), *why_missing(results)]:
         print(f"cdcl evaluate: note: {line}", file=sys.stderr)
-    return 0
-
-
-def _evaluate(
-    args: argparse.Namespace,
-    corrections: tuple[str, ...],
-    before_write: Callable[[dict[str, Any]], None],
-) -> Path:
-    """Run the table or the run evaluation; the path of its results.json."""
-    if args.features is not None:
-        return _evaluate_table(args, corrections, before_write)
-    from cdcl.evaluation.run import evaluate_run  # models and views: runs only
-    from cdcl.progress import keep_alive
-
-    # Embedding, scoring and drawing: a line per stage, and one after every 10 s of silence.
-    with keep_alive(True):
-        return _run_evaluation(evaluate_run, args, corrections, before_write)
-
-
-def _run_evaluation(
-    evaluate_run: Callable[..., Path],
-    args: argparse.Namespace,
-    corrections: tuple[str, ...],
-    before_write: Callable[[dict[str, Any]], None],
-) -> Path:
-    """``evaluate_run`` with the command's options."""
-    return evaluate_run(
-        args.run,
-        checkpoint=args.checkpoint,
-        data=args.data,
-        split_number=args.split,
-        out=args.out,
-        baselines=(() if args.no_baselines else ("intensity", "random"))
-        + (("cellprofiler",) if args.cellprofiler else ()),
-        corrections=corrections,
-        batch_size=args.batch_size,
-        null_size=args.null_size,
-        seed=args.seed,
-        umap=not args.no_umap,
-        level=args.level,
-        before_write=before_write,
-        plot_sample=args.plot_sample,
-    )
-
-
-def _evaluate_table(
-    args: argparse.Namespace,
-    corrections: tuple[str, ...],
-    before_write: Callable[[dict[str, Any]], None],
-) -> Path:
-    """``evaluate_table`` with the command's options; a large table says so from the start."""
-    from cdcl.progress import keep_alive, say
-
-    # Importing the metric libraries takes seconds (tens on a busy machine): a large table
-    # gets a first line and the keep-alive before them, not after.
-    big = args.features.is_file() and args.features.stat().st_size > BIG_TABLE_BYTES
-    if big:
-        say("cdcl evaluate: loading the evaluation libraries ...")
-    with keep_alive(big):
-        from cdcl.evaluation.table_file import evaluate_table
-
-        return evaluate_table(
-            args.features,
-            args.out,
-            batch_col=args.batch_col,
-            batch_pattern=args.batch_pattern,
-            treatment_col=args.treatment_col,
-            compound_col=args.compound_col,
-            moa_col=args.moa_col,
-            plate_col=args.plate_col,
-            well_col=args.well_col,
-            control_query=args.control_query,
-            split_number=args.split,
-            eval_on=args.eval_on,
-            tvn=args.tvn,
-            corrections=corrections,
-            null_size=args.null_size,
-            seed=args.seed,
-            umap=not args.no_umap,
-            name=args.name,
-            before_write=before_write,
-            calibrate=args.calibrate,
-            plot_sample=args.plot_sample,
-            variants=_variants(args.variants),
-        )
 
 
 def _print_calibration(results: dict[str, Any]) -> None:
@@ -273,38 +201,3 @@ def _print_calibration(results: dict[str, Any]) -> None:
             print(calibration_table(cal).round(3).to_string(index=False, na_rep="-"))
         for label in cal.get("no_power", []):
             print(f"  {label}: {cal['metrics'][label]['reason']}")
-
-
-def _variants(text: str) -> tuple[str, ...]:
-    """The --variants list, checked before anything is loaded."""
-    from cdcl.metrics.score import VARIANTS
-
-    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
-    bad = [v for v in names if v not in VARIANTS]
-    if bad or not names:
-        raise CdclError(f"--variants {text}: use a comma-separated list of {', '.join(VARIANTS)}")
-    return names
-
-
-def why_missing(results: dict[str, Any]) -> list[str]:
-    """The distinct one-line reasons of metrics not computed or failed, in first-seen order."""
-    lines: dict[str, None] = {}
-    for res in (results.get("feature_sets") or {}).values():
-        for text in (res.get("unavailable") or {}).values():
-            lines[str(text)] = None
-        for name, text in (res.get("errors") or {}).items():
-            metric = name.split(".", 1)[-1]
-            lines[f"{metric}: failed ({text})"] = None
-    return list(lines)
-
-
-def any_figure(results: dict[str, Any]) -> bool:
-    """True when at least one headline metric of any feature set is a number."""
-    import math
-
-    from cdcl.report.html import metrics_long
-
-    long = metrics_long(results)
-    # The batch classifier's chance level depends on the labels only: not a figure of the features.
-    long = long[long["metric"] != "batch classifier chance"]
-    return any(isinstance(v, int | float) and math.isfinite(v) for v in long["value"])

@@ -13,9 +13,6 @@ HELP = (
 )
 
 
-DEFAULT_REFERENCE = "DINO,DINO+harmony"
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cdcl study`."""
     parser.add_argument("--out", type=Path, default=Path("study_out"), help="output directory")
@@ -47,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reference",
-        default=DEFAULT_REFERENCE,
+        default=None,
         help="row(s) every other row is compared with, comma-separated; rows not present are "
         "skipped (default DINO,DINO+harmony; with --cellprofiler also CellProfiler+harmony)",
     )
@@ -94,63 +91,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the study and print the headline comparison and the report's path."""
-    import torch
+    """Run the study through `cdcl.study` and print the headline comparison and the report."""
+    from cdcl.api import study
+    from cdcl.experiments.study import headline_text
 
-    from cdcl.errors import CdclError
-    from cdcl.experiments.curve import CURVE_REFERENCES, check_curve, parse_strengths, run_curve
-    from cdcl.experiments.study import StudySpec, check_spec, headline_text, parse_ints, run_study
-    from cdcl.locking import command_lock
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if not 0 < args.alpha < 1:
-        raise CdclError(f"--alpha {args.alpha}: must lie between 0 and 1")
-    seeds = parse_ints(args.seeds, "--seeds") or ((0, 1) if args.quick else (0, 1, 2))
-    methods = (
-        tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
-    )
-    references = tuple(r.strip() for r in args.reference.split(",") if r.strip())
-    if args.cellprofiler and args.reference == DEFAULT_REFERENCE:
-        references = CURVE_REFERENCES
-    strengths = parse_strengths(args.batch_strength)
-    spec = StudySpec(
-        out=Path(args.out),
+    t0 = time.perf_counter()
+    out = study(
+        args.out,
         dataset=args.dataset,
-        methods=methods,
-        seeds=seeds,
-        folds=parse_ints(args.folds, "--folds"),
-        references=references,
+        methods=args.methods,
+        seeds=args.seeds,
+        folds=args.folds,
+        references=args.reference,
         epochs=args.epochs,
         quick=args.quick,
         fresh=args.fresh,
         bbbc021_dir=args.bbbc021_dir,
-        progress=not args.no_progress,
         alpha=args.alpha,
         test_batches=args.test_batches,
-        batch_strength=strengths[0] if strengths and len(strengths) == 1 else None,
+        batch_strength=args.batch_strength,
         cellprofiler=args.cellprofiler,
         calibrate=args.calibrate,
+        progress=not args.no_progress,
     )
-    curve = strengths is not None and len(strengths) > 1
-    # every option, before the lock or any file exists
-    check_curve(spec, strengths) if curve else check_spec(spec)  # type: ignore[arg-type]
-    t0 = time.perf_counter()
-    if curve:
-        with command_lock(spec.out, "cdcl study"):
-            out = run_curve(spec, strengths)  # type: ignore[arg-type]
-        print()
+    print()
+    if "curve" in out:
         print(out["paths"]["md"].read_text())
         print(f"curve: {out['paths']['md']} {out['paths']['png'] or ''}")
         print(f"  {'total':<32s} {time.perf_counter() - t0:7.1f} s")
         return 0
-    with command_lock(spec.out, "cdcl study"):
-        result = run_study(spec)
+    print(headline_text(out["study"]))
     print()
-    print(headline_text(result["study"]))
-    print()
-    for name, secs in result["study"]["timings_s"].items():
+    for name, secs in out["study"]["timings_s"].items():
         print(f"  {name:<32s} {secs:7.1f} s")
     print(f"  {'total':<32s} {time.perf_counter() - t0:7.1f} s")
-    print(f"\nreport: {result['paths']['html']}")
-    print(f"tables: {result['paths']['md']}")
+    print(f"\nreport: {out['paths']['html']}")
+    print(f"tables: {out['paths']['md']}")
     return 0

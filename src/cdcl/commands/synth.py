@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -75,70 +74,18 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Generate (or reuse) the dataset, holding the output directory's lock, and summarise it."""
-    from cdcl.locking import command_lock
+    """Generate (or reuse) the dataset through `cdcl.synth`, which prints its summary."""
+    from cdcl.api import synth
 
-    with command_lock(args.out, "cdcl synth"):
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from cdcl.data import synthetic
-    from cdcl.data.dataset_dir import open_dataset
-
-    overrides = overrides_from(args)
-    cfg = synthetic.resolve_config(args.preset, **overrides)
-    key = synthetic.build_key(args.preset, args.seed, **overrides)
-    out: Path = args.out
-    start = time.perf_counter()
-    if not args.overwrite and synthetic.reusable(out, key):
-        print(
-            f"cdcl synth: {out} already holds this screen (preset {args.preset}, seed "
-            f"{args.seed}); reusing it (--overwrite rebuilds)"
-        )
-        reused = True
-    else:
-        synthetic.generate(
-            out,
-            args.preset,
-            args.seed,
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-            **overrides,
-        )
-        reused = False
-    elapsed = time.perf_counter() - start
-    ds = open_dataset(out)
-    s = ds.samples
-    parts = s.groupby("split")["batch"].unique()
-    split = "; ".join(f"{k} {', '.join(sorted(v))}" for k, v in sorted(parts.items()))
-    n_t = s.loc[~s["is_control"], "treatment"].nunique()
-    n_m = s.loc[~s["is_control"], "moa"].nunique()
-    lines = [
-        f"screen   preset {args.preset}, seed {args.seed}: {cfg.batches} batches x {cfg.plates} "
-        f"plates x {cfg.n_wells} wells x {cfg.sites} sites",
-        f"images   {len(s)} ({cfg.image_size}x{cfg.image_size} px, 5 channels "
-        f"{', '.join(ds.channels)}, uint16)",
-        f"design   {n_t} treatments in {n_m} MoAs + control {synthetic.CONTROL} on every plate",
-        f"split    {split}",
-    ]
-    if not reused:
-        lines.append(f"speed    {len(s) / max(elapsed, 1e-9):.0f} images/s ({elapsed:.1f} s)")
-    if args.montage is not None:
-        from cdcl.data.montage import montage
-
-        lines.append(f"montage  {montage(ds, args.montage)}")
-    lines.append(f"strength batch effect x {cfg.batch_strength:g} (1 = calibrated)")
-    if not args.no_calibration:
-        from cdcl.experiments.screen_calibration import (
-            CALIBRATION_FILE,
-            dataset_calibration,
-            report_lines,
-        )
-
-        lines.extend(report_lines(dataset_calibration(out)))
-        lines.append(f"calib    {out / CALIBRATION_FILE}")
-    lines.append(f"truth    {out / synthetic.GROUND_TRUTH_FILE}")
-    lines.append(f"dataset  {out}")
-    print("\n".join(lines))
+    synth(
+        args.out,
+        args.preset,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        calibration=not args.no_calibration,
+        montage=args.montage,
+        progress=not args.no_progress,
+        verbose=True,
+        **overrides_from(args),
+    )
     return 0

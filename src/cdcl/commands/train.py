@@ -52,12 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config, check that the split and the batch fit the data, and train."""
-    from cdcl.api import train
-    from cdcl.config import preset_names
+    from cdcl.api import presets, train
     from cdcl.errors import CdclError
 
     if args.list_presets:
-        print("\n".join(preset_names()))
+        print("\n".join(presets()))
         return 0
     if args.preset is None:
         raise CdclError("--preset NAME is required (see `cdcl train --list-presets`)")
