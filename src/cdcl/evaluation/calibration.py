@@ -193,6 +193,7 @@ def calibrate(
         top = _get(results[strongest], path)
         rec: dict[str, Any] = {
             "kind": kind,
+            "path": ".".join(path),  # where the figure lives in a variant's results
             "null": float(np.nanmean(null_vals)) if np.isfinite(null_vals).any() else float("nan"),
             "null_sd": float(np.nanstd(null_vals, ddof=1))
             if np.isfinite(null_vals).sum() > 1

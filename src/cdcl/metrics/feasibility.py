@@ -96,6 +96,13 @@ def unavailable(meta: pd.DataFrame, has_moa: bool) -> dict[str, str]:
             "NSC/NSCB: needs treated profiles of >= 2 MoAs and >= 2 compounds; have "
             f"{_plural(n_moa, 'MoA')} and {_plural(n_comp, 'compound')}"
         )
+    elif moas_ok == 0:
+        # Every query's MoA has no other compound: no neighbour can match, NSC is 0 by design.
+        out["moa_matching"] = (
+            "NSC/NSCB: not computable, because no MoA has a second compound (have "
+            f"{_plural(n_moa, 'MoA')}, each with one compound): the nearest other compound "
+            "can never share the query's MoA, so the score would be 0 whatever the profiles"
+        )
     else:
         comp_batches = int(labelled["batch"].astype(str).nunique())
         if comp_batches < 2:

@@ -491,7 +491,27 @@ def _get(d: Any, *path: str) -> float:
     return float(d) if isinstance(d, (int, float)) else float("nan")
 
 
-def aggregate_scores(res: dict[str, Any]) -> dict[str, Any]:
+# The aggregate's components and their paths inside a variant's results; each is a score in
+# [0, 1] with 1 = best, used on that fixed range (never rescaled over the rows of a report).
+AGGREGATE_BATCH = {
+    "kbet_per_treatment": ("mixing_per_treatment", "kbet"),
+    "ilisi_per_treatment": ("mixing_per_treatment", "ilisi"),
+    "batch_silhouette_per_treatment": ("mixing_per_treatment", "batch_silhouette"),
+    "graph_connectivity": ("mixing_per_treatment", "graph_connectivity"),
+}
+AGGREGATE_BIO = {
+    "nsc": ("moa_matching", "nsc"),
+    "nscb": ("moa_matching", "nscb"),
+    "moa_map": ("map", "moa", "map"),
+    "treatment_knn_accuracy": ("classification", "knn", "accuracy"),
+}
+AGGREGATE_RANGE = (
+    "each component is a score in [0, 1] (1 = best) used as it is: totals are not rescaled "
+    "over the rows of a report, so a feature set's total is the same in every report"
+)
+
+
+def aggregate_scores(res: dict[str, Any], left_out: dict[str, str] | None = None) -> dict[str, Any]:
     """scib-style overall score of one variant: 0.4 x batch-mixing mean + 0.6 x biology mean.
 
     Batch-mixing components (all per treatment, so that design imbalance cannot pass for a
@@ -499,24 +519,20 @@ def aggregate_scores(res: dict[str, Any]) -> dict[str, Any]:
     connectivity (:func:`cdcl.metrics.mixing_per_treatment`). Biology components:
     NSC and NSCB (MoA of the nearest other compound, the latter across batches), MoA
     retrieval mAP, and held-out treatment accuracy of the weighted kNN classifier (where a
-    train/test split exists). Each is in [0, 1] with 1 = best; missing ones are dropped and
-    named (``dropped``). Batch-classifier accuracy is left out: its chance level depends on
+    train/test split exists). Each is in [0, 1] with 1 = best, on that fixed range
+    (``AGGREGATE_RANGE``); missing ones are dropped and named (``dropped``). ``left_out``
+    (component -> reason, e.g. no power on this design) removes components; they are kept
+    under ``left_out``. Batch-classifier accuracy is left out: its chance level depends on
     the batch sizes, so it is not on the [0, 1] best-is-1 scale of the others.
     """
-    mix = ("mixing_per_treatment",)
-    batch = {
-        "kbet_per_treatment": _get(res, *mix, "kbet"),
-        "ilisi_per_treatment": _get(res, *mix, "ilisi"),
-        "batch_silhouette_per_treatment": _get(res, *mix, "batch_silhouette"),
-        "graph_connectivity": _get(res, *mix, "graph_connectivity"),
-    }
-    bio = {
-        "nsc": _get(res, "moa_matching", "nsc"),
-        "nscb": _get(res, "moa_matching", "nscb"),
-        "moa_map": _get(res, "map", "moa", "map"),
-        "treatment_knn_accuracy": _get(res, "classification", "knn", "accuracy"),
-    }
-    return mixing.scib_aggregate(batch, bio)
+    left_out = left_out or {}
+    batch = {k: _get(res, *p) for k, p in AGGREGATE_BATCH.items() if k not in left_out}
+    bio = {k: _get(res, *p) for k, p in AGGREGATE_BIO.items() if k not in left_out}
+    out = mixing.scib_aggregate(batch, bio)
+    out["range"] = AGGREGATE_RANGE
+    if left_out:
+        out["left_out"] = dict(left_out)
+    return out
 
 
 def online_probe_scores(
