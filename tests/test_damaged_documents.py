@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+import resource
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +23,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from cli_process import cdcl
+from cli_process import cdcl, cdcl_env
 from test_evaluate_pipeline import planted_profiles
 
+from cdcl.atomic import DiskFullError, WriteError, temp_sibling
 from cdcl.cli import main
 from cdcl.errors import CdclError
 from cdcl.experiments.study import (
@@ -31,8 +37,9 @@ from cdcl.experiments.study import (
     run_replicate,
     study_looks,
 )
+from cdcl.parquet import write_parquet
 from cdcl.profiles.columns import apply_batch_pattern
-from cdcl.profiles.table import read_profile_table, split_table
+from cdcl.profiles.table import read_profile_table, split_table, to_csv, to_parquet
 from cdcl.report.html import compare
 from cdcl.report.results import read_results
 
@@ -355,3 +362,145 @@ def test_batch_pattern_with_a_group_takes_it() -> None:
     plates = pd.Series(["Week1_22123", "Week1_22141", "Week2_24121", None], dtype=object)
     got = apply_batch_pattern(plates, r"^(Week\d+)")
     assert list(got) == ["Week1", "Week1", "Week2", None]
+
+
+# ----------------------------------------------------------------- writes that really fail
+
+
+def _size_limit(nbytes: int) -> Callable[[], None]:
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write, do not kill the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+
+    return apply
+
+
+def limited(*args: object, limit: int) -> subprocess.CompletedProcess:
+    """`cdcl ARGS` in a subprocess under a file-size limit: a longer write fails with EFBIG."""
+    return subprocess.run(
+        [sys.executable, "-m", "cdcl", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cdcl_env(),
+        timeout=600,
+        preexec_fn=_size_limit(limit),
+    )
+
+
+def last_line_alone(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The error line: exit 2, no traceback, the last line of stderr and on a line of its own."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.rstrip("\n").split("\n")
+    assert lines[-1].startswith(f"cdcl {command}: error: "), proc.stderr
+    assert sum(": error: " in ln for ln in lines) == 1, proc.stderr
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny simulated screen (96 images)."""
+    out = tmp_path_factory.mktemp("screen") / "ds"
+    assert cdcl("synth", "--preset", "tiny", "--out", out, "--no-progress").returncode == 0
+    return out
+
+
+@pytest.mark.slow
+def test_embed_on_a_full_disk_names_the_part_after_the_progress_bar(
+    screen: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "p.parquet"
+    proc = limited("embed", "intensity", "--data", screen, "--out", out, limit=2000)
+    line = last_line_alone(proc, "embed")
+    assert "intensity:" in proc.stderr  # the bar was drawn, and ended before the error
+    assert "part-0000000.parquet: write failed, file too large" in line, line
+    assert "a file" not in line and not out.exists()
+
+
+@pytest.mark.slow
+def test_embed_merge_on_a_full_disk_names_the_output(screen: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.parquet"
+    args = ("--out", out, "--level", "image", "--chunk-size", "16", "--no-progress")
+    proc = limited("embed", "intensity", "--data", screen, *args, limit=6000)
+    line = last_line_alone(proc, "embed")
+    assert line.startswith(f"cdcl embed: error: {out}: write failed, file too large"), line
+    assert not out.exists() and not list(tmp_path.glob(".p.parquet.tmp*"))
+
+
+@pytest.mark.slow
+def test_compare_on_a_full_disk_names_the_figure(tmp_path: Path) -> None:
+    run = _results_dir(tmp_path, GOOD)
+    rng = np.random.default_rng(0)
+    umap = pd.DataFrame(
+        {
+            "umap_x": rng.normal(size=40),
+            "umap_y": rng.normal(size=40),
+            "batch": ["b0", "b1"] * 20,
+            "treatment": ["DMSO", "a", "b", "c"] * 10,
+            "is_control": [True, False, False, False] * 10,
+        }
+    )
+    (run / "plots").mkdir()
+    umap.to_csv(run / "plots" / "umap_model.csv", index=False)
+    out = tmp_path / "cmp"
+    line = last_line_alone(limited("compare", run, "--out", out, limit=8000), "compare")
+    assert line.startswith(f"cdcl compare: error: {out / 'umap_grid.png'}: write failed"), line
+    assert (out / "comparison.csv").is_file() and not (out / "umap_grid.png").exists()
+    assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []
+
+
+def test_build_on_a_full_disk_names_the_image_store(tmp_path: Path) -> None:
+    images = np.zeros((8, 16, 16, 2), dtype=np.uint8)
+    np.savez(tmp_path / "cells.npz", images=images)
+    rows = [{"plate": f"P{i // 4}", "well": f"A{i % 4:02d}", "compound": "DMSO"} for i in range(8)]
+    pd.DataFrame(rows).to_csv(tmp_path / "cells.csv", index=False)
+    out = tmp_path / "ds"
+    build = [
+        "build", "table", "--samples", tmp_path / "cells.csv", "--npz", tmp_path / "cells.npz",
+        "--npz-key", "images", "--channels", "DNA,Actin", "--batch-col", "plate",
+        "--treatment-col", "compound", "--out", out,
+    ]  # fmt: skip
+    line = last_line_alone(limited(*build, limit=100), "build")
+    store = tmp_path / ".ds.partial" / "images.zarr"
+    assert line.startswith(f"cdcl build: error: {store}: write failed, file too large"), line
+
+
+def test_writes_into_dev_full_name_the_target(tmp_path: Path) -> None:
+    """The temporary file of each writer is linked to /dev/full: the write really fails."""
+    meta = pd.DataFrame({"plate": ["p", "p"], "well": ["A1", "A2"], "treatment": ["x", "y"]})
+    x = np.ones((2, 3), np.float32)
+    for path, write in (
+        (tmp_path / "t.parquet", lambda p: to_parquet(x, meta, p)),
+        (tmp_path / "t.csv", lambda p: to_csv(x, meta, p)),
+        (tmp_path / "direct.parquet", lambda p: write_parquet(meta, p)),
+    ):
+        link = path if path.name.startswith("direct") else temp_sibling(path)
+        link.symlink_to("/dev/full")
+        with pytest.raises(DiskFullError) as e:
+            write(path)
+        assert str(e.value).startswith(f"{path}: write failed, no space left on device"), e.value
+        link.unlink(missing_ok=True)  # the writer removed its temporary link
+        assert not path.exists()
+
+
+def test_a_figure_into_dev_full_names_the_png(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cdcl.report.html import _save
+
+    path = tmp_path / "fig.png"
+    temp_sibling(path).with_name(temp_sibling(path).name + ".png").symlink_to("/dev/full")
+    with pytest.raises(DiskFullError, match=f"^{path}: write failed, no space left"):
+        _save(plt.figure(), path)
+    assert not path.exists()
+
+
+def test_a_directory_in_the_way_names_the_target(tmp_path: Path) -> None:
+    meta = pd.DataFrame({"plate": ["p"], "well": ["A1"], "treatment": ["x"]})
+    path = tmp_path / "t.csv"
+    path.mkdir()
+    with pytest.raises(WriteError, match=f"^{path}: write failed"):
+        to_csv(np.ones((1, 2), np.float32), meta, path)

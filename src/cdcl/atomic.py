@@ -114,19 +114,23 @@ def temp_sibling(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path to write; on success rename it over ``path``, else remove it.
 
     A failure for lack of space is re-raised as :class:`DiskFullError` naming ``path``, any
-    other OS error as :class:`WriteError` naming it (not the temporary file).
+    other OS error as :class:`WriteError` naming it (not the temporary file, even when a
+    writer inside already named that one). ``suffix`` ends the temporary file's name, for
+    writers that choose the format by extension (``.png``, ``.h5ad``).
     """
     path = Path(path)
     tmp = temp_sibling(path)
+    tmp = tmp.with_name(tmp.name + suffix) if suffix else tmp
     try:
         yield tmp
         os.replace(tmp, path)
     except Exception as e:
-        err = failed_write(path, e)
+        named_tmp = isinstance(e, DiskFullError | WriteError) and str(tmp) in str(e)
+        err = failed_write(path, e.__cause__ if named_tmp and e.__cause__ else e)
         if err is None:
             raise
         raise err from e

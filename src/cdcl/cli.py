@@ -38,37 +38,52 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except CdclError as e:
-        print(f"cdcl {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"cdcl {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except RecursionError:
+        return _say(args.command, "interrupted", 130)
+    except Exception as e:
+        text = error_text(e)
+        if text is None:
+            raise  # a bug: its traceback is what a report needs
+        return _say(args.command, f"error: {text}", 2)
+
+
+def _say(command: str, text: str, status: int) -> int:
+    """Print the command's last line on a line of its own (after any progress bar); ``status``."""
+    from cdcl.progress import end_progress_lines
+
+    end_progress_lines()
+    print(f"cdcl {command}: {text}", file=sys.stderr)
+    return status
+
+
+def error_text(error: Exception) -> str | None:
+    """The one line for an error the user can act on; None for anything else (a bug)."""
+    if isinstance(error, CdclError):
+        return one_line(error)
+    if isinstance(error, RecursionError):
         # Input nested thousands deep (a YAML override, a JSON file) that a parser descends
         # recursively: one line, not a traceback thousands of frames long.
-        print(
-            f"cdcl {args.command}: error: an argument or a file it names is nested too deeply "
-            "to read (RecursionError); simplify it (e.g. a `key=value` override or a YAML/JSON "
-            "file with thousands of nested brackets)",
-            file=sys.stderr,
+        return (
+            "an argument or a file it names is nested too deeply to read (RecursionError); "
+            "simplify it (e.g. a `key=value` override or a YAML/JSON file with thousands of "
+            "nested brackets)"
         )
-        return 2
-    except UnicodeError as e:
-        print(f"cdcl {args.command}: error: {unicode_message(e)}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        # A full disk anywhere (a log line, a plot) is one line naming the file, not a traceback.
-        from cdcl.atomic import disk_full_cause, disk_full_error
+    if isinstance(error, UnicodeError):
+        return unicode_message(error)
+    # A full disk anywhere (a log line, a plot) is one line, not a traceback.
+    from cdcl.atomic import DISK_FULL_ERRNOS, disk_full_cause, disk_full_error
 
-        cause = disk_full_cause(e)
-        if cause is None:
-            raise
-        print(
-            f"cdcl {args.command}: error: {disk_full_error(cause.filename or 'a file', cause)}",
-            file=sys.stderr,
-        )
-        return 2
+    cause = disk_full_cause(error)
+    if cause is None:
+        return None
+    if cause.filename:
+        return str(disk_full_error(cause.filename, cause))
+    reason = DISK_FULL_ERRNOS.get(cause.errno or 0, cause.strerror or str(cause))
+    return (
+        f"a write failed ({reason}) in a file the writing library did not name; files "
+        "written before it are intact. Free space on the output's device and rerun the same "
+        "command"
+    )
 
 
 def unicode_message(error: UnicodeError) -> str:

@@ -19,6 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cdcl.atomic import naming_failures
+
 
 def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """A Parquet file as a DataFrame, read natively by pyarrow (see the module doc for why)."""
@@ -27,5 +29,10 @@ def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> pd.D
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path) -> None:
-    """Write a DataFrame (without its index) as Parquet, opened natively by pyarrow."""
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), os.fspath(path))
+    """Write a DataFrame (without its index) as Parquet, opened natively by pyarrow.
+
+    A failed write (a full disk, a read-only folder) is one line naming ``path``.
+    """
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    with naming_failures(path):
+        pq.write_table(table, os.fspath(path))

@@ -68,3 +68,23 @@ def keep_alive(on: bool, prefix: str = "cdcl evaluate: ") -> Iterator[None]:
         _depth[0] -= 1
         stop.set()
         thread.join(timeout=2.0)
+
+
+def end_progress_lines() -> None:
+    """Close every open progress bar (tqdm), so that the next line starts on a line of its own.
+
+    A command that fails or is interrupted mid-bar would otherwise print its error after the
+    bar's text; each bar is left showing where it stopped.
+    """
+    module = sys.modules.get("tqdm")
+    if module is None:  # no bar was ever made
+        return
+    bars = list(getattr(module.tqdm, "_instances", ()))
+    for bar in sorted(bars, key=lambda b: -abs(getattr(b, "pos", 0) or 0)):
+        if getattr(bar, "disable", True):
+            continue
+        bar.leave = True
+        try:
+            bar.close()
+        except Exception:  # a bar on a closed stream: nothing to end
+            continue

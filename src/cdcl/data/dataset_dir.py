@@ -36,6 +36,7 @@ from cdcl.atomic import (  # noqa: F401  (atomic_write_* are also imported from 
     atomic_write_text,
     disk_full_cause,
     disk_full_error,
+    naming_failures,
 )
 from cdcl.data.query import check_stored_query
 from cdcl.errors import CdclError, DatasetError
@@ -185,10 +186,17 @@ class DatasetWriter:
             except Exception:  # a partial build we cannot read is simply restarted
                 resumable = False
         if not resumable:
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir(parents=True)
-            h, w = info.image_size
+            self._start(key_file, key)
+        self.resumed = bool(resumable and self.done.any())
+
+    def _start(self, key_file: Path, key: str) -> None:
+        """A fresh partial directory: empty image (and mask) stores, progress and build key."""
+        info = self.info
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        h, w = info.image_size
+        with naming_failures(self.tmp / IMAGES_DIR):  # zarr's own writes do not name a file
             self.array = zarr.create_array(
                 store=str(self.tmp / IMAGES_DIR),
                 shape=(info.n_images, len(info.channels), h, w),
@@ -203,14 +211,14 @@ class DatasetWriter:
                 fill_value=0,
                 config=WRITE_EVERY_CHUNK,
             )
-            if self.mask_objects:
+        if self.mask_objects:
+            with naming_failures(self.tmp / MASKS_DIR):
                 self.masks = create_mask_array(
                     self.tmp / MASKS_DIR, info.n_images, self.mask_objects, (h, w)
                 )
-            self.done = np.zeros(info.n_images, dtype=bool)
-            self._save_progress()
-            atomic_write_text(key_file, key)
-        self.resumed = bool(resumable and self.done.any())
+        self.done = np.zeros(info.n_images, dtype=bool)
+        self._save_progress()
+        atomic_write_text(key_file, key)
 
     def _save_progress(self) -> None:
         with atomic_path(self.tmp / PROGRESS_FILE) as tmp, open(tmp, "wb") as f:

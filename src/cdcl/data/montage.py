@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from cdcl.atomic import atomic_path
 from cdcl.data.dataset_dir import Dataset, open_dataset
 
 # channel name -> RGB contribution; unknown channels are spread evenly over R, G, B
@@ -87,8 +87,9 @@ def montage(dataset: Dataset | str | Path, out_png: str | Path, per_batch: int =
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(f".{out_png.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
+    try:
+        with atomic_path(out_png, suffix=".png") as tmp:  # a failed write names out_png
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return out_png

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cdcl.atomic import atomic_path
 from cdcl.data.segmentation import segment_field
 from cdcl.embed.cellprofiler_features import (
     CHUNK_SIZE,
@@ -197,10 +198,8 @@ class CellJob(EmbedJob):
         )
         meta = {b"names": json.dumps(names).encode(), b"objects": json.dumps(objects).encode()}
         table = table.replace_schema_metadata(meta)
-        path = self.part_path(c)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        with atomic_path(self.part_path(c)) as tmp:
+            pq.write_table(table, tmp)
 
     def iter_cells(
         self,
@@ -450,7 +449,6 @@ def write_named_profiles(
     """
     import anndata as ad
 
-    from cdcl.atomic import atomic_path
     from cdcl.embed.job import META_KEY
 
     path = Path(path)

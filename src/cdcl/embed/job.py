@@ -13,6 +13,7 @@ part by part, well means accumulated as group sums), then removes the work direc
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cdcl.atomic import atomic_path, atomic_write_text, naming_failures
 from cdcl.embed.inference import ViewFn, cut_batches, embed_images, iter_embeddings
 from cdcl.errors import CdclError
 from cdcl.profiles.table import (
@@ -99,9 +101,7 @@ class EmbedJob:
         job = self.work_dir / JOB_FILE
         if not job.exists():
             text = json.dumps({**fields, "chunk_size": self.chunk_size}, indent=1, default=str)
-            tmp = _tmp(job)
-            tmp.write_text(text)
-            os.replace(tmp, job)
+            atomic_write_text(job, text)
 
     def shard(self, pending: list[int], rank: int, world: int) -> list[int]:
         """This rank's contiguous share of the pending chunks."""
@@ -163,10 +163,8 @@ class EmbedJob:
             pa.array(np.ascontiguousarray(feats, np.float32).reshape(-1)), feats.shape[1]
         )
         table = pa.table({"x": col}).replace_schema_metadata({b"rank": str(rank).encode()})
-        path = self.part_path(c)
-        tmp = _tmp(path)
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_path(self.part_path(c)) as tmp:
+            pq.write_table(table, tmp)
 
     def read_part(self, c: int) -> tuple[np.ndarray, int]:
         """Features (rows, D) of chunk ``c`` and the rank that wrote them."""
@@ -236,6 +234,8 @@ def write_image_profiles(
         x = job.gather()
         to_anndata(x, meta, path, provenance)
         return path, len(x), x.shape[1]
+    if not name.endswith((".parquet", ".csv", ".csv.gz")):
+        raise CdclError(f"{path}: unknown profile format; use .parquet, .h5ad, .csv")
     tmp = _tmp(path)
     writer: Any = None
     handle: Any = None
@@ -246,37 +246,43 @@ def write_image_profiles(
             ranks.add(r)
             dim = x.shape[1]
             block = profile_table(x, meta.iloc[a : a + len(x)].reset_index(drop=True))
-            if name.endswith(".parquet"):
-                if writer is None:
-                    schema = _parquet_schema(meta, dim)
-                    writer = pq.ParquetWriter(tmp, schema)
-                writer.write_table(pa.Table.from_pandas(block, schema=schema, preserve_index=False))
-            elif name.endswith((".csv", ".csv.gz")):
-                if handle is None:
-                    opener = gzip.open if name.endswith(".gz") else open
-                    handle = opener(tmp, "wt", newline="")
-                block.to_csv(handle, index=False, header=a == 0)
+            with naming_failures(path):  # a full disk names the output, not its temporary file
+                if name.endswith(".parquet"):
+                    if writer is None:
+                        schema = _parquet_schema(meta, dim)
+                        writer = pq.ParquetWriter(tmp, schema)
+                    table = pa.Table.from_pandas(block, schema=schema, preserve_index=False)
+                    writer.write_table(table)
+                else:
+                    if handle is None:
+                        opener = gzip.open if name.endswith(".gz") else open
+                        handle = opener(tmp, "wt", newline="")
+                    block.to_csv(handle, index=False, header=a == 0)
+        with naming_failures(path):
+            if writer is not None:
+                info = {**(provenance or {}), "part_ranks": sorted(ranks), "merged_by_rank": 0}
+                writer.add_key_value_metadata({META_KEY.decode(): json.dumps(info, default=str)})
+                writer, w = None, writer
+                w.close()
+            if handle is not None:
+                handle, h = None, handle
+                h.close()
+            if not tmp.exists():  # nothing to embed: an empty table in the same format
+                write_profiles(np.zeros((0, 0), np.float32), meta.iloc[:0], path)
             else:
-                raise CdclError(f"{path}: unknown profile format; use .parquet, .h5ad, .csv")
-        if writer is not None:
-            info = {**(provenance or {}), "part_ranks": sorted(ranks), "merged_by_rank": 0}
-            writer.add_key_value_metadata({META_KEY.decode(): json.dumps(info, default=str)})
-            writer.close()
-            writer = None
-        if handle is not None:
-            handle.close()
-            handle = None
-        if not tmp.exists():  # nothing to embed: an empty table in the same format
-            write_profiles(np.zeros((0, 0), np.float32), meta.iloc[:0], path)
-        else:
-            os.replace(tmp, path)
+                os.replace(tmp, path)
     finally:
-        if writer is not None:
-            writer.close()
-        if handle is not None:
-            handle.close()
+        _close_quietly(writer, handle)
         tmp.unlink(missing_ok=True)
     return path, len(meta), dim
+
+
+def _close_quietly(*files: Any) -> None:
+    """Close what a failed merge left open; a second failure must not hide the first."""
+    for f in files:
+        if f is not None:
+            with contextlib.suppress(Exception):  # the original error is already on its way
+                f.close()
 
 
 def write_well_profiles(
@@ -298,9 +304,8 @@ def write_well_profiles(
     old = table.schema.metadata or {}
     table = table.replace_schema_metadata({**old, META_KEY: json.dumps(info, default=str)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path, len(prof), prof.shape[1]
 
 

@@ -14,7 +14,6 @@ This module does not import torch (embedding lives in :mod:`cdcl.embed.inference
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from cdcl.atomic import atomic_path
 from cdcl.errors import CdclError
 from cdcl.parquet import read_parquet, write_parquet
 from cdcl.profiles.checks import check_column_names, check_feature_values, sniff_csv
@@ -221,17 +221,12 @@ def uns_provenance(provenance: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def to_parquet(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Path:
     """Write profiles as Parquet with ``Metadata_*`` columns (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    write_parquet(profile_table(features, meta), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_parquet(profile_table(features, meta), tmp)
     return path
 
 
@@ -239,10 +234,9 @@ def to_csv(features: np.ndarray, meta: pd.DataFrame, path: str | Path) -> Path:
     """Write profiles as CSV (gzip when the name ends in .gz) with ``Metadata_*`` columns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
     comp = "gzip" if path.suffix == ".gz" else None
-    profile_table(features, meta).to_csv(tmp, index=False, compression=comp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        profile_table(features, meta).to_csv(tmp, index=False, compression=comp)
     return path
 
 
@@ -258,9 +252,8 @@ def to_anndata(
     path.parent.mkdir(parents=True, exist_ok=True)
     x = np.asarray(features, dtype=np.float32).reshape(len(meta), -1)
     adata = _anndata(x, meta, feature_names(x.shape[1]), provenance)
-    tmp = _tmp_path(path).with_suffix(".h5ad")
-    adata.write_h5ad(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".h5ad") as tmp:
+        adata.write_h5ad(tmp)
     return path
 
 

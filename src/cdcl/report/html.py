@@ -15,7 +15,6 @@ import contextlib
 import html
 import json
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -220,13 +219,17 @@ def plot_umap(df: pd.DataFrame, title: str, path: str | Path) -> Path:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """Save ``fig`` as a PNG atomically; a failed write (a full disk) names ``path``."""
+    from cdcl.atomic import atomic_path
+
     plt = _plt()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
     return path
 
 
