@@ -63,14 +63,14 @@ def test_ties_are_not_highlighted_as_best() -> None:
     assert doc.startswith('<div class="scroll">')
 
 
-def test_results_figure_groups_scaled_bars_and_aggregate() -> None:
+def test_results_figure_groups_fixed_range_bars_and_aggregate() -> None:
     frame = sets_frame(_with_baselines(same=False), "plate_normalized")
     assert list(frame.index) == ["model", "random network", "intensity stats"]
     doc = results_figure_html(frame, LABEL_PATHS)
     assert "batch removal" in doc and "biology conservation" in doc and "aggregate" in doc
-    headers = re.findall(r"<th>([^<]*?) [↑↓]</th>", doc)
+    headers = re.findall(r"<th[^>]*>([^<]*?) [↑↓](?:<sup>Σ</sup>)?</th>", doc)
     nsc = headers.index("NSC")
-    # NSC: model 1.0 (full bar), random network 0.5 (a third), intensity stats 0.25 (empty).
+    # NSC on its fixed 0-1 range, not rescaled over the rows: 1.0 full, 0.5 half, 0.25 a quarter.
     rows = {
         name: re.findall(r'<i style="width:(\d+)%"></i><span>([^<]*)</span>', body)
         for name, body in re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", doc)
@@ -78,11 +78,27 @@ def test_results_figure_groups_scaled_bars_and_aggregate() -> None:
     nsc_bars = {name: bars[nsc] for name, bars in rows.items()}
     assert nsc_bars == {
         "model": ("100", "1.000"),
-        "random network": ("33", "0.500"),
-        "intensity stats": ("0", "0.250"),
+        "random network": ("50", "0.500"),
+        "intensity stats": ("25", "0.250"),
     }
     # Rows sorted by their total: the model, whose NSC and kBET are best, comes first.
     assert list(rows)[0] == "model" and len(rows) == 3
+
+
+def test_total_is_the_same_whatever_rows_are_shown() -> None:
+    """A row's total does not depend on the other rows (fixed range, not min-max over rows)."""
+    frame = sets_frame(_with_baselines(same=False), "plate_normalized")
+
+    def totals(doc: str) -> dict[str, str]:
+        rows = re.findall(r"<tr><td>([^<]+)</td>(.*?)</tr>", doc)
+        return {n: re.findall(r"<span>([^<]*)</span>", body)[-1] for n, body in rows}
+
+    all_rows = totals(results_figure_html(frame, LABEL_PATHS))
+    alone = totals(results_figure_html(frame.loc[["model", "intensity stats"]], LABEL_PATHS))
+    assert (
+        alone["model"] == all_rows["model"]
+        and alone["intensity stats"] == all_rows["intensity stats"]
+    )
 
 
 def test_warning_only_when_learned_equals_a_baseline() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import html
 import json
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,22 @@ import torch
 
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
-from cdcl.metrics.info import BATCH, BIO, info_for
+from cdcl.report.chance import RANDOM_SETS, chance_warnings
+from cdcl.report.design import design_banner, design_lines
+from cdcl.report.figure import (  # noqa: F401  (re-exported: the report's figure API)
+    BASELINE_SETS,
+    FIGURE_METRICS,
+    SAME_AS_BASELINE_TOL,
+    WEIGHTS,
+    glossary_html,
+    greyed_columns,
+    indistinguishable_warnings,
+    learned_sets,
+    results_figure_html,
+    stored_totals,
+    summary_html,
+)
+from cdcl.report.figure import fmt as _fmt
 from cdcl.report.plot_sample import DEFAULT_PLOT_SAMPLE, stratified_plot_rows
 from cdcl.report.results import read_results
 
@@ -309,19 +325,13 @@ table.fig td:first-child,table.fig th:first-child{width:150px;overflow-wrap:anyw
 .bar i{position:absolute;left:0;top:0;bottom:0;background:#9ecae1}
 .bar.agg i{background:#74c476}.bar span{position:relative;font-size:11px;padding-right:3px}
 table.gloss td,table.gloss th{text-align:left;vertical-align:top}
+.grey,.grey span{color:#999}.grey .bar i{background:#e0e0e0}
+.design{background:#f4f7fb;border-left:4px solid #6b8fb5;padding:6px 10px;margin:8px 0}
 """
 
 
 def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return html.escape(str(v))
 
 
 TIE_TOL = 5e-4  # values equal to the 3 decimals shown are ties: no single best
@@ -361,162 +371,6 @@ def table_html(table: pd.DataFrame, higher: dict[str, bool] | None = None) -> st
 
 # Every headline label and the path of its value in a feature set's results.
 LABEL_PATHS: dict[str, tuple[str, ...]] = {lab: path for lab, path, _ in ONLINE_PROBE + HEADLINE}
-BASELINE_SETS = ("random network", "intensity stats", "random", "intensity")
-WEIGHTS = ((BATCH, 0.4), (BIO, 0.6))  # scib's aggregate weighting
-# The figure's metrics (one per idea: no macro F1 or share-significant twins); the full table
-# below it keeps every figure.
-FIGURE_METRICS = {
-    ("online_probe", "accuracy"),
-    ("classification", "logistic", "accuracy"),
-    ("classification", "knn", "accuracy"),
-    ("moa_matching", "nsc"),
-    ("moa_matching", "nscb"),
-    ("map", "replicate_batch_aware", "map"),
-    ("map", "moa", "map"),
-    ("map", "moa_batch_aware", "map"),
-    ("kbet", "acceptance_rate"),
-    ("kbet", "per_treatment_mean"),
-    ("mixing_per_treatment", "kbet"),
-    ("ilisi", "ilisi"),
-    ("mixing_per_treatment", "ilisi"),
-    ("mixing_per_treatment", "batch_silhouette"),
-    ("mixing_per_treatment", "graph_connectivity"),
-    ("silhouette", "batch_scib"),
-    ("batch_classifier", "accuracy"),
-}
-SAME_AS_BASELINE_TOL = 0.01  # every headline figure this close to a baseline's: no signal
-
-
-def scaled_scores(frame: pd.DataFrame, paths: dict[str, tuple[str, ...]]) -> pd.DataFrame:
-    """Each scored metric min-max scaled over the rows, 1 = best row (scib-metrics' scaling).
-
-    A column whose rows all tie (or with fewer than two values) has no scaled score (NaN).
-    """
-    out = pd.DataFrame(index=frame.index)
-    for col in frame.columns:
-        info = info_for(paths.get(col, ()))
-        if info is None or not info.group:
-            continue
-        v = pd.to_numeric(frame[col], errors="coerce")
-        lo, hi = v.min(), v.max()
-        if v.notna().sum() < 2 or not hi - lo > TIE_TOL:
-            out[col] = np.nan
-            continue
-        out[col] = (v - lo) / (hi - lo) if info.higher_is_better else (hi - v) / (hi - lo)
-    return out
-
-
-def _bar(value: Any, scaled: float, cls: str = "bar") -> str:
-    width = 0.0 if not np.isfinite(scaled) else 100.0 * float(scaled)
-    return f'<div class="{cls}"><i style="width:{width:.0f}%"></i><span>{_fmt(value)}</span></div>'
-
-
-def results_figure_html(frame: pd.DataFrame, paths: dict[str, tuple[str, ...]]) -> str:
-    """The scib-style results table: metrics grouped into batch removal and biology conservation,
-    a bar per value scaled within its column, and per row the group means and their 0.4/0.6 total.
-    """
-    shown = [c for c in frame.columns if tuple(paths.get(c, ())) in FIGURE_METRICS]
-    frame = frame[shown or list(frame.columns)]
-    scaled = scaled_scores(frame, paths)
-    groups = {g: [c for c in scaled.columns if info_for(paths[c]).group == g] for g in (BATCH, BIO)}
-    groups = {g: cols for g, cols in groups.items() if cols}
-    if frame.empty or not groups:
-        return ""
-    agg = pd.DataFrame(index=frame.index)
-    for g, cols in groups.items():
-        agg[g] = scaled[cols].mean(axis=1, skipna=True)
-    # A group without a scaled score (every row ties) drops out of the total, as scib-metrics
-    # drops a missing metric, rather than blanking it.
-    weights = pd.DataFrame({g: agg[g].notna() * w for g, w in WEIGHTS if g in agg})
-    agg["total"] = sum(agg[g].fillna(0) * weights[g] for g in weights) / weights.sum(axis=1)
-    top = "".join(
-        f'<th class="grp" colspan="{len(c)}">{html.escape(g)}</th>' for g, c in groups.items()
-    )
-    top = f'<tr><th></th>{top}<th class="grp" colspan="{len(agg.columns)}">aggregate</th></tr>'
-    heads = "".join(
-        f"<th>{html.escape(c)} {'↑' if info_for(paths[c]).higher_is_better else '↓'}</th>"
-        for cols in groups.values()
-        for c in cols
-    )
-    heads += "".join(f"<th>{html.escape(c)}</th>" for c in agg.columns)
-    rows = [top, f"<tr><th>features</th>{heads}</tr>"]
-    for name in agg.sort_values("total", ascending=False, na_position="last").index:
-        cells = "".join(
-            f"<td>{_bar(frame.at[name, c], scaled.at[name, c])}</td>"
-            for cols in groups.values()
-            for c in cols
-        )
-        cells += "".join(
-            f"<td>{_bar(agg.at[name, c], agg.at[name, c], 'bar agg')}</td>" for c in agg.columns
-        )
-        rows.append(f"<tr><td>{html.escape(str(name))}</td>{cells}</tr>")
-    caption = (
-        '<p class="small">Bars: each metric scaled over the rows shown (best row full, worst '
-        "empty; a column where every row ties has no bar). Aggregate: mean scaled score per "
-        "group, total = 0.4 × batch removal + 0.6 × biology conservation, as in scib-metrics' "
-        "Benchmarker. Scaled scores rank these rows only; the values printed are the raw "
-        "metrics. Rows sorted by total.</p>"
-    )
-    return '<table class="fig">' + "".join(rows) + "</table>" + caption
-
-
-def glossary_html(labels: list[str], paths: dict[str, tuple[str, ...]]) -> str:
-    """One row per metric shown: its group, better direction, chance/null value and meaning."""
-    rows = [
-        "<tr><th>metric</th><th>group</th><th>better</th><th>chance / null</th><th>meaning</th></tr>"
-    ]
-    for lab in labels:
-        info = info_for(paths.get(lab, ()))
-        if info is None:
-            continue
-        better = "higher" if info.higher_is_better else "lower"
-        rows.append(
-            f"<tr><td>{html.escape(lab)}</td><td>{html.escape(info.group or '–')}</td>"
-            f"<td>{better}</td><td>{html.escape(info.null)}</td>"
-            f"<td>{html.escape(info.meaning)}</td></tr>"
-        )
-    return '<table class="gloss">' + "".join(rows) + "</table>" if len(rows) > 1 else ""
-
-
-def indistinguishable_warnings(
-    frame: pd.DataFrame,
-    learned: list[str],
-    baselines: tuple[str, ...] = BASELINE_SETS,
-    tol: float = SAME_AS_BASELINE_TOL,
-) -> list[str]:
-    """A line for each learned row whose every figure is within ``tol`` of a baseline row's."""
-    lines = []
-    for name in (n for n in learned if n in frame.index):
-        a = pd.to_numeric(frame.loc[name], errors="coerce")
-        for base in (b for b in baselines if b in frame.index and b != name):
-            b = pd.to_numeric(frame.loc[base], errors="coerce")
-            both = a.notna() & b.notna()
-            if both.sum() >= 2 and ((a[both] - b[both]).abs() <= tol).all():
-                lines.append(
-                    f"{name} cannot be told apart from {base}: every one of its {int(both.sum())} "
-                    f"figures is within {tol} of it. Training has produced nothing these metrics "
-                    "see (a longer budget usually helps)."
-                )
-    return lines
-
-
-def summary_html(
-    frame: pd.DataFrame,
-    paths: dict[str, tuple[str, ...]],
-    learned: list[str],
-    baselines: tuple[str, ...] = BASELINE_SETS,
-) -> str:
-    """Warnings, the results figure and the metric glossary for one table of feature sets."""
-    warn = "".join(
-        f'<p class="warn"><b>Warning.</b> {html.escape(w)}</p>'
-        for w in indistinguishable_warnings(frame, learned, baselines)
-    )
-    return (
-        warn
-        + results_figure_html(frame, paths)
-        + "<h3>What the metrics mean</h3>"
-        + glossary_html([c for c in frame.columns], paths)
-    )
 
 
 def sets_frame(results: dict[str, Any], variant: str) -> pd.DataFrame:
@@ -655,22 +509,73 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
     return write_html(out / "report.html", title, sections)
 
 
-def learned_sets(names: list[str]) -> list[str]:
-    """The trained representations among feature-set names (not baselines, not corrections)."""
-    return [n for n in names if n not in BASELINE_SETS and "+" not in n]
-
-
 def _results_sections(results: dict[str, Any]) -> list[tuple[str, str]]:
-    """The results figure (plate-normalised profiles when present) with its glossary."""
+    """The design, the results figure (plate-normalised profiles when present), its glossary."""
     for variant, what in (
         ("plate_normalized", "profiles standardised per plate"),
         ("raw", "raw profiles"),
     ):
         frame = sets_frame(results, variant)
         if not frame.empty and frame.shape[1] > 0:
-            body = summary_html(frame, LABEL_PATHS, learned_sets(list(frame.index)))
-            return [(f"Results: held-out batches, {what}", body)]
+            banner = design_banner(frame, LABEL_PATHS, results)
+            # The random network is judged by chance_warnings (calibration-aware), not twice.
+            baselines = tuple(b for b in BASELINE_SETS if b not in RANDOM_SETS)
+            body = _design_html(results) + summary_html(
+                frame,
+                LABEL_PATHS,
+                learned_sets(list(frame.index)),
+                baselines,
+                totals=stored_totals(results, variant),
+                greyed=greyed_columns(results, LABEL_PATHS),
+                warnings=[*([banner] if banner else []), *chance_warnings(results)],
+            )
+            return [(f"Results: held-out batches, {what}", body + _not_computable_html(results))]
     return []
+
+
+def _not_computable_html(results: dict[str, Any]) -> str:
+    """Why the figure's empty cells are empty: each metric's own rule, one line each."""
+    reasons = {
+        str(v): None
+        for r in (results.get("feature_sets") or {}).values()
+        if isinstance(r, dict)
+        for v in (r.get("unavailable") or {}).values()
+    }
+    if not reasons:
+        return ""
+    items = "".join(f"<li>{html.escape(t)}</li>" for t in reasons)
+    head = '<p class="small">Not computable on this design (left out of the total):</p>'
+    return f'{head}<ul class="small">{items}</ul>'
+
+
+def warning_lines(results: dict[str, Any]) -> list[str]:
+    """The report's warnings as text: the design banner, then the chance warnings."""
+    lines = []
+    for variant in ("plate_normalized", "raw"):
+        frame = sets_frame(results, variant)
+        if not frame.empty and frame.shape[1] > 0:
+            banner = design_banner(frame, LABEL_PATHS, results)
+            lines += [banner] if banner else []
+            break
+    return lines + chance_warnings(results)
+
+
+def announce(results: dict[str, Any]) -> list[str]:
+    """Print the design and the warnings of an evaluation to stderr; the warnings."""
+    warnings = warning_lines(results)
+    for line in design_lines(results):
+        print(f"note: {line}", file=sys.stderr)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return warnings
+
+
+def _design_html(results: dict[str, Any]) -> str:
+    """The design scored (rows, held-out plates and batches, queries), above the figure."""
+    lines = design_lines(results)
+    if not lines:
+        return ""
+    return '<p class="design">' + "<br>".join(html.escape(ln) for ln in lines) + "</p>"
 
 
 def _calibration_html(cal: dict[str, Any]) -> str:
@@ -744,10 +649,11 @@ def compare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = names or _unique_names([Path(d) for d in result_dirs])
-    longs, umaps = [], []
+    longs, umaps, every = [], [], {}
     for d, name in zip(result_dirs, names):
         d = Path(d)
         res = read_results(d)
+        every[name] = res
         longs.append(metrics_long(res, name))
         base = d if d.is_dir() else d.parent
         first = next(iter(res.get("feature_sets") or {}), None)
@@ -771,7 +677,8 @@ def compare(
         if shared
         else ""
     )
-    sections = [*_compare_results(long), ("All metrics", note + table_html(table))]
+    figure = _compare_results(long, every, shared)
+    sections = [*figure, ("All metrics", note + table_html(table))]
     if umaps:
         plt = _plt()
         fig, axes = plt.subplots(len(umaps), 2, figsize=(10, 4.2 * len(umaps)), squeeze=False)
@@ -810,8 +717,13 @@ def shared_baselines_once(long: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return long[~drop].reset_index(drop=True), shared
 
 
-def _compare_results(long: pd.DataFrame) -> list[tuple[str, str]]:
-    """The results figure over every run's feature sets (plate-normalised when present)."""
+def _compare_results(
+    long: pd.DataFrame, every: dict[str, dict[str, Any]], shared: list[str]
+) -> list[tuple[str, str]]:
+    """The results figure over every run's feature sets (plate-normalised when present).
+
+    Each row's total is the one stored in its run's results.json: the same as in its report.
+    """
     for variant in ("plate_normalized", "raw"):
         sub = long[long["variant"] == variant]
         if sub.empty:
@@ -830,9 +742,27 @@ def _compare_results(long: pd.DataFrame) -> list[tuple[str, str]]:
         )
         baselines = tuple(dict.fromkeys(sub.loc[is_base, "row"]))
         frame = frame[[c for c in frame.columns if "aggregate" not in c]]
-        body = summary_html(frame, LABEL_PATHS, learned, baselines)
+        totals = _compare_totals(every, variant, shared)
+        greyed: dict[str, str] = {}
+        for name, res in every.items():
+            for col, why in greyed_columns(res, LABEL_PATHS).items():
+                greyed.setdefault(col, f"{name}: {why}")
+        body = summary_html(frame, LABEL_PATHS, learned, baselines, totals=totals, greyed=greyed)
         return [(f"Results ({variant.replace('_', '-')} profiles)", body)]
     return []
+
+
+def _compare_totals(every: dict[str, dict[str, Any]], variant: str, shared: list[str]) -> Any:
+    """Stored totals of every run's sets, indexed ``run: set`` (shared baselines once)."""
+    frames = []
+    for name, res in every.items():
+        t = stored_totals(res, variant)
+        frames.append(t.rename(index=lambda s, n=name: f"{n}: {s}"))
+        first = next(iter(every))
+        if name == first:
+            kept = t.loc[[s for s in shared if s in t.index]]
+            frames.append(kept.rename(index=lambda s: f"{SHARED_RUN}: {s}"))
+    return pd.concat(frames) if frames else None
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
