@@ -230,6 +230,8 @@ def write_image_profiles(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name.lower()
+    # Export names are decided on the whole table, so that every block has the same columns.
+    meta = to_metadata_frame(meta)
     if name.endswith(".h5ad"):
         x = job.gather()
         to_anndata(x, meta, path, provenance)

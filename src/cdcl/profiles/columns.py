@@ -27,6 +27,7 @@ from numpy.typing import ArrayLike
 from cdcl.data.query import query_mask
 from cdcl.errors import CdclError
 from cdcl.profiles.arrays import _codes, _features, _labels
+from cdcl.profiles.table import PAIRING_BATCH
 
 CANONICAL = ("plate", "well", "batch", "treatment", "compound", "moa", "is_control")
 CONTROL_NAMES = ("dmso", "negcon", "negative_control", "control", "untreated", "empty")
@@ -80,6 +81,31 @@ def _as_str(s: pd.Series) -> pd.Series:
     return s.astype(object).where(s.notna(), None).map(lambda v: None if v is None else str(v))
 
 
+def judged_by(meta: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``meta`` whose ``batch`` (what mixing is judged by) is another metadata column's values.
+
+    ``column`` is matched ignoring case, with or without ``Metadata_``; it must be known for
+    every profile (per-well columns that vary between a well's images are not carried).
+    """
+    cols = [str(c) for c in meta.columns]
+    # The input's own column first: `batch` means Metadata_Batch, not the pairing batch.
+    found = _find_column(cols, f"Metadata_{column}") or _find_column(cols, column)
+    if found is None:
+        carried = [c for c in cols if c.startswith("Metadata_")]
+        raise CdclError(
+            f"--batch-col {column}: no such column among the profiles' metadata (have "
+            f"{', '.join(carried) or 'none'}); a column that varies within a well is not "
+            "carried into well profiles"
+        )
+    values = _as_str(meta[found])
+    if values.isna().any():
+        raise CdclError(f"--batch-col {column}: empty for {int(values.isna().sum())} profiles")
+    out = meta.copy()
+    out["pairing_batch"] = out["batch"]  # the held-out split still follows the run's batches
+    out["batch"] = values.to_numpy()
+    return out
+
+
 def resolve_table_meta(
     meta_table: pd.DataFrame,
     *,
@@ -95,7 +121,8 @@ def resolve_table_meta(
     """Canonical metadata (see module doc) from a ``Metadata_*`` table; CdclError on bad input.
 
     ``--treatment-col A,B`` joins several columns (e.g. compound and concentration). The batch
-    defaults to ``Metadata_batch`` and then to the plate; ``batch_pattern`` is a regular
+    defaults to ``Metadata_Pairing_Batch`` (a cdcl export's pairing batch), ``Metadata_batch``
+    and then to the plate; ``batch_pattern`` is a regular
     expression whose first group is taken from the batch column's values
     (e.g. ``^(Week\\d+)`` turns BBBC021 plates into imaging weeks). Controls come from
     ``control_query`` (a control query on the table's columns, see :mod:`cdcl.data.query`),
@@ -108,7 +135,9 @@ def resolve_table_meta(
     well = _resolve(t, well_col, ("Metadata_well",), "--well-col", required=False)
     out["plate"] = _as_str(plate) if plate is not None else "plate0"
     out["well"] = _as_str(well) if well is not None else [str(i) for i in range(len(t))]
-    batch = _resolve(t, batch_col, ("Metadata_batch",), "--batch-col", required=False)
+    # A cdcl export whose own Metadata_Batch differs from the batch the run paired across keeps
+    # the latter as Metadata_Pairing_Batch: the default judges by what the run paired.
+    batch = _resolve(t, batch_col, (PAIRING_BATCH, "Metadata_batch"), "--batch-col", False)
     out["batch"] = _as_str(batch) if batch is not None else out["plate"]
     if batch_pattern:
         out["batch"] = apply_batch_pattern(out["batch"], batch_pattern)

@@ -42,6 +42,9 @@ META_COLUMNS = (
     "split",
 )
 METADATA_PREFIX = "Metadata_"
+# The batch a run paired across, exported under this name when the input table's own
+# Metadata_Batch (e.g. the acquisition batch of a screen paired by plate) holds other values.
+PAIRING_BATCH = "Metadata_Pairing_Batch"
 OBSM_KEY = "X_cdcl"
 UNS_KEY = "cdcl"
 FEATURE_PREFIX = "Cells_Embedding_"  # a compartment prefix pycytominer's infer_cp_features finds
@@ -63,11 +66,27 @@ EXPORT_NAMES = {
 }
 
 
+def carried_columns(columns: Any) -> list[str]:
+    """The input table's own ``Metadata_*`` columns, carried into every profile."""
+    return [str(c) for c in columns if str(c).startswith(METADATA_PREFIX)]
+
+
 def image_meta(samples: pd.DataFrame, indices: np.ndarray | None = None) -> pd.DataFrame:
-    """Metadata rows (``image`` + known metadata columns) of the given images, in that order."""
+    """Metadata rows of the given images, in that order: ``image``, the known metadata columns
+    and every ``Metadata_*`` column of the input table (samples.parquet keeps them)."""
     s = samples if indices is None else samples.iloc[np.asarray(indices)]
     cols = ["image"] + [c for c in META_COLUMNS if c in s.columns]
-    return s[cols].reset_index(drop=True)
+    return s[cols + carried_columns(s.columns)].reset_index(drop=True)
+
+
+def constant_within(meta: pd.DataFrame, codes: np.ndarray, columns: list[str]) -> list[str]:
+    """The ``columns`` whose value is the same for every row of each group (``codes``)."""
+    if not columns:
+        return []
+    # Missing values count as one value: a column empty for a whole well is still constant.
+    filled = meta[columns].astype(object).where(meta[columns].notna(), "\x00<NA>")
+    n = filled.astype(str).groupby(codes).nunique()
+    return [c for c in columns if bool((n[c] <= 1).all())]
 
 
 class WellAccumulator:
@@ -85,6 +104,8 @@ class WellAccumulator:
         self.counts = np.bincount(self.codes, minlength=self.n_wells)
         first = pd.Series(np.arange(len(s))).groupby(self.codes).first().to_numpy()
         cols = [c for c in META_COLUMNS if c in s.columns and c != "site"]
+        # The input's own columns describe the well only where its images agree on them.
+        cols += constant_within(s, self.codes, carried_columns(s.columns))
         self.meta = s.iloc[first][cols].reset_index(drop=True)
         self.meta["n_sites"] = self.counts.astype(np.int64)
         self.sums: np.ndarray | None = None
@@ -129,9 +150,36 @@ def export_name(column: str) -> str:
     return EXPORT_NAMES.get(c, f"{METADATA_PREFIX}{c}")
 
 
+def _same_values(a: pd.Series, b: pd.Series) -> bool:
+    """Whether two columns hold the same values (compared as text; missing equals missing)."""
+
+    def text(s: pd.Series) -> pd.Series:
+        return s.astype(object).where(s.notna(), None).map(lambda v: None if v is None else str(v))
+
+    return bool(text(a).reset_index(drop=True).equals(text(b).reset_index(drop=True)))
+
+
 def to_metadata_frame(meta: pd.DataFrame) -> pd.DataFrame:
-    """Metadata columns under their exported ``Metadata_*`` names (see ``EXPORT_NAMES``)."""
-    return meta.rename(columns={c: export_name(c) for c in meta.columns}).reset_index(drop=True)
+    """Metadata columns under their exported ``Metadata_*`` names (see ``EXPORT_NAMES``).
+
+    The input table's own ``Metadata_*`` columns keep their names and values. Where a known
+    column's exported name is one of them, the two are one column when they hold the same
+    values; otherwise the known one is renamed: the batch to ``PAIRING_BATCH``, others to
+    ``Metadata_cdcl_<name>``.
+    """
+    own = set(carried_columns(meta.columns))
+    names: dict[str, str] = {}
+    drop = []
+    for c in meta.columns:
+        name = export_name(c)
+        if c in own or name not in own:
+            names.setdefault(c, name)
+        elif _same_values(meta[c], meta[name]):
+            drop.append(name)  # the same column twice: kept once, in the known column's place
+            names[c] = name
+        else:
+            names[c] = PAIRING_BATCH if c == "batch" else f"{METADATA_PREFIX}cdcl_{c}"
+    return meta.drop(columns=drop).rename(columns=names).reset_index(drop=True)
 
 
 def feature_names(dim: int) -> list[str]:
