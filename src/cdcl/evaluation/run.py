@@ -16,7 +16,8 @@ from cdcl.embed.baselines import IntensityFeatures
 from cdcl.embed.job import embed_resumable
 from cdcl.embed.sources import check_channels, random_like_run, resolve_source
 from cdcl.errors import CdclError
-from cdcl.evaluation.calibration import calibrate as calibrate_fn
+from cdcl.evaluation.calibrated import calibrate_sets, should_calibrate
+from cdcl.metrics.design import design_facts
 from cdcl.metrics.score import (
     EXACT_MAX,
     Timer,
@@ -27,9 +28,9 @@ from cdcl.metrics.score import (
     protocol_with,
     split_masks,
 )
-from cdcl.profiles.columns import tvn
+from cdcl.profiles.columns import judged_by, tvn
 from cdcl.profiles.table import image_meta, well_profiles
-from cdcl.report.html import make_plots, render_report
+from cdcl.report.html import announce, make_plots, render_report
 from cdcl.report.plot_sample import (
     DEFAULT_PLOT_SAMPLE,
     plot_sample_info,
@@ -59,6 +60,7 @@ def evaluate_images(
     level: str = "well",
     work_dir: str | Path | None = None,
     cache_key: str = "",
+    judge_col: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
     """Embed train and test images with each backbone, then score every feature set.
 
@@ -73,7 +75,8 @@ def evaluate_images(
     ``(feature_sets results, {name: (profiles, meta)})`` with well profiles of train + test
     batches (meta has a ``split`` column). With ``work_dir``, embeddings go through resumable
     parts there (keyed by ``cache_key`` and the feature set's name), so a killed evaluation
-    skips the finished ones when rerun.
+    skips the finished ones when rerun. ``judge_col`` (a metadata column of the samples)
+    replaces the batch the metrics judge mixing by; the split is kept.
     """
 
     timer = timer or Timer()
@@ -121,6 +124,8 @@ def evaluate_images(
                 wp, wmeta = feats, img_meta.reset_index(drop=True)
             else:
                 wp, wmeta = well_profiles(feats, img_meta)
+        if judge_col:
+            wmeta = judged_by(wmeta, judge_col)
         profiles[name] = (wp, wmeta)
         train = (wmeta["split"] == "train").to_numpy()
         test = (wmeta["split"] == "test").to_numpy()
@@ -197,8 +202,9 @@ def evaluate_run(
     progress: bool = True,
     level: str = "well",
     before_write: Callable[[dict[str, Any]], None] | None = None,
-    calibrate: bool = False,
+    calibrate: bool | None = None,
     plot_sample: int | None = DEFAULT_PLOT_SAMPLE,
+    batch_col: str | None = None,
 ) -> Path:
     """``cdcl evaluate RUN``: embed, score the run and the baselines, write results + report.
 
@@ -208,7 +214,10 @@ def evaluate_run(
     may refuse them (raise). A checkpoint file of another run is refused unless ``out`` says
     where its results go (they would otherwise land in ``run``).
     ``calibrate`` adds the run's null and injected-batch-effect scores on its held-out
-    profiles (:func:`cdcl.evaluation.calibration.calibrate`) under ``calibration``.
+    profiles (:func:`cdcl.evaluation.calibration.calibrate`) under ``calibration``; None (the
+    default) calibrates small designs only (:func:`cdcl.evaluation.calibrated.should_calibrate`).
+    ``batch_col`` judges batch mixing by another ``Metadata_*`` column of the dataset (e.g.
+    the acquisition batch of a run paired by plate); the held-out split stays the run's.
     UMAPs are drawn on a stratified sample of at most ``plot_sample`` rows (None or 0: all).
     """
 
@@ -258,14 +267,13 @@ def evaluate_run(
         work_dir=out_dir,
         cache_key=cache_key,
         level=level,
+        judge_col=batch_col,
     )
-    if calibrate:
+    wp, wmeta = profiles[src.name]
+    train, test = (wmeta["split"] == "train").to_numpy(), (wmeta["split"] == "test").to_numpy()
+    if should_calibrate(calibrate, wmeta, test):
         with timer("calibration"):
-            wp, wmeta = profiles[src.name]
-            results_sets[src.name]["calibration"] = calibrate_fn(
-                wp, wmeta, eval_mask=(wmeta["split"] == "test").to_numpy(), seed=seed,
-                name=src.name,
-            )  # fmt: skip
+            calibrate_sets(results_sets, src.name, wp, wmeta, test, seed=seed)
     results = base_results(
         "run",
         source={
@@ -278,8 +286,12 @@ def evaluate_run(
         protocol=protocol_with(corrections),
         split={"number": number, **split_masks(ds.samples, split)},
         level=level,
+        design=design_facts(wmeta, train, test, test, level),
         feature_sets=results_sets,
     )
+    if batch_col:
+        results["design"]["judged_by"] = batch_col
+    results["warnings"] = announce(results)
     if level == "image":
         results["protocol"] = {
             **results["protocol"],

@@ -15,8 +15,9 @@ import pandas as pd
 
 from cdcl.data.splits import rotating_batch_split
 from cdcl.errors import CdclError
-from cdcl.evaluation.calibration import calibrate as calibrate_fn
+from cdcl.evaluation.calibrated import calibrate_sets, should_calibrate
 from cdcl.hashing import file_sha256
+from cdcl.metrics.design import design_facts
 from cdcl.metrics.score import (
     EXACT_MAX,
     VARIANTS,
@@ -36,7 +37,7 @@ from cdcl.profiles.table import (
     split_table,
 )
 from cdcl.progress import keep_alive
-from cdcl.report.html import make_plots, render_report
+from cdcl.report.html import announce, make_plots, render_report
 from cdcl.report.plot_sample import (
     DEFAULT_PLOT_SAMPLE,
     plot_sample_info,
@@ -68,7 +69,7 @@ def evaluate_table(
     umap: bool = True,
     name: str | None = None,
     before_write: Callable[[dict[str, Any]], None] | None = None,
-    calibrate: bool = False,
+    calibrate: bool | None = None,
     plot_sample: int | None = DEFAULT_PLOT_SAMPLE,
     variants: tuple[str, ...] = VARIANTS,
 ) -> Path:
@@ -86,7 +87,8 @@ def evaluate_table(
     ``before_write`` sees the results first and may refuse them (raise): then nothing in
     ``out`` is touched. Exact duplicate rows are dropped (said in ``source.notes``).
     ``calibrate`` adds the table's null and injected-batch-effect scores
-    (:func:`cdcl.evaluation.calibration.calibrate`) under ``calibration`` of the table's set.
+    (:func:`cdcl.evaluation.calibration.calibrate`) under ``calibration`` of the table's set;
+    None (the default) calibrates small designs only, saying so.
     UMAPs are drawn on a stratified sample of at most ``plot_sample`` rows (None or 0: all);
     its size is recorded under ``plots`` in results.json. Above ``EXACT_MAX`` rows every stage
     prints its time to stderr. ``variants``: ``("raw",)`` skips the plate-normalised scores
@@ -246,7 +248,7 @@ def _score_table(
     plot_sample: int | None,
     variants: tuple[str, ...],
     before_write: Callable[[dict[str, Any]], None] | None,
-    calibrate: bool,
+    calibrate: bool | None,
 ) -> Path:
     """Every stage after loading: metrics of each feature set, plots, results.json, report."""
     train, test, split_info = _held_out_split(meta, split_number, parts)
@@ -276,11 +278,9 @@ def _score_table(
         )
         for set_, xs in sets.items()
     }
-    if calibrate:
+    if should_calibrate(calibrate, meta, ev):
         with timer("calibration"):
-            results_sets[set_name]["calibration"] = calibrate_fn(
-                x, meta, eval_mask=ev, seed=seed, name=set_name
-            )
+            calibrate_sets(results_sets, set_name, x, meta, ev, seed=seed)
     source = {
         **_origin(features_file),
         "n_profiles": len(meta),
@@ -303,8 +303,12 @@ def _score_table(
         source=source,
         protocol=protocol_with(corrections),
         split=split_info,
+        design=design_facts(meta, train, test, ev),
         feature_sets=results_sets,
     )
+    if columns["batch_col"]:
+        results["design"]["judged_by"] = columns["batch_col"]
+    results["warnings"] = announce(results)
     if before_write is not None:
         before_write(results)
     out = Path(out)

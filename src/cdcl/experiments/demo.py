@@ -32,18 +32,25 @@ from cdcl.embed.baselines import IntensityFeatures
 from cdcl.embed.inference import make_view_fn
 from cdcl.embed.sources import random_like_run
 from cdcl.errors import CdclError
+from cdcl.evaluation.calibrated import apply_calibration
 from cdcl.evaluation.calibration import calibrate
 from cdcl.evaluation.run import CELLPROFILER_NAME, evaluate_images
+from cdcl.metrics.design import design_facts
 from cdcl.parquet import read_parquet
 from cdcl.profiles.correction import TRANSDUCTIVE_NOTE
 from cdcl.progress import keep_alive, working_on
+from cdcl.report.chance import RANDOM_SETS, chance_warnings
+from cdcl.report.design import design_banner, design_lines
 from cdcl.report.html import (
+    BASELINE_SETS,
     _calibration_html,
     _img,
     _plt,
     _save,
     draw_umap_panels,
+    greyed_columns,
     read_metrics_jsonl,
+    stored_totals,
     summary_html,
     table_html,
     umap_frame,
@@ -373,6 +380,9 @@ def evaluate_runs(
         )
         results.update(res)
         profiles.update(prof)
+    for res in results.values():
+        if isinstance(res, dict) and res.get("calibration"):
+            apply_calibration(results, res["calibration"])  # every set shares the design
     return results, profiles
 
 
@@ -496,8 +506,9 @@ def write_outputs(
     feature_sets: dict[str, Any],
     training: dict[str, Any],
     pictures: dict[str, Path | None],
+    design: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """results.json, results.md and the self-contained report.html."""
+    """results.json, results.md and the self-contained report.html (``design``: what was scored)."""
 
     ds = open_dataset(data)
     calib = _calibration(spec, data)
@@ -520,6 +531,7 @@ def write_outputs(
         "training": training,
         "timings_s": spec.timings,
         "tables": {v: t.reset_index().to_dict(orient="records") for v, t in tables.items()},
+        **({"design": design} if design else {}),
         "feature_sets": feature_sets,
         **({"calibration": calib} if calib else {}),
         "versions": versions(),
@@ -588,7 +600,7 @@ def write_outputs(
         (
             "Results: held-out batches, profiles standardised per plate against controls",
             note_html
-            + summary_html(tables["plate_normalized"], COLUMN_PATHS, list(training))
+            + _demo_summary(tables["plate_normalized"], results, list(training))
             + "<h3>All metrics</h3>"
             + html_table(tables["plate_normalized"]),
         ),
@@ -612,6 +624,34 @@ def write_outputs(
     ]
     write_html(out / "report.html", title, sections)
     return {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+
+
+def _demo_summary(frame: pd.DataFrame, results: dict[str, Any], learned: list[str]) -> str:
+    """The design, the results figure with the stored totals, greyed no-power columns, the
+    banner when the design cannot separate the rows, and the chance warnings."""
+    banner = design_banner(frame, COLUMN_PATHS, results)
+    lines = design_lines(results)
+    head = '<p class="design">' + "<br>".join(html.escape(ln) for ln in lines) + "</p>"
+    return (head if lines else "") + summary_html(
+        frame,
+        COLUMN_PATHS,
+        learned,
+        tuple(b for b in BASELINE_SETS if b not in RANDOM_SETS),
+        totals=stored_totals(results, "plate_normalized"),
+        greyed=greyed_columns(results, COLUMN_PATHS),
+        warnings=[*([banner] if banner else []), *chance_warnings(results)],
+    )
+
+
+def demo_design(
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]], level: str
+) -> dict[str, Any] | None:
+    """The design the demo scored: the held-out rows of its first feature set's profiles."""
+    if not profiles:
+        return None
+    meta = next(iter(profiles.values()))[1]
+    test = (meta["split"] == "test").to_numpy()
+    return design_facts(meta, (meta["split"] == "train").to_numpy(), test, test, level)
 
 
 def correction_note(feature_sets: dict[str, Any]) -> str:
@@ -718,6 +758,7 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
             feature_sets,
             training,
             pictures,
+            demo_design(profiles, "image" if spec.dataset == "bbbc021" else "well"),
         )
     _record_final_timings(paths["json"], spec.timings)
     table = comparison_table(feature_sets, "plate_normalized")
