@@ -12,21 +12,17 @@ defaults and the same checks of their arguments::
     results = cdcl.evaluate(profiles)                       # DataFrame, AnnData, file or run
     cdcl.metrics(results)                                   # one row per feature set
 
-=========================  ==============================================
-command                    function
-=========================  ==============================================
-``cdcl synth``             `synth`
-``cdcl build table``       `build_table`
-``cdcl build rxrx1``       `build_rxrx1`
-``cdcl build cpg0004``     `build_cpg0004`
-``cdcl info``              `info`
-``cdcl train``             `train` (``--list-presets``: `presets`)
-``cdcl embed``             `embed` (CellProfiler: ``features="cellprofiler"``)
-``cdcl evaluate``          `evaluate` (a run, or a table with ``--features``)
-``cdcl compare``           `compare`
-``cdcl demo``              `demo`
-``cdcl study``             `study`
-=========================  ==============================================
+The verb of each command:
+
+- ``cdcl synth``: `synth`
+- ``cdcl build table``, ``rxrx1``, ``cpg0004``: `build_table`, `build_rxrx1`, `build_cpg0004`
+- ``cdcl info``: `info`
+- ``cdcl train``: `train` (``--list-presets``: `presets`)
+- ``cdcl embed``: `embed` (``--features cellprofiler``: ``features="cellprofiler"``)
+- ``cdcl evaluate``: `evaluate` (a run directory, or a profile table with ``--features``)
+- ``cdcl compare``: `compare`
+- ``cdcl demo``: `demo`
+- ``cdcl study``: `study`
 
 Heavy libraries (torch, timm, scanpy) are imported inside the verbs, so ``import cdcl`` is fast.
 """
