@@ -504,3 +504,71 @@ def test_a_directory_in_the_way_names_the_target(tmp_path: Path) -> None:
     path.mkdir()
     with pytest.raises(WriteError, match=f"^{path}: write failed"):
         to_csv(np.ones((1, 2), np.float32), meta, path)
+
+
+# ----------------------------------------------------------------- an interrupt
+
+
+# `cdcl ARGS` with SIGINT delivered to the main thread just before or just after results.json
+# is written (the write itself is the library's; only the signal's moment is chosen here).
+INTERRUPTED = """
+import signal, sys, threading, time
+import cdcl.report.results as results
+from cdcl.cli import main
+
+when, write = sys.argv[1], results.atomic_write_text
+
+def interrupt():
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+    time.sleep(30)  # KeyboardInterrupt arrives here
+
+def write_and_interrupt(path, text):
+    if when == "before":
+        interrupt()
+    write(path, text)
+    if when == "after":
+        interrupt()
+
+results.atomic_write_text = write_and_interrupt
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("when", "previous", "says"),
+    [
+        ("after", True, "{results} holds the new results, written before the interrupt"),
+        ("before", True, "{results} holds the previous results, unchanged"),
+        ("before", False, "no results were written to {out}"),
+    ],
+)
+def test_an_interrupt_says_which_results_are_on_disk(
+    table: pd.DataFrame, tmp_path: Path, when: str, previous: bool, says: str
+) -> None:
+    path, out = tmp_path / "t.csv", tmp_path / "eval"
+    table.to_csv(path, index=False)
+    results = out / "results.json"
+    if previous:
+        out.mkdir()
+        results.write_text(json.dumps(GOOD))
+    before = results.read_bytes() if previous else None
+    args = ["--features", path, "--out", out, "--no-umap", "--null-size", "50", "--no-calibrate"]
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED, when, "evaluate", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=cdcl_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith("cdcl evaluate: interrupted; "), proc.stderr
+    assert says.format(results=results, out=out) in last, last
+    if when == "after":
+        assert results.read_bytes() != before and read_results(results)["kind"] == "features"
+    elif previous:
+        assert results.read_bytes() == before
+    else:
+        assert not results.exists()
+    assert [p.name for p in out.iterdir() if ".tmp" in p.name] == []

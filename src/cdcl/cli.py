@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        return _say(args.command, "interrupted", 130)
+        return _say(args.command, f"interrupted{interrupt_note(args.command)}", 130)
     except Exception as e:
         text = error_text(e)
         if text is None:
@@ -84,6 +84,24 @@ def error_text(error: Exception) -> str | None:
         "written before it are intact. Free space on the output's device and rerun the same "
         "command"
     )
+
+
+# Commands that write results.json: an interrupt says which results are on disk.
+WRITES_RESULTS = ("evaluate", "demo", "study")
+
+
+def interrupt_note(command: str) -> str:
+    """After Ctrl-C: whether the results on disk are this run's new ones or the previous ones."""
+    if command not in WRITES_RESULTS:
+        return ""
+    from cdcl.locking import locked_outputs
+
+    outputs = locked_outputs()
+    if not outputs:
+        return " before any output was written"
+    from cdcl.report.results import interrupt_note as note
+
+    return f"; {note(outputs[-1])}"
 
 
 def unicode_message(error: UnicodeError) -> str:

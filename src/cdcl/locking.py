@@ -31,6 +31,9 @@ from cdcl.errors import CdclError
 # Lock files this process holds: POSIX locks never conflict within one process, so a second
 # lock of the same directory here must be refused by hand.
 _HELD: set[Path] = set()
+# Every output directory this process has locked, in order (kept after release): after an
+# interrupt the command line says what each holds (cdcl.cli).
+_LOCKED: list[Path] = []
 
 
 class LockedError(CdclError):
@@ -118,6 +121,7 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _HELD.add(path)
+    _LOCKED.append(Path(out).absolute())
     try:
         yield path
     finally:
@@ -127,6 +131,11 @@ def output_lock(out: str | Path, command: str) -> Iterator[Path]:
         if _same_file(fd, path):
             path.unlink(missing_ok=True)
         os.close(fd)
+
+
+def locked_outputs() -> list[Path]:
+    """The output directories this process has locked so far, in order (released ones too)."""
+    return list(_LOCKED)
 
 
 def is_main_process() -> bool:

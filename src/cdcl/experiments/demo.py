@@ -56,7 +56,7 @@ from cdcl.report.html import (
     umap_frame,
     write_html,
 )
-from cdcl.report.results import to_jsonable
+from cdcl.report.results import to_jsonable, write_results_text
 from cdcl.train.checkpoint import load_for_eval
 from cdcl.train.loop import train
 
@@ -537,7 +537,7 @@ def write_outputs(
         "versions": versions(),
     }
     out = spec.out
-    atomic_write_text(out / "results.json", json.dumps(to_jsonable(results), indent=2))
+    write_results_text(out / "results.json", json.dumps(to_jsonable(results), indent=2))
     md = [
         f"# {title}",
         "",
@@ -678,7 +678,7 @@ def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None
 
     results = json.loads(results_json.read_text())
     results["timings_s"] = timings
-    atomic_write_text(results_json, json.dumps(results, indent=2))
+    write_results_text(results_json, json.dumps(results, indent=2))
 
 
 def check_demo_spec(spec: DemoSpec) -> list[str]:

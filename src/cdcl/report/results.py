@@ -8,6 +8,7 @@ is one line naming the file and the field, never a run silently left out of a co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict
@@ -56,8 +57,53 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULTS_FILE
-    atomic_write_text(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
+    write_results_text(path, json.dumps(to_jsonable(results), indent=2, allow_nan=False) + "\n")
     return path
+
+
+# results.json files this process has started to write, with the hash of their new text: after
+# an interrupt, the file on disk says whether it holds the new results or the previous ones.
+_WRITTEN: dict[Path, str] = {}
+
+
+def write_results_text(path: str | Path, text: str) -> None:
+    """Write a results document atomically and remember it for :func:`interrupt_note`."""
+    path = Path(path).absolute()
+    _WRITTEN[path] = hashlib.sha256(text.encode()).hexdigest()
+    atomic_write_text(path, text)
+
+
+def new_results_on_disk(under: str | Path | None = None) -> list[Path]:
+    """The results files this process wrote whose new text is on disk (under ``under``, if given)."""
+    root = Path(under).absolute() if under is not None else None
+    out = []
+    for path, digest in _WRITTEN.items():
+        if root is not None and root != path.parent and root not in path.parents:
+            continue
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                out.append(path)
+        except OSError:
+            continue
+    return out
+
+
+def interrupt_note(out_dir: str | Path) -> str:
+    """After an interrupt: whether ``out_dir`` holds this run's new results or the previous ones."""
+    out = Path(out_dir)
+    new = new_results_on_disk(out)
+    if len(new) == 1:
+        return (
+            f"{new[0]} holds the new results, written before the interrupt (files written "
+            "after it, such as report.html, may be missing or from before)"
+        )
+    if new:
+        shown = ", ".join(str(p) for p in new[:3]) + (" ..." if len(new) > 3 else "")
+        return f"{len(new)} results files hold new results, written before the interrupt: {shown}"
+    old = out / RESULTS_FILE
+    if old.is_file():
+        return f"{old} holds the previous results, unchanged: the new ones were not written"
+    return f"no results were written to {out}"
 
 
 def read_results(path: str | Path, hint: str = "") -> dict[str, Any]:
