@@ -1,8 +1,9 @@
-"""The `cdcl` command line: parses arguments and hands each subcommand to the library.
+"""The `cdcl` command line: parses arguments and hands each subcommand to its API verb.
 
 Every subcommand lives in ``cdcl/commands/<name>.py`` with ``HELP``, ``add_arguments(parser)``
-and ``run(args) -> int``; those modules import heavy libraries (torch, umap) inside ``run`` so
-that ``cdcl --help`` stays fast.
+and ``run(args) -> int``; ``run`` calls one verb of :mod:`cdcl.api` (which checks the
+arguments and does the work) and prints what it returns. Heavy libraries (torch, umap) load
+inside the verbs, so that ``cdcl --help`` stays fast.
 """
 
 from __future__ import annotations
