@@ -18,6 +18,8 @@ import cdcl
 VERBS = (
     "synth",
     "build_table",
+    "build_rxrx1",
+    "build_cpg0004",
     "open_dataset",
     "info",
     "train",
@@ -25,6 +27,8 @@ VERBS = (
     "evaluate",
     "metrics",
     "correct",
+    "compare",
+    "demo",
     "study",
 )
 # A tiny network so that an epoch of the tiny screen takes seconds on one core.
