@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -260,7 +261,7 @@ def summary_html(
     *,
     totals: pd.DataFrame | None = None,
     greyed: dict[str, str] | None = None,
-    warnings: list[str] = (),
+    warnings: Sequence[str] = (),
 ) -> str:
     """Warnings, the results figure and the metric glossary for one table of feature sets.
 
