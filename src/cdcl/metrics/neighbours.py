@@ -108,22 +108,28 @@ def _merge(
     return np.take_along_axis(all_idx, order, axis=1), np.take_along_axis(all_val, order, axis=1)
 
 
-_SCAN = 64  # columns per maximum when looking for entries above a row's k-th best
+_SCAN = 1024  # column groups whose maxima are tested first when looking for new top-k entries
 
 
 def _above(scores: np.ndarray, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.nonzero(scores > thr[:, None])``, testing the maxima of strided columns first.
+    """``np.nonzero(scores > thr[:, None])``, testing the maxima of strided column groups first.
 
-    Column j's group is j, j + 64, j + 128, ...: its maximum is an elementwise (vectorised)
+    Column j's group is j, j + 1024, j + 2048, ...: its maximum is an elementwise (vectorised)
     reduction, and only the few groups above the threshold are looked at column by column.
     """
     q, r = scores.shape
     main = r - r % _SCAN
     span = main // _SCAN
-    gmax = scores[:, :main].reshape(q, span, _SCAN).max(axis=1) if span else scores[:, :0]
+    if span == 0:
+        return np.nonzero(scores > thr[:, None])
+    gmax = scores[:, :main].reshape(q, span, _SCAN).max(axis=1)
     gr, gj = np.nonzero(gmax > thr[:, None])
     cols = gj[:, None] + _SCAN * np.arange(span)
-    hit, at = np.nonzero(scores[gr[:, None], cols] > thr[gr][:, None])
+    if scores.flags.c_contiguous:  # a flat take is several times faster than 2-D indexing
+        vals = np.take(scores.reshape(-1), gr[:, None] * r + cols)
+    else:
+        vals = scores[gr[:, None], cols]
+    hit, at = np.nonzero(vals > thr[gr][:, None])
     tail_r, tail_c = np.nonzero(scores[:, main:] > thr[:, None])
     return np.concatenate([gr[hit], tail_r]), np.concatenate([cols[hit, at], tail_c + main])
 
