@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import TINY_MODEL_VALUES
+from cli_process import cdcl as run_cdcl
 
 import cdcl
 
@@ -32,16 +34,7 @@ VERBS = (
     "study",
 )
 # A tiny network so that an epoch of the tiny screen takes seconds on one core.
-TINY = {
-    "model.embed_dim": 32,
-    "model.depth": 1,
-    "model.num_heads": 2,
-    "method.out_dim": 32,
-    "method.hidden_dim": 32,
-    "method.bottleneck_dim": 16,
-    "train.batch_size": 8,
-    "train.epochs": 1,
-}
+TINY = {**TINY_MODEL_VALUES, "train.batch_size": 8, "train.epochs": 1}
 # Figures that compare held-out batches with each other (all need >= 2 held-out batches).
 BATCH_FIGURES = (
     ("kbet", "acceptance_rate"),
@@ -79,9 +72,8 @@ def test_import_is_light_and_exposes_documented_verbs() -> None:
 
 
 def test_cli_version() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "cdcl", "--version"], capture_output=True, text=True, check=True
-    )
+    out = run_cdcl("--version")
+    assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"cdcl {cdcl.__version__}"
 
 
@@ -148,10 +140,8 @@ def test_h5ad_carries_provenance_names_and_var(session: dict) -> None:
 def test_cli_evaluate_features_honours_the_exported_split(session: dict, tmp_path: Path) -> None:
     path = tmp_path / "profiles.parquet"
     session["profiles"].to_parquet(path, index=False)
-    args = [sys.executable, "-m", "cdcl", "evaluate", "--features", str(path), "--no-umap"]
-    r = subprocess.run(
-        [*args, "--out", str(tmp_path / "a"), "--null-size", "100"], capture_output=True, text=True
-    )
+    args = ["evaluate", "--features", path, "--no-umap"]
+    r = run_cdcl(*args, "--out", tmp_path / "a", "--null-size", "100")
     assert r.returncode == 0, r.stderr
     assert "Metadata_Split column" in r.stderr
     res = json.loads((tmp_path / "a" / "results.json").read_text())

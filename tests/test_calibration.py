@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl
 
 from cdcl.evaluation.calibration import (
     NO_POWER,
@@ -121,11 +120,17 @@ def test_cli_calibrate_writes_results_and_report(tmp_path: Path) -> None:
     src = tmp_path / "profiles.parquet"
     table.to_parquet(src)
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cdcl", "evaluate", "--features", str(src), "--out", str(out),
-         "--no-umap", "--calibrate", "--null-size", "200"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = cdcl(
+        "evaluate",
+        "--features",
+        src,
+        "--out",
+        out,
+        "--no-umap",
+        "--calibrate",
+        "--null-size",
+        "200",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "calibration of features" in proc.stdout
     res = json.loads((out / "results.json").read_text())

@@ -6,7 +6,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl, cdcl_argv
 from conftest import SHARED_DATA
 
 from cdcl.data import synthetic as S
@@ -28,14 +28,7 @@ FAMILIES = "intensity,sizeshape"
 
 
 def _cdcl(*args: str, **kw: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=ENV,
-        **kw,
-    )
+    return cdcl(*args, env=ENV, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -190,10 +183,10 @@ def test_cellprofiler_embed_end_to_end_and_row_equals_cp_measure(
 @pytest.mark.slow
 def test_killed_cellprofiler_embed_resumes_with_same_profiles(screen: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed.parquet"
-    cmd = [
-        sys.executable, "-m", "cdcl", "embed", "--features", "cellprofiler", "--data",
-        str(screen), "--families", FAMILIES, "--chunk-size", "2", "--no-progress",
-    ]  # fmt: skip
+    cmd = cdcl_argv(
+        "embed", "--features", "cellprofiler", "--data", screen, "--families", FAMILIES,
+        "--chunk-size", "2", "--no-progress",
+    )  # fmt: skip
     proc = subprocess.Popen(
         [*cmd, "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import TINY_MODEL_VALUES
 from cli_process import cdcl as run_cli
 from lock_holder import start_holder
 
@@ -23,16 +24,7 @@ import cdcl
 from cdcl.errors import CdclError
 
 # A tiny network so that an epoch of the tiny screen takes seconds on one core (as test_api).
-TINY = {
-    "model.embed_dim": 32,
-    "model.depth": 1,
-    "model.num_heads": 2,
-    "method.out_dim": 32,
-    "method.hidden_dim": 32,
-    "method.bottleneck_dim": 16,
-    "train.batch_size": 8,
-    "train.epochs": 1,
-}
+TINY = {**TINY_MODEL_VALUES, "train.batch_size": 8, "train.epochs": 1}
 # What legitimately differs between two runs of the same computation.
 VOLATILE = {"timings_s", "wall_s", "images_per_s", "versions", "reused", "seconds", "created"}
 

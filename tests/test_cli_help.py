@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from cli_process import cdcl
 
 from cdcl.cli import COMMANDS
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_help_exits_0_and_names_the_command(command: str | None) -> None:
-    args = [sys.executable, "-m", "cdcl", *([command] if command else []), "--help"]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    proc = cdcl(*([command] if command else []), "--help", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "usage: cdcl" in proc.stdout
     if command is None:

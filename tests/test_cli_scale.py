@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl as _cdcl
 
 from cdcl import progress
 from cdcl.errors import CdclError
@@ -121,16 +120,6 @@ def test_keep_alive_prints_while_a_step_is_silent(
     with progress.keep_alive(False):
         time.sleep(1.2)
     assert capsys.readouterr().err == ""
-
-
-def _cdcl(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
 
 
 def test_cli_plots_a_stated_sample_and_scores_every_row(tmp_path: Path) -> None:

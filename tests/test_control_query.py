@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl as _run
 
 from cdcl.cli import main
 from cdcl.data.query import QueryError, parse_query, query_mask
@@ -129,12 +128,6 @@ def _profiles(tmp_path: Path) -> Path:
     path = tmp_path / "profiles.csv"
     table.to_csv(path, index=False)
     return path
-
-
-def _run(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
 
 def test_injection_through_both_commands_runs_nothing(tmp_path: Path) -> None:

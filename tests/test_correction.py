@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl as _cdcl
 
 from cdcl.errors import CdclError
 from cdcl.metrics import batch_classifier_accuracy
@@ -134,12 +133,6 @@ def test_bad_input_is_a_one_line_error() -> None:
     with pytest.raises(CdclError, match="at least 2 control"):
         sphering(x, np.zeros(60, bool))
     assert parse_corrections(" Harmony, combat,harmony ") == ("harmony", "combat")
-
-
-def _cdcl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def _table(path: Path) -> Path:

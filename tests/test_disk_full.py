@@ -12,7 +12,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,17 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import TINY_MODEL, cdcl_env
+from cli_process import cdcl as run_cdcl
 
-TINY_TRAIN = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-    "train.batch_size=8",
-    "train.epochs=2",
-]
+TINY_TRAIN = [*TINY_MODEL, "train.batch_size=8", "train.epochs=2"]
 
 
 def _size_limit(nbytes: int) -> Callable[[], None]:
@@ -43,13 +35,9 @@ def _size_limit(nbytes: int) -> Callable[[], None]:
 
 def cdcl(*args: object, limit: int | None = None) -> subprocess.CompletedProcess:
     """The real command line in a subprocess, optionally under a file-size limit."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    return run_cdcl(
+        *args,
+        env=cdcl_env(PYTHONDONTWRITEBYTECODE="1"),
         preexec_fn=_size_limit(limit) if limit else None,
     )
 

@@ -10,17 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_process import TINY_MODEL
 
-TINY = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-    "train.log_every=1",
-    "train.max_steps=2",
-]
+TINY = [*TINY_MODEL, "train.log_every=1", "train.max_steps=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

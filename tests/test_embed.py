@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_process import cdcl as _cdcl
+from cli_process import cdcl_argv
 from conftest import write_random_dataset
 
 from cdcl.embed.baselines import IntensityFeatures, random_backbone_like, random_timm_backbone
@@ -155,12 +157,6 @@ def test_random_backbone_like_reinitialises(resnet) -> None:
     w0 = resnet.conv1.weight
     assert not torch.equal(other.conv1.weight, w0)
     assert torch.equal(other.conv1.weight, same.conv1.weight)  # seeded
-
-
-def _cdcl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.mark.slow
@@ -387,10 +383,9 @@ def test_killed_evaluate_resumes_embedding_with_same_results(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
 
     def evaluate(out: Path) -> list[str]:
-        return [
-            sys.executable, "-m", "cdcl", "evaluate", str(run), "--checkpoint", "last",
-            "--no-umap", "--null-size", "100", "--out", str(out),
-        ]  # fmt: skip
+        return cdcl_argv(
+            "evaluate", run, "--checkpoint", "last", "--no-umap", "--null-size", "100", "--out", out
+        )
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_process import cdcl as _cdcl
 from conftest import SHARED_DATA, write_random_dataset
 
 from cdcl.evaluation.run import evaluate_images
@@ -186,12 +185,6 @@ def test_evaluate_images_with_random_backbone(tmp_path: Path) -> None:
     wp, wmeta = profiles["resnet"]
     assert wp.shape == (15, 512) and set(wmeta["split"]) == {"train", "test"}
     assert profiles["intensity"][0].shape == (15, 50)
-
-
-def _cdcl(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *args], capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.mark.slow

@@ -3,13 +3,12 @@ and the dataset-sized generic presets."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_process import TINY_MODEL
+from cli_process import cdcl as _cdcl
 from conftest import write_random_dataset
 
 from cdcl.api import train_config
@@ -63,17 +62,6 @@ def test_single_held_out_batch_is_named_with_a_fix() -> None:
     assert msg3 is not None and "--split-col" in msg3
 
 
-def _cdcl(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-
-
 def test_info_holds_out_two_of_four_batches_without_warning(tmp_path: Path) -> None:
     data = write_random_dataset(tmp_path / "ds", n_batches=4)
     proc = _cdcl("info", data)
@@ -108,8 +96,7 @@ def test_info_and_train_warn_when_one_batch_is_held_out(tmp_path: Path) -> None:
     assert proc.returncode == 0 and len(warn) == 1, proc.stderr
     assert "holds out one batch (b3)" in warn[0] and "kBET, iLISI" in warn[0]
     assert "--split 1 (holds out b0, b1)" in warn[0]
-    tiny = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "method.out_dim=32",
-            "method.hidden_dim=32", "method.bottleneck_dim=16", "train.max_steps=1"]  # fmt: skip
+    tiny = [*TINY_MODEL, "train.max_steps=1"]
     proc = _cdcl(
         "train", "--preset", "generic-dino", "--data", data, "--out", tmp_path / "run", *tiny
     )

@@ -5,43 +5,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from cli_process import TINY_MODEL, cdcl
 from conftest import write_random_dataset
 from zarr.codecs import BloscCodec
 
 from cdcl.cli import main
 from cdcl.data.dataset_dir import IMAGES_DIR, chunk_file, has_checksums
 
-TINY_MODEL = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-    "train.epochs=1",
-]
-
-
-def cdcl(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real command line in a subprocess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "cdcl", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
+TINY_TRAIN = [*TINY_MODEL, "train.epochs=1"]
 
 
 def one_error(proc: subprocess.CompletedProcess) -> str:
@@ -206,7 +185,7 @@ def run3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("run3")
     data = write_random_dataset(root / "ds3", channels=("DNA", "ER", "RNA"), size=16)
     run = root / "run"
-    proc = cdcl("train", "--preset", "synthetic-cdcl", "--data", data, "--out", run, *TINY_MODEL)
+    proc = cdcl("train", "--preset", "synthetic-cdcl", "--data", data, "--out", run, *TINY_TRAIN)
     assert proc.returncode == 0, proc.stderr
     return run
 

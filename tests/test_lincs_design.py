@@ -16,21 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_process import cdcl
+from cli_process import TINY_MODEL, cdcl
 from test_real_screens import LINCS, doc_blocks, needs_lincs
 
 from cdcl.parquet import read_parquet
 
-TINY = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-    "train.batch_size=8",
-    "train.epochs=1",
-]
+TINY = [*TINY_MODEL, "train.batch_size=8", "train.epochs=1"]
 
 
 def build(tmp: Path, name: str, *extra: str) -> Path:

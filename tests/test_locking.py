@@ -11,21 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_process import cdcl, cdcl_env, wait_for
+from cli_process import TINY_MODEL, cdcl, cdcl_argv, cdcl_env, wait_for
 from lock_holder import start_holder
 
 from cdcl.errors import CdclError
 from cdcl.locking import LockedError, lock_file, output_lock
 
-TINY_TRAIN = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-    "train.batch_size=8",
-]
+TINY_TRAIN = [*TINY_MODEL, "train.batch_size=8"]
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -79,8 +71,8 @@ def test_second_train_into_a_running_run_stops_and_a_killed_train_leaves_no_lock
     assert cdcl("synth", "--preset", "tiny", "--out", data, "--no-progress").returncode == 0
     run = tmp_path / "run"
     first = subprocess.Popen(
-        [sys.executable, "-m", "cdcl", "train", "--preset", "synthetic-cdcl", "--data", data]
-        + ["--out", run, *TINY_TRAIN, "train.epochs=1000", "train.save_every_steps=1"],
+        cdcl_argv("train", "--preset", "synthetic-cdcl", "--data", data, "--out", run)
+        + [*TINY_TRAIN, "train.epochs=1000", "train.save_every_steps=1"],
         env=cdcl_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

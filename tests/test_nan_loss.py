@@ -17,19 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_process import cdcl
+from cli_process import TINY_MODEL, cdcl
 
 # A tiny network so that a step takes a fraction of a second on one core.
-TINY = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-    "train.batch_size=8",
-    "train.log_every=1",
-]
+TINY = [*TINY_MODEL, "train.batch_size=8", "train.log_every=1"]
 BLOW_UP = [
     "train.warmup_epochs=0",
     "train.clip_grad=0",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_process import cdcl, cdcl_env, wait_for
+from cli_process import cdcl, cdcl_argv, cdcl_env, wait_for
 from conftest import write_random_dataset
 from lock_holder import start_holder
 
@@ -28,8 +27,7 @@ def test_second_embed_into_the_same_file_stops_and_the_first_finishes(tmp_path: 
     ds = write_random_dataset(tmp_path / "ds", n_batches=2, sites=1, size=16)
     out = tmp_path / "profiles.parquet"
     first = subprocess.Popen(
-        [sys.executable, "-m", "cdcl", "embed", "intensity", "--data", str(ds), "--out", str(out),
-         "--no-progress"],
+        cdcl_argv("embed", "intensity", "--data", ds, "--out", out, "--no-progress"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cdcl_env(),
     )  # fmt: skip
     lock = lock_file(out)

@@ -13,13 +13,12 @@ import math
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl
 from test_api import BATCH_FIGURES, figure
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "own-screen.md"
@@ -95,14 +94,7 @@ def test_own_screen_from_the_command_line(tmp_path: Path) -> None:
     write_tiff_screen(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for args in doc_commands():
-        proc = subprocess.run(
-            [sys.executable, "-m", "cdcl", *args],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        proc = cdcl(*args, cwd=tmp_path, env=env)
         assert proc.returncode == 0, f"cdcl {' '.join(args)}\n{proc.stderr}"
         if args[0] == "build":
             assert "every plate (Metadata_Plate) is its own batch" in proc.stderr

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl
 from test_evaluate_pipeline import planted_profiles
 
 from cdcl.metrics.score import base_results, evaluate_features
@@ -100,12 +99,7 @@ def test_report_is_self_contained_and_compare(tmp_path: Path) -> None:
 
     # compare, through the command line
     cmp_dir = tmp_path / "cmp"
-    r = subprocess.run(
-        [sys.executable, "-m", "cdcl", "compare", *map(str, dirs), "--out", str(cmp_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = cdcl("compare", *dirs, "--out", cmp_dir, timeout=300)
     assert r.returncode == 0, r.stderr
     table = pd.read_csv(cmp_dir / "comparison.csv")
     assert set(table["run"]) == {"run0", "run1"}
@@ -119,12 +113,7 @@ def test_report_is_self_contained_and_compare(tmp_path: Path) -> None:
 
 
 def test_compare_rejects_missing_results(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "cdcl", "compare", str(tmp_path), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = cdcl("compare", tmp_path, "--out", tmp_path / "o", timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "results.json" in r.stderr
 

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import cdcl, cdcl_env
 
+# Deliberately not TINY_MODEL: two blocks with drop-path, so the restored torch RNG matters.
 TINY = [
     "model.embed_dim=32",
     "model.depth=2",  # timm spreads drop-path linearly: block 1 gets 0, block 2 gets 0.1
@@ -29,6 +29,21 @@ TINY = [
     "data.num_workers=0",
 ]
 TOTAL_STEPS = 18  # 72 training images / batch 8 = 9 steps per epoch, 2 epochs
+KILL_AT = 7  # mid-epoch 0: step 7 trained and logged, its checkpoint not yet written
+# `python -m cdcl` that SIGKILLs itself just before the checkpoint of step KILL_AT: the kill
+# lands at the same place on any machine (a kill from outside lands wherever training is).
+SELF_KILLING_CDCL = f"""
+import os, signal
+import cdcl.train.loop as loop
+from cdcl.cli import main
+save = loop.save
+def save_or_die(run, names):
+    if run.progress.step == {KILL_AT}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(run, names)
+loop.save = save_or_die
+raise SystemExit(main())
+"""
 
 
 @pytest.fixture(scope="module")
@@ -40,24 +55,8 @@ def screen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(out, "tiny", seed=0, batches=5, test_batches=1, val_batches=1)
 
 
-def _cmd(screen: Path, run: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cdcl",
-        "train",
-        "--preset",
-        "synthetic-cdcl",
-        "--data",
-        str(screen),
-        "--out",
-        str(run),
-        *TINY,
-        *extra,
-    ]
-
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def _args(screen: Path, run: Path, *extra: str) -> list[object]:
+    return ["train", "--preset", "synthetic-cdcl", "--data", screen, "--out", run, *TINY, *extra]
 
 
 def _train_records(run: Path) -> list[dict]:
@@ -79,34 +78,23 @@ def _train_records(run: Path) -> list[dict]:
 def test_sigkill_mid_epoch_then_resume_is_exact(screen: Path, tmp_path: Path) -> None:
     """Same seed: killed+resumed run == uninterrupted run (weights, optimiser, every loss)."""
     ref = tmp_path / "ref"
-    r = subprocess.run(_cmd(screen, ref), env=ENV, capture_output=True, text=True, timeout=600)
+    r = cdcl(*_args(screen, ref))
     assert r.returncode == 0, r.stderr
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd(screen, run), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = [rec["step"] for rec in _train_records(run)]
-            if done and max(done) >= 4 and (run / "checkpoints" / "last.pt").exists():
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    argv = [sys.executable, "-c", SELF_KILLING_CDCL, *map(str, _args(screen, run))]
+    killed = subprocess.run(argv, env=cdcl_env(), capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     killed_at = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert 0 < killed_at["step"] < TOTAL_STEPS
-    assert 0 < killed_at["step_in_epoch"] < 9 or killed_at["step"] == 9  # mid-epoch (or boundary)
+    # The last checkpoint is the step before the kill, mid-epoch; the killed step's metrics
+    # line is on disk past it (the resume must drop it and train that step again).
+    step = KILL_AT - 1
+    assert (killed_at["step"], killed_at["epoch"], killed_at["step_in_epoch"]) == (step, 0, step)
+    assert [x["step"] for x in _train_records(run)] == list(range(1, KILL_AT + 1))
 
-    r = subprocess.run(
-        _cmd(screen, run, "--resume"), env=ENV, capture_output=True, text=True, timeout=600
-    )
+    r = cdcl(*_args(screen, run, "--resume"))
     assert r.returncode == 0, r.stderr
-    assert f"resuming {run} at step {killed_at['step']}" in r.stderr
+    assert f"resuming {run} at step {step} (epoch 0, {step}/9)" in r.stderr
 
     a = torch.load(ref / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl_argv
 from fixtures_layouts import (
     error_lines,
     run_cdcl,
@@ -180,7 +180,7 @@ def test_kill_and_resume_equals_clean_build(tmp_path: Path) -> None:
     assert run_cdcl(*args, "--out", clean, "--workers", 1).returncode == 0
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "cdcl", *map(str, args), "--out", str(resumed), "--workers", "1"]
+    cmd = cdcl_argv(*args, "--out", resumed, "--workers", 1)
     if os.environ.get("CDCL_CLI"):
         cmd = [
             *os.environ["CDCL_CLI"].split(),

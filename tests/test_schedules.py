@@ -63,5 +63,14 @@ def test_build_schedules_resolves_epochs_to_steps() -> None:
         0.07
     )
     assert s.at(4)["freeze_last_layer"] is True and s.at(5)["freeze_last_layer"] is False
-    # Pure: the same step gives the same values whatever was asked before.
-    assert s.at(37) == s.at(37)
+    # Pure: the same step gives the same values whatever was asked before (in any order, of this
+    # or of a fresh Schedules, as a resumed run builds), and they are the values of the curves.
+    before = s.at(37)
+    forward = [s.at(i) for i in range(120)]
+    backward = [s.at(i) for i in reversed(range(120))][::-1]
+    assert s.at(37) == before and forward == backward and forward[37] == before
+    assert build_schedules(t, m, steps_per_epoch=5).at(37) == before
+    assert before["lr"] == pytest.approx(1e-5 + (7e-4 - 1e-5) * 37 / 50)  # 37 of 50 warm-up
+    assert before["wd"] == pytest.approx(
+        1e-2 + 0.5 * (4e-3 - 1e-2) * (1 + math.cos(0.37 * math.pi))
+    )

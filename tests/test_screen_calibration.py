@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl
 from conftest import SHARED_DATA
 from scipy.stats import binom
 
@@ -207,17 +208,9 @@ def test_study_passes_screen_options_to_its_data(tmp_path: Path) -> None:
 
 
 def test_synth_command_reports_calibration_and_strength(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     out = tmp_path / "ds"
     args = ["--preset", "tiny", "--out", str(out), "--no-progress", "--batch-strength", "0"]
-    run = subprocess.run(
-        [sys.executable, "-m", "cdcl", "synth", *args, "--test-batches", "3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = cdcl("synth", *args, "--test-batches", "3", timeout=300)
     assert run.returncode == 0, run.stderr
     assert "batch effect x 0" in run.stdout and "cell_batch_accuracy_normalised" in run.stdout
     report = json.loads((out / calibration.CALIBRATION_FILE).read_text())
@@ -232,12 +225,6 @@ def test_synth_command_reports_calibration_and_strength(tmp_path: Path) -> None:
         "test",
         "test",
     ]
-    bad = subprocess.run(
-        [sys.executable, "-m", "cdcl", "synth", "--out", str(tmp_path / "x"), "--batch-strength",
-         "-2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )  # fmt: skip
+    bad = cdcl("synth", "--out", tmp_path / "x", "--batch-strength", "-2", timeout=120)
     assert bad.returncode != 0 and "batch_strength" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()

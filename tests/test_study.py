@@ -8,12 +8,12 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_process import cdcl, cdcl_argv
 from scipy import stats
 
 from cdcl.errors import CdclError
@@ -216,12 +216,12 @@ STUDY_ARGS = ("--quick", "--methods", "DINO,CDCL", "--epochs", "1", "--no-progre
 
 
 def _study_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "cdcl", "study", *STUDY_ARGS, "--out", str(out)]
+    return cdcl_argv("study", *STUDY_ARGS, "--out", out)
 
 
 def _run_study(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(_study_cmd(out), capture_output=True, text=True, env=env, timeout=900)
+    return cdcl("study", *STUDY_ARGS, "--out", out, env=env, timeout=900)
 
 
 def _figures(study: dict) -> dict:

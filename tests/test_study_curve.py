@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_process import cdcl
 
 from cdcl.errors import CdclError
 from cdcl.experiments import statistics as st
@@ -122,12 +122,12 @@ def test_curve_end_to_end_on_the_tiny_screen(tmp_path: Path) -> None:
     with CellProfiler+harmony; the other references are covered above): the real command."""
     out = tmp_path / "curve"
     cmd = [
-        sys.executable, "-m", "cdcl", "study", "--quick", "--methods", "CDCL", "--reference", "CellProfiler+harmony",
+        "study", "--quick", "--methods", "CDCL", "--reference", "CellProfiler+harmony",
         "--epochs", "1", "--seeds", "0", "--batch-strength", "0,1", "--cellprofiler",
         "--calibrate", "--no-progress", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    proc = cdcl(*cmd, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = json.loads((out / "curve.json").read_text())
     assert curve["strengths"] == [0.0, 1.0]

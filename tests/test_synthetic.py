@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from cli_process import cdcl_argv
 from scipy import ndimage
 from scipy.stats import f_oneway
 
@@ -175,7 +175,7 @@ def test_killed_build_resumes_to_identical_bytes(tmp_path: Path) -> None:
     args = ["--preset", "tiny", "--sites", "40", "--image-size", "48"]
     out = tmp_path / "D"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "cdcl", "synth", "--out", str(out), *args]
+    cmd = cdcl_argv("synth", "--out", out, *args)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = partial_dir(out) / PROGRESS_FILE
     done = np.zeros(0, dtype=bool)

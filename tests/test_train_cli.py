@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_process import cdcl
+from cli_process import TINY_MODEL, cdcl
 
 from cdcl.config import load_config
 from cdcl.errors import CdclError
@@ -16,12 +16,7 @@ from cdcl.train.checkpoint import load_checkpoint, load_for_eval
 
 # A tiny network and head so that a step takes a fraction of a second on one core.
 TINY = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
+    *TINY_MODEL,
     "method.byol_proj_hidden=32",
     "method.byol_pred_hidden=32",
     "method.byol_proj_dim=16",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_process import cdcl
+from cli_process import TINY_MODEL, cdcl
 
 from cdcl.presets.sizing import MIN_STEPS, TARGET_IMAGES, sized_schedule
 from cdcl.train.metrics_log import (
@@ -22,14 +22,7 @@ from cdcl.train.metrics_log import (
     format_rate,
 )
 
-TINY = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-]
+TINY = [*TINY_MODEL]
 END_TIME = re.compile(r"ends about (\w{3} )?\d\d:\d\d")
 RATE = re.compile(r"(\S+) img/s")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,19 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from cli_process import cdcl, cdcl_env
+from cli_process import TINY_MODEL, cdcl, cdcl_argv, cdcl_env
 
 from cdcl.data.dataset_dir import DatasetInfo, DatasetWriter
 
-TINY_MODEL = [
-    "model.embed_dim=32",
-    "model.depth=1",
-    "model.num_heads=2",
-    "method.out_dim=32",
-    "method.hidden_dim=32",
-    "method.bottleneck_dim=16",
-    "train.epochs=1",
-]
+TINY_TRAIN = [*TINY_MODEL, "train.epochs=1"]
 
 
 def _lines(text: str) -> list[str]:
@@ -79,7 +70,7 @@ def trained(
     root = tmp_path_factory.mktemp("unevaluable")
     data = write_dmso_first_screen(root / "ds")
     run = root / "run"
-    proc = cdcl("train", "--preset", "synthetic-cdcl", "--data", data, "--out", run, *TINY_MODEL)
+    proc = cdcl("train", "--preset", "synthetic-cdcl", "--data", data, "--out", run, *TINY_TRAIN)
     assert proc.returncode == 0, proc.stderr
     return data, run, proc
 
@@ -114,7 +105,7 @@ def test_an_explicit_batch_too_large_names_the_value_to_pass(
     data, _, _ = trained
     proc = cdcl(
         "train", "--preset", "synthetic-cdcl", "--data", data, "--out", tmp_path / "r",
-        *TINY_MODEL, "train.batch_size=64",
+        *TINY_TRAIN, "train.batch_size=64",
     )  # fmt: skip
     assert proc.returncode == 2
     err = _lines(proc.stderr)[-1]
@@ -182,7 +173,7 @@ def test_evaluate_killed_midway_reruns_to_the_same_figures(trained: tuple, tmp_p
     log = tmp_path / "stderr.txt"
     with open(log, "w") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cdcl", *map(str, args)],
+            cdcl_argv(*args),
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=cdcl_env(),
