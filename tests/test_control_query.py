@@ -209,10 +209,14 @@ def test_query_stored_in_dataset_json_or_results_json_is_checked(tmp_path: Path)
     with pytest.raises(CdclError, match=r"dataset.json: `build.args.control_query`.*@os.system"):
         validate(ds)
     res = tmp_path / "results.json"
-    res.write_text(json.dumps({"source": {"columns": {"control_query": "x == 1 | len(x)"}}}))
+    # the smallest document read_results accepts: one feature set with one variant's results
+    valid = {"feature_sets": {"f": {"raw": {}}}}
+    res.write_text(
+        json.dumps({**valid, "source": {"columns": {"control_query": "x == 1 | len(x)"}}})
+    )
     with pytest.raises(CdclError, match=r"results.json: `source.columns.control_query`.*call"):
         read_results(res)
-    res.write_text(json.dumps({"source": {"columns": {"control_query": "x == 1"}}}))
+    res.write_text(json.dumps({**valid, "source": {"columns": {"control_query": "x == 1"}}}))
     assert read_results(res)["source"]["columns"]["control_query"] == "x == 1"
 
 

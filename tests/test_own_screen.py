@@ -78,8 +78,10 @@ def doc_blocks(language: str) -> list[str]:
 
 
 def doc_commands() -> list[list[str]]:
-    """The `cdcl ...` lines of the page's bash blocks, split as a shell would."""
-    lines = [ln for block in doc_blocks("bash") for ln in block.splitlines()]
+    """The `cdcl ...` lines of the bash blocks under "The five commands", split as a shell would."""
+    section = DOC.read_text().split("## The five commands", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    lines = [ln for block in blocks for ln in block.splitlines()]
     return [shlex.split(ln)[1:] for ln in lines if ln.startswith("cdcl ")]
 
 
