@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +145,7 @@ def test_curve_end_to_end_on_the_tiny_screen(tmp_path: Path) -> None:
         assert "calibration" in rep["feature_sets"]["CDCL"]
     assert (out / "curve.md").read_text().count("## CDCL − CellProfiler+harmony") == 1
     # A second run reuses every replicate and writes the same curve.
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    again = cdcl(*cmd, env=env, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused replicates/seed0" in again.stdout
     second = json.loads((out / "curve.json").read_text())
