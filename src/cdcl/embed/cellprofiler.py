@@ -56,6 +56,14 @@ from cdcl.profiles.table import WellAccumulator, to_metadata_frame
 
 SELECTION = ("drop_na_columns", "variance_threshold", "correlation_threshold", "drop_outliers")
 PROGRESS_EVERY_S = 10.0  # without a progress bar, one line at least this often
+ESTIMATE_FIELDS = 3  # fields measured before the time estimate is printed ...
+ESTIMATE_SECONDS = 20.0  # ... or this many seconds of them, whichever comes first
+# CellProfiler's texture (Haralick co-occurrence at a 3-px offset), granularity, Zernike and
+# shape features describe a nucleus through its pixels: below about 12 px across (about 110 px
+# of area, a few 3-px texture steps) they no longer measure what they measure on native images,
+# where nuclei are 20-40 px across.
+MIN_NUCLEUS_DIAMETER_PX = 12.0
+SIZE_CHECK_FIELDS = 3  # the first fields whose nuclei are sized before measuring
 
 
 def _progress_line(desc: str, done: int, total: int, cells: int, t0: float) -> None:
@@ -65,6 +73,69 @@ def _progress_line(desc: str, done: int, total: int, cells: int, t0: float) -> N
         file=sys.stderr,
         flush=True,
     )
+
+
+def estimate_line(desc: str, done: int, total: int, elapsed: float) -> str:
+    """Seconds a field, fields left, the whole run's time and its end, as ``cdcl train`` says."""
+    from datetime import datetime, timedelta
+
+    from cdcl.train.metrics_log import format_clock, format_duration
+
+    per_field = elapsed / max(done, 1)
+    left_s = (total - done) * per_field
+    now = datetime.now()
+    return (
+        f"{desc}: {format_duration(per_field)} a field, {total - done} of {total} fields left; "
+        f"about {format_duration(elapsed + left_s)} in all, "
+        f"ends about {format_clock(now + timedelta(seconds=left_s), now)}"
+    )
+
+
+def _say(line: str) -> None:
+    """A line on stderr that does not break a progress bar."""
+    tqdm.write(line, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def nucleus_diameters(nuclei: np.ndarray) -> np.ndarray:
+    """Equivalent diameters (px) of the labelled nuclei of one field (0 is background)."""
+    areas = np.bincount(np.asarray(nuclei, dtype=np.int64).ravel())[1:]
+    return 2.0 * np.sqrt(areas[areas > 0] / np.pi)
+
+
+def small_nuclei_warning(median: float, shape: tuple[int, ...]) -> str | None:
+    """The warning for nuclei too small for a faithful CellProfiler baseline, else None."""
+    if not median < MIN_NUCLEUS_DIAMETER_PX:  # NaN (no nucleus found) says nothing
+        return None
+    size = "x".join(str(n) for n in shape[-2:])
+    return (
+        f"nuclei measure {median:.1f} px across (median equivalent diameter) on {size}-px "
+        f"images, below the {MIN_NUCLEUS_DIAMETER_PX:.0f} px CellProfiler's texture and shape "
+        "features need: the images look downsampled; build them at native resolution "
+        "(cdcl build table without --image-size) for a faithful CellProfiler baseline"
+    )
+
+
+def check_nucleus_size(
+    dataset: Any, indices: np.ndarray, options: CellProfilerOptions
+) -> tuple[float, str | None]:
+    """Median nucleus diameter (px) of the first fields and the small-nuclei warning, if any."""
+    mode, objects = resolve_objects(dataset, options.segmentation)
+    if mode == "masks" and "nuclei" not in objects:
+        return float("nan"), None
+    diameters = []
+    shape: tuple[int, ...] = ()
+    for i in np.asarray(indices[:SIZE_CHECK_FIELDS], dtype=np.int64):
+        if mode == "masks":
+            nuclei = dataset.read_masks([int(i)])[0][objects.index("nuclei")]
+        else:
+            image = dataset.read(int(i))
+            nuclei = segment_field(image, dataset.channels, options.nucleus_diameter)[1]
+        shape = nuclei.shape
+        diameters.append(nucleus_diameters(nuclei))
+    d = np.concatenate(diameters) if diameters else np.zeros(0)
+    median = float(np.median(d)) if len(d) else float("nan")
+    return median, small_nuclei_warning(median, shape)
 
 
 class CellJob(EmbedJob):
@@ -98,6 +169,7 @@ class CellJob(EmbedJob):
         )
         t0 = last = time.perf_counter()
         done = n_objects = 0
+        estimated = not lines
         for c in chunks:
             a, b = self.span(c)
             pos: list[np.ndarray] = []
@@ -121,6 +193,11 @@ class CellJob(EmbedJob):
                         n_objects += len(x)
                 done += 1
                 bar.update(1)
+                elapsed = time.perf_counter() - t0
+                if not estimated and (done >= ESTIMATE_FIELDS or elapsed >= ESTIMATE_SECONDS):
+                    estimated = True
+                    if done < n_fields:
+                        _say(estimate_line(desc, done, n_fields, elapsed))
                 if lines and not progress and time.perf_counter() - last > PROGRESS_EVERY_S:
                     _progress_line(desc, done, n_fields, n_objects, t0)
                     last = time.perf_counter()
@@ -152,6 +229,7 @@ class CellJob(EmbedJob):
         )
         t0 = time.perf_counter()
         done = n_objects = 0
+        estimated = False
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             running = {
@@ -169,6 +247,9 @@ class CellJob(EmbedJob):
                     done += int(cost["fields"])
                     n_objects += int(cost["objects"])
                     bar.update(int(cost["fields"]))
+                if not estimated and done and running:  # wall time a field, all workers busy
+                    estimated = True
+                    _say(estimate_line(desc, done, n_fields, time.perf_counter() - t0))
                 if not progress:  # parts finish in whole chunks: say something every 10 s
                     _progress_line(desc, done, n_fields, n_objects, t0)
         bar.close()
@@ -401,6 +482,9 @@ def cellprofiler_profiles(
     )
     job = CellJob(job_dir, len(indices), chunk_size)
     job.prepare(fields)
+    diameter, warning = check_nucleus_size(dataset, indices, options)
+    if warning:
+        _say(f"{desc}: warning: {warning}")
     pending = job.pending()
     if len(pending) < job.n_chunks:
         done = job.n_chunks - len(pending)
@@ -432,6 +516,8 @@ def cellprofiler_profiles(
         "features_kept": len(kept),
         "measured_now": cost,
         "aggregate_normalize_select_s": round(time.perf_counter() - t0, 3),
+        "median_nucleus_diameter_px": None if np.isnan(diameter) else round(diameter, 2),
+        "warnings": [warning] if warning else [],
     }
     return CellProfilerResult(feats, meta, kept, info), job
 
@@ -499,6 +585,7 @@ class CellProfilerSource:
 
     def __init__(self, options: CellProfilerOptions | None = None) -> None:
         self.options = options or CellProfilerOptions()
+        self.warnings: list[str] = []  # those of the last run, for results.json and the report
 
     def profiles(
         self,
@@ -523,6 +610,7 @@ class CellProfilerSource:
             progress=progress,
             desc=desc,
         )
+        self.warnings = list(res.info.get("warnings", []))
         return res.features, res.meta, job
 
 
@@ -532,9 +620,13 @@ __all__ = [
     "CellProfilerResult",
     "CellProfilerSource",
     "cellprofiler_profiles",
+    "check_nucleus_size",
+    "estimate_line",
     "finish_profiles",
     "median_profiles",
     "normalize_per_plate",
+    "nucleus_diameters",
     "select_features",
+    "small_nuclei_warning",
     "write_named_profiles",
 ]

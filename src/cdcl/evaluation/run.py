@@ -291,6 +291,10 @@ def evaluate_run(
     )
     if batch_col:
         results["design"]["judged_by"] = batch_col
+    # What a baseline found wrong with the images (CellProfiler: nuclei too small to measure).
+    input_warnings = [w for b in backbones.values() for w in getattr(b, "warnings", [])]
+    if input_warnings:
+        results["input_warnings"] = input_warnings
     results["warnings"] = announce(results)
     if level == "image":
         results["protocol"] = {

@@ -527,7 +527,11 @@ def _results_sections(results: dict[str, Any]) -> list[tuple[str, str]]:
                 baselines,
                 totals=stored_totals(results, variant),
                 greyed=greyed_columns(results, LABEL_PATHS),
-                warnings=[*([banner] if banner else []), *chance_warnings(results)],
+                warnings=[
+                    *([banner] if banner else []),
+                    *chance_warnings(results),
+                    *results.get("input_warnings", []),
+                ],
             )
             return [(f"Results: held-out batches, {what}", body + _not_computable_html(results))]
     return []
@@ -557,7 +561,7 @@ def warning_lines(results: dict[str, Any]) -> list[str]:
             banner = design_banner(frame, LABEL_PATHS, results)
             lines += [banner] if banner else []
             break
-    return lines + chance_warnings(results)
+    return lines + chance_warnings(results) + list(results.get("input_warnings", []))
 
 
 def announce(results: dict[str, Any]) -> list[str]:
