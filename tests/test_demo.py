@@ -169,3 +169,12 @@ def test_demo_report_fits_a_1400px_window(
     doc = (out / "report.html").read_text()
     assert "batch removal" in doc and "What the metrics mean" in doc
     assert _scroll_width(out / "report.html", tmp_path) <= PAGE_WIDTH
+
+
+def test_bbbc021_needs_its_folder_named(tmp_path: Path) -> None:
+    """The library never searches outside the package for data: BBBC021 takes --bbbc021-dir."""
+    from cdcl.errors import CdclError
+    from cdcl.experiments.demo import DemoSpec, check_demo_spec
+
+    with pytest.raises(CdclError, match="--bbbc021-dir"):
+        check_demo_spec(DemoSpec(out=tmp_path / "d", dataset="bbbc021"))

@@ -138,14 +138,14 @@ class Stage:
             print(f"{' ' * len(self.marker)} {self.name}: {dt:.1f} s", flush=True)
 
 
-def default_bbbc021_dir() -> Path:
-    """Where the BBBC021 week-4 crops live next to a checkout (../shared/data/...)."""
-    here = Path(__file__).resolve()
-    for parent in [Path.cwd(), *here.parents]:
-        cand = parent.parent / "shared" / "data" / "bbbc021_week4_singlecell"
-        if cand.is_dir():
-            return cand
-    return Path("../shared/data/bbbc021_week4_singlecell")
+def bbbc021_source(spec: DemoSpec) -> Path:
+    """The folder of the BBBC021 week-4 crops the user named; the library never searches for it."""
+    if spec.bbbc021_dir is None:
+        raise CdclError(
+            "--dataset bbbc021: pass --bbbc021-dir with the folder holding cells_subset.npz and "
+            "metadata_subset.csv (in a checkout: ../shared/data/bbbc021_week4_singlecell)"
+        )
+    return Path(spec.bbbc021_dir)
 
 
 # ---------------------------------------------------------------- data
@@ -173,7 +173,7 @@ def prepare_data(spec: DemoSpec) -> Path:
 
 def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
 
-    src = Path(spec.bbbc021_dir or default_bbbc021_dir())
+    src = bbbc021_source(spec)
     npz, csv = src / "cells_subset.npz", src / "metadata_subset.csv"
     for f in (npz, csv):
         if not f.is_file():
@@ -695,7 +695,7 @@ def check_demo_spec(spec: DemoSpec) -> list[str]:
         raise CdclError(f"--out {spec.out}: is a file; choose a directory")
     labels = method_labels(spec)
     if spec.dataset == "bbbc021":
-        src = Path(spec.bbbc021_dir or default_bbbc021_dir())
+        src = bbbc021_source(spec)
         for f in (src / "cells_subset.npz", src / "metadata_subset.csv"):
             if not f.is_file():
                 raise CdclError(f"{f}: not found; pass --bbbc021-dir with the BBBC021 week-4 crops")
