@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,34 +44,43 @@ CONTROL_FRACTION = 0.10
 CHUNK_ROWS = 50_000
 
 
-def write_table(path: Path, n: int, dims: int, seed: int = 0) -> None:
-    """Write the random profile table (float32 features, Metadata_* columns) in row groups."""
+def table_chunks(n: int, dims: int, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """The random profile table in chunks of CHUNK_ROWS rows: codes and float32 features."""
     rng = np.random.default_rng(seed)
     batch_offset = rng.normal(0, 0.3, (N_BATCHES, dims)).astype(np.float32)
     treat_effect = rng.normal(0, 0.5, (N_TREATMENTS + 1, dims)).astype(np.float32)
     treat_effect[0] = 0  # DMSO
-    treat_names = np.array(["DMSO"] + [f"T{i:03d}" for i in range(N_TREATMENTS)], dtype=object)
+    for a in range(0, n, CHUNK_ROWS):
+        b = min(n, a + CHUNK_ROWS)
+        m = b - a
+        rows = np.arange(a, b)
+        plate = rows * N_PLATES // n  # contiguous plates, 4 per batch
+        batch = plate * N_BATCHES // N_PLATES
+        ctrl = rng.random(m) < CONTROL_FRACTION
+        treat = np.where(ctrl, 0, rng.integers(1, N_TREATMENTS + 1, m))
+        x = rng.standard_normal((m, dims), dtype=np.float32)
+        x += batch_offset[batch] + treat_effect[treat]
+        yield {"rows": rows, "plate": plate, "batch": batch, "treat": treat, "x": x}
+
+
+TREAT_NAMES = np.array(["DMSO"] + [f"T{i:03d}" for i in range(N_TREATMENTS)], dtype=object)
+
+
+def write_table(path: Path, n: int, dims: int, seed: int = 0) -> None:
+    """Write the random profile table (float32 features, Metadata_* columns) in row groups."""
     moa_names = np.array([None] + [f"MoA{i % N_MOAS:02d}" for i in range(N_TREATMENTS)], object)
     feat_names = [f"f{j:04d}" for j in range(dims)]
     tmp = path.with_name(path.name + ".tmp")
     writer = None
     try:
-        for a in range(0, n, CHUNK_ROWS):
-            b = min(n, a + CHUNK_ROWS)
-            m = b - a
-            rows = np.arange(a, b)
-            plate = rows * N_PLATES // n  # contiguous plates, 4 per batch
-            batch = plate * N_BATCHES // N_PLATES
-            ctrl = rng.random(m) < CONTROL_FRACTION
-            treat = np.where(ctrl, 0, rng.integers(1, N_TREATMENTS + 1, m))
-            x = rng.standard_normal((m, dims), dtype=np.float32)
-            x += batch_offset[batch] + treat_effect[treat]
+        for c in table_chunks(n, dims, seed):
+            rows, plate, batch, treat, x = c["rows"], c["plate"], c["batch"], c["treat"], c["x"]
             cols = {
                 "Metadata_Batch": pa.array([f"B{v:02d}" for v in batch]),
                 "Metadata_Plate": pa.array([f"P{v:03d}" for v in plate]),
                 "Metadata_Well": pa.array([f"W{v % 384:03d}" for v in rows]),
-                "Metadata_Treatment": pa.array(treat_names[treat].tolist()),
-                "Metadata_Compound": pa.array(treat_names[treat].tolist()),
+                "Metadata_Treatment": pa.array(TREAT_NAMES[treat].tolist()),
+                "Metadata_Compound": pa.array(TREAT_NAMES[treat].tolist()),
                 "Metadata_MoA": pa.array(moa_names[treat].tolist(), type=pa.string()),
             }
             for j, name in enumerate(feat_names):
