@@ -150,9 +150,7 @@ def test_cli_evaluate_features_honours_the_exported_split(session: dict, tmp_pat
     # Without the column: fold 1 of the rotation, and the message says which and why.
     path.unlink()
     session["profiles"].drop(columns="Metadata_Split").to_parquet(path, index=False)
-    r = subprocess.run(
-        [*args, "--out", str(tmp_path / "b"), "--null-size", "100"], capture_output=True, text=True
-    )
+    r = run_cdcl(*args, "--out", tmp_path / "b", "--null-size", "100")
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stderr.splitlines() if ln.startswith("note: held out:"))
     assert "fold 1" in line and "no Metadata_Split column" in line

@@ -65,6 +65,8 @@ def test_api_parameters_render_as_in_the_signature(site: Path) -> None:
     page = (site / "api" / "index.html").read_text()
     for name in cdcl.api.__all__:
         sig = inspect.signature(getattr(cdcl.api, name))
+        if not sig.parameters:  # e.g. presets(): nothing to document, only its return value
+            continue
         rows = _parameter_rows(page, name)
         assert list(rows) == list(sig.parameters), name  # each documented, once, in order
         for p in sig.parameters.values():
