@@ -1394,6 +1394,8 @@ def study(
     batch_strength: float | Sequence[float] | str | None = None,
     cellprofiler: bool = False,
     calibrate: bool = False,
+    train_treatments: str = "all",
+    note: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Replicated comparison of methods (seeds x folds) with paired statistics.
@@ -1443,6 +1445,13 @@ def study(
     calibrate
         Calibrate every replicate's design; pre-declared metrics without power are reported
         and left out of the verdicts.
+    train_treatments
+        ``"all"`` (default): the methods train on every compound. ``"half"``: every method
+        trains on the same half of the compounds (drawn from the seed) plus the controls, and
+        every metric is also reported on the seen and on the unseen compounds.
+    note
+        The design's rationale (why these seeds, say), stored in ``design.json`` with the
+        endpoints when the design is fixed; ignored once it is.
     progress
         Show progress bars and a line per step.
 
@@ -1479,6 +1488,8 @@ def study(
         batch_strength=strengths[0] if strengths and len(strengths) == 1 else None,
         cellprofiler=cellprofiler,
         calibrate=calibrate,
+        train_treatments=train_treatments,
+        note=note,
     )
     curve = strengths is not None and len(strengths) > 1
     # every option, before the lock or any file exists

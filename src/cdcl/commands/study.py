@@ -86,6 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibrate every replicate's design (null and injected batch effects); "
         "pre-declared metrics without power are reported and left out of the verdicts",
     )
+    parser.add_argument(
+        "--train-treatments",
+        choices=("all", "half"),
+        default="all",
+        help="all: train on every compound (default); half: every method trains on the same "
+        "half of the compounds (drawn from the seed) plus the controls, and every metric is "
+        "also reported on the seen and on the unseen compounds",
+    )
+    parser.add_argument(
+        "--note",
+        default=None,
+        help="the design's rationale (why these seeds, say), stored in OUT/design.json with "
+        "the endpoints when the design is fixed",
+    )
     parser.add_argument("--fresh", action="store_true", help="rebuild data and retrain everything")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -112,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         batch_strength=args.batch_strength,
         cellprofiler=args.cellprofiler,
         calibrate=args.calibrate,
+        train_treatments=args.train_treatments,
+        note=args.note,
         progress=not args.no_progress,
     )
     print()

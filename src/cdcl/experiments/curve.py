@@ -20,13 +20,20 @@ import pandas as pd
 
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
+from cdcl.experiments.demo import Stage
 from cdcl.experiments.study import (
+    DESIGN_FILE,
     HEADLINE_METHOD,
     PRIMARY_VARIANT,
     StudySpec,
+    announce_design,
     check_spec,
+    fix_design,
     is_primary,
+    replicates,
     run_study,
+    study_plan,
+    train_replicate,
 )
 from cdcl.report.html import _plt, _save
 from cdcl.report.results import to_jsonable
@@ -56,7 +63,13 @@ def strength_dir(out: Path, strength: float) -> Path:
 
 def sub_spec(spec: StudySpec, strength: float) -> StudySpec:
     """The study at one strength: the same options in its own folder."""
-    return replace(spec, out=strength_dir(spec.out, strength), batch_strength=strength, timings={})
+    return replace(
+        spec,
+        out=strength_dir(spec.out, strength),
+        batch_strength=strength,
+        in_curve=True,
+        timings={},
+    )
 
 
 def check_curve(spec: StudySpec, strengths: tuple[float, ...]) -> None:
@@ -177,6 +190,15 @@ def curve_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def run_curve(spec: StudySpec, strengths: tuple[float, ...]) -> dict[str, Any]:
     """Run (or reuse) the study at every strength, then write curve.json, curve.md, curve.png."""
     check_curve(spec, strengths)
+    reps = replicates(spec)
+    design = fix_design(Path(spec.out), [r.name for r in reps], study_plan(spec, strengths))
+    announce_design(design, Path(spec.out) / DESIGN_FILE)
+    # Every replicate's training first, seed by seed across strengths: an interrupted curve
+    # leaves whole seeds trained, and the scoring below runs on the same code for all.
+    for rep in reps:
+        for s in strengths:
+            with Stage(spec, f"train {rep.name} at strength {s:g}", marker="==="):
+                train_replicate(sub_spec(spec, s), rep)
     studies: dict[float, dict[str, Any]] = {}
     for s in strengths:
         print(f"==== batch strength {s:g}", flush=True)

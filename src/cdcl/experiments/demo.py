@@ -93,6 +93,10 @@ COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch 1-abs(sil) (scib)", ("silhouette", "batch_scib")),
     ("batch-classifier acc", ("batch_classifier", "accuracy")),
 )
+# What the methods train on: every compound, or the same seed-drawn half of them plus the
+# controls (the held-out batches then hold compounds no method has seen).
+TRAIN_TREATMENTS = ("all", "half")
+HALF_SUBSET = "half_treatments_with_controls"
 LOWER_IS_BETTER = {"batch-classifier acc"}
 COLUMN_PATHS = {"online probe acc": ("online_probe", "accuracy"), **dict(COLUMNS)}
 
@@ -117,6 +121,9 @@ class DemoSpec:
     screen: dict[str, Any] = field(default_factory=dict)
     calibrate: bool = False  # null + injected batch effects for the first method's profiles
     cellprofiler: bool = False  # add the CellProfiler row (cp-measure per cell) and its corrections
+    # "all": train on every compound; "half": every method trains on the same half of the
+    # compounds (drawn from the seed) plus the controls, and the other half is never seen
+    train_treatments: str = "all"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -269,6 +276,8 @@ def budget_overrides(spec: DemoSpec) -> list[str]:
     over = [f"train.epochs={epochs}", f"train.seed={spec.seed}", "data.num_workers=1"]
     if spec.split is not None:
         over.append(f"data.split={spec.split}")
+    if spec.train_treatments == "half":
+        over.append(f"data.subset={HALF_SUBSET}")
     if spec.quick:
         # The tiny screen has 32-px fields: a smaller network and batch keep it to a few minutes.
         over += [
@@ -693,6 +702,11 @@ def check_demo_spec(spec: DemoSpec) -> list[str]:
         raise CdclError(f"fold {spec.split}: folds are numbered from 1")
     if spec.out.exists() and not spec.out.is_dir():
         raise CdclError(f"--out {spec.out}: is a file; choose a directory")
+    if spec.train_treatments not in TRAIN_TREATMENTS:
+        raise CdclError(
+            f"--train-treatments {spec.train_treatments}: unknown; choose "
+            f"{' or '.join(TRAIN_TREATMENTS)}"
+        )
     labels = method_labels(spec)
     if spec.dataset == "bbbc021":
         src = bbbc021_source(spec)

@@ -43,8 +43,11 @@ from cdcl.experiments.demo import (
     budget_overrides,
     check_demo_spec,
     method_labels,
+    prepare_data,
     run_demo,
+    train_method,
 )
+from cdcl.experiments.preregistration import DESIGN_VERSION, design_hash, preregistration
 from cdcl.report.html import _img, _plt, _save, write_html
 from cdcl.report.results import read_results, to_jsonable
 
@@ -99,6 +102,9 @@ class StudySpec:
     batch_strength: float | None = None  # simulated screen: batch effect (None: calibrated, 1)
     cellprofiler: bool = False  # every replicate adds the CellProfiler row and its corrections
     calibrate: bool = False  # every replicate calibrates its design (metrics without power)
+    train_treatments: str = "all"  # "half": every method trains on the same half of the compounds
+    note: str | None = None  # the design's rationale, stored in design.json (e.g. why this n)
+    in_curve: bool = False  # one strength of a batch-strength curve (the curve holds the design)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -211,6 +217,7 @@ def _demo_spec(spec: StudySpec, rep: Replicate) -> DemoSpec:
         screen=screen_overrides(spec) if spec.dataset == "synthetic" else {},
         cellprofiler=spec.cellprofiler,
         calibrate=spec.calibrate,
+        train_treatments=spec.train_treatments,
     )
 
 
@@ -267,6 +274,34 @@ def run_replicate(spec: StudySpec, rep: Replicate) -> tuple[dict[str, Any], bool
     # The key is written last: its presence says the replicate's results are complete.
     atomic_write_text(key_file, json.dumps(key, indent=2))
     return read_replicate_results(results_file), False
+
+
+def replicate_done(spec: StudySpec, rep: Replicate) -> bool:
+    """Whether the replicate finished with the key ``spec`` gives it (its results are reused)."""
+    out = _demo_spec(spec, rep).out
+    key_file = out / KEY_FILE
+    if not (key_file.is_file() and (out / "results.json").is_file()):
+        return False
+    try:
+        return json.loads(key_file.read_text()) == replicate_key(spec, rep)
+    except (ValueError, RecursionError):
+        return False
+
+
+def train_replicate(spec: StudySpec, rep: Replicate) -> None:
+    """Build a replicate's screen and train its methods (reused or resumed), without scoring.
+
+    A study trains every replicate before it scores any: training is the long, fixed part,
+    and scoring afterwards means every replicate is scored by the same code.
+    """
+    if replicate_done(spec, rep):
+        return
+    demo = _demo_spec(spec, rep)
+    demo.out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(demo)
+    for label in method_labels(demo):
+        with Stage(spec, f"train {rep.name} {label}"):
+            train_method(demo, label, data)
 
 
 def read_replicate_results(path: Path) -> dict[str, Any]:
@@ -953,14 +988,37 @@ def _replicate_definition(spec: StudySpec) -> str:
 
 
 DESIGN_FILE = "design.json"
+# The keys a pre-registered design.json holds besides its replicates (preregistration()).
+PREREGISTERED_KEYS = (
+    "dataset",
+    "methods",
+    "references",
+    "seeds",
+    "folds",
+    "strengths",
+    "screen",
+    "train_treatments",
+    "budget",
+    "alpha",
+    "rule",
+    "test",
+    "endpoints",
+    "primary",
+    "family",
+    "quick",
+    "cellprofiler",
+    "note",
+)
 
 
-def fix_design(out: Path, names: list[str]) -> dict[str, Any]:
-    """The study's planned replicates: read from ``OUT/design.json``, written there if absent.
+def fix_design(out: Path, names: list[str], plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The study's design: read from ``OUT/design.json``, written there if absent.
 
-    The plan is fixed the first time a study runs in ``out`` (a study.json of an older version
-    without a design counts as the plan it reported), and later runs with other replicates are
-    extensions of it, not a new plan.
+    The design is fixed the first time a study runs in ``out``, before any training: the
+    planned replicates and, with ``plan`` (:func:`cdcl.experiments.preregistration.
+    preregistration`), the methods, references, endpoints, alpha, rule and Holm family, with
+    their hash. A study.json of an older version without a design counts as the plan it
+    reported. Later runs with other replicates are extensions of the design, not a new one.
     """
     path = out / DESIGN_FILE
     if path.is_file():
@@ -973,17 +1031,57 @@ def fix_design(out: Path, names: list[str]) -> dict[str, Any]:
         if old
         else names
     )
-    design = {"replicates": list(planned), "n": len(planned)}
+    design: dict[str, Any] = {"replicates": list(planned), "n": len(planned)}
+    if plan is not None and old is None:
+        design = {**plan, **design}
+        design["hash"] = design_hash(design)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(design, indent=2) + "\n")
     return design
+
+
+def study_plan(spec: StudySpec, strengths: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """What the study pre-registers (cdcl.experiments.preregistration) for ``spec``."""
+    labels = check_spec(spec)
+    if strengths is None and spec.dataset == "synthetic":
+        strengths = (spec.batch_strength,) if spec.batch_strength is not None else None
+    screen = {k: v for k, v in screen_overrides(spec).items() if k != "batch_strength"}
+    return preregistration(
+        dataset=spec.dataset,
+        methods=labels,
+        references=spec.references,
+        seeds=spec.seeds,
+        folds=spec.folds,
+        strengths=strengths,
+        screen=screen,
+        train_treatments=spec.train_treatments,
+        budget=budget_overrides(_demo_spec(spec, Replicate(spec.seeds[0], None))),
+        alpha=spec.alpha,
+        note=spec.note,
+        extra={"quick": spec.quick, "cellprofiler": spec.cellprofiler},
+    )
+
+
+def announce_design(design: dict[str, Any], path: Path) -> None:
+    """Print the design's hash and primary endpoint before anything is trained."""
+    if "hash" not in design:
+        return
+    primary = next((e for e in design["endpoints"] if e["role"] == "primary"), None)
+    print(f"design {design['hash'][:16]} ({path}), fixed before training", flush=True)
+    if primary is not None:
+        print(f"  primary endpoint: {primary['label']}", flush=True)
+    print(f"  secondary endpoints (Holm): {len(design['family'])}", flush=True)
 
 
 _REPLICATES = sc.ListOf(sc.Name(), min_len=1, unique=True)
 # The plan of a study (design.json, and study.json's `design`); a newer format is refused.
 DESIGN_SCHEMA = sc.Obj(
     required={"replicates": _REPLICATES, "n": sc.Int(min=1)},
-    optional={"format_version": sc.Version(known=(1,))},
+    optional={
+        "format_version": sc.Version(known=(1, DESIGN_VERSION)),
+        "hash": sc.Str(nonempty=True),
+        **{k: sc.Any() for k in PREREGISTERED_KEYS},
+    },
 )
 # What a study reads back from an earlier study.json: its plan, replicates and looks.
 STUDY_SCHEMA = sc.Obj(
@@ -1026,6 +1124,11 @@ def read_design(path: Path) -> dict[str, Any]:
     hint = "restore it, or remove it to fix the present replicates as the plan"
     design = sc.read_json(path, DESIGN_SCHEMA, hint)
     _check_design(design, str(path), "", hint)
+    if "hash" in design and design_hash(design) != design["hash"]:
+        raise CdclError(
+            f"{path}: changed after the design was fixed (its content no longer matches its "
+            "hash); restore it, or start the study in a new --out"
+        )
     return design
 
 
@@ -1075,7 +1178,14 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
             shutil.rmtree(spec.out / sub, ignore_errors=True)
     spec.out.mkdir(parents=True, exist_ok=True)
     reps = replicates(spec)
-    fix_design(spec.out, [r.name for r in reps])  # before any replicate runs
+    # The design is fixed before any replicate runs.
+    design = fix_design(
+        spec.out, [r.name for r in reps], None if spec.in_curve else study_plan(spec)
+    )
+    announce_design(design, spec.out / DESIGN_FILE)
+    for i, rep in enumerate(reps, 1):
+        with Stage(spec, f"train replicate {rep.name} ({i}/{len(reps)})", marker="==="):
+            train_replicate(spec, rep)
     records: list[dict[str, Any]] = []
     figures: list[dict[str, dict[str, dict[str, Any]]]] = []
     outcomes: list[dict[str, Any]] = []
@@ -1150,6 +1260,7 @@ def finish_study(
             "screen": screen_overrides(spec),
             "cellprofiler": spec.cellprofiler,
             "calibrate": spec.calibrate,
+            "train_treatments": spec.train_treatments,
             "budget": budget_overrides(first),
             "alpha": spec.alpha,
         },
