@@ -152,7 +152,8 @@ def treatment_paired_split(
     return pd.Series(np.where(batch.isin(test), "test", "train"), index=samples.index, name="split")
 
 
-def _half_of_treatments(samples: pd.DataFrame, seed: int) -> set[str]:
+def half_of_treatments(samples: pd.DataFrame, seed: int) -> set[str]:
+    """The treatments ``half_treatments[_with_controls]`` keeps: a seeded half of the sorted names."""
     treatments = sorted(samples.loc[~samples["is_control"], "treatment"].astype(str).unique())
     rng = np.random.default_rng(seed)
     chosen = rng.permutation(len(treatments))[: len(treatments) // 2]
@@ -211,10 +212,10 @@ def _subset_mask(samples: pd.DataFrame, strategy: str, seed: int) -> np.ndarray:
         # The reference implementation drops the treatments with an even label id and keeps every control.
         return ctrl | (_treatment_ids(samples) % 2 == 1)
     if strategy == "half_treatments":
-        keep = _half_of_treatments(samples, seed)
+        keep = half_of_treatments(samples, seed)
         return samples["treatment"].astype(str).isin(keep).to_numpy()
     if strategy == "half_treatments_with_controls":
-        keep = _half_of_treatments(samples, seed)
+        keep = half_of_treatments(samples, seed)
         return samples["treatment"].astype(str).isin(keep).to_numpy() | samples[
             "is_control"
         ].to_numpy(bool)

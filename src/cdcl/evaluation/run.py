@@ -61,6 +61,7 @@ def evaluate_images(
     work_dir: str | Path | None = None,
     cache_key: str = "",
     judge_col: str | None = None,
+    compound_groups: dict[str, set[str]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
     """Embed train and test images with each backbone, then score every feature set.
 
@@ -76,8 +77,25 @@ def evaluate_images(
     batches (meta has a ``split`` column). With ``work_dir``, embeddings go through resumable
     parts there (keyed by ``cache_key`` and the feature set's name), so a killed evaluation
     skips the finished ones when rerun. ``judge_col`` (a metadata column of the samples)
-    replaces the batch the metrics judge mixing by; the split is kept.
+    replaces the batch the metrics judge mixing by; the split is kept. ``compound_groups``
+    (``{group: treatment names}``, e.g. the compounds the methods trained on and the others)
+    scores every feature set again on each group's treatments plus the controls, after the
+    same normalisation of all rows, into ``results[name]["compounds"][group]``.
     """
+
+    def score(x: np.ndarray, wmeta: pd.DataFrame, name: str) -> dict[str, Any]:
+        train = (wmeta["split"] == "train").to_numpy()
+        test = (wmeta["split"] == "test").to_numpy()
+        kw = {"k": k, "null_size": null_size, "seed": seed, "timer": timer, "name": name}
+        res = evaluate_features(x, wmeta, train, test, **kw)
+        if compound_groups:
+            res["compounds"] = {
+                g: evaluate_features(
+                    x, wmeta, train & keep, test & keep, eval_mask=test & keep, **kw
+                )
+                for g, keep in _group_masks(wmeta, compound_groups).items()
+            }
+        return res
 
     timer = timer or Timer()
     samples = dataset.samples
@@ -127,11 +145,7 @@ def evaluate_images(
         if judge_col:
             wmeta = judged_by(wmeta, judge_col)
         profiles[name] = (wp, wmeta)
-        train = (wmeta["split"] == "train").to_numpy()
-        test = (wmeta["split"] == "test").to_numpy()
-        res = evaluate_features(
-            wp, wmeta, train, test, k=k, null_size=null_size, seed=seed, timer=timer, name=name
-        )
+        res = score(wp, wmeta, name)
         if online_probe is not None and online_probe.get("set") == name and feats is not None:
             with timer(f"{name}.online_probe"):
                 mask = (img_meta["split"] == "test").to_numpy() & ~img_meta["is_control"].to_numpy(
@@ -152,29 +166,24 @@ def evaluate_images(
             with timer(f"{tname}.fit"):
                 tp = tvn(wp, wmeta)
             profiles[tname] = (tp, wmeta)
-            results[tname] = evaluate_features(
-                tp, wmeta, train, test, k=k, null_size=null_size, seed=seed, timer=timer, name=tname
-            )
+            results[tname] = score(tp, wmeta, tname)
         if correct_on is None or name in correct_on:
             for cname, cp in corrected_sets(
                 wp, wmeta, corrections, seed=seed, timer=timer, name=name
             ).items():
                 profiles[cname] = (cp, wmeta)
-                results[cname] = evaluate_features(
-                    cp,
-                    wmeta,
-                    train,
-                    test,
-                    k=k,
-                    null_size=null_size,
-                    seed=seed,
-                    timer=timer,
-                    name=cname,
-                )
+                results[cname] = score(cp, wmeta, cname)
     for job in jobs:  # every feature set is scored: the embedding parts are no longer needed
         if job is not None:
             job.remove()
     return results, profiles
+
+
+def _group_masks(meta: pd.DataFrame, groups: dict[str, set[str]]) -> dict[str, np.ndarray]:
+    """Per group, its treatments' rows plus every control row (the metrics' reference)."""
+    ctrl = meta["is_control"].to_numpy(bool)
+    treat = meta["treatment"].astype(str)
+    return {g: ctrl | treat.isin(sorted(names)).to_numpy() for g, names in groups.items()}
 
 
 def _config_dict(cfg: Any) -> Any:

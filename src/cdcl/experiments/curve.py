@@ -21,12 +21,15 @@ import pandas as pd
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
 from cdcl.experiments.demo import Stage
+from cdcl.experiments.preregistration import endpoint_markdown
 from cdcl.experiments.study import (
     DESIGN_FILE,
     HEADLINE_METHOD,
     PRIMARY_VARIANT,
     StudySpec,
+    analyse_design,
     announce_design,
+    design_look_note,
     check_spec,
     fix_design,
     is_primary,
@@ -206,6 +209,11 @@ def run_curve(spec: StudySpec, strengths: tuple[float, ...]) -> dict[str, Any]:
         studies[s] = run_study(sub)["study"]
         spec.timings[f"strength {s:g}"] = round(sum(sub.timings.values()), 1)
     rows = curve_rows(studies)
+    pre = None
+    if "endpoints" in design:
+        pre = analyse_design(
+            design, Path(spec.out), {s: studies[s]["replicates"] for s in strengths}
+        )
     curve = {
         "kind": "batch_strength_curve",
         "method": HEADLINE_METHOD,
@@ -216,13 +224,23 @@ def run_curve(spec: StudySpec, strengths: tuple[float, ...]) -> dict[str, Any]:
         "n_units": {f"{s:g}": studies[s].get("n_units") for s in strengths},
         "headline": {f"{s:g}": studies[s].get("headline", []) for s in strengths},
         "rows": rows,
+        **({"design": design, "preregistered": pre} if pre else {}),
         "timings_s": spec.timings,
     }
     out = Path(spec.out)
     atomic_write_text(
         out / "curve.json", json.dumps(to_jsonable(curve), indent=2, allow_nan=False) + "\n"
     )
-    atomic_write_text(out / "curve.md", curve_markdown(rows, studies))
+    md = curve_markdown(rows, studies)
+    if pre:
+        note = design_look_note(pre["looks"])
+        md = (
+            endpoint_markdown(pre["endpoints"], design)
+            + (f"\n> {note}\n" if note else "")
+            + "\n"
+            + md
+        )
+    atomic_write_text(out / "curve.md", md)
     figure = curve_figure(rows, out / "curve.png")
     return {
         "curve": curve,

@@ -25,7 +25,7 @@ from cdcl._version import versions
 from cdcl.config import load_config
 from cdcl.data.dataset_dir import atomic_write_text, open_dataset, validate
 from cdcl.data.montage import montage
-from cdcl.data.splits import assign_split, treatment_paired_split
+from cdcl.data.splits import assign_split, half_of_treatments, treatment_paired_split
 from cdcl.data.synthetic import build_key, generate, reusable
 from cdcl.data.table import TableOptions, build_table
 from cdcl.embed.baselines import IntensityFeatures
@@ -342,6 +342,7 @@ def evaluate_runs(
     results: dict[str, Any] = {}
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
     reference = None
+    groups = compound_groups(spec, ds.samples)
     for label, run in runs.items():
         em = load_for_eval(run, "last")
         reference = reference or em
@@ -357,6 +358,7 @@ def evaluate_runs(
             seed=spec.seed,
             progress=spec.progress,
             level=level,
+            compound_groups=groups,
         )
         results.update(res)
         profiles.update(prof)
@@ -373,8 +375,12 @@ def evaluate_runs(
         }
         if spec.cellprofiler:
             from cdcl.embed.cellprofiler import CellProfilerSource
+            from cdcl.embed.cellprofiler_features import CellProfilerOptions
 
-            baselines[CELLPROFILER_NAME] = CellProfilerSource()
+            # The segmentation a user would run (Otsu + watershed on the rendered DNA channel),
+            # not the simulator's own masks, which are drawn before blur and noise.
+            options = CellProfilerOptions(segmentation="otsu")
+            baselines[CELLPROFILER_NAME] = CellProfilerSource(options)
         res, prof = evaluate_images(
             ds,
             split,
@@ -386,6 +392,7 @@ def evaluate_runs(
             seed=spec.seed,
             progress=spec.progress,
             level=level,
+            compound_groups=groups,
         )
         results.update(res)
         profiles.update(prof)
@@ -393,6 +400,34 @@ def evaluate_runs(
         if isinstance(res, dict) and res.get("calibration"):
             apply_calibration(results, res["calibration"])  # every set shares the design
     return results, profiles
+
+
+def compound_groups(spec: DemoSpec, samples: pd.DataFrame) -> dict[str, set[str]] | None:
+    """With half of the compounds trained on: ``{"seen": ..., "unseen": ...}`` treatment names."""
+    if spec.train_treatments != "half":
+        return None
+    seen = half_of_treatments(samples, spec.seed)  # the draw training made (data.subset)
+    treated = set(samples.loc[~samples["is_control"].to_numpy(bool), "treatment"].astype(str))
+    return {"seen": seen, "unseen": treated - seen}
+
+
+def tables_by_compounds(feature_sets: dict[str, Any]) -> dict[str, dict[str, pd.DataFrame]]:
+    """``{group: {variant: table}}`` for the feature sets scored per compound group."""
+    groups = sorted({g for fs in feature_sets.values() for g in (fs.get("compounds") or {})})
+    return {
+        g: {
+            v: comparison_table(
+                {
+                    n: fs["compounds"][g]
+                    for n, fs in feature_sets.items()
+                    if g in fs.get("compounds", {})
+                },
+                v,
+            )
+            for v in ("plate_normalized", "raw")
+        }
+        for g in groups
+    }
 
 
 def _get(d: Any, path: tuple[str, ...]) -> Any:
@@ -522,6 +557,8 @@ def write_outputs(
     ds = open_dataset(data)
     calib = _calibration(spec, data)
     tables = {v: comparison_table(feature_sets, v) for v in ("plate_normalized", "raw")}
+    by_group = tables_by_compounds(feature_sets)
+    groups = compound_groups(spec, ds.samples)
     note = correction_note(feature_sets)
     title = f"cdcl demo: {spec.dataset}{' (quick)' if spec.quick else ''}"
     unit = "single-cell (image) profiles" if spec.dataset == "bbbc021" else "well profiles"
@@ -540,6 +577,17 @@ def write_outputs(
         "training": training,
         "timings_s": spec.timings,
         "tables": {v: t.reset_index().to_dict(orient="records") for v, t in tables.items()},
+        **(
+            {
+                "tables_by_compounds": {
+                    g: {v: t.reset_index().to_dict(orient="records") for v, t in ts.items()}
+                    for g, ts in by_group.items()
+                },
+                "compound_groups": {g: sorted(n) for g, n in groups.items()},
+            }
+            if by_group and groups
+            else {}
+        ),
         **({"design": design} if design else {}),
         "feature_sets": feature_sets,
         **({"calibration": calib} if calib else {}),

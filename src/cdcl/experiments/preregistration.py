@@ -232,14 +232,20 @@ def endpoint_values(endpoint: dict[str, Any], lookup: Lookup) -> list[float]:
     return total or []
 
 
-def test_endpoints(design: dict[str, Any], lookup: Lookup) -> list[dict[str, Any]]:
-    """Every declared endpoint tested by the declared rule: mean, CI, t and sign-flip p, verdict."""
+def test_endpoints(
+    design: dict[str, Any], lookup: Lookup, units: Sequence[Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every declared endpoint tested by the declared rule: mean, CI, t and sign-flip p, verdict.
+
+    ``units`` (one per value, e.g. the fold of each replicate) averages the values that share
+    a unit before testing, as the study's paired comparisons do.
+    """
     alpha = float(design["alpha"])
     rows: list[dict[str, Any]] = []
     for e in design.get("endpoints", []):
         values = endpoint_values(e, lookup)
         zeros = [0.0 if math.isfinite(v) else math.nan for v in values]
-        d = st.paired_difference(values, zeros, e["lower_is_better"], alpha)
+        d = st.paired_difference(values, zeros, e["lower_is_better"], alpha, units=units)
         rows.append({**{k: e[k] for k in ("id", "role", "label", "metric", "variant")}, **d})
         rows[-1]["values"] = values
     family = [r for r in rows if r["role"] == "secondary"]
@@ -250,6 +256,66 @@ def test_endpoints(design: dict[str, Any], lookup: Lookup) -> list[dict[str, Any
         lower = next(e for e in design["endpoints"] if e["id"] == r["id"])["lower_is_better"]
         r["verdict"] = st.verdict(r["mean_diff"], p, r["n"], lower, alpha)
     return rows
+
+
+def table_lookup(records: dict[float | None, list[dict[str, Any]]], names: Sequence[str]) -> Lookup:
+    """A :data:`Lookup` over replicate records (``tables`` and ``tables_by_compounds``).
+
+    ``records`` maps each batch strength (None for a study of one screen) to its replicates'
+    records; ``names`` orders the units, so a contrast across strengths pairs the same seed.
+    """
+
+    def at(strength: float | None) -> list[dict[str, Any]]:
+        if strength in records:
+            return records[strength]
+        if len(records) == 1:  # a one-screen study declared at its one strength
+            return next(iter(records.values()))
+        return []
+
+    def lookup(cell: Cell, metric: str, variant: str) -> list[float]:
+        by_name = {r["name"]: r for r in at(cell.strength)}
+        out: list[float] = []
+        for name in names:
+            rec = by_name.get(name) or {}
+            tables = (
+                rec.get("tables", {})
+                if cell.compounds == "all"
+                else (rec.get("tables_by_compounds") or {}).get(cell.compounds, {})
+            )
+            row = next((r for r in tables.get(variant, []) if r.get("features") == cell.row), {})
+            v = row.get(metric)
+            out.append(float(v) if isinstance(v, int | float) and math.isfinite(v) else math.nan)
+        return out
+
+    return lookup
+
+
+def endpoint_markdown(rows: list[dict[str, Any]], design: dict[str, Any]) -> str:
+    """The pre-registered endpoints as a Markdown section (every row, as measured)."""
+    lines = [
+        "## Pre-registered endpoints",
+        "",
+        f"Design `{design.get('hash', '')[:16]}` (design.json, fixed before training). "
+        + design.get("rule", ""),
+        "",
+        "| id | role | endpoint | n | mean [95% CI] | p (t) | p (sign-flip) | p (Holm) "
+        "| smallest detectable | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(v: Any, signed: bool = False) -> str:
+        if not isinstance(v, int | float) or not math.isfinite(v):
+            return "–"
+        return f"{v:+.3f}" if signed else (f"{v:.3g}" if v < 0.001 else f"{v:.3f}")
+
+    for r in rows:
+        lines.append(
+            f"| {r['id']} | {r['role']} | {r['label']} | {r['n']} | "
+            f"{num(r['mean_diff'], True)} [{num(r['ci_low'], True)}, {num(r['ci_high'], True)}]"
+            f" | {num(r['p'])} | {num(r['p_signflip'])} | {num(r.get('p_holm'))} | "
+            f"{num(r['min_detectable_diff'])} | {r['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------ look ledger

@@ -47,7 +47,15 @@ from cdcl.experiments.demo import (
     run_demo,
     train_method,
 )
-from cdcl.experiments.preregistration import DESIGN_VERSION, design_hash, preregistration
+from cdcl.experiments.preregistration import (
+    DESIGN_VERSION,
+    design_hash,
+    endpoint_markdown,
+    preregistration,
+    record_look,
+    table_lookup,
+    test_endpoints,
+)
 from cdcl.report.html import _img, _plt, _save, write_html
 from cdcl.report.results import read_results, to_jsonable
 
@@ -738,6 +746,9 @@ def _notes(study: dict[str, Any]) -> list[str]:
     look = second_look_note(study)
     if look:
         notes.append(look)
+    design_look = design_look_note((study.get("preregistered") or {}).get("looks") or [])
+    if design_look:
+        notes.append(design_look)
     rows = {r["features"] for r in study["summary"]}
     if any(("+harmony" in r or "+combat" in r) for r in rows):
         notes.append(TRANSDUCTIVE_NOTE)
@@ -756,6 +767,19 @@ def _notes(study: dict[str, Any]) -> list[str]:
         if is_primary(metric):
             notes.append(f"{metric}: left out of the verdicts, {reason}.")
     return notes
+
+
+def design_look_note(looks: list[dict[str, Any]]) -> str | None:
+    """A warning when the same pre-registered design has been reported before (any folder)."""
+    if len(looks) < 2:
+        return None
+    last = looks[-1]
+    earlier = sorted({lk["out"] for lk in looks[:-1]})
+    return (
+        f"Look {last['look']} at this design: it was reported before from "
+        f"{', '.join(earlier)}. Its alpha holds for the first look only; a verdict that "
+        "appears at a later look may be chance from looking again."
+    )
 
 
 def _held_out_line(study: dict[str, Any]) -> str:
@@ -786,6 +810,8 @@ def write_markdown(study: dict[str, Any], path: Path) -> Path:
         "",
         *(f"> {n}\n" for n in study["notes"]),
     ]
+    if study.get("preregistered"):
+        md += [endpoint_markdown(study["preregistered"]["endpoints"], study["design"])]
     for ref in study["references_present"]:
         rows = headline_rows(study, ref, n_total)
         if not rows:
@@ -1212,6 +1238,11 @@ def run_study(spec: StudySpec) -> dict[str, Any]:
                     for m, t in results.get("training", {}).items()
                 },
                 "tables": results.get("tables", {}),
+                **(
+                    {"tables_by_compounds": results["tables_by_compounds"]}
+                    if results.get("tables_by_compounds")
+                    else {}
+                ),
             }
         )
     return finish_study(
@@ -1290,6 +1321,11 @@ def finish_study(
         "timings_s": spec.timings,
         "versions": versions(),
     }
+    if "endpoints" in design:
+        strength = spec.batch_strength if spec.dataset == "synthetic" else None
+        study["preregistered"] = analyse_design(
+            design, spec.out, {strength: records}, units if st.shares_units(units) else None
+        )
     study["notes"] = _notes(study)
     with Stage(spec, "report", marker="==="):
         pictures: dict[str, Path | None] = {}
@@ -1313,6 +1349,25 @@ def finish_study(
             "html": spec.out / "report.html",
         },
     }
+
+
+def analyse_design(
+    design: dict[str, Any],
+    out: Path,
+    records: dict[float | None, list[dict[str, Any]]],
+    units: list[Any] | None = None,
+) -> dict[str, Any]:
+    """Test the design's endpoints on the replicates' tables and record this look at it.
+
+    Returns ``{"design": hash, "endpoints": [...], "looks": [...]}``; the looks come from the
+    ledger kept across output folders, so reporting the same design again elsewhere is seen.
+    """
+    # every replicate reported, in the order of the records (which ``units`` follows)
+    reported = list(dict.fromkeys(r["name"] for recs in records.values() for r in recs))
+    rows = test_endpoints(design, table_lookup(records, reported), units)
+    outcome = {r["id"]: r["verdict"] for r in rows}
+    looks = record_look(design["hash"], out, reported, outcome)
+    return {"design": design["hash"], "endpoints": rows, "looks": looks}
 
 
 def _write_json(study: dict[str, Any], path: Path) -> None:

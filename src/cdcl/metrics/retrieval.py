@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 from scipy import sparse
+from scipy.special import gammaln
 
 from cdcl.metrics.neighbours import BLOCK_ELEMS, iter_blocks
 from cdcl.profiles.arrays import (
@@ -111,18 +112,30 @@ def average_precisions(
     pos_diffby: Sequence[str] = (),
     neg_sameby: Sequence[str] = (),
     neg_diffby: Sequence[str],
-    batch_aware: Sequence[bool] = (False, True),
+    batch_aware: Sequence[bool | str] = (False, True),
     batch_col: str = "batch",
     query_indices: np.ndarray | None = None,
     unit_rows: bool = False,
     row_index: np.ndarray | None = None,
+    same_diffby: Sequence[str] = (),
+    match: tuple[int, int] | None = None,
+    seed: int = 0,
 ) -> list[pd.DataFrame]:
     """:func:`average_precision` for several ``batch_aware`` settings from one ranking.
 
     The settings share the queries, the negatives and the similarities (computed once per
-    query block); only the positives differ (batch-aware ones must come from another
-    ``batch_col``). One frame per entry of ``batch_aware``, each equal to what
-    :func:`average_precision` returns for that setting.
+    query block); only the positives differ: ``False`` as the rules say, ``True`` (batch-aware)
+    only from another ``batch_col``, ``SAME_BATCH`` only from the query's own ``batch_col``
+    and differing on every ``same_diffby`` column (e.g. another plate). One frame per entry
+    of ``batch_aware``, each equal to what :func:`average_precision` returns for that setting.
+
+    ``match=(a, b)``: settings ``a`` and ``b`` are also compared at equal numbers of
+    positives. Per query, with ``m`` the smaller of its two positive counts, each setting's
+    AP is its expectation over the random ``m``-subsets of that setting's positives
+    (:func:`matched_ap`); frames ``a`` and ``b`` get ``matched_average_precision`` (NaN where
+    either setting has no positive) and ``n_matched`` (``m``). The AP of a query grows with
+    its share of positives, so without the matching a setting with fewer positives would
+    score lower with no batch effect at all.
     """
     x = _features(features)
     frame = meta.reset_index(drop=True)
@@ -130,18 +143,20 @@ def average_precisions(
     rix = None if row_index is None else np.asarray(row_index, dtype=np.int64)
     if (rix.size if rix is not None else x.shape[0]) != n:
         raise ValueError(f"meta has {n} rows, features {x.shape[0]}")
-    pos_same, pos_diff0 = _as_list(pos_sameby), _as_list(pos_diffby)
     neg_same, neg_diff = _as_list(neg_sameby), _as_list(neg_diffby)
-    pos_diffs = [
-        pos_diff0 + [batch_col] if aware and batch_col not in pos_diff0 else list(pos_diff0)
+    rules = [
+        _setting_rules(aware, _as_list(pos_sameby), _as_list(pos_diffby), batch_col, same_diffby)
         for aware in batch_aware
     ]
-    for pos_diff in pos_diffs:
+    for pos_same, pos_diff in rules:
         if set(pos_same) & set(pos_diff) or set(neg_same) & set(neg_diff):
             raise ValueError("sameby and diffby must be disjoint lists")
         if not (pos_same or pos_diff) or not (neg_same or neg_diff):
             raise ValueError("positive and negative rules each need at least one column")
-    cols = list(dict.fromkeys(pos_same + sum(pos_diffs, []) + neg_same + neg_diff))
+    if match is not None and (len(set(match)) != 2 or not set(match) <= set(range(len(rules)))):
+        raise ValueError(f"match must name two different settings of {len(rules)}, got {match}")
+    pos_cols = [c for same, diff in rules for c in same + diff]
+    cols = list(dict.fromkeys(pos_cols + neg_same + neg_diff))
     missing = [c for c in cols if c not in frame.columns]
     if missing:
         raise KeyError(f"columns not in meta: {missing}")
@@ -149,8 +164,7 @@ def average_precisions(
         raise ValueError("metadata columns should not have null values")
     col_ix = {c: i for i, c in enumerate(cols)}
     codes = [_codes(frame[c], c)[0] for c in cols]
-    ps = [col_ix[c] for c in pos_same]
-    pds = [[col_ix[c] for c in pos_diff] for pos_diff in pos_diffs]
+    pos_ix = [([col_ix[c] for c in same], [col_ix[c] for c in diff]) for same, diff in rules]
     ns, nd = [col_ix[c] for c in neg_same], [col_ix[c] for c in neg_diff]
 
     queries = np.arange(n) if query_indices is None else np.sort(np.asarray(query_indices))
@@ -160,9 +174,11 @@ def average_precisions(
         # Unit rows, read from the table as needed: a screen-sized table is never copied.
         return x[rows] if unit_rows else _unit_rows(x[rows])
 
-    aps = [np.full(nq, np.nan) for _ in pds]
-    n_poss = [np.zeros(nq, dtype=np.int64) for _ in pds]
-    n_tots = [np.zeros(nq, dtype=np.int64) for _ in pds]
+    aps = [np.full(nq, np.nan) for _ in rules]
+    n_poss = [np.zeros(nq, dtype=np.int64) for _ in rules]
+    n_tots = [np.zeros(nq, dtype=np.int64) for _ in rules]
+    matched = [np.full(nq, np.nan) for _ in range(2)]
+    n_matched = np.zeros(nq, dtype=np.int64)
     qb = max(1, min(256, _MAP_BLOCK // max(n, 1)))
     for qa, qz in iter_blocks(nq, qb):
         q_rows = queries[qa:qz]
@@ -172,7 +188,7 @@ def average_precisions(
         neg_all = _pair_mask(q_codes, codes, ns, nd)
         neg_all[local, q_rows] = False
         pos_masks = []
-        for pd_ in pds:
+        for ps, pd_ in pos_ix:
             pos = _pair_mask(q_codes, codes, ps, pd_)
             pos[local, q_rows] = False
             pos_masks.append(pos)
@@ -201,14 +217,89 @@ def average_precisions(
                 n_tot[qa + i] = kp.size + kn.size
                 if kp.size:
                     ap[qa + i] = _expected_ap(kp, kn, neg_sorted=True)
+            if match is not None:
+                kps = [key[i, pos_masks[j][i]] for j in match]
+                m = min(k.size for k in kps)
+                n_matched[qa + i] = m
+                for j, kp in enumerate(kps):
+                    if m:
+                        qrow = int(q_rows[i])
+                        matched[j][qa + i] = matched_ap(kp, kn, m, seed=(seed, qrow))
     outs = []
-    for ap, n_pos, n_tot in zip(aps, n_poss, n_tots):
+    for j, (ap, n_pos, n_tot) in enumerate(zip(aps, n_poss, n_tots)):
         out = frame.iloc[queries].reset_index(drop=True) if nq < n else frame.copy()
         out["n_pos_pairs"] = n_pos
         out["n_total_pairs"] = n_tot
         out["average_precision"] = ap
+        if match is not None and j in match:
+            out["matched_average_precision"] = matched[match.index(j)]
+            out["n_matched"] = n_matched
         outs.append(out)
     return outs
+
+
+SAME_BATCH = "same"  # a setting of average_precisions: positives from the query's own batch
+MATCH_DRAWS = 32  # random subsets per query when tied keys rule out the exact expectation
+
+
+def _setting_rules(
+    setting: bool | str,
+    pos_same: list[str],
+    pos_diff: list[str],
+    batch_col: str,
+    same_diffby: Sequence[str],
+) -> tuple[list[str], list[str]]:
+    """The positive rule (sameby, diffby) of one ``batch_aware`` setting."""
+    if isinstance(setting, str):
+        if setting != SAME_BATCH:
+            raise ValueError(f"unknown positive setting {setting!r}: False, True or {SAME_BATCH!r}")
+        extra = [c for c in same_diffby if c not in pos_diff]
+        return pos_same + ([batch_col] if batch_col not in pos_same else []), pos_diff + extra
+    if setting and batch_col not in pos_diff:
+        return list(pos_same), pos_diff + [batch_col]
+    return list(pos_same), list(pos_diff)
+
+
+def _log_comb(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """log C(a, b) for arrays with 0 <= b <= a (elementwise)."""
+    return gammaln(a + 1.0) - gammaln(b + 1.0) - gammaln(a - b + 1.0)
+
+
+def matched_ap(
+    pos_keys: np.ndarray, neg_sorted: np.ndarray, m: int, seed: tuple[int, int] | int = 0
+) -> float:
+    """Expected AP of one query over the random ``m``-subsets of its positives.
+
+    Keys rank ascending (``1 - similarity``); ``neg_sorted`` are the negatives' keys, sorted.
+    With ``m`` = all positives this is the AP itself. Without tied keys the expectation is
+    exact: positive j (``r_j`` positives and ``n_j`` negatives before it) is drawn with
+    probability m/p, and the number K of the other drawn positives before it is
+    hypergeometric (p - 1 items, r_j marked, m - 1 draws), so
+    ``E[AP] = (1/p) sum_j E[(1 + K) / (1 + K + n_j)]``. With ties (e.g. constant features)
+    it is the mean of :func:`_expected_ap` over ``MATCH_DRAWS`` subsets drawn with ``seed``.
+    """
+    kp = np.sort(np.asarray(pos_keys))
+    p = kp.size
+    if m >= p:
+        return _expected_ap(kp, neg_sorted, neg_sorted=True)
+    before = np.searchsorted(neg_sorted, kp, side="left")
+    tied = np.searchsorted(neg_sorted, kp, side="right") > before
+    if tied.any() or (p > 1 and (np.diff(kp) == 0).any()):
+        rng = np.random.default_rng(seed)
+        draws = [rng.choice(kp, m, replace=False) for _ in range(MATCH_DRAWS)]
+        return float(np.mean([_expected_ap(d, neg_sorted, neg_sorted=True) for d in draws]))
+    r = np.arange(p, dtype=np.float64)[:, None]  # positives before j
+    k = np.arange(m, dtype=np.float64)[None, :]  # drawn ones among them
+    ok = (k <= r) & (m - 1 - k <= p - 1 - r)
+    rr, kk = np.broadcast_arrays(r, k)
+    logp = (
+        _log_comb(rr, np.where(ok, kk, 0.0))
+        + _log_comb(p - 1 - rr, np.where(ok, m - 1 - kk, 0.0))
+        - _log_comb(np.float64(p - 1), np.float64(m - 1))
+    )
+    pmf = np.where(ok, np.exp(logp), 0.0)
+    prec = (1.0 + k) / (1.0 + k + before[:, None].astype(np.float64))
+    return float((pmf * prec).sum() / p)
 
 
 def _expected_ap(pos_keys: np.ndarray, neg_keys: np.ndarray, neg_sorted: bool = False) -> float:

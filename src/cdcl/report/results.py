@@ -238,6 +238,9 @@ RESULTS_SCHEMA = sc.Obj(
             )
         ),
         "tables": sc.MapOf(sc.ListOf(_TableRow())),
+        # {group: {variant: rows}}: the same tables on seen and on unseen compounds
+        "tables_by_compounds": sc.MapOf(sc.MapOf(sc.ListOf(_TableRow()))),
+        "compound_groups": sc.MapOf(sc.ListOf(sc.Str())),
         "training": sc.MapOf(sc.Obj()),
         "timings_s": sc.MapOf(sc.Nullable(sc.Float())),
     },
