@@ -193,7 +193,7 @@ def _study_dir(tmp_path: Path, name: str, text: str) -> Path:
         ('{"replicates": ["../../../etc"], "n": 1}', '`replicates[0]` is "../../../etc"'),
         ('{"replicates": ["seed0", "seed0"], "n": 2}', '`replicates` has "seed0"'),
         ('{"replicates": ["seed0", "seed1"], "n": 3}', "`n` is 3 for 2 replicates"),
-        ('{"replicates": ["seed0"], "n": 1, "format_version": 2}', "newer than this cdcl"),
+        ('{"replicates": ["seed0"], "n": 1, "format_version": 3}', "newer than this cdcl"),
         ("{", "not valid JSON"),
     ],
 )
