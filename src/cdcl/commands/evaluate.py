@@ -188,7 +188,7 @@ def _print_results(results: dict[str, Any], path: Path) -> None:
 
 def _print_calibration(results: dict[str, Any]) -> None:
     """The calibration table of each calibrated feature set, and its metrics without power."""
-    from cdcl.report.calibration import calibration_table
+    from cdcl.report.calibration import calibrated_variants, calibration_table
 
     for name, res in (results.get("feature_sets") or {}).items():
         cal = res.get("calibration") if isinstance(res, dict) else None
@@ -196,8 +196,11 @@ def _print_calibration(results: dict[str, Any]) -> None:
             continue
         import pandas as pd
 
-        print(f"calibration of {name} (raw profiles, {cal['design']['n_profiles']} rows):")
-        with pd.option_context("display.width", 200, "display.max_columns", 12):
-            print(calibration_table(cal).round(3).to_string(index=False, na_rep="-"))
-        for label in cal.get("no_power", []):
-            print(f"  {label}: {cal['metrics'][label]['reason']}")
+        for variant, body in calibrated_variants(cal).items():
+            rows = cal["design"]["n_profiles"]
+            print(f"calibration of {name} ({variant} profiles, {rows} rows):")
+            with pd.option_context("display.width", 200, "display.max_columns", 12):
+                table = calibration_table(cal, variant)
+                print(table.round(3).to_string(index=False, na_rep="-"))
+            for label in body.get("no_power", []):
+                print(f"  {label}: {body['metrics'][label]['reason']}")

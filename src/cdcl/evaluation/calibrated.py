@@ -68,11 +68,17 @@ def should_calibrate(calibrate_opt: bool | None, meta: pd.DataFrame, ev: np.ndar
     return True
 
 
-def left_out_components(cal: dict[str, Any]) -> dict[str, str]:
-    """Aggregate component -> reason, for the calibrated metrics without power on the design."""
+def left_out_components(cal: dict[str, Any], variant: str | None = None) -> dict[str, str]:
+    """Aggregate component -> reason, for the calibrated metrics without power on the design.
+
+    ``variant``: that variant's verdicts where the calibration has them (``variants``); else,
+    and by default, the top-level ones (the raw variant's).
+    """
     out = {}
-    for label in cal.get("no_power", []):
-        comp, rec = COMPONENT_OF.get(label), cal["metrics"][label]
+    body = (cal.get("variants") or {}).get(variant) if variant is not None else None
+    body = body if isinstance(body, dict) else cal
+    for label in body.get("no_power", []):
+        comp, rec = COMPONENT_OF.get(label), body["metrics"][label]
         # A metric without a null value is not computable here: dropped as such, not left out.
         null = rec.get("null")
         if comp is not None and isinstance(null, int | float) and math.isfinite(null):
@@ -81,15 +87,19 @@ def left_out_components(cal: dict[str, Any]) -> dict[str, str]:
 
 
 def apply_calibration(results_sets: dict[str, Any], cal: dict[str, Any]) -> None:
-    """Recompute every set's aggregate without the components the calibration found powerless."""
-    left_out = left_out_components(cal)
+    """Recompute every set's aggregate without the components the calibration found powerless.
+
+    Each variant leaves out what the calibration found without power on that variant (the
+    raw variant's verdicts where it calibrated one variant only).
+    """
     known = set(AGGREGATE_BATCH) | set(AGGREGATE_BIO)
-    left_out = {k: v for k, v in left_out.items() if k in known}
     for res in results_sets.values():
         if not isinstance(res, dict):
             continue
         for variant, body in res.items():
             if isinstance(body, dict) and "aggregate" in body:
+                left_out = left_out_components(cal, variant)
+                left_out = {k: v for k, v in left_out.items() if k in known}
                 res[variant]["aggregate"] = aggregate_scores(body, left_out)
 
 

@@ -125,6 +125,24 @@ METRIC_INFO: dict[tuple[str, ...], MetricInfo] = {
     ("batch_classifier", "chance"): MetricInfo(
         "", False, "–", "the batch classifier's chance level: the largest batch's share"
     ),
+    ("batch_endpoints", "retrieval_penalty", "mean"): MetricInfo(
+        BATCH,
+        False,
+        "0 with no batch effect (design-dependent spread: cdcl evaluate --calibrate)",
+        "replicate AP from the own batch minus from other batches, positives matched in number",
+    ),  # fmt: skip
+    ("control_mixing", "kbet"): MetricInfo(
+        BATCH, True, "about 0.95 with no batch signal", "kBET of the control wells alone"
+    ),
+    ("control_mixing", "ilisi"): MetricInfo(
+        BATCH, True, "about 1 with ideal mixing", "scaled iLISI of the control wells alone"
+    ),
+    ("control_mixing", "batch_classifier", "accuracy"): MetricInfo(
+        BATCH,
+        False,
+        "its chance on the same folds (stored as chance)",
+        "batch of a control well predicted by a classifier trained on other plates",
+    ),  # fmt: skip
     ("aggregate", "score"): MetricInfo(
         "", True, "–", "0.4 × mean of batch metrics + 0.6 × mean of biology metrics (scib)"
     ),

@@ -821,7 +821,9 @@ def mixing_per_treatment(
     - kBET: scib-metrics' ``kbet_per_label`` rules (:func:`kbet_per_group`): treatments with
       fewer than ``min_group_size`` (10) rows skipped, k0 from the treatment's batch sizes,
       fragmented treatments (in one kNN graph over all rows) scored on their large
-      components or 0.
+      components or 0. Unlike scib, a treatment with fewer than 3 k0 rows
+      (:func:`kbet_min_rows`) is left out (NaN, counted in ``n_kbet_not_computable``): split
+      in the graph it would score 0 however well its batches mix.
     - iLISI: same skip rule; k = min(90, n - 1), perplexity k / 3, scaled by the treatment's
       batch count (scib's ``ilisi_knn`` within the treatment).
     - batch silhouette: scib's ``silhouette_batch`` with treatments as labels
@@ -844,7 +846,8 @@ def mixing_per_treatment(
         ``{"kbet", "ilisi", "batch_silhouette", "graph_connectivity", "kbet_n", "ilisi_n",
         "graph_connectivity_n", "kbet_stderr", "graph_connectivity_stderr", "graph",
         "n_treatments", "n_single_batch", "single_batch_treatments", "n_too_small",
-        "per_treatment"}`` (+ notes).
+        "n_kbet_not_computable", "per_treatment"}`` (+ notes; ``kbet_note`` starts "not
+        computable on this design" when no kBET mean is reported).
     """
     x = _features(features)
     n = x.shape[0]
@@ -869,7 +872,13 @@ def mixing_per_treatment(
         per[tuniq[g]] = _treatment_mixing(x, bcodes, rows_of[g], int(g), lg, **opts)
     min_size = max(3, min_group_size)
     pop = {"graph_connectivity": int(lg.frame.size)}
-    pop["kbet"] = int(sum(rows_of[g].size >= min_size for g in lg.frame))  # kBET skips fewer
+
+    def kbet_ok(g: int) -> bool:
+        return rows_of[g].size >= kbet_min_rows(
+            np.unique(bcodes[rows_of[g]], return_counts=True)[1], min_group_size
+        )
+
+    pop["kbet"] = int(sum(kbet_ok(g) for g in lg.frame))  # kBET leaves out smaller ones
     out = _treatment_means(per, pop, min_group_size)
     out["graph"] = lg.info(n)
     if lg.too_large.size:
@@ -879,8 +888,25 @@ def mixing_per_treatment(
     out["n_single_batch"] = len(single)
     out["single_batch_treatments"] = [str(t) for t in single]
     out["n_too_small"] = sum(1 for v in per.values() if v["n_rows"] < min_size)
+    # Treatments with enough rows for iLISI but fewer than kBET's rule needs: left out of kBET.
+    out["n_kbet_not_computable"] = sum(
+        1 for v in per.values() if min_size <= v["n_rows"] < v.get("kbet_min_rows", 0)
+    )
     out["per_treatment"] = {str(t): v for t, v in per.items()}
     return out
+
+
+def kbet_min_rows(batch_sizes: np.ndarray, min_group_size: int = MIN_GROUP_ROWS) -> int:
+    """Rows a treatment needs for per-treatment kBET to measure mixing: max(min size, 3 k0).
+
+    scib's ``kbet_per_label`` scores a label that falls apart in the kNN graph on its
+    components of at least 3 k0 rows, else 0. A treatment with fewer rows than 3 k0 scores 0
+    whenever it is split in the graph, however well its batches mix: the figure would then
+    read compactness, not mixing, so such treatments are left out (reported as not
+    computable) instead of scored 0 or scored only when they happen to be connected.
+    """
+    n = int(np.sum(batch_sizes))
+    return max(3, int(min_group_size), 3 * _scib_kbet_k0(np.asarray(batch_sizes), n))
 
 
 def _treatment_mixing(
@@ -921,7 +947,8 @@ def _treatment_mixing(
     k_lisi = min(LISI_K, rows.size - 1)
     k_kbet = _scib_kbet_k0(sizes, rows.size)
     graph = rows_graph(x, rows, max(k_kbet - 1, k_lisi), metric=metric)
-    if scored:
+    rec["kbet_min_rows"] = float(kbet_min_rows(sizes, min_group_size))
+    if scored and rows.size >= rec["kbet_min_rows"]:
         comps = _fragments(lg.adj, rows)
         acc, info = _kbet_group(x, bcodes, rows, comps, alpha=alpha, metric=metric, graph=graph)
         rec["kbet"] = acc
@@ -953,7 +980,15 @@ def _treatment_means(
             out[f"{key}_n"] = int(vals.size)
         if key in population:
             out[f"{key}_stderr"] = srs_stderr(vals, population[key])
-        if key in ("kbet", "ilisi") and vals.size < MIN_SCORED_GROUPS:
+        if key == "kbet" and vals.size < MIN_SCORED_GROUPS:
+            out[key] = float("nan")
+            out[f"{key}_note"] = (
+                f"not computable on this design: only {vals.size} treatment(s) have >= "
+                f"{min_group_size} profiles in >= 2 batches and at least 3 k0 profiles (scib's "
+                "rule needs 3 k0 rows in a component of a split treatment, else it scores 0 "
+                f"for compactness, not mixing); fewer than {MIN_SCORED_GROUPS}: not averaged"
+            )
+        elif key == "ilisi" and vals.size < MIN_SCORED_GROUPS:
             out[key] = float("nan")
             out[f"{key}_note"] = (
                 f"only {vals.size} treatment(s) have >= {min_group_size} profiles in >= 2 "

@@ -579,7 +579,7 @@ def mean_average_precisions(
     neg_diffby: Sequence[str],
     null_size: int = 10000,
     seed: int = 0,
-    batch_aware: Sequence[bool] = (False, True),
+    batch_aware: Sequence[bool | str] = (False, True),
     batch_col: str = "batch",
     group_by: Sequence[str] | None = None,
     threshold: float = 0.05,
@@ -587,11 +587,15 @@ def mean_average_precisions(
     unit_rows: bool = False,
     max_null_elems: int | None = None,
     row_index: np.ndarray | None = None,
+    same_diffby: Sequence[str] = (),
+    match: tuple[int, int] | None = None,
 ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """:func:`mean_average_precision` for several ``batch_aware`` settings, ranked once.
 
-    The settings share the query sample and the similarities (:func:`average_precisions`);
-    each gets its own p-values. One ``(summary, table)`` per entry of ``batch_aware``.
+    The settings share the query sample and the similarities (:func:`average_precisions`,
+    which also explains ``same_diffby`` and ``match``); each gets its own p-values. One
+    ``(summary, table)`` per entry of ``batch_aware``; with ``match=(a, b)`` one more at the
+    end, the matched difference of settings ``a`` and ``b`` (:func:`matched_difference`).
     """
     keys = _as_list(group_by) if group_by is not None else _as_list(pos_sameby)
     missing = [c for c in keys if c not in meta.columns]
@@ -611,6 +615,9 @@ def mean_average_precisions(
         query_indices=queries,
         unit_rows=unit_rows,
         row_index=row_index,
+        same_diffby=same_diffby,
+        match=match,
+        seed=seed,
     )
     out = []
     for ap in aps:
@@ -625,7 +632,50 @@ def mean_average_precisions(
         summary = _map_summary(ap, table)
         summary["stderr"] = 0.0 if queries is None else _map_stderr(ap, keys)
         out.append((summary, table))
+    if match is not None:
+        out.append(matched_difference(aps[match[0]], aps[match[1]], keys))
     return out
+
+
+def matched_difference(
+    ap_a: pd.DataFrame, ap_b: pd.DataFrame, keys: Sequence[str]
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Per group, mean over queries of matched AP in setting a minus that in setting b.
+
+    ``ap_a``/``ap_b``: the two matched frames of :func:`average_precisions` (same queries).
+    A query counts where both settings have a positive (``n_matched > 0``); its difference is
+    taken first, then averaged per group, then over groups (each group weighs the same).
+
+    Returns:
+        ``(summary, table)``: ``summary = {"mean", "n_groups", "n_queries", "mean_a",
+        "mean_b", "stderr", "per_group"}`` (``stderr``: SD of the group differences over
+        sqrt(groups)); ``table`` one row per group with ``keys``, ``a``, ``b``,
+        ``difference``, ``n_queries``.
+    """
+    cols = _as_list(keys)
+    ok = (ap_a["n_matched"].to_numpy() > 0) & ap_a["matched_average_precision"].notna().to_numpy()
+    ok &= ap_b["matched_average_precision"].notna().to_numpy()
+    frame = ap_a.loc[ok, cols].reset_index(drop=True)
+    frame["a"] = ap_a.loc[ok, "matched_average_precision"].to_numpy()
+    frame["b"] = ap_b.loc[ok, "matched_average_precision"].to_numpy()
+    frame["difference"] = frame["a"] - frame["b"]
+    grouped = frame.groupby(cols, sort=True, observed=True)
+    table = grouped[["a", "b", "difference"]].mean()
+    table["n_queries"] = grouped.size()
+    table = table.reset_index()
+    diff = table["difference"].to_numpy(dtype=np.float64)
+    g = diff.size
+    label = table[cols].astype(str).agg(" | ".join, axis=1) if g else pd.Series(dtype=str)
+    summary = {
+        "mean": float(diff.mean()) if g else float("nan"),
+        "n_groups": int(g),
+        "n_queries": int(ok.sum()),
+        "mean_a": float(table["a"].mean()) if g else float("nan"),
+        "mean_b": float(table["b"].mean()) if g else float("nan"),
+        "stderr": float(diff.std(ddof=1) / np.sqrt(g)) if g > 1 else float("nan"),
+        "per_group": {str(k): float(v) for k, v in zip(label, diff)},
+    }
+    return summary, table
 
 
 _REF_COL = "_cdcl_reference_index"
@@ -681,7 +731,7 @@ def _maps_per_setting(
     x: np.ndarray,
     frame: pd.DataFrame,
     keep: np.ndarray,
-    batch_aware: Sequence[bool],
+    batch_aware: Sequence[bool | str],
     *,
     batch_col: str,
     add_columns: Callable[[pd.DataFrame], None] | None = None,
@@ -689,19 +739,31 @@ def _maps_per_setting(
 ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """mAP of the kept rows for each ``batch_aware`` setting, ranked once where the rows allow.
 
-    A batch-aware setting also drops rows without a batch. ``add_columns`` adds pair-rule
-    columns to the kept rows in place; ``rules`` (pair rules and options) go to :func:`_map_of_rows`.
+    A batch-aware or same-batch setting also drops rows without a batch. ``add_columns`` adds
+    pair-rule columns to the kept rows in place; ``rules`` (pair rules and options) go to
+    :func:`_map_of_rows`; with ``match`` the matched difference comes last, as there.
     """
     if any(batch_aware):
         has_batch = frame[batch_col].notna().to_numpy()
         if not all(batch_aware) and not has_batch[keep].all():
-            # Rows without a batch count for the plain setting only: score each on its own.
-            return [
-                _maps_per_setting(
-                    x, frame, keep, (a,), batch_col=batch_col, add_columns=add_columns, **rules
-                )[0]
-                for a in batch_aware
+            # Rows without a batch count for the plain setting only: it is scored on its own,
+            # the settings that need a batch together (and matched, if asked).
+            match = rules.pop("match", None)
+            kw = {"batch_col": batch_col, "add_columns": add_columns}
+            on_batch = [i for i, a in enumerate(batch_aware) if a]
+            if match is not None:
+                kw["match"] = (on_batch.index(match[0]), on_batch.index(match[1]))
+            together = _maps_per_setting(
+                x, frame, keep, [batch_aware[i] for i in on_batch], **kw, **rules
+            )
+            kw.pop("match", None)
+            out = [
+                together[on_batch.index(i)]
+                if a
+                else _maps_per_setting(x, frame, keep, (a,), **kw, **rules)[0]
+                for i, a in enumerate(batch_aware)
             ]
+            return out + together[len(on_batch) :]
         keep = keep & has_batch  # to_numpy() may be a read-only view (copy-on-write)
     kept = frame.loc[keep].reset_index(drop=True)
     if add_columns is not None:
@@ -756,7 +818,7 @@ def replicate_map(
 def replicate_maps(
     features: ArrayLike,
     meta: pd.DataFrame,
-    batch_aware: Sequence[bool] = (False, True),
+    batch_aware: Sequence[bool | str] = (False, True),
     *,
     treatment_col: str = "treatment",
     control_col: str = "is_control",
@@ -764,7 +826,11 @@ def replicate_maps(
     unit_rows: bool = False,
     **options: Any,
 ) -> list[tuple[dict[str, Any], pd.DataFrame]]:
-    """:func:`replicate_map` for several ``batch_aware`` settings, ranked once (same figures)."""
+    """:func:`replicate_map` for several ``batch_aware`` settings, ranked once (same figures).
+
+    A setting may also be ``SAME_BATCH`` (positives from the query's own batch); ``options``
+    may hold ``same_diffby`` and ``match`` (:func:`mean_average_precisions`).
+    """
     frame = meta.reset_index(drop=True)
     if control_col not in frame.columns:
         raise KeyError(f"replicate mAP needs control rows: column {control_col!r} not in meta")
@@ -867,3 +933,111 @@ def moa_maps(
         unit_rows=unit_rows,
         **options,
     )
+
+
+PENALTY_AVERAGING = (
+    "per query, matched AP with same-batch positives minus matched AP with other-batch "
+    "positives; then the mean per treatment; then the mean over treatments"
+)
+
+
+def same_batch_rule(
+    meta: pd.DataFrame,
+    *,
+    treatment_col: str = "treatment",
+    control_col: str = "is_control",
+    batch_col: str = "batch",
+    plate_col: str = "plate",
+) -> tuple[tuple[str, ...], str] | str:
+    """Which same-batch replicates the retrieval penalty uses: ``(same_diffby, words)``.
+
+    Same batch and another plate where some treatment has replicates on two plates of one
+    batch and in another batch: a plate's wells share its normalisation's error and its
+    within-plate effects, which are not batch effects, and every other-batch replicate is on
+    another plate too. Else the same batch, any plate. A string: why neither is possible.
+    """
+    frame = meta.reset_index(drop=True)
+    rows = frame.loc[~_bool_column(frame, control_col) & frame[treatment_col].notna().to_numpy()]
+    rows = rows.loc[rows[batch_col].notna()]
+    n_batches = rows.groupby(treatment_col, observed=True)[batch_col].nunique()
+    rows = rows.loc[rows[treatment_col].isin(n_batches.index[n_batches >= 2])]
+    by = rows.groupby([treatment_col, batch_col], observed=True)
+    if plate_col in rows.columns and rows[plate_col].notna().all() and len(rows):
+        if (by[plate_col].nunique() >= 2).any():
+            return (plate_col,), "same batch, another plate"
+    if len(rows) and (by.size() >= 2).any():
+        return (), "same batch, any plate (no treatment has replicates on two plates of a batch)"
+    return (
+        "not computable on this design: no treatment has two replicates in one batch and "
+        "one in another batch"
+    )
+
+
+def replicate_maps_with_penalty(
+    features: ArrayLike,
+    meta: pd.DataFrame,
+    *,
+    treatment_col: str = "treatment",
+    control_col: str = "is_control",
+    batch_col: str = "batch",
+    plate_col: str = "plate",
+    unit_rows: bool = False,
+    **options: Any,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Replicate mAP, its batch-aware form and the cross-batch retrieval penalty, ranked once.
+
+    The penalty (a batch endpoint: 0 with no batch effect, positive when a well finds its
+    same-batch replicates more easily than its other-batch ones): replicate retrieval as
+    :func:`replicate_map` (queries the treated wells, negatives the controls), with positives
+    the same treatment's wells of the query's own batch (on another plate where the design
+    has them, :func:`same_batch_rule`) against those of other batches (the batch-aware
+    setting), compared at equal numbers of positives (:func:`matched_ap`); averaged as
+    ``PENALTY_AVERAGING``. Queries without a replicate in their own batch, or in another,
+    are left out of it.
+
+    Returns:
+        ``(plain summary, batch-aware summary, penalty)`` with ``penalty = {"mean",
+        "n_treatments", "per_treatment", "same_batch_map", "other_batch_map", "n_queries",
+        "stderr", "positives", "averaging"}`` or ``{"not_computable": reason}``.
+    """
+    kw = {
+        "treatment_col": treatment_col,
+        "control_col": control_col,
+        "batch_col": batch_col,
+        "unit_rows": unit_rows,
+    }
+    rule = same_batch_rule(
+        meta,
+        treatment_col=treatment_col,
+        control_col=control_col,
+        batch_col=batch_col,
+        plate_col=plate_col,
+    )
+    if isinstance(rule, str):
+        plain, aware = replicate_maps(features, meta, (False, True), **kw, **options)
+        return plain[0], aware[0], {"not_computable": rule}
+    same_diffby, words = rule
+    plain, aware, _, (diff, _) = replicate_maps(
+        features,
+        meta,
+        (False, True, SAME_BATCH),
+        same_diffby=same_diffby,
+        match=(2, 1),
+        **kw,
+        **options,
+    )
+    if not diff["n_groups"]:
+        why = "not computable on this design: no query has a replicate in its own batch"
+        return plain[0], aware[0], {"not_computable": f"{why} ({words}) and one in another"}
+    penalty = {
+        "mean": diff["mean"],
+        "n_treatments": diff["n_groups"],
+        "per_treatment": diff["per_group"],
+        "same_batch_map": diff["mean_a"],
+        "other_batch_map": diff["mean_b"],
+        "n_queries": diff["n_queries"],
+        "stderr": diff["stderr"],
+        "positives": f"{words} vs another batch, matched in number per query",
+        "averaging": PENALTY_AVERAGING,
+    }
+    return plain[0], aware[0], penalty

@@ -39,6 +39,7 @@ from cdcl.metrics import (
     reproducibility,
     retrieval,
 )
+from cdcl.metrics.control_mixing import control_mixing
 from cdcl.metrics.feasibility import classification_unavailable, unavailable
 from cdcl.profiles.arrays import label_isin
 from cdcl.profiles.columns import plate_normalize
@@ -65,6 +66,19 @@ PROTOCOL = {
     ),
     "online_probe": "the checkpoint's linear probe on held-out-batch images, controls excluded",
     "unsupervised": "NSC/NSCB, kBET, silhouettes, GRIT, mAP and batch classifier on eval rows",
+    "batch_endpoints": (
+        "retrieval penalty: per query, replicate AP with positives from the same batch (another "
+        "plate where the design has one) minus AP with positives from other batches, matched "
+        "in number of positives (expected AP over random subsets of the larger set), negatives "
+        "the controls; mean per treatment, then over treatments. 0 with no batch effect, "
+        "positive when same-batch replicates are easier to retrieve"
+    ),
+    "control_mixing": (
+        "on the control wells of the eval rows: kBET and iLISI (own kNN graph of the controls), "
+        "and a batch classifier (logistic regression on the profile plus second-order terms of "
+        "its leading principal components) cross-validated with folds grouped by plate, with "
+        "its chance (the training folds' largest batch) on the same folds"
+    ),
     "plate_normalized": (
         "each plate standardised (mean/std) against its own control profiles; a feature whose "
         "controls do not vary on a plate gets scale 1 (pycytominer/scikit-learn convention)"
@@ -81,7 +95,8 @@ PROTOCOL = {
         "in >= 2 evaluated batches, averaged over treatments; others listed, left out. kBET and "
         "iLISI follow scib's per-label rules (treatments under 10 profiles skipped, k0 from the "
         "treatment's batch sizes, fragmented treatments scored 0) and are not averaged over "
-        "fewer than 3 treatments; graph connectivity is scib's, on one kNN graph of all rows. "
+        "fewer than 3 treatments; kBET leaves out a treatment with fewer than 3 k0 rows (split, "
+        "it would score 0 however well it mixes); graph connectivity is scib's, on one kNN graph of all rows. "
         f"Above {EXACT_MAX:,} rows kBET and graph connectivity score a seeded sample of whole "
         "treatments (all their rows, searched exactly against all rows) with its standard "
         "error; treatments too large for the sample are listed and left out"
@@ -347,21 +362,46 @@ def _unsupervised(
 
         return scored
 
+    def with_penalty(_: Callable[..., Any]) -> Callable[[], dict[str, Any]]:
+        # Replicate retrieval adds a third set of positives (same batch) to the same ranking:
+        # the cross-batch retrieval penalty.
+        def scored() -> dict[str, Any]:
+            plain, aware, penalty = retrieval.replicate_maps_with_penalty(x, meta, **map_kw)
+            return {"": plain, "_batch_aware": aware, "penalty": penalty}
+
+        return scored
+
     recipes = []
+    penalty: dict[str, Any] = {
+        "not_computable": "not computable on this design: replicate retrieval needs control "
+        "and treated wells (the controls are the negatives)"
+    }
     if ctrl.any() and (~ctrl).any():
-        recipes.append(("replicate", "replicate mAP", retrieval.replicate_maps))
+        recipes.append(("replicate", "replicate mAP", with_penalty(retrieval.replicate_maps)))
     if has_moa:
-        recipes.append(("moa", "MoA mAP", retrieval.moa_maps))
+        recipes.append(("moa", "MoA mAP", both(retrieval.moa_maps)))
     for key, label, recipe in recipes:
         names = {"": f"map.{key}", "_batch_aware": f"map.{key}_batch_aware"}
         pair = None
         if not all(nm in why for nm in names.values()):
-            pair = _safe(errors, f"{pre}.map.{key}", log(f"{label} + batch-aware", both(recipe)))
+            pair = _safe(errors, f"{pre}.map.{key}", log(f"{label} + batch-aware", recipe))
             if pair is None and f"{pre}.map.{key}" in errors:  # the shared ranking failed
                 errors[f"{pre}.map.{key}_batch_aware"] = errors[f"{pre}.map.{key}"]
         for suffix, nm in names.items():
             maps[f"{key}{suffix}"] = None if pair is None or nm in why else pair[suffix]
+        if key == "replicate":
+            if pair is not None:
+                penalty = pair["penalty"]
+            else:
+                reason = why.get("map.replicate_batch_aware") or "replicate retrieval failed"
+                penalty = {"not_computable": str(reason)}
     out["map"] = maps
+    out["batch_endpoints"] = {"retrieval_penalty": penalty}
+    out["control_mixing"] = _safe(
+        errors,
+        f"{pre}.control_mixing",
+        log("control mixing", lambda: control_mixing(x, meta, seed=seed, max_queries=nq)),
+    )
     out["batch_classifier"] = run(
         "batch_classifier",
         log(

@@ -26,7 +26,7 @@ import torch
 
 from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.errors import CdclError
-from cdcl.report.chance import RANDOM_SETS, chance_warnings
+from cdcl.report.chance import RANDOM_SETS, VARIANT_TEXT, chance_warnings
 from cdcl.report.design import design_banner, design_lines
 from cdcl.report.figure import (  # noqa: F401  (re-exported: the report's figure API)
     BASELINE_SETS,
@@ -584,23 +584,29 @@ def _design_html(results: dict[str, Any]) -> str:
 
 def _calibration_html(cal: dict[str, Any]) -> str:
     """Null and injected-effect values of every metric, with the metrics that lack power."""
-    from cdcl.report.calibration import calibration_table
+    from cdcl.report.calibration import calibrated_variants, calibration_table
 
-    table = calibration_table(cal).set_index("metric")
     design = cal.get("design", {})
     intro = (
-        f'<p class="small">Raw profiles of the {design.get("n_profiles")} evaluated rows '
+        f'<p class="small">The {design.get("n_profiles")} evaluated rows '
         f"({design.get('n_batches')} batches, {design.get('n_treatments')} treatments); "
         f"median treatment effect {design.get('median_treatment_effect', float('nan')):.3g}. "
         + "; ".join(html.escape(f"{k}: {v}") for k, v in cal.get("conditions", {}).items())
         + "</p>"
     )
-    body = table.to_html(float_format=lambda v: f"{v:.3f}", na_rep="-", escape=True)
-    reasons = "".join(
-        f"<li>{html.escape(label)}: {html.escape(cal['metrics'][label]['reason'])}</li>"
-        for label in cal.get("no_power", [])
-    )
-    return intro + body + (f"<ul>{reasons}</ul>" if reasons else "")
+    parts = [intro]
+    by_variant = calibrated_variants(cal)
+    for variant, body in by_variant.items():
+        table = calibration_table(cal, variant).set_index("metric")
+        if len(by_variant) > 1 or "variants" in cal:
+            parts.append(f"<h4>{html.escape(VARIANT_TEXT.get(variant, variant))}</h4>")
+        parts.append(table.to_html(float_format=lambda v: f"{v:.3f}", na_rep="-", escape=True))
+        reasons = "".join(
+            f"<li>{html.escape(label)}: {html.escape(body['metrics'][label]['reason'])}</li>"
+            for label in body.get("no_power", [])
+        )
+        parts.append(f"<ul>{reasons}</ul>" if reasons else "")
+    return "".join(parts)
 
 
 def make_report(
