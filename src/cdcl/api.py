@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
 
     from cdcl.config import Config
     from cdcl.data.dataset_dir import Dataset
+    from cdcl.profiles.columns import ColumnSpec
 
 __all__ = [
     "build_cpg0004",
@@ -1067,8 +1068,20 @@ def evaluate(
         The contents of ``results.json``; `metrics` turns it into a table.
     """
     from cdcl.evaluation.checks import check_options, check_out, parse_variants
+    from cdcl.profiles.columns import ColumnSpec
     from cdcl.profiles.correction import parse_corrections
 
+    # One spec for the command line and Python alike: the same checks, the same reading.
+    columns = ColumnSpec(
+        batch_col=batch_col,
+        batch_pattern=batch_pattern,
+        treatment_col=treatment_col,
+        compound_col=compound_col,
+        moa_col=moa_col,
+        plate_col=plate_col,
+        well_col=well_col,
+        control_query=control_query,
+    )
     frame = _profile_frame(profiles)
     is_run = frame is None and Path(profiles).is_dir()
     if frame is None and not is_run and not Path(profiles).is_file():
@@ -1099,19 +1112,9 @@ def evaluate(
             baselines=(("intensity", "random") if baselines else ())
             + (("cellprofiler",) if cellprofiler else ()),
             batch_size=batch_size,
-            batch_col=batch_col,  # for a run: the column mixing is judged by
+            batch_col=columns.batch_col,  # for a run: the column mixing is judged by
             **options,
         )
-    columns = dict(
-        batch_col=batch_col,
-        batch_pattern=batch_pattern,
-        treatment_col=treatment_col,
-        compound_col=compound_col,
-        moa_col=moa_col,
-        plate_col=plate_col,
-        well_col=well_col,
-        control_query=control_query,
-    )
     table = frame if frame is not None else Path(profiles)
     settings = dict(split_number=fold, eval_on=eval_on, tvn=tvn, name=name, variants=chosen)
     return _evaluate_table(table, out, columns, {**settings, **options})
@@ -1145,7 +1148,7 @@ BIG_TABLE_BYTES = 64 * 2**20  # a profile table this large prints progress from 
 def _evaluate_table(
     table: pd.DataFrame | Path,
     out: PathLike | None,
-    columns: dict[str, Any],
+    columns: ColumnSpec,
     options: dict[str, Any],
 ) -> dict[str, Any]:
     """`evaluate` of a profile table under its output's lock (or in a temporary directory)."""
@@ -1163,7 +1166,7 @@ def _evaluate_table(
         def before_write(res: dict[str, Any]) -> None:
             refuse_empty(res, table=True, level="well")
 
-        path = evaluate_table(table, where, **columns, **options, before_write=before_write)
+        path = evaluate_table(table, where, columns=columns, **options, before_write=before_write)
         return read_results(path)
 
     if out is None:
@@ -1238,23 +1241,23 @@ def correct(
     pandas.DataFrame or anndata.AnnData
         The same metadata with corrected features (an AnnData when given one).
     """
-    from cdcl.profiles.columns import resolve_table_meta
+    from cdcl.profiles.columns import ColumnSpec
     from cdcl.profiles.correction import apply_corrections, parse_corrections
     from cdcl.profiles.table import frame_to_anndata, profile_table, read_profile_table, split_table
 
+    columns = ColumnSpec(
+        batch_col=batch_col,
+        plate_col=plate_col,
+        treatment_col=treatment_col,
+        control_query=control_query,
+    )
     (name,) = parse_corrections(method)
     frame = _profile_frame(profiles)
     was_anndata = frame is not None and type(profiles).__name__ == "AnnData"
     if frame is None:
         frame = read_profile_table(Path(profiles))
     x, meta_table, _ = split_table(frame)
-    meta = resolve_table_meta(
-        meta_table,
-        batch_col=batch_col,
-        plate_col=plate_col,
-        treatment_col=treatment_col,
-        control_query=control_query,
-    )
+    meta = columns.resolve(meta_table)
     fixed = apply_corrections(
         x, meta["batch"].to_numpy(), meta["is_control"].to_numpy(bool), [name], seed=seed
     )[name]
@@ -1396,6 +1399,8 @@ def study(
     calibrate: bool = False,
     train_treatments: str = "all",
     note: str | None = None,
+    data: PathLike | None = None,
+    level: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Replicated comparison of methods (seeds x folds) with paired statistics.
@@ -1452,6 +1457,13 @@ def study(
     note
         The design's rationale (why these seeds, say), stored in ``design.json`` with the
         endpoints when the design is fixed; ignored once it is.
+    data
+        A screen you built (``cdcl build table``, ``build rxrx1``, ``build cpg0004``): the
+        methods train with the ``generic-*`` presets on its training batches, and ``folds``
+        are its held-out-batch folds (``--split N`` of training). Leave-one-plate-out or
+        leave-one-replicate-out come from building it with that column as the batch.
+    level
+        ``"well"`` or ``"image"`` profiles (default: the dataset's; image on BBBC021).
     progress
         Show progress bars and a line per step.
 
@@ -1469,9 +1481,15 @@ def study(
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     strengths = parse_strengths(_joined(batch_strength))
+    if data is not None and dataset != "synthetic":
+        from cdcl.errors import CdclError
+
+        raise CdclError("--data DIR: your screen replaces --dataset; give one of them")
     spec = StudySpec(
         out=Path(out),
-        dataset=dataset,
+        dataset=dataset if data is None else "custom",
+        data=Path(data) if data is not None else None,
+        level=level,
         methods=_words(methods),
         seeds=_ints(seeds, "--seeds") or ((0, 1) if quick else (0, 1, 2)),
         folds=_ints(folds, "--folds"),

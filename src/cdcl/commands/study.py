@@ -87,6 +87,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "pre-declared metrics without power are reported and left out of the verdicts",
     )
     parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a screen you built (cdcl build ...): train the generic presets on it and score "
+        "its held-out-batch folds (--folds); leave-one-plate-out or leave-one-replicate-out "
+        "come from building it with that column as the batch",
+    )
+    parser.add_argument(
+        "--level",
+        choices=("well", "image"),
+        default=None,
+        help="score well or image profiles (default: the dataset's; image on BBBC021)",
+    )
+    parser.add_argument(
         "--train-treatments",
         choices=("all", "half"),
         default="all",
@@ -128,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         calibrate=args.calibrate,
         train_treatments=args.train_treatments,
         note=args.note,
+        data=args.data,
+        level=args.level,
         progress=not args.no_progress,
     )
     print()

@@ -73,6 +73,11 @@ BBBC021_METHODS = ("DINO", "CDCL")
 # pairing control CDCL-same-batch (CDCL with its partner from the image's own batch).
 ON_REQUEST = ("CDCL-same-batch",)
 DEMO_EPOCHS = {"synthetic": 10, "bbbc021": 12}
+# A screen the user built (``cdcl study --data DIR``): trained with the generic presets, which
+# size the network and the epochs from the dataset, and scored on its own held-out folds.
+CUSTOM = "custom"
+DATASETS = ("synthetic", "bbbc021", CUSTOM)
+LEVELS = ("well", "image")
 # The held-out plates the README's BBBC021 figures were measured on (one DMSO-only plate, one
 # with cycloheximide at 15 and 50 µM). `DemoSpec.split = k` uses treatment-paired fold k instead.
 BBBC021_TEST_PLATES = ("Week4_27542", "Week4_27821")
@@ -133,6 +138,7 @@ class DemoSpec:
     # "all": train on every compound; "half": every method trains on the same half of the
     # compounds (drawn from the seed) plus the controls, and the other half is never seen
     train_treatments: str = "all"
+    level: str | None = None  # well or image profiles; None: the dataset's (image on BBBC021)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -184,7 +190,16 @@ def prepare_data(spec: DemoSpec) -> Path:
         )
     if spec.dataset == "bbbc021":
         return _build_bbbc021(spec, out)
+    if spec.dataset == CUSTOM:
+        return Path(out)  # built by the user (cdcl build table/rxrx1/cpg0004), used as it is
     raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
+
+
+def profile_level(spec: DemoSpec) -> str:
+    """Well profiles, or image profiles on single-cell crops (BBBC021) or when asked."""
+    if spec.level is not None:
+        return spec.level
+    return "image" if spec.dataset == "bbbc021" else "well"
 
 
 def _build_bbbc021(spec: DemoSpec, out: Path) -> Path:
@@ -257,7 +272,8 @@ def bbbc021_test_plates(table: pd.DataFrame, split: int | None) -> set[str]:
 
 def method_labels(spec: DemoSpec) -> list[str]:
     """The methods a run trains: ``spec.methods`` or the dataset's (not those ON_REQUEST)."""
-    default = BBBC021_METHODS if spec.dataset == "bbbc021" else METHODS
+    # the generic presets (a user's screen) exist for DINO and CDCL, like BBBC021's
+    default = BBBC021_METHODS if spec.dataset in ("bbbc021", CUSTOM) else METHODS
     allowed = [m for m in default if m not in ON_REQUEST] + list(ON_REQUEST)
     if spec.methods is None:
         return [m for m in default if m not in ON_REQUEST]
@@ -273,16 +289,19 @@ def method_labels(spec: DemoSpec) -> list[str]:
 def budget_overrides(spec: DemoSpec) -> list[str]:
     """Equal training budget for every method (epochs), plus the seed and data-loader workers."""
     if spec.epochs is not None:
-        epochs = spec.epochs
+        epochs: int | None = spec.epochs
     elif spec.quick:
         epochs = 2
     else:
         # ~2.5 CPU minutes per self-supervised method on 2 cores (docs/design.md §9's budget), so the
-        # whole demo stays within 15 minutes.
-        epochs = DEMO_EPOCHS[spec.dataset]
+        # whole demo stays within 15 minutes. A user's screen: the generic preset's, sized from
+        # the dataset and the same for every method.
+        epochs = DEMO_EPOCHS.get(spec.dataset)
     # One loader process overlaps reading and views with the step (measured: the data wait
     # drops from ~27% of a CDCL step to under 1%); results do not depend on the worker count.
-    over = [f"train.epochs={epochs}", f"train.seed={spec.seed}", "data.num_workers=1"]
+    over = [f"train.seed={spec.seed}", "data.num_workers=1"]
+    if epochs is not None:
+        over.insert(0, f"train.epochs={epochs}")
     if spec.split is not None:
         over.append(f"data.split={spec.split}")
     if spec.train_treatments == "half":
@@ -304,7 +323,8 @@ def train_method(spec: DemoSpec, label: str, data: Path) -> tuple[Path, dict[str
     """Train (or reuse, or resume) one method's run; returns the run dir and its train stats."""
 
     key = METHODS[label]
-    preset = f"{'bbbc021' if spec.dataset == 'bbbc021' else 'synthetic'}-{key}"
+    family = {"bbbc021": "bbbc021", CUSTOM: "generic"}.get(spec.dataset, "synthetic")
+    preset = f"{family}-{key}"
     cfg = load_config(preset, [f"data.path={data.resolve()}", *budget_overrides(spec)])
     run = spec.out / "runs" / key
     config_file = run / "config.yaml"
@@ -347,7 +367,7 @@ def evaluate_runs(
     split = assign_split(ds.samples, ds.info.source, spec.split)
     null_size = 500 if spec.quick else 2000
     # BBBC021 fields are single-cell crops: score cells, not the few wells per plate.
-    level = "image" if spec.dataset == "bbbc021" else "well"
+    level = profile_level(spec)
     results: dict[str, Any] = {}
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
     reference = None
@@ -570,7 +590,7 @@ def write_outputs(
     groups = compound_groups(spec, ds.samples)
     note = correction_note(feature_sets)
     title = f"cdcl demo: {spec.dataset}{' (quick)' if spec.quick else ''}"
-    unit = "single-cell (image) profiles" if spec.dataset == "bbbc021" else "well profiles"
+    unit = "image profiles" if profile_level(spec) == "image" else "well profiles"
     results = {
         "kind": "demo",
         "dataset": {"path": str(data.resolve()), "name": ds.info.name, "n_images": len(ds)},
@@ -747,10 +767,29 @@ def _record_final_timings(results_json: Path, timings: dict[str, float]) -> None
     write_results_text(results_json, json.dumps(results, indent=2))
 
 
+def check_custom_data(path: Path | None, split: int | None = None) -> None:
+    """A user's dataset directory opens, has batches to hold out, and has fold ``split``."""
+    if path is None:
+        raise CdclError("--data: give the dataset directory (built by cdcl build)")
+    if not Path(path).is_dir():
+        raise CdclError(f"--data {path}: not a directory; build it with cdcl build table")
+    ds = open_dataset(path)  # names the missing or damaged file itself
+    if ds.samples["batch"].astype(str).nunique() < 2:
+        raise CdclError(
+            f"--data {path}: one batch only; held-out-batch folds need at least 2 (rebuild with "
+            "--batch-col naming the plate or replicate column)"
+        )
+    assign_split(ds.samples, ds.info.source, split)  # an impossible fold fails here, not mid-run
+
+
 def check_demo_spec(spec: DemoSpec) -> list[str]:
     """Validate every option before anything is built or trained; returns the method labels."""
-    if spec.dataset not in ("synthetic", "bbbc021"):
+    if spec.dataset not in DATASETS:
         raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
+    if spec.level is not None and spec.level not in LEVELS:
+        raise CdclError(f"--level {spec.level}: choose {' or '.join(LEVELS)}")
+    if spec.dataset == CUSTOM:
+        check_custom_data(spec.data_dir, spec.split)
     if spec.epochs is not None and spec.epochs < 1:
         raise CdclError(f"--epochs {spec.epochs}: train at least 1 epoch")
     if spec.seed < 0:
@@ -829,7 +868,7 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
             feature_sets,
             training,
             pictures,
-            demo_design(profiles, "image" if spec.dataset == "bbbc021" else "well"),
+            demo_design(profiles, profile_level(spec)),
         )
     _record_final_timings(paths["json"], spec.timings)
     table = comparison_table(feature_sets, "plate_normalized")

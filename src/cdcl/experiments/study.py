@@ -36,6 +36,8 @@ from cdcl.experiments import statistics as st
 from cdcl.experiments.demo import (
     BBBC021_METHODS,
     COLUMN_PATHS,
+    CUSTOM,
+    DATASETS,
     LOWER_IS_BETTER,
     METHODS,
     DemoSpec,
@@ -111,6 +113,8 @@ class StudySpec:
     cellprofiler: bool = False  # every replicate adds the CellProfiler row and its corrections
     calibrate: bool = False  # every replicate calibrates its design (metrics without power)
     train_treatments: str = "all"  # "half": every method trains on the same half of the compounds
+    data: Path | None = None  # a screen the user built (dataset "custom"): its directory
+    level: str | None = None  # well or image profiles (None: the dataset's)
     note: str | None = None  # the design's rationale, stored in design.json (e.g. why this n)
     in_curve: bool = False  # one strength of a batch-strength curve (the curve holds the design)
     timings: dict[str, float] = field(default_factory=dict)
@@ -150,8 +154,10 @@ def replicates(spec: StudySpec) -> list[Replicate]:
 
 def check_spec(spec: StudySpec) -> list[str]:
     """Validate the options before anything runs; returns the method labels."""
-    if spec.dataset not in ("synthetic", "bbbc021"):
+    if spec.dataset not in DATASETS:
         raise CdclError(f"--dataset {spec.dataset}: unknown; choose synthetic or bbbc021")
+    if (spec.dataset == CUSTOM) != (spec.data is not None):
+        raise CdclError("--data DIR: give the dataset directory (and no --dataset) for your screen")
     if not spec.seeds:
         raise CdclError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
     for option, values in (("--seeds", spec.seeds), ("--folds", spec.folds or ())):
@@ -207,6 +213,8 @@ def data_dir(spec: StudySpec, rep: Replicate) -> Path:
             f"-{'tb' if k == 'test_batches' else 'bs'}{v:g}" for k, v in sorted(over.items())
         )
         return spec.out / "data" / f"{'tiny' if spec.quick else 'small'}-seed{rep.seed}{suffix}"
+    if spec.dataset == CUSTOM:
+        return Path(spec.data)  # type: ignore[arg-type]
     return spec.out / "data" / "bbbc021"
 
 
@@ -226,6 +234,7 @@ def _demo_spec(spec: StudySpec, rep: Replicate) -> DemoSpec:
         cellprofiler=spec.cellprofiler,
         calibrate=spec.calibrate,
         train_treatments=spec.train_treatments,
+        level=spec.level,
     )
 
 
@@ -239,14 +248,25 @@ def replicate_key(spec: StudySpec, rep: Replicate) -> dict[str, Any]:
         "fold": rep.fold,
         "methods": method_labels(demo),
         "budget": budget_overrides(demo),
-        # relative to the study's folder: a study copied or moved elsewhere stays reusable
-        "data": _relative(demo.data_dir, spec.out) if demo.data_dir else None,
+        # relative to the study's folder: a study copied or moved elsewhere stays reusable;
+        # a user's screen by its content, wherever it lies
+        "data": _relative(demo.data_dir, spec.out)
+        if spec.dataset != CUSTOM
+        else _data_fingerprint(demo.data_dir),
+        **({"level": spec.level} if spec.level else {}),
         "bbbc021_dir": str(Path(spec.bbbc021_dir).resolve()) if spec.bbbc021_dir else None,
         # only when set, so that replicates of earlier studies stay reusable
         **({"screen": demo.screen} if demo.screen else {}),
         **({"cellprofiler": True} if spec.cellprofiler else {}),
         **({"calibrate": True} if spec.calibrate else {}),
     }
+
+
+def _data_fingerprint(path: Path | None) -> str:
+    """A built dataset's identity: the hash of its metadata files (cdcl embed's fingerprint)."""
+    from cdcl.embed.to_file import dataset_fingerprint
+
+    return str(dataset_fingerprint(open_dataset(path))["sha256"])
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -1038,6 +1058,8 @@ def _replicate_definition(spec: StudySpec) -> str:
         if spec.dataset == "synthetic"
         else "a replicate is a training seed"
     )
+    if spec.dataset == CUSTOM:
+        what += f" on the screen in {spec.data}"
     folds = (
         f" and a held-out-batch fold ({', '.join(map(str, spec.folds))})"
         if spec.folds
@@ -1073,6 +1095,8 @@ PREREGISTERED_KEYS = (
     "quick",
     "cellprofiler",
     "note",
+    "data",
+    "level",
 )
 
 
@@ -1123,7 +1147,12 @@ def study_plan(spec: StudySpec, strengths: tuple[float, ...] | None = None) -> d
         budget=budget_overrides(_demo_spec(spec, Replicate(spec.seeds[0], None))),
         alpha=spec.alpha,
         note=spec.note,
-        extra={"quick": spec.quick, "cellprofiler": spec.cellprofiler},
+        extra={
+            "quick": spec.quick,
+            "cellprofiler": spec.cellprofiler,
+            **({"data": _data_fingerprint(spec.data)} if spec.data is not None else {}),
+            **({"level": spec.level} if spec.level else {}),
+        },
     )
 
 
@@ -1321,6 +1350,8 @@ def finish_study(
         "kind": "study",
         "config": {
             "dataset": spec.dataset,
+            **({"data": str(spec.data)} if spec.data is not None else {}),
+            **({"level": spec.level} if spec.level else {}),
             "quick": spec.quick,
             "methods": labels,
             "seeds": list(spec.seeds),
