@@ -125,8 +125,30 @@ def test_umap_leaves_torch_thread_count_alone() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        xy = umap_coords(np.random.default_rng(0).normal(size=(60, 8)), seed=0, n_epochs=20)
-        assert xy.shape == (60, 2)
+        # above UMAP_MIN_POINTS, so UMAP (numba) runs rather than the PCA layout
+        xy = umap_coords(np.random.default_rng(0).normal(size=(120, 8)), seed=0, n_epochs=20)
+        assert xy.shape == (120, 2)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_few_dozen_points_get_a_labelled_pca_layout(tmp_path: Path) -> None:
+    """Below UMAP_MIN_POINTS the layout is the first two principal components, and says so."""
+    from sklearn.decomposition import PCA
+
+    from cdcl.report.html import UMAP_MIN_POINTS, plot_umap, umap_frame
+
+    rng = np.random.default_rng(1)
+    n = 2 * (UMAP_MIN_POINTS // 6)
+    x = rng.normal(size=(n, 6)) * np.array([5.0, 3.0, 1.0, 1.0, 1.0, 1.0])
+    meta = pd.DataFrame({"batch": ["a", "b"] * (n // 2), "treatment": "t", "is_control": False})
+    df = umap_frame(x, meta)
+    assert (df["projection"] == "PCA").all()
+    z = (x - x.mean(0)) / x.std(0)
+    want = PCA(n_components=2).fit_transform(z)
+    got = df[["umap_x", "umap_y"]].to_numpy()
+    for k in range(2):  # the same components up to sign
+        assert abs(np.corrcoef(got[:, k], want[:, k])[0, 1]) > 0.999
+    path = plot_umap(df, "model", tmp_path / "u.png")
+    assert path.read_bytes().startswith(PNG_MAGIC)

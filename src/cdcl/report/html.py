@@ -141,15 +141,30 @@ def _plt() -> Any:
     return plt
 
 
+# Below this many points the layout is the first two principal components: a UMAP of a few
+# dozen points is a near-complete neighbour graph that shows little, and the first UMAP of a
+# process costs a minute of numba compilation on a 2-core machine (68 s measured).
+UMAP_MIN_POINTS = 100
+
+
+def projection_name(n: int) -> str:
+    """The layout :func:`umap_coords` draws for ``n`` points: UMAP, or PCA below the minimum."""
+    return "UMAP" if n >= UMAP_MIN_POINTS else "PCA"
+
+
 def umap_coords(
     profiles: np.ndarray, seed: int = 0, n_epochs: int = 200, n_neighbors: int = 15
 ) -> np.ndarray:
-    """2-D UMAP of profiles (standardised per feature first), fixed random state."""
+    """2-D UMAP of profiles (standardised per feature first), fixed random state.
+
+    Below ``UMAP_MIN_POINTS`` points: the first two principal components (see
+    :func:`projection_name`).
+    """
     x = np.asarray(profiles, dtype=np.float32)
     sd = x.std(axis=0)
     x = (x - x.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
     n = x.shape[0]
-    if n < 10:  # too few points for a neighbour graph: the first two principal components
+    if projection_name(n) == "PCA":
         u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
         out = np.zeros((n, 2), dtype=np.float32)
         k = min(2, u.shape[1])
@@ -206,6 +221,7 @@ def umap_frame(profiles: np.ndarray, meta: pd.DataFrame, seed: int = 0) -> pd.Da
     df = meta[cols].reset_index(drop=True).copy()
     df.insert(0, "umap_y", xy[:, 1])
     df.insert(0, "umap_x", xy[:, 0])
+    df["projection"] = projection_name(len(df))  # the axes' meaning, for the figure and CSV
     return df
 
 
@@ -219,6 +235,8 @@ def _colour_by(df: pd.DataFrame) -> str:
 def draw_umap_panels(axes: Any, df: pd.DataFrame, title: str) -> None:
     """Two panels: coloured by batch, and by MoA/treatment (controls grey)."""
     xy = df[["umap_x", "umap_y"]].to_numpy()
+    if "projection" in df and (df["projection"] == "PCA").any():
+        title = f"{title} (PCA: {len(df)} points, too few for UMAP)"
     _colour_axes(axes[0], xy, df["batch"], f"{title}: batch")
     by = _colour_by(df)
     ctrl = df["is_control"].to_numpy(bool) if "is_control" in df else None
