@@ -57,6 +57,34 @@ def rotating_batch_split(
     return samples[batch_col].astype(str).map(part).rename("split")
 
 
+# A column of samples.parquet written by `cdcl build table --fold-col COL`: fold k holds out
+# the k-th of its sorted values (leave-one-plate-out, leave-one-replicate-out, ...).
+FOLD_GROUP = "fold_group"
+
+
+def leave_one_group_out(samples: pd.DataFrame, split_number: int = 1) -> pd.Series:
+    """Fold k (1-based) tests on the rows of the k-th sorted ``fold_group`` value, trains on the rest."""
+    group = samples[FOLD_GROUP].astype(str)
+    groups = sorted(group.unique())
+    if len(groups) < 2:
+        raise CdclError(
+            f"samples: column `{FOLD_GROUP}` has one value ({groups[0]}); leave-one-out folds "
+            "need at least 2 (rebuild with another --fold-col)"
+        )
+    k = int(split_number)
+    if not 1 <= k <= len(groups):
+        raise CdclError(
+            f"--split {split_number}: this dataset has folds 1..{len(groups)} (one per value of "
+            "its fold column)"
+        )
+    split = pd.Series(
+        np.where(group == groups[k - 1], "test", "train"), index=samples.index, name="split"
+    )
+    if "batch" in samples.columns:
+        _check_no_straddle(samples, split, f"leave-one-{FOLD_GROUP}-out")
+    return split
+
+
 def held_out_count(n_batches: int, test_fraction: float = 1 / 3) -> int:
     """Batches each fold of the rotation holds out: a third, and at least two from four batches.
 
@@ -82,6 +110,8 @@ def assign_split(
             )
         return split.rename("split")
     number = 1 if split_number is None else int(split_number)
+    if FOLD_GROUP in samples.columns and samples[FOLD_GROUP].notna().all():
+        return leave_one_group_out(samples, number)
     if source in SPLIT_SCHEMES:
         return SPLIT_SCHEMES[source](samples, number).rename("split")
     if rotation_holds_out_controls_only(samples):
