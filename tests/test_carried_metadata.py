@@ -18,7 +18,7 @@ from cdcl.embed.to_file import embed_to_file
 from cdcl.errors import CdclError
 from cdcl.evaluation.table_file import evaluate_table
 from cdcl.parquet import read_parquet
-from cdcl.profiles.columns import judged_by, resolve_table_meta
+from cdcl.profiles.columns import ColumnSpec, judged_by
 from cdcl.profiles.table import (
     PAIRING_BATCH,
     WellAccumulator,
@@ -98,8 +98,8 @@ def test_default_batch_is_the_pairing_batch_and_batch_col_judges_by_another() ->
             "Metadata_Compound": ["DMSO", "t0"],
         }
     )
-    assert list(resolve_table_meta(table)["batch"]) == ["P1", "P3"]
-    judged = resolve_table_meta(table, batch_col="Metadata_Batch")
+    assert list(ColumnSpec().resolve(table)["batch"]) == ["P1", "P3"]
+    judged = ColumnSpec(batch_col="Metadata_Batch").resolve(table)
     assert list(judged["batch"]) == ["batch1", "batch2"]
     meta = pd.DataFrame({"batch": ["P1"], "Metadata_Batch": ["batch1"]})
     out = judged_by(meta, "batch")  # matched with or without Metadata_, ignoring case
@@ -129,7 +129,7 @@ def test_exported_profiles_keep_every_column_and_mixing_is_judged_by_acquisition
     out = evaluate_table(
         wells,
         tmp_path / "judged",
-        batch_col="Metadata_Batch",
+        columns=ColumnSpec(batch_col="Metadata_Batch"),
         eval_on="all",
         umap=False,
         calibrate=False,

@@ -14,7 +14,7 @@ from conftest import SHARED_DATA, write_random_dataset
 
 from cdcl.evaluation.run import evaluate_images
 from cdcl.metrics.score import evaluate_features
-from cdcl.profiles.columns import resolve_table_meta, tvn
+from cdcl.profiles.columns import ColumnSpec, tvn
 from cdcl.report.results import to_jsonable
 
 BBBC021_PROFILES = (
@@ -119,7 +119,7 @@ def test_tvn_whitens_controls_and_coral_aligns_batches() -> None:
         np.testing.assert_allclose(tc[rows].mean(0), 0.0, atol=1e-4)
 
 
-def test_resolve_table_meta_combines_columns_and_patterns() -> None:
+def test_column_spec_combines_columns_and_patterns() -> None:
     from cdcl.errors import CdclError
 
     t = pd.DataFrame(
@@ -131,20 +131,19 @@ def test_resolve_table_meta_combines_columns_and_patterns() -> None:
             "Metadata_moa": ["DMSO", "MT", "MT"],
         }
     )
-    m = resolve_table_meta(
-        t,
+    m = ColumnSpec(
         batch_col="Metadata_Plate",
         batch_pattern=r"^(Week\d+)",
         treatment_col="Metadata_Compound,Metadata_Concentration",
-    )
+    ).resolve(t)
     assert list(m["batch"]) == ["Week1", "Week1", "Week2"]
     assert list(m["treatment"]) == ["DMSO@0.0", "taxol@1.0", "taxol@3.0"]
     assert list(m["is_control"]) == [True, False, False]  # DMSO found by name
     assert list(m["plate"]) == list(t["Metadata_Plate"])
-    m2 = resolve_table_meta(t, control_query="Metadata_Concentration > 2")
+    m2 = ColumnSpec(control_query="Metadata_Concentration > 2").resolve(t)
     assert list(m2["is_control"]) == [False, False, True]
     with pytest.raises(CdclError, match="--batch-col Metadata_Batch: no such column"):
-        resolve_table_meta(t, batch_col="Metadata_Batch")
+        ColumnSpec(batch_col="Metadata_Batch").resolve(t)
 
 
 def test_evaluate_images_with_random_backbone(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from cdcl.metrics import (
 )
 from cdcl.metrics.mixing import _scib_kbet_k0, silhouette_values
 from cdcl.metrics.neighbours import NeighborGraph
-from cdcl.profiles.columns import resolve_table_meta, standardize_per_plate
+from cdcl.profiles.columns import ColumnSpec, standardize_per_plate
 from cdcl.profiles.correction import combat, harmony, sphering
 from cdcl.profiles.table import read_profile_table, split_table
 
@@ -47,12 +47,11 @@ def bbbc021() -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
         pytest.skip(f"{BBBC021} not found")
     table = read_profile_table(BBBC021)
     x, meta_table, _ = split_table(table)
-    meta = resolve_table_meta(
-        meta_table,
+    meta = ColumnSpec(
         batch_col="Metadata_Plate",
         batch_pattern=r"^(Week\d+)",
         treatment_col="Metadata_Compound,Metadata_Concentration",
-    )
+    ).resolve(meta_table)
     return np.asarray(x, dtype=np.float64), meta, table
 
 

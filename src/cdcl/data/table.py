@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from cdcl.data.build import ArrayFields, BuildReport, FileFields, build_dataset, jsonable
+from cdcl.data.columns import control_mask, default_control_query, find_column
 from cdcl.data.crops import CropSpec, nucleus_crops
 from cdcl.data.phenix import WELL_FIELDS, well_fields
-from cdcl.data.query import query_mask
 from cdcl.data.rgb import RgbFields, rgb_planes
 from cdcl.errors import CdclError
 from cdcl.parquet import read_parquet
@@ -60,11 +60,6 @@ def format_treatment(compound: Any, dose: Any) -> str:
         return str(compound)
     # 6 significant digits: 9.99999999999999999 and 10.0 in two platemaps are the same dose.
     return f"{compound}@{float(f'{float(dose):.6g}')}"
-
-
-def control_mask(df: pd.DataFrame, query: str, where: str) -> np.ndarray:
-    """Rows matching a control query such as ``compound == "DMSO"`` (see cdcl.data.query)."""
-    return query_mask(df, query, option=f"--control-query (on {where})")
 
 
 CHANNEL_FIELDS = ("channel", "channel_index")
@@ -179,36 +174,6 @@ CONVENTIONS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 REQUIRED = ("plate", "well", "treatment")
 METADATA_PREFIX = "Metadata_"  # columns kept as they are in the samples table
-CONTROL_TYPE_COLUMN = "Metadata_control_type"  # pycytominer: negcon / poscon / trt
-CONTROL_NAMES = ("dmso", "negcon", "negative_control", "untreated", "empty")
-
-
-def _find(columns: list[str], names: tuple[str, ...]) -> str | None:
-    """The first of ``names`` among ``columns``, exact match first, then ignoring case."""
-    for n in names:
-        if n in columns:
-            return n
-    low = {c.lower(): c for c in columns}
-    for n in names:
-        if n.lower() in low:
-            return low[n.lower()]
-    return None
-
-
-def _default_controls(df: pd.DataFrame, treatment_col: str, compound_col: str | None) -> str | None:
-    """A control query by convention: ``Metadata_control_type == "negcon"``, else DMSO-like names."""
-    cols = [str(c) for c in df.columns]
-    ctype = _find(cols, (CONTROL_TYPE_COLUMN,))
-    if ctype is not None:
-        hit = sorted({v for v in df[ctype].astype(str).unique() if v.strip().lower() == "negcon"})
-        if hit:
-            return f"`{ctype}` in {hit!r}"
-    for col in dict.fromkeys(c for c in (compound_col, treatment_col) if c):
-        names = df[col].astype(str)
-        hit = sorted({v for v in names.unique() if v.strip().lower() in CONTROL_NAMES})
-        if hit:
-            return f"`{col}` in {hit!r}"
-    return None
 
 
 def resolve_options(
@@ -241,7 +206,7 @@ def resolve_options(
             if name not in cols:
                 problems.append(f"column `{name}` missing (given as {flag} {name})")
         else:
-            found[field_name] = _find(cols, names)
+            found[field_name] = find_column(cols, *names)
             if found[field_name] is None and field_name in REQUIRED:
                 problems.append(
                     f"no {field_name} column (looked for {', '.join(names[:4])}); "
@@ -265,7 +230,8 @@ def resolve_options(
     if opt.no_controls and control_query is not None:
         problems.append("give --control-query or --no-controls, not both")
     if control_query is None and found["treatment"] and not opt.no_controls:
-        control_query = _default_controls(df, found["treatment"], found["compound"])
+        # Compound before treatment: the compound column names the substance itself.
+        control_query = default_control_query(df, (found["compound"], found["treatment"]))
         if control_query is None:
             problems.append(
                 "no negative controls found (no Metadata_control_type == negcon, no treatment "
@@ -283,7 +249,7 @@ def resolve_options(
             "batch; name one with --batch-col"
         )
     if found["dose"] and given["dose"] is None and given["treatment"] is None:
-        if _find(cols, ("Metadata_Treatment", "treatment")) is not None:
+        if find_column(cols, "Metadata_Treatment", "treatment") is not None:
             found["dose"] = None  # a treatment column names the treatment, dose included
     resolved = TableOptions(
         batch_col=found["batch"],
@@ -330,7 +296,7 @@ def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.Da
         out["site"] = np.zeros(len(df), dtype=np.int64)
     compound = df[opt.compound_col or opt.treatment_col].astype(str).to_numpy()
     if opt.control_query:
-        ctrl = control_mask(df, opt.control_query, where)
+        ctrl = control_mask(df, opt.control_query, option=f"--control-query (on {where})")
     elif opt.no_controls:
         ctrl = np.zeros(len(df), dtype=bool)
     else:

@@ -28,7 +28,7 @@ from cdcl.metrics.score import (
     protocol_with,
     split_masks,
 )
-from cdcl.profiles.columns import resolve_table_meta
+from cdcl.profiles.columns import ColumnSpec
 from cdcl.profiles.columns import tvn as tvn_fn
 from cdcl.profiles.table import (
     parquet_shape,
@@ -52,14 +52,7 @@ def evaluate_table(
     features_file: str | Path | pd.DataFrame,
     out: str | Path,
     *,
-    batch_col: str | None = None,
-    batch_pattern: str | None = None,
-    treatment_col: str | None = None,
-    compound_col: str | None = None,
-    moa_col: str | None = None,
-    plate_col: str | None = None,
-    well_col: str | None = None,
-    control_query: str | None = None,
+    columns: ColumnSpec | None = None,
     split_number: int | None = None,
     eval_on: str | None = None,
     tvn: bool = False,
@@ -75,10 +68,11 @@ def evaluate_table(
 ) -> Path:
     """``cdcl evaluate --features FILE``: score any ``Metadata_*`` profile table with the same code.
 
-    ``features_file`` is a file or a DataFrame. Without ``split_number``, a ``Metadata_Split``
-    column (``cdcl embed`` writes the run's split there) decides: classification trains on its
-    ``train`` rows and tests on its ``test`` rows, and the other metrics run on the ``test``
-    rows, as ``cdcl evaluate RUN`` does. Otherwise classification trains on the batches of fold
+    ``features_file`` is a file or a DataFrame; ``columns`` says which of its ``Metadata_*``
+    columns hold what (default: all found by convention). Without ``split_number``, a
+    ``Metadata_Split`` column (``cdcl embed`` writes the run's split there) decides:
+    classification trains on its ``train`` rows and tests on its ``test`` rows, and the other
+    metrics run on the ``test`` rows, as ``cdcl evaluate RUN`` does. Otherwise classification trains on the batches of fold
     ``split_number`` (default 1, ``rotating_batch_split``) and tests on its held-out batches,
     and the other metrics run on all rows. ``eval_on`` (``"all"`` or ``"test"``) overrides that
     choice of rows. Which batches are held out, and why, is printed and kept in the results.
@@ -97,18 +91,9 @@ def evaluate_table(
 
     if eval_on not in (None, "all", "test"):
         raise CdclError(f"--eval-on {eval_on}: use all or test")
+    columns = ColumnSpec() if columns is None else columns
     timer = Timer()
     t0 = time.perf_counter()
-    columns = {
-        "batch_col": batch_col,
-        "batch_pattern": batch_pattern,
-        "treatment_col": treatment_col,
-        "compound_col": compound_col,
-        "moa_col": moa_col,
-        "plate_col": plate_col,
-        "well_col": well_col,
-        "control_query": control_query,
-    }
     # Small tables finish in seconds; large ones say what they are doing as they go, and
     # what memory they will need before anything is loaded (Parquet's footer has the shape).
     shape = None if isinstance(features_file, pd.DataFrame) else parquet_shape(features_file)
@@ -236,7 +221,7 @@ def _score_table(
     out: str | Path,
     timer: Timer,
     *,
-    columns: dict[str, str | None],
+    columns: ColumnSpec,
     split_number: int | None,
     eval_on: str | None,
     tvn: bool,
@@ -287,12 +272,12 @@ def _score_table(
         "n_features": len(names),
         "eval_on": eval_on,
         "columns": {
-            "batch": columns["batch_col"],
-            "batch_pattern": columns["batch_pattern"],
-            "treatment": columns["treatment_col"],
-            "compound": columns["compound_col"],
-            "moa": columns["moa_col"],
-            "control_query": columns["control_query"],
+            "batch": columns.batch_col,
+            "batch_pattern": columns.batch_pattern,
+            "treatment": columns.treatment_col,
+            "compound": columns.compound_col,
+            "moa": columns.moa_col,
+            "control_query": columns.control_query,
             "n_controls": int(meta["is_control"].sum()),
         },
         "corrections": list(corrections),
@@ -306,8 +291,8 @@ def _score_table(
         design=design_facts(meta, train, test, ev),
         feature_sets=results_sets,
     )
-    if columns["batch_col"]:
-        results["design"]["judged_by"] = columns["batch_col"]
+    if columns.batch_col:
+        results["design"]["judged_by"] = columns.batch_col
     results["warnings"] = announce(results)
     if before_write is not None:
         before_write(results)
@@ -342,7 +327,7 @@ def _origin(features_file: str | Path | pd.DataFrame) -> dict[str, Any]:
 
 
 def _load_table(
-    features_file: str | Path | pd.DataFrame, columns: dict[str, str | None]
+    features_file: str | Path | pd.DataFrame, columns: ColumnSpec
 ) -> tuple[np.ndarray, pd.DataFrame, list[str], pd.Series | None, list[str]]:
     """Profiles, canonical metadata, feature names, the ``Metadata_Split`` column if any, notes.
 
@@ -374,7 +359,7 @@ def _load_table(
     parts = None
     if split_col is not None:
         parts = meta_table[split_col].astype(str).str.strip().str.lower()
-    return x, resolve_table_meta(meta_table, **columns), names, parts, notes
+    return x, columns.resolve(meta_table), names, parts, notes
 
 
 def drop_duplicate_rows(

@@ -2,7 +2,7 @@
 
 Internally every profile set is ``(features float32 (n, d), meta DataFrame)`` where ``meta`` has
 the canonical columns ``plate, well, batch, treatment, compound, moa, is_control`` (``compound``
-and ``moa`` may be missing). :func:`resolve_table_meta` maps an arbitrary ``Metadata_*`` table
+and ``moa`` may be missing). :meth:`ColumnSpec.resolve` maps an arbitrary ``Metadata_*`` table
 (CellProfiler, pycytominer, our own exports) onto those names.
 
 TVN (typical variation normalisation; Ando et al., "Improving phenotypic measurements in
@@ -18,63 +18,82 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from cdcl.data.query import query_mask
+from cdcl.data.columns import control_mask, find_column
 from cdcl.errors import CdclError
 from cdcl.profiles.arrays import _codes, _features, _labels
 from cdcl.profiles.table import PAIRING_BATCH
 
 CANONICAL = ("plate", "well", "batch", "treatment", "compound", "moa", "is_control")
-CONTROL_NAMES = ("dmso", "negcon", "negative_control", "control", "untreated", "empty")
+
+# Each canonical field read from a column: its option, the columns tried when the option is not
+# given, and whether a table must have one. Looked up in this order, so errors come in it too.
+COLUMN_LOOKUP: tuple[tuple[str, str, tuple[str, ...], bool], ...] = (
+    ("plate", "--plate-col", ("Metadata_plate",), False),
+    ("well", "--well-col", ("Metadata_well",), False),
+    # A cdcl export whose own Metadata_Batch differs from the batch the run paired across keeps
+    # the latter as Metadata_Pairing_Batch: the default judges by what the run paired.
+    ("batch", "--batch-col", (PAIRING_BATCH, "Metadata_batch"), False),
+    (
+        "treatment",
+        "--treatment-col",
+        ("Metadata_treatment", "Metadata_pert_iname", "Metadata_broad_sample", "Metadata_compound"),
+        True,
+    ),
+    ("compound", "--compound-col", ("Metadata_compound", "Metadata_pert_iname"), False),
+    ("moa", "--moa-col", ("Metadata_moa", "Metadata_MoA", "Metadata_mechanism"), False),
+)
 
 
-def _find_column(columns: list[str], wanted: str) -> str | None:
-    """Exact match first, then case-insensitive (``Metadata_batch`` vs ``Metadata_Batch``)."""
-    if wanted in columns:
-        return wanted
-    low = {c.lower(): c for c in columns}
-    return low.get(wanted.lower())
-
-
-def _resolve(
-    table: pd.DataFrame,
-    spec: str | None,
-    defaults: tuple[str, ...],
-    option: str,
-    required: bool,
-) -> pd.Series | None:
-    """A metadata column by user spec (``A`` or ``A,B`` joined with ``@``) or by defaults."""
-    cols = [str(c) for c in table.columns]
+def _locate(
+    columns: list[str], spec: str | None, defaults: tuple[str, ...], option: str, required: bool
+) -> list[str] | None:
+    """The columns a field is read from: the user's (``A`` or ``A,B``) or the first default."""
     if spec:
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
         found = []
-        for p in parts:
-            c = _find_column(cols, p) or _find_column(cols, f"Metadata_{p}")
+        for p in (p.strip() for p in spec.split(",")):
+            if not p:
+                continue
+            c = find_column(columns, p) or find_column(columns, f"Metadata_{p}")
             if c is None:
-                meta_cols = [x for x in cols if x.startswith("Metadata_")]
+                meta_cols = [x for x in columns if x.startswith("Metadata_")]
+                if not meta_cols:
+                    raise CdclError(
+                        f"{option} {p}: no such column, and the table has no Metadata_* "
+                        "columns to name; check that it is a profile table"
+                    )
                 raise CdclError(
                     f"{option} {p}: no such column; metadata columns are "
-                    f"{', '.join(meta_cols) or '(none)'}"
+                    f"{', '.join(meta_cols)}; name one of them with {option}"
                 )
             found.append(c)
-        if len(found) == 1:
-            return table[found[0]]
-        return table[found].astype(str).agg("@".join, axis=1)
+        return found
     for d in defaults:
-        c = _find_column(cols, d)
+        c = find_column(columns, d)
         if c is not None:
-            return table[c]
+            return [c]
     if required:
         raise CdclError(
             f"no {option.lstrip('-').replace('-col', '')} column found (looked for "
             f"{', '.join(defaults)}); name one with {option}"
         )
     return None
+
+
+def _read(table: pd.DataFrame, found: list[str] | None) -> pd.Series | None:
+    """The values of a located field: one column, or several joined with ``@`` per row."""
+    if found is None:
+        return None
+    if len(found) == 1:
+        return table[found[0]]
+    return table[found].astype(str).agg("@".join, axis=1)
 
 
 def _as_str(s: pd.Series) -> pd.Series:
@@ -89,7 +108,7 @@ def judged_by(meta: pd.DataFrame, column: str) -> pd.DataFrame:
     """
     cols = [str(c) for c in meta.columns]
     # The input's own column first: `batch` means Metadata_Batch, not the pairing batch.
-    found = _find_column(cols, f"Metadata_{column}") or _find_column(cols, column)
+    found = find_column(cols, f"Metadata_{column}") or find_column(cols, column)
     if found is None:
         carried = [c for c in cols if c.startswith("Metadata_")]
         raise CdclError(
@@ -106,77 +125,86 @@ def judged_by(meta: pd.DataFrame, column: str) -> pd.DataFrame:
     return out
 
 
-def resolve_table_meta(
-    meta_table: pd.DataFrame,
-    *,
-    batch_col: str | None = None,
-    batch_pattern: str | None = None,
-    treatment_col: str | None = None,
-    compound_col: str | None = None,
-    moa_col: str | None = None,
-    plate_col: str | None = None,
-    well_col: str | None = None,
-    control_query: str | None = None,
-) -> pd.DataFrame:
-    """Canonical metadata (see module doc) from a ``Metadata_*`` table; CdclError on bad input.
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Which columns of a ``Metadata_*`` profile table hold what; None = found by convention.
 
-    ``--treatment-col A,B`` joins several columns (e.g. compound and concentration). The batch
-    defaults to ``Metadata_Pairing_Batch`` (a cdcl export's pairing batch), ``Metadata_batch``
-    and then to the plate; ``batch_pattern`` is a regular
-    expression whose first group is taken from the batch column's values
-    (e.g. ``^(Week\\d+)`` turns BBBC021 plates into imaging weeks). Controls come from
-    ``control_query`` (a control query on the table's columns, see :mod:`cdcl.data.query`),
-    else pycytominer's ``Metadata_control_type == "negcon"``, else a boolean
-    ``Metadata_is_control`` column, else treatments/compounds named like DMSO.
+    What ``cdcl evaluate --features`` and ``cdcl.evaluate`` (and ``cdcl.correct``) take as
+    ``--batch-col`` ... ``--control-query``: both build one ColumnSpec, so a table is read the
+    same way by either. A ``*_col`` names a column exactly, ignoring case, or without its
+    ``Metadata_`` prefix; ``treatment_col="A,B"`` joins several (e.g. compound and
+    concentration). ``batch_pattern`` is a regular expression whose first group is taken from
+    the batch column's values (``^(Week\\d+)`` turns BBBC021 plates into imaging weeks).
+    ``control_query`` selects the negative controls (:mod:`cdcl.data.query`); without one,
+    :func:`cdcl.data.columns.control_mask`'s conventions apply.
     """
-    t = meta_table.reset_index(drop=True)
-    out = pd.DataFrame(index=t.index)
-    plate = _resolve(t, plate_col, ("Metadata_plate",), "--plate-col", required=False)
-    well = _resolve(t, well_col, ("Metadata_well",), "--well-col", required=False)
-    out["plate"] = _as_str(plate) if plate is not None else "plate0"
-    out["well"] = _as_str(well) if well is not None else [str(i) for i in range(len(t))]
-    # A cdcl export whose own Metadata_Batch differs from the batch the run paired across keeps
-    # the latter as Metadata_Pairing_Batch: the default judges by what the run paired.
-    batch = _resolve(t, batch_col, (PAIRING_BATCH, "Metadata_batch"), "--batch-col", False)
-    out["batch"] = _as_str(batch) if batch is not None else out["plate"]
-    if batch_pattern:
-        out["batch"] = apply_batch_pattern(out["batch"], batch_pattern)
-    treat = _resolve(
-        t,
-        treatment_col,
-        ("Metadata_treatment", "Metadata_pert_iname", "Metadata_broad_sample", "Metadata_compound"),
-        "--treatment-col",
-        required=True,
-    )
-    out["treatment"] = _as_str(treat)
-    comp = _resolve(
-        t, compound_col, ("Metadata_compound", "Metadata_pert_iname"), "--compound-col", False
-    )
-    if comp is not None:
-        out["compound"] = _as_str(comp)
-    moa = _resolve(
-        t, moa_col, ("Metadata_moa", "Metadata_MoA", "Metadata_mechanism"), "--moa-col", False
-    )
-    if moa is not None:
-        out["moa"] = _as_str(moa)
-    out["is_control"] = control_mask(t, out, control_query)
-    for col in ("batch", "treatment"):
-        missing = out[col].isna().to_numpy()
-        if missing.any():
-            raise CdclError(
-                f"profile table: `{col}` is empty in row {int(np.flatnonzero(missing)[0])}; "
-                "fill it or choose another column"
-            )
-    return out
+
+    batch_col: str | None = None
+    batch_pattern: str | None = None
+    treatment_col: str | None = None
+    compound_col: str | None = None
+    moa_col: str | None = None
+    plate_col: str | None = None
+    well_col: str | None = None
+    control_query: str | None = None
+
+    def validate(self, columns: Sequence[str]) -> dict[str, list[str] | None]:
+        """The columns each field is read from; a CdclError naming the option and the fix if not.
+
+        Checks what needs no values: every named column exists (a treatment column is found
+        too), and ``batch_pattern`` is a regular expression with a group.
+        """
+        cols = [str(c) for c in columns]
+        found: dict[str, list[str] | None] = {}
+        for name, option, defaults, required in COLUMN_LOOKUP:
+            found[name] = _locate(cols, getattr(self, f"{name}_col"), defaults, option, required)
+            if name == "batch" and self.batch_pattern:
+                # Checked here so that errors keep their order: after the batch column's.
+                _batch_regex(self.batch_pattern)
+        return found
+
+    def resolve(self, table: pd.DataFrame) -> pd.DataFrame:
+        """Canonical metadata (see module doc) of a ``Metadata_*`` table; CdclError on bad input.
+
+        The batch defaults to ``Metadata_Pairing_Batch`` (a cdcl export's pairing batch),
+        ``Metadata_batch`` and then to the plate. Controls come from ``control_query``, else
+        pycytominer's ``Metadata_control_type == "negcon"``, else a boolean
+        ``Metadata_is_control`` column, else treatments/compounds named like DMSO
+        (:data:`cdcl.data.columns.CONTROL_NAMES`).
+        """
+        t = table.reset_index(drop=True)
+        found = self.validate(list(t.columns))
+        out = pd.DataFrame(index=t.index)
+        plate = _read(t, found["plate"])
+        well = _read(t, found["well"])
+        out["plate"] = _as_str(plate) if plate is not None else "plate0"
+        out["well"] = _as_str(well) if well is not None else [str(i) for i in range(len(t))]
+        batch = _read(t, found["batch"])
+        out["batch"] = _as_str(batch) if batch is not None else out["plate"]
+        if self.batch_pattern:
+            out["batch"] = apply_batch_pattern(out["batch"], self.batch_pattern)
+        treatment = _read(t, found["treatment"])
+        assert treatment is not None  # required: validate refuses a table without one
+        out["treatment"] = _as_str(treatment)
+        for name in ("compound", "moa"):
+            values = _read(t, found[name])
+            if values is not None:
+                out[name] = _as_str(values)
+        out["is_control"] = control_mask(
+            t, self.control_query, names=(out["treatment"], out.get("compound"))
+        )
+        for col in ("batch", "treatment"):
+            missing = out[col].isna().to_numpy()
+            if missing.any():
+                raise CdclError(
+                    f"profile table: `{col}` is empty in row {int(np.flatnonzero(missing)[0])}; "
+                    "fill it or choose another column"
+                )
+        return out
 
 
-def apply_batch_pattern(batch: pd.Series, pattern: str) -> pd.Series:
-    """Each batch value replaced by the first group of ``pattern`` found in it (``--batch-pattern``).
-
-    Refused in one line: an invalid expression, one without a group (``B0`` would turn B01, B02
-    ... into the one batch "B0"), one that matches no value, and one that merges every batch
-    into one. Values it does not match are kept as they are.
-    """
+def _batch_regex(pattern: str) -> re.Pattern[str]:
+    """``--batch-pattern`` compiled; refused when invalid or without a group."""
     try:
         rx = re.compile(pattern)
     except re.error as e:
@@ -187,6 +215,17 @@ def apply_batch_pattern(batch: pd.Series, pattern: str) -> pd.Series:
             "value that names the batch in parentheses, e.g. '^(Week\\d+)' takes Week1 from "
             "Week1_22123"
         )
+    return rx
+
+
+def apply_batch_pattern(batch: pd.Series, pattern: str) -> pd.Series:
+    """Each batch value replaced by the first group of ``pattern`` found in it (``--batch-pattern``).
+
+    Refused in one line: an invalid expression, one without a group (``B0`` would turn B01, B02
+    ... into the one batch "B0"), one that matches no value, and one that merges every batch
+    into one. Values it does not match are kept as they are.
+    """
+    rx = _batch_regex(pattern)
     found = batch.map(lambda v: None if v is None else rx.search(v))
     if found.isna().all():
         first = next((v for v in batch if v is not None), None)
@@ -204,26 +243,6 @@ def apply_batch_pattern(batch: pd.Series, pattern: str) -> pd.Series:
             "that differs between batches"
         )
     return out
-
-
-def control_mask(table: pd.DataFrame, canon: pd.DataFrame, query: str | None) -> np.ndarray:
-    """Boolean control flag per row: the query, a Metadata_is_control column, or DMSO-like names."""
-    if query:
-        return query_mask(table, query)
-    col = _find_column([str(c) for c in table.columns], "Metadata_control_type")
-    if col is not None:  # pycytominer's convention: negcon / poscon / trt
-        return table[col].astype(str).str.lower().eq("negcon").to_numpy()
-    col = _find_column([str(c) for c in table.columns], "Metadata_is_control")
-    if col is not None:
-        v = table[col]
-        if v.dtype == bool:
-            return v.to_numpy()
-        return v.astype(str).str.lower().isin(("true", "1", "yes")).to_numpy()
-    names = canon["treatment"].fillna("").str.lower()
-    mask = names.isin(CONTROL_NAMES)
-    if "compound" in canon:
-        mask |= canon["compound"].fillna("").str.lower().isin(CONTROL_NAMES)
-    return mask.to_numpy()
 
 
 def _is_constant(var: np.ndarray, mean: np.ndarray, n: int) -> np.ndarray:
