@@ -23,6 +23,14 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PANDAS_COPY_ON_WRITE = pd.options.mode.copy_on_write
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _study_looks_in_a_temporary_ledger(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Studies record their looks in a ledger outside their folder: keep the tests' out of
+    the user's own (~/.local/state/cdcl), in one folder per test session and worker."""
+    if not os.environ.get("CDCL_STATE_DIR"):
+        os.environ["CDCL_STATE_DIR"] = str(tmp_path_factory.mktemp("cdcl_state"))
+
+
 @pytest.fixture(autouse=True)
 def _pandas_options_as_installed() -> None:
     """Each test starts with pandas' copy-on-write as installed.

@@ -1452,7 +1452,7 @@ def study(
         and left out of the verdicts.
     train_treatments
         ``"all"`` (default): the methods train on every compound. ``"half"``: every method
-        trains on the same half of the compounds (drawn from the seed) plus the controls, and
+        trains on the same half of the compounds (drawn with each replicate's seed) plus the controls, and
         every metric is also reported on the seen and on the unseen compounds.
     note
         The design's rationale (why these seeds, say), stored in ``design.json`` with the

@@ -105,7 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("all", "half"),
         default="all",
         help="all: train on every compound (default); half: every method trains on the same "
-        "half of the compounds (drawn from the seed) plus the controls, and every metric is "
+        "half of the compounds (drawn with each replicate's seed) plus the controls, and every metric is "
         "also reported on the seen and on the unseen compounds",
     )
     parser.add_argument(

@@ -136,7 +136,7 @@ class DemoSpec:
     calibrate: bool = False  # null + injected batch effects for the first method's profiles
     cellprofiler: bool = False  # add the CellProfiler row (cp-measure per cell) and its corrections
     # "all": train on every compound; "half": every method trains on the same half of the
-    # compounds (drawn from the seed) plus the controls, and the other half is never seen
+    # compounds (drawn with each replicate's seed) plus the controls, and the other half is never seen
     train_treatments: str = "all"
     level: str | None = None  # well or image profiles; None: the dataset's (image on BBBC021)
     timings: dict[str, float] = field(default_factory=dict)

@@ -354,7 +354,9 @@ def record_look(design_id: str, out: Path, replicates: list[str], outcome: Any) 
         }
         same = [i for i, lk in enumerate(looks) if lk["out"] == where]
         if same and looks[same[-1]]["replicates"] == entry["replicates"]:
-            looks[same[-1]] = {**entry, "look": looks[same[-1]]["look"]}
+            # the same look reported again: it keeps its number and the time it was first made
+            old = looks[same[-1]]
+            looks[same[-1]] = {**entry, "look": old["look"], "at": old.get("at", entry["at"])}
         else:
             looks.append({**entry, "look": len(looks) + 1})
         atomic_write_text(path, json.dumps({"design": design_id, "looks": looks}, indent=2))
