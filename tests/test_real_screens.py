@@ -22,6 +22,8 @@ from PIL import Image
 from cdcl.data.crops import NUCLEUS_INDEX, sample_per_well
 from cdcl.data.dataset_dir import open_dataset
 from cdcl.data.phenix import parse_phenix_name
+from cdcl.data.splits import assign_split
+from cdcl.errors import CdclError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "datasets.md"
 LINCS = SHARED_DATA / "lincs_a549_cellpainting"
@@ -78,7 +80,7 @@ def run_block(commands: list[list[str]], cwd: Path, monkeypatch: pytest.MonkeyPa
 @needs_lincs
 def test_lincs_fields_build_from_phenix_names(tmp_path: Path, monkeypatch) -> None:
     """24 fields x 5 channels from fields_metadata.csv and the folder, every Phenix file used."""
-    fields, _ = doc_blocks("lincs_a549_cellpainting")
+    fields, _ = doc_blocks("lincs_a549_cellpainting")[:2]
     run_block(fields, tmp_path, monkeypatch)
     ds = open_dataset(tmp_path / "lincs_fields")
     s = ds.samples
@@ -113,7 +115,7 @@ def test_lincs_fields_build_from_phenix_names(tmp_path: Path, monkeypatch) -> No
 @needs_lincs
 def test_lincs_crops_equal_cells_npz(tmp_path: Path, monkeypatch) -> None:
     """Crops cut around the Nuclei.csv centres equal the 151 crops of cells.npz from fields/."""
-    _, crops = doc_blocks("lincs_a549_cellpainting")
+    _, crops = doc_blocks("lincs_a549_cellpainting")[:2]
     stderr = run_block(crops, tmp_path, monkeypatch)
     assert "549 of 4319 nuclei left out" in stderr["build"]
     ds = open_dataset(tmp_path / "lincs_cells")
@@ -166,7 +168,7 @@ def test_per_well_cap_draws_like_cells_npz() -> None:
 @needs_bbbc021
 def test_bbbc021_fields_build_from_rgb_files(tmp_path: Path, monkeypatch) -> None:
     """660 RGB fields, channels reordered, week as batch, no controls: warnings, not failure."""
-    (block,) = doc_blocks("bbbc021_moa_fovs")
+    block = doc_blocks("bbbc021_moa_fovs")[0]
     stderr = run_block(block, tmp_path, monkeypatch)
     assert "30 plate(s) without negative controls" in stderr["build"]
     ds = open_dataset(tmp_path / "bbbc021_moa")
@@ -180,3 +182,48 @@ def test_bbbc021_fields_build_from_rgb_files(tmp_path: Path, monkeypatch) -> Non
     for i in (0, 331, 659):
         rgb = np.asarray(Image.open(BBBC021 / meta.Metadata_FileName[i]))
         np.testing.assert_array_equal(ds.read(i), rgb[..., [2, 0, 1]].transpose(2, 0, 1))
+
+
+def _fold_block(folder: str) -> list[list[str]]:
+    """The docs' build block for ``folder`` that defines folds by a column."""
+    (block,) = [b for b in doc_blocks(folder) if "--fold-col" in b[0]]
+    return block
+
+
+def _held_out_per_fold(ds: object, column: str) -> list[set[str]]:
+    out = []
+    for k in range(1, 10):
+        try:
+            split = assign_split(ds.samples, ds.info.source, k)
+        except CdclError:
+            break
+        out.append(set(ds.samples.loc[(split == "test").to_numpy(), column].astype(str)))
+    return out
+
+
+@needs_lincs
+def test_lincs_leave_one_plate_out(tmp_path: Path, monkeypatch) -> None:
+    """All five plates from cells.npz: five folds, each plate held out once, batch1's first."""
+    run_block(_fold_block("lincs_a549_cellpainting"), tmp_path, monkeypatch)
+    ds = open_dataset(tmp_path / "lincs_plates")
+    assert len(ds) == 1280
+    held = _held_out_per_fold(ds, "plate")
+    assert held == [{p} for p in sorted(ds.samples.plate.astype(str).unique())]
+    assert held[0] == {"SQ00015198"}
+    assert set(ds.samples.Metadata_Batch) == {"batch1", "batch3"}
+
+
+@needs_bbbc021
+def test_bbbc021_leave_one_replicate_out(tmp_path: Path, monkeypatch) -> None:
+    """Fold k holds out replicate plate k of every week; every compound is also trained on."""
+    run_block(_fold_block("bbbc021_moa_fovs"), tmp_path, monkeypatch)
+    ds = open_dataset(tmp_path / "bbbc021_replicates")
+    s = ds.samples
+    assert s.batch.nunique() == 30  # the plate is the batch
+    for k, reps in enumerate(_held_out_per_fold(ds, "Metadata_Replicate"), 1):
+        assert reps == {str(k)}
+        split = assign_split(s, ds.info.source, k)
+        test = (split == "test").to_numpy()
+        assert s.loc[test, "plate"].nunique() == 10
+        assert set(s.loc[test, "treatment"]) <= set(s.loc[~test, "treatment"])
+    assert k == 3

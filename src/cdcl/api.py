@@ -210,6 +210,7 @@ def build_table(
     cell_type_col: str | None = None,
     control_treatment: str | None = None,
     split_col: str | None = None,
+    fold_col: str | None = None,
     no_controls: bool = False,
     rgb_channels: Sequence[str] | str | None = None,
     crops_from: str | None = None,
@@ -284,6 +285,10 @@ def build_table(
         Treatment label of the controls (default: their compound).
     split_col
         Column with the screen's own ``train``/``val``/``test`` assignment.
+    fold_col
+        Column whose values define the held-out folds: fold k holds out the k-th of its sorted
+        values (``Metadata_Plate``: leave-one-plate-out; a replicate column:
+        leave-one-replicate-out). Each batch must lie within one value.
     no_controls
         The screen has no negative controls: plate statistics use all images of each plate.
     rgb_channels
@@ -356,6 +361,7 @@ def build_table(
         control_query=control_query,
         control_treatment=control_treatment,
         split_col=split_col,
+        fold_col=fold_col,
         no_controls=no_controls,
     )
     guard = command_lock(Path(out), "cdcl build table") if lock else contextlib.nullcontext()

@@ -213,6 +213,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="column with the screen's own train/val/test assignment (kept as `split`)",
     )
+    p.add_argument(
+        "--fold-col",
+        default=None,
+        help="column whose values are the held-out folds: fold k (--split k, --folds) holds "
+        "out the k-th sorted value, e.g. Metadata_Plate for leave-one-plate-out",
+    )
     _common(p, None)
 
 
@@ -259,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
             cell_type_col=args.cell_type_col,
             control_treatment=args.control_treatment,
             split_col=args.split_col,
+            fold_col=args.fold_col,
             no_controls=args.no_controls,
             rgb_channels=args.rgb_channels,
             crops_from=args.crops_from,

@@ -25,6 +25,7 @@ from cdcl.data.columns import control_mask, default_control_query, find_column
 from cdcl.data.crops import CropSpec, nucleus_crops
 from cdcl.data.phenix import WELL_FIELDS, well_fields
 from cdcl.data.rgb import RgbFields, rgb_planes
+from cdcl.data.splits import FOLD_GROUP
 from cdcl.errors import CdclError
 from cdcl.parquet import read_parquet
 
@@ -143,6 +144,8 @@ class TableOptions:
     control_query: str | None = None
     control_treatment: str | None = None
     split_col: str | None = None  # the user's own train/val/test assignment, kept as `split`
+    # held-out folds by this column's values (leave-one-plate-out, -replicate-out), as fold_group
+    fold_col: str | None = None
     no_controls: bool = False  # the screen has no negative controls (plate stats use all images)
 
 
@@ -226,6 +229,8 @@ def resolve_options(
         )
     if opt.split_col and opt.split_col not in cols:
         problems.append(f"column `{opt.split_col}` missing (given as --split-col {opt.split_col})")
+    if opt.fold_col and opt.fold_col not in cols:
+        problems.append(f"column `{opt.fold_col}` missing (given as --fold-col {opt.fold_col})")
     control_query = opt.control_query
     if opt.no_controls and control_query is not None:
         problems.append("give --control-query or --no-controls, not both")
@@ -264,6 +269,7 @@ def resolve_options(
         control_query=control_query,
         control_treatment=opt.control_treatment,
         split_col=opt.split_col,
+        fold_col=opt.fold_col,
         no_controls=opt.no_controls,
     )
     return resolved, notes
@@ -331,6 +337,14 @@ def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.Da
                 f"{where}: column `{opt.split_col}` has values {bad[:3]}; use train, val or test"
             )
         out["split"] = split.to_numpy()
+    if opt.fold_col:
+        values = df[opt.fold_col]
+        if values.isna().any():
+            raise CdclError(
+                f"{where}: column `{opt.fold_col}` (--fold-col) is empty in "
+                f"{int(values.isna().sum())} rows; every image needs its fold group"
+            )
+        out[FOLD_GROUP] = values.astype(str).str.strip().to_numpy()
     for c in df.columns:  # the table's own Metadata_* columns travel with each image
         if str(c).startswith(METADATA_PREFIX) and str(c) not in out.columns:
             col = df[c]
