@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 from cdcl.progress import working_on
 from cdcl.report.calibration import NO_POWER
@@ -62,6 +63,7 @@ ROTATION_DIMS = 8
 POWER_LOG_MAX = math.log(4.0)  # |log p_b| at most log 4: p_b in [1/4, 4]
 POWER_MIN_DIFF = 0.02  # on [0, 1] scores: smaller moves are within rounding of the null
 CALIBRATION_NULL_SIZE = 500  # mAP null size per condition (p-values are not calibrated here)
+SINGLE_THREAD_MAX = 20_000  # evaluated rows up to which the calibration runs BLAS on one thread
 POWER_RULE = (
     "power when |value at the strongest strength of some injection - null mean| > max(3 null "
     f"SD, {POWER_MIN_DIFF})"
@@ -416,10 +418,15 @@ def calibrate(
     effect = median_treatment_effect(np.asarray(x, np.float64), treat, ctrl)
     raw_draws = null_draws if raw_null_draws is None else min(raw_null_draws, null_draws)
 
+    # Dozens of evaluations of small matrices: one BLAS thread each. Threaded BLAS spends more
+    # on its threads than on matrices this size (about 5x slower on a busy 2-core machine).
+    threads = 1 if len(x) <= SINGLE_THREAD_MAX else None
+
     def score(xc: np.ndarray, cond: str, on: tuple[str, ...]) -> dict[str, Any]:
         working_on(f"calibration, {cond}")  # named by the keep-alive line
         # The design notes (single-batch treatments ...) were printed for the real profiles.
-        with np.errstate(all="ignore"), contextlib.redirect_stderr(io.StringIO()):
+        quiet = contextlib.redirect_stderr(io.StringIO())
+        with np.errstate(all="ignore"), quiet, threadpool_limits(limits=threads):
             return evaluate_features(
                 xc,
                 meta,

@@ -113,13 +113,21 @@ def stored_totals(results: dict[str, Any], variant: str) -> pd.DataFrame:
     return frame.apply(pd.to_numeric, errors="coerce")
 
 
-def greyed_columns(results: dict[str, Any], paths: dict[str, tuple[str, ...]]) -> dict[str, str]:
-    """Figure column -> the calibration's reason, for metrics without power on the design."""
+def greyed_columns(
+    results: dict[str, Any], paths: dict[str, tuple[str, ...]], variant: str | None = None
+) -> dict[str, str]:
+    """Figure column -> the calibration's reason, for metrics without power on the design.
+
+    ``variant``: that variant's verdicts where the calibration has them; else (and by
+    default) the top-level ones, the raw variant's.
+    """
     reasons = {}
     for res in (results.get("feature_sets") or {}).values():
         cal = res.get("calibration") if isinstance(res, dict) else None
-        for label in (cal or {}).get("no_power", []):
-            rec = cal["metrics"][label]
+        body = ((cal or {}).get("variants") or {}).get(variant) if variant else None
+        body = body if isinstance(body, dict) else cal
+        for label in (body or {}).get("no_power", []):
+            rec = body["metrics"][label]
             # A metric with no null value is not computable here: empty, explained as such.
             null = rec.get("null")
             if rec.get("path") and isinstance(null, int | float) and math.isfinite(null):

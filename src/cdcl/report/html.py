@@ -544,7 +544,7 @@ def _results_sections(results: dict[str, Any]) -> list[tuple[str, str]]:
                 learned_sets(list(frame.index)),
                 baselines,
                 totals=stored_totals(results, variant),
-                greyed=greyed_columns(results, LABEL_PATHS),
+                greyed=greyed_columns(results, LABEL_PATHS, variant),
                 warnings=[
                     *([banner] if banner else []),
                     *chance_warnings(results),
