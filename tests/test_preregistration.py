@@ -74,6 +74,17 @@ def test_without_half_or_curve_the_endpoints_read_all_compounds_and_no_contrasts
     assert pr.default_endpoints(["DINO"], ["DINO"], None, "all") == []  # no CDCL, nothing declared
 
 
+def test_the_primary_metric_can_be_chosen_and_is_checked(tmp_path: Path) -> None:
+    eps = pr.default_endpoints(["DINO", "CDCL"], ["DINO"], None, "all", "treatment acc (logistic)")
+    assert eps[0]["role"] == "primary" and eps[0]["metric"] == "treatment acc (logistic)"
+    metrics = [e["metric"] for e in eps]
+    assert len(metrics) == len(set(metrics)) and "replicate mAP (other batch)" in metrics[1:]
+    assert all(e["label"].endswith("control wells") for e in eps if "control " in e["metric"])
+    proc = cdcl("study", "--quick", "--primary-metric", "NSCX", "--out", str(tmp_path / "s"))
+    assert proc.returncode != 0 and "--primary-metric NSCX: unknown" in proc.stderr
+    assert not (tmp_path / "s" / "design.json").exists()
+
+
 def test_design_is_fixed_with_its_hash_and_edits_are_refused(tmp_path: Path) -> None:
     spec = StudySpec(
         out=tmp_path / "s", methods=("DINO", "CDCL"), seeds=(0, 1), references=("DINO",),

@@ -101,6 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="score well or image profiles (default: the dataset's; image on BBBC021)",
     )
     parser.add_argument(
+        "--primary-metric",
+        default="replicate mAP (other batch)",
+        help="the metric of the pre-registered primary endpoint, CDCL - the first reference "
+        "(default: replicate mAP (other batch), which needs two held-out batches per fold)",
+    )
+    parser.add_argument(
         "--train-treatments",
         choices=("all", "half"),
         default="all",
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         note=args.note,
         data=args.data,
         level=args.level,
+        primary_metric=args.primary_metric,
         progress=not args.no_progress,
     )
     print()

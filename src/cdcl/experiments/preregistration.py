@@ -74,10 +74,12 @@ def default_endpoints(
     references: Sequence[str],
     strengths: Sequence[float] | None,
     train_treatments: str,
+    primary_metric: str = PRIMARY_METRIC,
 ) -> list[dict[str, Any]]:
     """The endpoints a study declares by default (the rule is written in docs/studies.md).
 
-    Primary: CDCL − the first reference on replicate mAP across batches, plate-normalised, on
+    Primary: CDCL − the first reference on ``primary_metric`` (default replicate mAP across
+    batches; a design whose folds hold out one batch cannot compute it), plate-normalised, on
     the compounds no method trained on (all compounds when every method saw them), at the
     strongest batch effect. Secondary: the same contrast against every other reference, the
     other pre-declared and batch metrics against the first reference, the strength
@@ -99,7 +101,7 @@ def default_endpoints(
         return {
             "role": role,
             "label": f"{HEADLINE_METHOD} − {other}, {metric}, "
-            + (where if g == group else f"control wells{_strength_words(top)}"),
+            + (f"control wells{_strength_words(top)}" if metric.startswith("control ") else where),
             "metric": metric,
             "variant": PRIMARY_VARIANT,
             "lower_is_better": metric in LOWER_IS_BETTER,
@@ -109,7 +111,7 @@ def default_endpoints(
 
     out = [
         gain(
-            PRIMARY_METRIC,
+            primary_metric,
             ref,
             "primary",
             f"Does {HEADLINE_METHOD} retrieve a compound's replicates across batches better "
@@ -117,16 +119,17 @@ def default_endpoints(
         )
     ]
     for other in references[1:]:
-        out.append(gain(PRIMARY_METRIC, other, "secondary", f"... and better than {other}?"))
-    for metric in (*SECONDARY_METRICS, *BATCH_METRICS):
+        out.append(gain(primary_metric, other, "secondary", f"... and better than {other}?"))
+    others = [m for m in (PRIMARY_METRIC, *SECONDARY_METRICS) if m != primary_metric]
+    for metric in (*others, *BATCH_METRICS):
         out.append(gain(metric, ref, "secondary", f"{metric}: {HEADLINE_METHOD} vs {ref}"))
     if low is not None:
         out.append(
             {
                 "role": "secondary",
                 "label": f"strength interaction: ({HEADLINE_METHOD} − {ref}) at {top:g} minus at "
-                f"{low:g}, {PRIMARY_METRIC}, {group} compounds",
-                "metric": PRIMARY_METRIC,
+                f"{low:g}, {primary_metric}, {group} compounds",
+                "metric": primary_metric,
                 "variant": PRIMARY_VARIANT,
                 "lower_is_better": False,
                 "terms": [
@@ -143,8 +146,8 @@ def default_endpoints(
             {
                 "role": "secondary",
                 "label": f"label use: ({HEADLINE_METHOD} − {ref}) on seen minus on unseen "
-                f"compounds, {PRIMARY_METRIC}{_strength_words(top)}",
-                "metric": PRIMARY_METRIC,
+                f"compounds, {primary_metric}{_strength_words(top)}",
+                "metric": primary_metric,
                 "variant": PRIMARY_VARIANT,
                 "lower_is_better": False,
                 "terms": [
@@ -159,7 +162,7 @@ def default_endpoints(
     if SAME_BATCH_CONTROL in methods:
         out.append(
             gain(
-                PRIMARY_METRIC,
+                primary_metric,
                 SAME_BATCH_CONTROL,
                 "secondary",
                 "Does pairing across batches, rather than within a batch, make the gain?",
@@ -190,10 +193,11 @@ def preregistration(
     budget: Sequence[str],
     alpha: float,
     note: str | None = None,
+    primary_metric: str = PRIMARY_METRIC,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The pre-registered part of ``design.json`` (everything but the replicate list)."""
-    endpoints = default_endpoints(methods, references, strengths, train_treatments)
+    endpoints = default_endpoints(methods, references, strengths, train_treatments, primary_metric)
     return {
         "format_version": DESIGN_VERSION,
         "dataset": dataset,

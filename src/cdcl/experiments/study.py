@@ -58,6 +58,9 @@ from cdcl.experiments.preregistration import (
     table_lookup,
     test_endpoints,
 )
+from cdcl.experiments.preregistration import (
+    PRIMARY_METRIC as PRIMARY_ENDPOINT_METRIC,
+)
 from cdcl.report.html import _img, _plt, _save, write_html
 from cdcl.report.results import read_results, to_jsonable
 
@@ -116,6 +119,7 @@ class StudySpec:
     data: Path | None = None  # a screen the user built (dataset "custom"): its directory
     level: str | None = None  # well or image profiles (None: the dataset's)
     note: str | None = None  # the design's rationale, stored in design.json (e.g. why this n)
+    primary_metric: str = PRIMARY_ENDPOINT_METRIC  # the primary endpoint's metric
     in_curve: bool = False  # one strength of a batch-strength curve (the curve holds the design)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -166,6 +170,11 @@ def check_spec(spec: StudySpec) -> list[str]:
     if spec.folds is not None and any(f < 1 for f in spec.folds):
         folds = ",".join(map(str, spec.folds))
         raise CdclError(f"--folds {folds}: folds are numbered from 1")
+    if spec.primary_metric not in COLUMN_PATHS:
+        raise CdclError(
+            f"--primary-metric {spec.primary_metric}: unknown; choose one of the comparison "
+            f"table's metrics: {', '.join(COLUMN_PATHS)}"
+        )
     if not 0 < spec.alpha < 1:
         raise CdclError(f"--alpha {spec.alpha}: must lie between 0 and 1")
     if screen_overrides(spec):
@@ -1147,6 +1156,7 @@ def study_plan(spec: StudySpec, strengths: tuple[float, ...] | None = None) -> d
         budget=budget_overrides(_demo_spec(spec, Replicate(spec.seeds[0], None))),
         alpha=spec.alpha,
         note=spec.note,
+        primary_metric=spec.primary_metric,
         extra={
             "quick": spec.quick,
             "cellprofiler": spec.cellprofiler,
