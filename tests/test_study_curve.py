@@ -150,3 +150,26 @@ def test_curve_end_to_end_on_the_tiny_screen(tmp_path: Path) -> None:
     assert "reused replicates/seed0" in again.stdout
     second = json.loads((out / "curve.json").read_text())
     assert second["rows"] == curve["rows"]
+
+
+def test_power_is_decided_on_the_plate_normalised_variant_pooled_over_replicates() -> None:
+    """Raw has power and the normalised profiles do not: the study's family follows the latter;
+    one replicate alone would lack power where four pooled have it."""
+
+    def record(nulls: list[float], top: float) -> dict:
+        return {"null_values": nulls, "injected": {"mixing": {"1": top, "4": top}}}
+
+    nulls = [0.47, 0.50, 0.53, 0.50, 0.47, 0.53]  # SD 0.027: one replicate's margin 0.08
+    cal = {
+        "variants": {
+            "raw": {"metrics": {"NSC": record(nulls, 0.9)}},
+            "plate_normalized": {"metrics": {"NSC": record(nulls, 0.51)}},
+        }
+    }
+    rep = {"feature_sets": {"DINO": {"calibration": cal}}}
+    assert set(metrics_without_power([rep] * 4)) == {"NSC"}
+    assert metrics_without_power([rep] * 4, variant="raw") == {}
+    moved = {"variants": {"plate_normalized": {"metrics": {"NSC": record(nulls, 0.56)}}}}
+    one = {"feature_sets": {"DINO": {"calibration": moved}}}
+    assert set(metrics_without_power([one])) == {"NSC"}
+    assert metrics_without_power([one] * 4) == {}

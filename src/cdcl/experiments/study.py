@@ -31,7 +31,7 @@ from cdcl._version import versions
 from cdcl.data.dataset_dir import atomic_write_text, open_dataset
 from cdcl.data.splits import assign_split
 from cdcl.errors import CdclError
-from cdcl.evaluation.calibration import CALIBRATED
+from cdcl.evaluation.calibration import CALIBRATED, pooled_power
 from cdcl.experiments import statistics as st
 from cdcl.experiments.demo import (
     BBBC021_METHODS,
@@ -352,26 +352,37 @@ def read_replicate_results(path: Path) -> dict[str, Any]:
     return results
 
 
-def metrics_without_power(results: list[dict[str, Any]]) -> dict[str, str]:
-    """Study metrics some replicate's calibration found without power: ``{metric: reason}``.
+def metrics_without_power(
+    results: list[dict[str, Any]], variant: str = PRIMARY_VARIANT
+) -> dict[str, str]:
+    """Study metrics without power on the profiles the verdicts compare: ``{metric: reason}``.
 
-    A metric counts as without power on the study's design when the calibration of any
-    replicate (``cdcl study --calibrate``) could not tell its strongest injected batch effect
-    from its null; the reason quoted is the first replicate's.
+    Power is decided once per study from every replicate's calibration (``cdcl study
+    --calibrate``), pooled (:func:`cdcl.evaluation.calibration.pooled_power`), on ``variant``
+    (the plate-normalised profiles the verdicts use), so one replicate cannot change the
+    family on its own.
     """
     column_of = {path: label for label, path in COLUMN_PATHS.items()}
+    cals = [
+        fs["calibration"]
+        for res in results
+        for fs in (res.get("feature_sets") or {}).values()
+        if isinstance(fs, dict) and fs.get("calibration")
+    ]
+    if not cals:
+        return {}
+    pooled = pooled_power(cals)
+    records = pooled["variants"].get(variant) or pooled["variants"].get("raw") or {}
+    # A calibration written before per-variant records may list a label without its record.
+    listed = {lb for c in cals if "variants" not in c for lb in c.get("no_power", [])}
     out: dict[str, str] = {}
-    for i, res in enumerate(results):
-        for name, fs in (res.get("feature_sets") or {}).items():
-            cal = fs.get("calibration") if isinstance(fs, dict) else None
-            if not cal:
-                continue
-            for label, path, _ in CALIBRATED:
-                column = column_of.get(path)
-                if column is None or label not in cal.get("no_power", []):
-                    continue
-                reason = cal["metrics"].get(label, {}).get("reason", "no power in this design")
-                out.setdefault(column, f"{reason} ({name}, replicate {i + 1})")
+    for label, path, _ in CALIBRATED:
+        column = column_of.get(path)
+        rec = records.get(label) or ({"power": False} if label in listed else None)
+        if column is None or rec is None or rec.get("power"):
+            continue
+        reason = rec.get("reason") or NO_POWER
+        out[column] = f"{reason} (pooled over {pooled['n_replicates']} replicate calibrations)"
     return out
 
 
