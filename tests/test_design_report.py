@@ -234,3 +234,60 @@ def test_rendered_report_greys_no_power_and_lists_not_computable(tmp_path: Path)
     assert "NSC/NSCB: not computable, because" in doc
     assert "equals the random network" in doc
     assert not sets_frame(results, "raw").empty and LABEL_PATHS
+
+
+def _split_calibration() -> dict:
+    """A calibration where kBET has power on raw profiles and none on plate-normalised ones."""
+
+    def rec(power: bool, null_sd: float) -> dict:
+        out = {"path": "kbet.acceptance_rate", "null": 0.9, "null_sd": null_sd, "power": power}
+        return out if power else {**out, "reason": "no power in this design: flat on pn"}
+
+    raw = {"metrics": {"kBET acceptance": rec(True, 0.001)}, "no_power": []}
+    pn = {"metrics": {"kBET acceptance": rec(False, 0.1)}, "no_power": ["kBET acceptance"]}
+    return {
+        "variants": {"raw": raw, "plate_normalized": pn},
+        "no_power_by_variant": {"raw": [], "plate_normalized": ["kBET acceptance"]},
+        # Top level: the raw variant's, as calibrate() stores it.
+        "metrics": raw["metrics"],
+        "no_power": [],
+    }
+
+
+def test_each_variant_is_read_from_its_own_calibration() -> None:
+    """No power on plate_normalized only: only the plate-normalised column is greyed, and the
+    null spread of each variant is that variant's (demo summary, report, chance warning)."""
+    from cdcl.experiments.demo import COLUMN_PATHS, _demo_summary
+    from cdcl.report.design import NULL_SPREAD, null_spreads
+    from cdcl.report.figure import greyed_columns
+
+    variant = {"kbet": {"acceptance_rate": 0.9}, "ilisi": {"ilisi": 0.5}}
+    other = {"kbet": {"acceptance_rate": 0.95}, "ilisi": {"ilisi": 0.5}}
+    results = {
+        "feature_sets": {
+            "CDCL": {"raw": variant, "plate_normalized": variant},
+            "random": {"raw": other, "plate_normalized": other},
+        }
+    }
+    results["feature_sets"]["CDCL"]["calibration"] = _split_calibration()
+
+    assert greyed_columns(results, COLUMN_PATHS, "raw") == {}
+    assert set(greyed_columns(results, COLUMN_PATHS, "plate_normalized")) == {"kBET"}
+    assert null_spreads(results, "raw")["kbet.acceptance_rate"] == pytest.approx(
+        NULL_SPREAD * 0.001
+    )
+    assert null_spreads(results, "plate_normalized")["kbet.acceptance_rate"] == pytest.approx(
+        NULL_SPREAD * 0.1
+    )
+    # kBET differs by 0.05 between the rows: beyond raw's null spread, within the
+    # plate-normalised one's, so only the plate-normalised row reads as the random network.
+    lines = chance_warnings(results)
+    assert len(lines) == 1 and "plate-normalised" in lines[0]
+
+    frame = pd.DataFrame(
+        {"kBET": [0.9, 0.95], "NSC": [0.2, 0.8]}, index=["CDCL", "intensity stats"]
+    )
+    pn = _demo_summary(frame, results, ["CDCL"], "plate_normalized")
+    raw = _demo_summary(frame, results, ["CDCL"], "raw")
+    assert '<th class="grey">kBET' in pn
+    assert '<th class="grey">' not in raw

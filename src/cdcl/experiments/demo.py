@@ -686,7 +686,7 @@ def write_outputs(
         (
             "Results: held-out batches, profiles standardised per plate against controls",
             note_html
-            + _demo_summary(tables["plate_normalized"], results, list(training))
+            + _demo_summary(tables["plate_normalized"], results, list(training), "plate_normalized")
             + "<h3>All metrics</h3>"
             + html_table(tables["plate_normalized"]),
         ),
@@ -712,10 +712,17 @@ def write_outputs(
     return {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
 
 
-def _demo_summary(frame: pd.DataFrame, results: dict[str, Any], learned: list[str]) -> str:
+def _demo_summary(
+    frame: pd.DataFrame, results: dict[str, Any], learned: list[str], variant: str
+) -> str:
     """The design, the results figure with the stored totals, greyed no-power columns, the
-    banner when the design cannot separate the rows, and the chance warnings."""
-    banner = design_banner(frame, COLUMN_PATHS, results)
+    banner when the design cannot separate the rows, and the chance warnings.
+
+    ``variant``: the profile variant ``frame`` shows; its totals, its calibration's no-power
+    verdicts and null spreads are the ones used (a metric can have power on raw profiles and
+    none on plate-normalised ones).
+    """
+    banner = design_banner(frame, COLUMN_PATHS, results, variant)
     lines = design_lines(results)
     head = '<p class="design">' + "<br>".join(html.escape(ln) for ln in lines) + "</p>"
     return (head if lines else "") + summary_html(
@@ -723,8 +730,8 @@ def _demo_summary(frame: pd.DataFrame, results: dict[str, Any], learned: list[st
         COLUMN_PATHS,
         learned,
         tuple(b for b in BASELINE_SETS if b not in RANDOM_SETS),
-        totals=stored_totals(results, "plate_normalized"),
-        greyed=greyed_columns(results, COLUMN_PATHS),
+        totals=stored_totals(results, variant),
+        greyed=greyed_columns(results, COLUMN_PATHS, variant),
         warnings=[*([banner] if banner else []), *chance_warnings(results)],
     )
 

@@ -3,7 +3,7 @@
 After a short budget a trained network can give the same figures as the same architecture
 with random weights. Each learned feature set is compared with the random-network set in
 every variant (raw, plate-normalised): when every figure of the results figure that both
-have lies within the calibration's null spread of the random network's (or within
+have lies within that variant's calibration null spread of the random network's (or within
 ``SAME_AS_RANDOM_TOL`` where nothing was calibrated), the row is flagged.
 """
 
@@ -47,13 +47,15 @@ def chance_warnings(results: dict[str, Any]) -> list[str]:
     random = next((s for s in RANDOM_SETS if s in sets), None)
     if random is None:
         return []
-    tol = null_spreads(results)
-    how = "the calibration's null spread" if tol else f"{SAME_AS_RANDOM_TOL}"
+    # Each variant is judged by its own calibration's null spreads.
+    tols = {v: null_spreads(results, v) for v in VARIANT_TEXT}
     lines = []
     for name, res in sets.items():
         if name in NOT_LEARNED or "+" in name or not isinstance(res, dict):
             continue
         for variant, text in VARIANT_TEXT.items():
+            tol = tols[variant]
+            how = "the calibration's null spread" if tol else f"{SAME_AS_RANDOM_TOL}"
             a, b = res.get(variant), sets[random].get(variant)
             if not isinstance(a, dict) or not isinstance(b, dict):
                 continue

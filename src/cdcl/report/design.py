@@ -57,24 +57,42 @@ def design_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def null_spreads(results: dict[str, Any]) -> dict[str, float]:
-    """Metric path -> calibration null spread (``NULL_SPREAD`` x null SD), where calibrated."""
+def calibration_records(cal: Any, variant: str | None = None) -> dict[str, Any]:
+    """One calibration's ``{label: record}`` for ``variant``.
+
+    That variant's records where the calibration has them; else (and by default) the
+    top-level ones, the raw variant's (calibrations made before per-variant scoring).
+    """
+    if not isinstance(cal, dict):
+        return {}
+    body = (cal.get("variants") or {}).get(variant) if variant else None
+    body = body if isinstance(body, dict) else cal
+    return body.get("metrics") or {}
+
+
+def null_spreads(results: dict[str, Any], variant: str | None = None) -> dict[str, float]:
+    """Metric path -> calibration null spread (``NULL_SPREAD`` x null SD) on ``variant``.
+
+    The null SD of a metric differs between raw and plate-normalised profiles, so each
+    variant's figures are judged by that variant's calibration (see
+    :func:`calibration_records` for the fallback).
+    """
     out: dict[str, float] = {}
     for res in (results.get("feature_sets") or {}).values():
         cal = res.get("calibration") if isinstance(res, dict) else None
-        for rec in ((cal or {}).get("metrics") or {}).values():
+        for rec in calibration_records(cal, variant).values():
             sd, path = rec.get("null_sd"), rec.get("path")
             if path and isinstance(sd, int | float) and math.isfinite(sd):
                 out[path] = max(out.get(path, 0.0), NULL_SPREAD * float(sd))
     return out
 
 
-def noise_floors(results: dict[str, Any]) -> dict[str, float]:
-    """Metric path -> noise floor: the query floor, or the calibration null spread if larger."""
+def noise_floors(results: dict[str, Any], variant: str | None = None) -> dict[str, float]:
+    """Metric path -> noise floor: the query floor, or ``variant``'s null spread if larger."""
     metrics = (results.get("design") or {}).get("metrics") or {}
     # A metric without queries has no floor (null in results.json): it has no values either.
     floors = {p: float(r["noise_floor"]) for p, r in metrics.items() if r.get("noise_floor")}
-    for path, spread in null_spreads(results).items():
+    for path, spread in null_spreads(results, variant).items():
         floors[path] = max(floors.get(path, 0.0), spread)
     return floors
 
@@ -98,10 +116,16 @@ def inseparable(
 
 
 def design_banner(
-    frame: pd.DataFrame, paths: dict[str, tuple[str, ...]], results: dict[str, Any]
+    frame: pd.DataFrame,
+    paths: dict[str, tuple[str, ...]],
+    results: dict[str, Any],
+    variant: str | None = None,
 ) -> str | None:
-    """A sentence when no metric of the figure can separate its rows on this design, else None."""
-    floors = noise_floors(results)
+    """A sentence when no metric of the figure can separate its rows on this design, else None.
+
+    ``variant``: the profile variant ``frame`` shows, whose calibration gives the null spreads.
+    """
+    floors = noise_floors(results, variant)
     judged = [
         c
         for c in frame.columns

@@ -535,7 +535,7 @@ def _results_sections(results: dict[str, Any]) -> list[tuple[str, str]]:
     ):
         frame = sets_frame(results, variant)
         if not frame.empty and frame.shape[1] > 0:
-            banner = design_banner(frame, LABEL_PATHS, results)
+            banner = design_banner(frame, LABEL_PATHS, results, variant)
             # The random network is judged by chance_warnings (calibration-aware), not twice.
             baselines = tuple(b for b in BASELINE_SETS if b not in RANDOM_SETS)
             body = _design_html(results) + summary_html(
@@ -576,7 +576,7 @@ def warning_lines(results: dict[str, Any]) -> list[str]:
     for variant in ("plate_normalized", "raw"):
         frame = sets_frame(results, variant)
         if not frame.empty and frame.shape[1] > 0:
-            banner = design_banner(frame, LABEL_PATHS, results)
+            banner = design_banner(frame, LABEL_PATHS, results, variant)
             lines += [banner] if banner else []
             break
     return lines + chance_warnings(results) + list(results.get("input_warnings", []))
@@ -773,7 +773,7 @@ def _compare_results(
         totals = _compare_totals(every, variant, shared)
         greyed: dict[str, str] = {}
         for name, res in every.items():
-            for col, why in greyed_columns(res, LABEL_PATHS).items():
+            for col, why in greyed_columns(res, LABEL_PATHS, variant).items():
                 greyed.setdefault(col, f"{name}: {why}")
         body = summary_html(frame, LABEL_PATHS, learned, baselines, totals=totals, greyed=greyed)
         return [(f"Results ({variant.replace('_', '-')} profiles)", body)]
