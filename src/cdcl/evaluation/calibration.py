@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from threadpoolctl import threadpool_limits  # installed with scikit-learn
+from threadpoolctl import threadpool_limits  # a direct dependency (pyproject.toml)
 
 from cdcl.progress import working_on
 from cdcl.report.calibration import NO_POWER
