@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -22,6 +23,7 @@ from cdcl.schema import (
     Str,
     Version,
     check,
+    get_path,
     is_safe_name,
 )
 
@@ -148,3 +150,17 @@ def test_a_document_nested_thousands_deep_is_one_line() -> None:
 )
 def test_safe_names(name: str, safe: bool) -> None:
     assert is_safe_name(name) is safe
+
+
+def test_get_path_reads_nested_values_and_numbers() -> None:
+    doc = {"a": {"b": {"c": 0.5, "flag": True, "n": 3, "text": "x"}}, "top": [1]}
+    assert get_path(doc, ("a", "b", "c")) == 0.5
+    assert get_path(doc, ["top"]) == [1]
+    assert get_path(doc, ()) is doc
+    assert get_path(doc, ("a", "missing")) is None
+    assert get_path(doc, ("top", "deeper")) is None  # a list is not walked into
+    assert get_path(None, ("a",)) is None
+    assert get_path(doc, ("a", "b", "n"), number=True) == 3.0
+    assert isinstance(get_path(doc, ("a", "b", "n"), number=True), float)
+    for path in (("a", "b", "flag"), ("a", "b", "text"), ("a", "nope"), ("a", "b")):
+        assert math.isnan(get_path(doc, path, number=True)), path

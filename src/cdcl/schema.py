@@ -28,7 +28,8 @@ Specs: :class:`Any`, :class:`Bool`, :class:`Int`, :class:`Float`, :class:`Str`, 
 (the words after "expected"). Values are checked, never converted: ``True`` is not an integer,
 ``3.0`` is not an integer, NaN and infinities are not numbers unless ``Float(finite=False)``.
 Field paths read ``build.args.seed``, ``channels[2]``, ``label_of["DMSO"]``.
-:func:`read_json` reads a JSON file and checks it in one step.
+:func:`read_json` reads a JSON file and checks it in one step. :func:`get_path` reads one value
+out of a nested document (a results.json) without checking it, ``None`` where it is missing.
 
 This module imports only :mod:`cdcl.errors`, so any module may use it.
 """
@@ -480,3 +481,18 @@ def read_json(path: str | Path, spec: Spec, hint: str = "") -> _AnyType:
         problem = "holds an integer too long to read (over 4300 digits)"
         raise SchemaError("", problem, None).located(where, hint) from None
     return check(doc, spec, where, hint)
+
+
+def get_path(doc: _AnyType, path: Iterable[str], *, number: bool = False) -> _AnyType:
+    """The value at ``path`` (keys, outermost first) in nested dicts; None where it is missing.
+
+    ``number=True``: the value as a float, NaN where it is missing or not a number (booleans
+    are not numbers, as in the specs above).
+    """
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return math.nan if number else None
+        doc = doc[key]
+    if not number:
+        return doc
+    return float(doc) if isinstance(doc, int | float) and not isinstance(doc, bool) else math.nan

@@ -53,6 +53,7 @@ from threadpoolctl import threadpool_limits  # a direct dependency (pyproject.to
 
 from cdcl.progress import working_on
 from cdcl.report.calibration import NO_POWER
+from cdcl.schema import get_path
 
 STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
 NULL_DRAWS = 10
@@ -104,14 +105,6 @@ CALIBRATED: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("MoA mAP, batch-aware", ("map", "moa_batch_aware", "map"), "bio"),
     ("aggregate", ("aggregate", "score"), "aggregate"),
 )
-
-
-def _get(d: Any, path: tuple[str, ...]) -> float:
-    for key in path:
-        if not isinstance(d, dict) or key not in d:
-            return float("nan")
-        d = d[key]
-    return float(d) if isinstance(d, (int, float)) and not isinstance(d, bool) else float("nan")
 
 
 def permute_within_treatment(x: np.ndarray, treatment: np.ndarray, seed: int) -> np.ndarray:
@@ -327,7 +320,7 @@ def _record(
     strongest: str,
 ) -> dict[str, Any]:
     """One metric's calibration on one variant: null, injected values, power and reason."""
-    null_vals = np.array([_get(r, path) for r in nulls])
+    null_vals = np.array([get_path(r, path, number=True) for r in nulls])
     finite = np.isfinite(null_vals)
     rec: dict[str, Any] = {
         "kind": kind,
@@ -337,7 +330,8 @@ def _record(
         "null_draws": int(finite.sum()),
         "null_values": [float(v) for v in null_vals],
         "injected": {
-            f: {s: _get(res, path) for s, res in by_s.items()} for f, by_s in injected.items()
+            f: {s: get_path(res, path, number=True) for s, res in by_s.items()}
+            for f, by_s in injected.items()
         },
     }
     # Earlier readers: the shift's values under "strength", the power transform's strongest

@@ -57,6 +57,7 @@ from cdcl.report.html import (
     write_html,
 )
 from cdcl.report.results import to_jsonable, write_results_text
+from cdcl.schema import get_path
 from cdcl.train.checkpoint import load_for_eval
 from cdcl.train.loop import train
 
@@ -459,23 +460,15 @@ def tables_by_compounds(feature_sets: dict[str, Any]) -> dict[str, dict[str, pd.
     }
 
 
-def _get(d: Any, path: tuple[str, ...]) -> Any:
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d
-
-
 def comparison_table(feature_sets: dict[str, Any], variant: str) -> pd.DataFrame:
     """One row per feature set, one column per headline metric, for one profile variant."""
     rows = []
     for name, res in feature_sets.items():
         row: dict[str, Any] = {"features": name}
         if "online_probe" in res:
-            row["online probe acc"] = _get(res, ("online_probe", "accuracy"))
+            row["online probe acc"] = get_path(res, ("online_probe", "accuracy"))
         for label, path in COLUMNS:
-            v = _get(res.get(variant, {}), path)
+            v = get_path(res.get(variant, {}), path)
             row[label] = float(v) if isinstance(v, int | float) else None
         rows.append(row)
     df = pd.DataFrame(rows).set_index("features")

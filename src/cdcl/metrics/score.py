@@ -44,6 +44,7 @@ from cdcl.metrics.feasibility import classification_unavailable, unavailable
 from cdcl.profiles.arrays import label_isin
 from cdcl.profiles.columns import plate_normalize
 from cdcl.profiles.correction import TRANSDUCTIVE_NOTE, apply_corrections
+from cdcl.schema import get_path
 
 VARIANTS = ("raw", "plate_normalized")
 # Every row is a query up to EXACT_MAX rows; above, QUERY_SAMPLE seeded query rows are scored
@@ -523,14 +524,6 @@ def evaluate_features(
     return out
 
 
-def _get(d: Any, *path: str) -> float:
-    for key in path:
-        if not isinstance(d, dict) or key not in d:
-            return float("nan")
-        d = d[key]
-    return float(d) if isinstance(d, (int, float)) else float("nan")
-
-
 # The aggregate's components and their paths inside a variant's results; each is a score in
 # [0, 1] with 1 = best, used on that fixed range (never rescaled over the rows of a report).
 AGGREGATE_BATCH = {
@@ -566,8 +559,10 @@ def aggregate_scores(res: dict[str, Any], left_out: dict[str, str] | None = None
     the batch sizes, so it is not on the [0, 1] best-is-1 scale of the others.
     """
     left_out = left_out or {}
-    batch = {k: _get(res, *p) for k, p in AGGREGATE_BATCH.items() if k not in left_out}
-    bio = {k: _get(res, *p) for k, p in AGGREGATE_BIO.items() if k not in left_out}
+    batch = {
+        k: get_path(res, p, number=True) for k, p in AGGREGATE_BATCH.items() if k not in left_out
+    }
+    bio = {k: get_path(res, p, number=True) for k, p in AGGREGATE_BIO.items() if k not in left_out}
     out = mixing.scib_aggregate(batch, bio)
     out["range"] = AGGREGATE_RANGE
     if left_out:

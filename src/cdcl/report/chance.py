@@ -14,6 +14,7 @@ from typing import Any
 
 from cdcl.metrics.design import QUERY_UNIT
 from cdcl.report.design import null_spreads
+from cdcl.schema import get_path
 
 RANDOM_SETS = ("random network", "random")
 NOT_LEARNED = (*RANDOM_SETS, "intensity stats", "intensity", "CellProfiler")
@@ -23,12 +24,8 @@ VARIANT_TEXT = {"raw": "raw profiles", "plate_normalized": "plate-normalised pro
 
 
 def _value(body: Any, path: str) -> float | None:
-    for key in path.split("."):
-        if not isinstance(body, dict) or key not in body:
-            return None
-        body = body[key]
-    ok = isinstance(body, int | float) and not isinstance(body, bool) and math.isfinite(body)
-    return float(body) if ok else None
+    v = get_path(body, path.split("."), number=True)
+    return v if math.isfinite(v) else None
 
 
 def _diffs(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:

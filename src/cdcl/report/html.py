@@ -44,6 +44,7 @@ from cdcl.report.figure import (  # noqa: F401  (re-exported: the report's figur
 from cdcl.report.figure import fmt as _fmt
 from cdcl.report.plot_sample import DEFAULT_PLOT_SAMPLE, stratified_plot_rows
 from cdcl.report.results import read_results
+from cdcl.schema import get_path
 
 # (label, path inside a variant's results, higher is better?)
 HEADLINE: tuple[tuple[str, tuple[str, ...], bool], ...] = (
@@ -85,14 +86,6 @@ ONLINE_PROBE = (
 )
 
 
-def _get(d: Any, path: tuple[str, ...]) -> Any:
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d
-
-
 def metrics_long(results: dict[str, Any], run: str = "") -> pd.DataFrame:
     """Headline figures as a long table: run, set, variant, metric, value, higher_is_better."""
     rows = []
@@ -101,11 +94,11 @@ def metrics_long(results: dict[str, Any], run: str = "") -> pd.DataFrame:
             if variant not in res:
                 continue
             for label, path, hib in HEADLINE:
-                v = _get(res[variant], path)
+                v = get_path(res[variant], path)
                 if isinstance(v, int | float) or v is None:
                     rows.append((run, set_name, variant, label, v, hib))
         for label, path, hib in ONLINE_PROBE:
-            v = _get(res, path)
+            v = get_path(res, path)
             if isinstance(v, int | float):
                 rows.append((run, set_name, "images", label, v, hib))
     return pd.DataFrame(
