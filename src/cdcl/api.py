@@ -1407,7 +1407,7 @@ def study(
     note: str | None = None,
     data: PathLike | None = None,
     level: str | None = None,
-    primary_metric: str = "replicate mAP (other batch)",
+    primary_metric: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Replicated comparison of methods (seeds x folds) with paired statistics.
@@ -1473,7 +1473,8 @@ def study(
         ``"well"`` or ``"image"`` profiles (default: the dataset's; image on BBBC021).
     primary_metric
         The metric of the pre-registered primary endpoint (CDCL − the first reference), one
-        of the comparison table's; the default needs two held-out batches per fold.
+        of the comparison table's (default: replicate mAP across batches, which needs two
+        held-out batches per fold).
     progress
         Show progress bars and a line per step.
 
@@ -1500,7 +1501,7 @@ def study(
         dataset=dataset if data is None else "custom",
         data=Path(data) if data is not None else None,
         level=level,
-        primary_metric=primary_metric,
+        **({"primary_metric": primary_metric} if primary_metric is not None else {}),
         methods=_words(methods),
         seeds=_ints(seeds, "--seeds") or ((0, 1) if quick else (0, 1, 2)),
         folds=_ints(folds, "--folds"),

@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--primary-metric",
-        default="replicate mAP (other batch)",
+        default=None,
         help="the metric of the pre-registered primary endpoint, CDCL - the first reference "
         "(default: replicate mAP (other batch), which needs two held-out batches per fold)",
     )
