@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -238,6 +239,248 @@ def _classification(
     return out
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What every unsupervised metric reads: the evaluation rows and the shared settings."""
+
+    x: np.ndarray
+    meta: pd.DataFrame
+    ctrl: np.ndarray
+    batch: np.ndarray
+    treat: np.ndarray
+    has_moa: bool
+    seed: int
+    null_size: int
+    nq: int | None  # query sample for kNN graphs and control mixing (None: every row)
+    map_kw: dict[str, Any]  # mAP settings shared by the plain and batch-aware rankings
+
+
+def _context(x: np.ndarray, meta: pd.DataFrame, null_size: int, seed: int) -> _Context:
+    """The context of one set of evaluation rows."""
+    ctrl = meta["is_control"].to_numpy(bool)
+    map_kw: dict[str, Any] = {"null_size": null_size, "seed": seed}
+    map_kw["max_queries"] = None if len(x) <= EXACT_MAX else MAP_QUERY_SAMPLE
+    map_kw["max_null_elems"] = MAP_NULL_BUDGET
+    return _Context(
+        x=x,
+        meta=meta,
+        ctrl=ctrl,
+        batch=meta["batch"].astype(str).to_numpy(),
+        treat=meta["treatment"].astype(str).to_numpy(),
+        has_moa=bool("moa" in meta.columns and meta.loc[~ctrl, "moa"].notna().any()),
+        seed=seed,
+        null_size=null_size,
+        nq=_queries(len(x)),
+        map_kw=map_kw,
+    )
+
+
+def _moa_matching(c: _Context) -> dict[str, Any]:
+    """NSC/NSCB."""
+    return matching.nsc_nscb(c.x, c.meta)
+
+
+def _per_treatment(c: _Context) -> dict[str, Any]:
+    """kBET, iLISI and graph connectivity per treatment."""
+    # One kNN graph per treatment serves kBET, iLISI and graph connectivity.
+    return mixing.mixing_per_treatment(c.x, c.batch, c.treat, seed=c.seed)
+
+
+def _global_mixing(c: _Context) -> dict[str, Any]:
+    """kBET and iLISI over all rows."""
+    # One kNN graph over all rows (sampled queries above EXACT_MAX) for kBET and iLISI.
+    if pd.Series(c.batch).nunique() < 2:
+        return {"kbet": mixing.kbet(c.x, c.batch), "ilisi": mixing.ilisi(c.x, c.batch)}
+    k_kbet = mixing.default_kbet_k(c.batch)
+    rows = neighbours.sample_rows(len(c.x), c.nq, c.seed)
+    graph = neighbours.neighbor_graph(c.x, max(k_kbet - 1, mixing.LISI_K), query_indices=rows)
+    return {
+        "kbet": mixing.kbet(c.x, c.batch, graph=graph),
+        "ilisi": mixing.ilisi(c.x, c.batch, graph=graph),
+    }
+
+
+def _silhouettes(c: _Context) -> dict[str, Any]:
+    """Batch, treatment and MoA silhouettes."""
+    x, seed = c.x, c.seed
+    # Exact up to SILHOUETTE_EXACT_MAX rows; beyond, a seeded sample of query rows scored
+    # against all rows (O(sample * n) instead of O(n^2)).
+    kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
+    kw["seed"] = seed
+    s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
+    # One pass of batch-label silhouettes s_i (Euclidean, as scib) serves three figures:
+    # the mean s; scib's silhouette_batch with every row in one label, mean of 1 - |s_i|;
+    # and 1 - |mean s| (not scib's: opposite signs cancel), kept for comparison.
+    if _n_labels_ok(c.batch):
+        codes = pd.factorize(pd.Series(c.batch))[0]
+        q = neighbours.sample_rows(len(x), kw["sample_size"], seed)
+        s_i = mixing.silhouette_values(x, codes, q, metric="euclidean")
+        s["batch"] = float(s_i.mean())
+        s["batch_scib"] = float(np.mean(1.0 - np.abs(s_i)))
+        s["batch_global_1_minus_abs"] = 1.0 - abs(s["batch"])
+    else:
+        s["batch"] = s["batch_scib"] = s["batch_global_1_minus_abs"] = float("nan")
+    # Row subsets are passed as indices: no copy of a screen-sized table.
+    nc = ~c.ctrl
+    kw["rows"] = np.flatnonzero(nc)
+    treat = c.treat[nc]
+    s["treatment"] = mixing.silhouette(x, treat, **kw) if _n_labels_ok(treat) else float("nan")
+    if c.has_moa:
+        moa_ok = nc & c.meta["moa"].notna().to_numpy()
+        m = c.meta["moa"].astype(str).to_numpy()[moa_ok]
+        kw["rows"] = np.flatnonzero(moa_ok)
+        s["moa"] = mixing.silhouette(x, m, **kw) if _n_labels_ok(m) else float("nan")
+    return s
+
+
+def _grit(c: _Context) -> dict[str, Any]:
+    """GRIT summary and per-treatment GRIT."""
+    if c.ctrl.sum() < 2:
+        return {"mean_grit": float("nan"), "note": "fewer than 2 control profiles"}
+    table = reproducibility.grit(c.x, c.meta, max_controls=GRIT_MAX_CONTROLS, seed=c.seed)
+    r = dict(reproducibility.grit_summary(table))
+    r["per_treatment"] = dict(zip(table["treatment"].astype(str), table["grit"]))
+    return r
+
+
+# The plain and batch-aware settings of a recipe share its queries and similarities (one
+# ranking, two sets of positives); rows are normalised as they are read, so no copy of a
+# screen-sized table is made.
+def _replicate_map(c: _Context) -> dict[str, Any]:
+    """Replicate mAP, plain and batch-aware, with the cross-batch retrieval penalty."""
+    # Replicate retrieval adds a third set of positives (same batch) to the same ranking.
+    plain, aware, penalty = retrieval.replicate_maps_with_penalty(c.x, c.meta, **c.map_kw)
+    return {"": plain, "_batch_aware": aware, "penalty": penalty}
+
+
+def _moa_map(c: _Context) -> dict[str, Any]:
+    """MoA mAP, plain and batch-aware."""
+    plain, aware = retrieval.moa_maps(c.x, c.meta, (False, True), **c.map_kw)
+    return {"": plain[0], "_batch_aware": aware[0]}
+
+
+def _control_mixing(c: _Context) -> dict[str, Any]:
+    """Control-well mixing across batches."""
+    return control_mixing(c.x, c.meta, seed=c.seed, max_queries=c.nq)
+
+
+def _batch_classifier(c: _Context) -> dict[str, Any]:
+    """Batch classifier accuracy."""
+    return classification.batch_classifier_accuracy(c.x, c.batch, seed=c.seed)
+
+
+def _always(_: _Context) -> bool:
+    return True
+
+
+def _controls_and_treated(c: _Context) -> bool:
+    return bool(c.ctrl.any() and (~c.ctrl).any())
+
+
+def _with_moa(c: _Context) -> bool:
+    return c.has_moa
+
+
+@dataclass(frozen=True)
+class _Metric:
+    """One unsupervised metric family: where its result goes, when it runs, how it is logged."""
+
+    key: str  # result key in the registry's results; errors are recorded as "<variant>.<key>"
+    label: str  # log label
+    fn: Callable[[_Context], Any]
+    skip_if: tuple[str, ...] = ()  # not run when every one of these is unavailable (why)
+    when: Callable[[_Context], bool] = _always  # False: not run and absent from the results
+    shares_failure: str | None = None  # error key that also gets this metric's failure
+
+
+_MAP_REPLICATE = ("map.replicate", "map.replicate_batch_aware")
+_MAP_MOA = ("map.moa", "map.moa_batch_aware")
+# Run in this order (the order of the hand-wired version: same seeds, same call sequence).
+UNSUPERVISED: tuple[_Metric, ...] = (
+    _Metric("moa_matching", "NSC/NSCB", _moa_matching, ("moa_matching",), _with_moa),
+    _Metric("mixing_per_treatment", "mixing per treatment", _per_treatment),
+    _Metric("kbet", "kBET + iLISI", _global_mixing, ("kbet",)),
+    _Metric("silhouette", "silhouettes", _silhouettes, ("silhouette",)),
+    _Metric("grit", "GRIT", _grit, ("grit",)),
+    # The two settings share one ranking: its failure is both settings' failure.
+    _Metric(
+        "map.replicate",
+        "replicate mAP + batch-aware",
+        _replicate_map,
+        _MAP_REPLICATE,
+        _controls_and_treated,
+        shares_failure="map.replicate_batch_aware",
+    ),
+    _Metric(
+        "map.moa",
+        "MoA mAP + batch-aware",
+        _moa_map,
+        _MAP_MOA,
+        _with_moa,
+        shares_failure="map.moa_batch_aware",
+    ),
+    _Metric("control_mixing", "control mixing", _control_mixing),
+    _Metric("batch_classifier", "batch classifier", _batch_classifier, ("batch_classifier",)),
+)
+
+
+def _run_metrics(
+    c: _Context, why: dict[str, str], errors: dict[str, str], pre: str, log: _Log
+) -> dict[str, Any]:
+    """Every metric of UNSUPERVISED in order: key -> result (None: skipped or failed)."""
+    res: dict[str, Any] = {}
+    for m in UNSUPERVISED:
+        if not m.when(c):
+            continue
+        if m.skip_if and all(k in why for k in m.skip_if):
+            res[m.key] = None
+            continue
+        name = f"{pre}.{m.key}"
+        res[m.key] = _safe(errors, name, log(m.label, functools.partial(m.fn, c)))
+        if res[m.key] is None and m.shares_failure and name in errors:
+            errors[f"{pre}.{m.shares_failure}"] = errors[name]
+    return res
+
+
+def _kbet_with_per_treatment(r: dict[str, Any], mix: dict[str, Any] | None) -> dict[str, Any]:
+    """Global kBET with the per-treatment kBET fields merged in (in place)."""
+    if mix is not None:
+        r["per_treatment_mean"] = mix["kbet"]
+        r["per_treatment_n"] = mix["kbet_n"]  # treatments scored under scib's rules
+        r["per_treatment_stderr"] = mix["kbet_stderr"]  # > 0 when treatments were sampled
+        if mix.get("kbet_note"):
+            r["per_treatment_note"] = mix["kbet_note"]
+        r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
+    return r
+
+
+def _maps(res: dict[str, Any], why: dict[str, str]) -> dict[str, Any]:
+    """The mAP figures: ``replicate``, ``moa`` and their ``_batch_aware`` settings."""
+    maps: dict[str, Any] = {}
+    for key in ("replicate", "moa"):
+        if f"map.{key}" not in res:  # the recipe does not apply to these rows
+            continue
+        pair = res[f"map.{key}"]
+        for suffix in ("", "_batch_aware"):
+            nm = f"map.{key}{suffix}"
+            maps[f"{key}{suffix}"] = None if pair is None or nm in why else pair[suffix]
+    return maps
+
+
+def _retrieval_penalty(res: dict[str, Any], why: dict[str, str]) -> dict[str, Any]:
+    """The cross-batch retrieval penalty, or why it is not computable."""
+    if "map.replicate" not in res:
+        return {
+            "not_computable": "not computable on this design: replicate retrieval needs "
+            "control and treated wells (the controls are the negatives)"
+        }
+    pair = res["map.replicate"]
+    if pair is not None:
+        return pair["penalty"]
+    reason = why.get("map.replicate_batch_aware") or "replicate retrieval failed"
+    return {"not_computable": str(reason)}
+
+
 def _unsupervised(
     x: np.ndarray,
     meta: pd.DataFrame,
@@ -252,165 +495,134 @@ def _unsupervised(
 
     A metric the rows cannot support is not run; ``skipped`` gets one line saying why.
     """
-    out: dict[str, Any] = {}
     log = log or _Log(False, pre)
-    nq = _queries(len(x))
-    ctrl = meta["is_control"].to_numpy(bool)
-    batch = meta["batch"].astype(str).to_numpy()
-    treat = meta["treatment"].astype(str).to_numpy()
-    has_moa = bool("moa" in meta.columns and meta.loc[~ctrl, "moa"].notna().any())
-    why = unavailable(meta, has_moa)
+    c = _context(x, meta, null_size, seed)
+    why = unavailable(meta, c.has_moa)
     skipped = {} if skipped is None else skipped
     skipped.update({f"{pre}.{k}": v for k, v in why.items()})
-
-    def run(key: str, fn: Callable[[], Any]) -> Any:
-        return None if key in why else _safe(errors, f"{pre}.{key}", fn)
-
-    if has_moa:
-        out["moa_matching"] = run(
-            "moa_matching", log("NSC/NSCB", lambda: matching.nsc_nscb(x, meta))
-        )
-
-    def per_treatment() -> dict[str, Any]:
-        # One kNN graph per treatment serves kBET, iLISI and graph connectivity.
-        return mixing.mixing_per_treatment(x, batch, treat, seed=seed)
-
-    mix = _safe(errors, f"{pre}.mixing_per_treatment", log("mixing per treatment", per_treatment))
-    out["mixing_per_treatment"] = mix
-
-    def global_mixing() -> dict[str, Any]:
-        # One kNN graph over all rows (sampled queries above EXACT_MAX) for kBET and iLISI.
-        if pd.Series(batch).nunique() < 2:
-            return {"kbet": mixing.kbet(x, batch), "ilisi": mixing.ilisi(x, batch)}
-        k_kbet = mixing.default_kbet_k(batch)
-        rows = neighbours.sample_rows(len(x), nq, seed)
-        graph = neighbours.neighbor_graph(x, max(k_kbet - 1, mixing.LISI_K), query_indices=rows)
-        return {
-            "kbet": mixing.kbet(x, batch, graph=graph),
-            "ilisi": mixing.ilisi(x, batch, graph=graph),
-        }
-
-    glob = run("kbet", log("kBET + iLISI", global_mixing))
+    res = _run_metrics(c, why, errors, pre, log)
+    out: dict[str, Any] = {}
+    if "moa_matching" in res:
+        out["moa_matching"] = res["moa_matching"]
+    mix = out["mixing_per_treatment"] = res["mixing_per_treatment"]
+    glob = res["kbet"]
     if glob is not None:
-        r = glob["kbet"]
-        if mix is not None:
-            r["per_treatment_mean"] = mix["kbet"]
-            r["per_treatment_n"] = mix["kbet_n"]  # treatments scored under scib's rules
-            r["per_treatment_stderr"] = mix["kbet_stderr"]  # > 0 when treatments were sampled
-            if mix.get("kbet_note"):
-                r["per_treatment_note"] = mix["kbet_note"]
-            r["per_treatment"] = {t: v["kbet"] for t, v in mix["per_treatment"].items()}
-        out["kbet"] = r
+        out["kbet"] = _kbet_with_per_treatment(glob["kbet"], mix)
         out["ilisi"] = glob["ilisi"]
     else:
         out["kbet"] = None
-
-    def silhouettes() -> dict[str, Any]:
-        # Exact up to SILHOUETTE_EXACT_MAX rows; beyond, a seeded sample of query rows scored
-        # against all rows (O(sample * n) instead of O(n^2)).
-        kw = {"sample_size": SILHOUETTE_SAMPLE if len(x) > SILHOUETTE_EXACT_MAX else None}
-        kw["seed"] = seed
-        s: dict[str, Any] = {"n_queries": kw["sample_size"] or len(x)}
-        # One pass of batch-label silhouettes s_i (Euclidean, as scib) serves three figures:
-        # the mean s; scib's silhouette_batch with every row in one label, mean of 1 - |s_i|;
-        # and 1 - |mean s| (not scib's: opposite signs cancel), kept for comparison.
-        if _n_labels_ok(batch):
-            codes = pd.factorize(pd.Series(batch))[0]
-            q = neighbours.sample_rows(len(x), kw["sample_size"], seed)
-            s_i = mixing.silhouette_values(x, codes, q, metric="euclidean")
-            s["batch"] = float(s_i.mean())
-            s["batch_scib"] = float(np.mean(1.0 - np.abs(s_i)))
-            s["batch_global_1_minus_abs"] = 1.0 - abs(s["batch"])
-        else:
-            s["batch"] = s["batch_scib"] = s["batch_global_1_minus_abs"] = float("nan")
-        # Row subsets are passed as indices: no copy of a screen-sized table.
-        nc = ~ctrl
-        kw["rows"] = np.flatnonzero(nc)
-        s["treatment"] = (
-            mixing.silhouette(x, treat[nc], **kw) if _n_labels_ok(treat[nc]) else float("nan")
-        )
-        if has_moa:
-            moa_ok = nc & meta["moa"].notna().to_numpy()
-            m = meta["moa"].astype(str).to_numpy()[moa_ok]
-            kw["rows"] = np.flatnonzero(moa_ok)
-            s["moa"] = mixing.silhouette(x, m, **kw) if _n_labels_ok(m) else float("nan")
-        return s
-
-    out["silhouette"] = run("silhouette", log("silhouettes", silhouettes))
-
-    def grit() -> dict[str, Any]:
-        if ctrl.sum() < 2:
-            return {"mean_grit": float("nan"), "note": "fewer than 2 control profiles"}
-        table = reproducibility.grit(x, meta, max_controls=GRIT_MAX_CONTROLS, seed=seed)
-        r = dict(reproducibility.grit_summary(table))
-        r["per_treatment"] = dict(zip(table["treatment"].astype(str), table["grit"]))
-        return r
-
-    out["grit"] = run("grit", log("GRIT", grit))
-
-    maps: dict[str, Any] = {}
-    map_kw = {"null_size": null_size, "seed": seed}
-    map_kw["max_queries"] = None if len(x) <= EXACT_MAX else MAP_QUERY_SAMPLE
-    map_kw["max_null_elems"] = MAP_NULL_BUDGET
-
-    # The plain and batch-aware settings of a recipe share its queries and similarities (one
-    # ranking, two sets of positives); rows are normalised as they are read, so no copy of a
-    # screen-sized table is made.
-    def both(recipe: Callable[..., Any]) -> Callable[[], dict[str, Any]]:
-        def scored() -> dict[str, Any]:
-            plain, aware = recipe(x, meta, (False, True), **map_kw)
-            return {"": plain[0], "_batch_aware": aware[0]}
-
-        return scored
-
-    def with_penalty(_: Callable[..., Any]) -> Callable[[], dict[str, Any]]:
-        # Replicate retrieval adds a third set of positives (same batch) to the same ranking:
-        # the cross-batch retrieval penalty.
-        def scored() -> dict[str, Any]:
-            plain, aware, penalty = retrieval.replicate_maps_with_penalty(x, meta, **map_kw)
-            return {"": plain, "_batch_aware": aware, "penalty": penalty}
-
-        return scored
-
-    recipes = []
-    penalty: dict[str, Any] = {
-        "not_computable": "not computable on this design: replicate retrieval needs control "
-        "and treated wells (the controls are the negatives)"
-    }
-    if ctrl.any() and (~ctrl).any():
-        recipes.append(("replicate", "replicate mAP", with_penalty(retrieval.replicate_maps)))
-    if has_moa:
-        recipes.append(("moa", "MoA mAP", both(retrieval.moa_maps)))
-    for key, label, recipe in recipes:
-        names = {"": f"map.{key}", "_batch_aware": f"map.{key}_batch_aware"}
-        pair = None
-        if not all(nm in why for nm in names.values()):
-            pair = _safe(errors, f"{pre}.map.{key}", log(f"{label} + batch-aware", recipe))
-            if pair is None and f"{pre}.map.{key}" in errors:  # the shared ranking failed
-                errors[f"{pre}.map.{key}_batch_aware"] = errors[f"{pre}.map.{key}"]
-        for suffix, nm in names.items():
-            maps[f"{key}{suffix}"] = None if pair is None or nm in why else pair[suffix]
-        if key == "replicate":
-            if pair is not None:
-                penalty = pair["penalty"]
-            else:
-                reason = why.get("map.replicate_batch_aware") or "replicate retrieval failed"
-                penalty = {"not_computable": str(reason)}
-    out["map"] = maps
-    out["batch_endpoints"] = {"retrieval_penalty": penalty}
-    out["control_mixing"] = _safe(
-        errors,
-        f"{pre}.control_mixing",
-        log("control mixing", lambda: control_mixing(x, meta, seed=seed, max_queries=nq)),
-    )
-    out["batch_classifier"] = run(
-        "batch_classifier",
-        log(
-            "batch classifier",
-            lambda: classification.batch_classifier_accuracy(x, batch, seed=seed),
-        ),
-    )
+    out["silhouette"] = res["silhouette"]
+    out["grit"] = res["grit"]
+    out["map"] = _maps(res, why)
+    out["batch_endpoints"] = {"retrieval_penalty": _retrieval_penalty(res, why)}
+    out["control_mixing"] = res["control_mixing"]
+    out["batch_classifier"] = res["batch_classifier"]
     return out
+
+
+def _checked(features: Any, meta: pd.DataFrame, name: str) -> np.ndarray:
+    """Profiles as float32, after refusing an empty, misaligned or non-finite feature set."""
+    x = np.asarray(features, dtype=np.float32)
+    n = x.shape[0]
+    if n == 0 or x.ndim != 2 or x.shape[1] == 0:
+        raise CdclError(f"{name}: empty feature set (shape {x.shape}); nothing to evaluate")
+    if len(meta) != n:
+        raise ValueError(f"{n} profiles but {len(meta)} metadata rows")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x).all(axis=1)).sum())
+        raise CdclError(
+            f"{name}: {bad} profiles contain NaN or infinite values; drop or impute them"
+        )
+    return x
+
+
+def _row_masks(
+    n: int,
+    train_mask: np.ndarray | None,
+    test_mask: np.ndarray | None,
+    eval_mask: np.ndarray | None,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(train or None, test, eval) rows; test defaults to every row, eval to the test rows."""
+    all_rows = np.ones(n, dtype=bool)
+    test = all_rows if test_mask is None else np.asarray(test_mask, bool)
+    train = None if train_mask is None else np.asarray(train_mask, bool)
+    ev = (
+        (test if test_mask is not None else all_rows)
+        if eval_mask is None
+        else np.asarray(eval_mask, bool)
+    )
+    return train, test, ev
+
+
+def _counts(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    train: np.ndarray | None,
+    test: np.ndarray,
+    ev: np.ndarray,
+) -> dict[str, int]:
+    """The ``n`` block of the results: profiles, dims and the rows of each role."""
+    return {
+        "profiles": x.shape[0],
+        "dims": int(x.shape[1]),
+        "train": int(train.sum()) if train is not None else 0,
+        "test": int(test.sum()),
+        "eval": int(ev.sum()),
+        "eval_batches": int(meta.loc[ev, "batch"].nunique()),
+    }
+
+
+def _score_variant(
+    variant: str,
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    masks: tuple[np.ndarray | None, np.ndarray, np.ndarray],
+    k: int,
+    null_size: int,
+    seed: int,
+    errors: dict[str, str],
+    skipped: dict[str, str],
+    log: _Log,
+) -> dict[str, Any]:
+    """Every metric of one variant; ``masks`` are (train or None, test, eval) rows."""
+    train, test, ev = masks
+    norm_info: dict[str, Any] = {}
+    if variant == "raw":
+        xv = x
+    elif variant == "plate_normalized":
+        normalize = functools.partial(plate_normalize, x, meta, info=norm_info)
+        xv = log("plate normalisation", normalize)()
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    res: dict[str, Any] = {"normalization": norm_info} if norm_info else {}
+    if train is not None and train.any():
+        res["classification"] = _safe(
+            errors,
+            f"{variant}.classification",
+            lambda xv=xv, log=log: _classification(xv, meta, train, test, k, seed, log),
+        )
+        why = classification_unavailable(meta, train, test)
+        if why:
+            skipped[f"{variant}.classification"] = why
+    sub_meta = meta.loc[ev].reset_index(drop=True)
+    xe = xv if ev.all() else xv[ev]  # no copy of the whole table when scoring every row
+    res.update(_unsupervised(xe, sub_meta, null_size, seed, errors, variant, skipped, log))
+    res["aggregate"] = aggregate_scores(res)
+    return res
+
+
+def _note_single_batch(out: dict[str, Any], variants: tuple[str, ...], name: str) -> None:
+    """Print which treatments the per-treatment mixing metrics left out (one evaluated batch)."""
+    first = out.get(variants[0], {}) if variants else {}
+    mix = first.get("mixing_per_treatment") or {}
+    if mix.get("n_single_batch"):
+        shown = ", ".join(mix["single_batch_treatments"][:5])
+        more = " ..." if mix["n_single_batch"] > 5 else ""
+        print(
+            f"note: {name}: {mix['n_single_batch']} treatment(s) occur in only one evaluated "
+            f"batch ({shown}{more}); left out of the per-treatment mixing metrics",
+            file=sys.stderr,
+        )
 
 
 def evaluate_features(
@@ -439,78 +651,23 @@ def evaluate_features(
     wall time to stderr. Each variant also gets ``aggregate``, the scib-style overall score
     (:func:`aggregate_scores`).
     """
-    x = np.asarray(features, dtype=np.float32)
+    x = _checked(features, meta, name)
     n = x.shape[0]
-    if n == 0 or x.ndim != 2 or x.shape[1] == 0:
-        raise CdclError(f"{name}: empty feature set (shape {x.shape}); nothing to evaluate")
-    if len(meta) != n:
-        raise ValueError(f"{n} profiles but {len(meta)} metadata rows")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x).all(axis=1)).sum())
-        raise CdclError(
-            f"{name}: {bad} profiles contain NaN or infinite values; drop or impute them"
-        )
     meta = meta.reset_index(drop=True)
     constant = bool(n > 1 and (x.min(axis=0) == x.max(axis=0)).all())
     timer = timer or Timer()
-    all_rows = np.ones(n, dtype=bool)
-    test = all_rows if test_mask is None else np.asarray(test_mask, bool)
-    train = None if train_mask is None else np.asarray(train_mask, bool)
-    ev = (
-        (test if test_mask is not None else all_rows)
-        if eval_mask is None
-        else np.asarray(eval_mask, bool)
-    )
+    train, test, ev = _row_masks(n, train_mask, test_mask, eval_mask)
     errors: dict[str, str] = {}
     skipped: dict[str, str] = {}  # metric -> why the rows cannot support it
-    out: dict[str, Any] = {
-        "n": {
-            "profiles": n,
-            "dims": int(x.shape[1]),
-            "train": int(train.sum()) if train is not None else 0,
-            "test": int(test.sum()),
-            "eval": int(ev.sum()),
-            "eval_batches": int(meta.loc[ev, "batch"].nunique()),
-        }
-    }
+    out: dict[str, Any] = {"n": _counts(x, meta, train, test, ev)}
     if verbose is None:
         verbose = n > EXACT_MAX
     for variant in variants:
         log = _Log(bool(verbose), f"{name} {variant}")
         with timer(f"{name}.{variant}"):
-            norm_info: dict[str, Any] = {}
-            if variant == "raw":
-                xv = x
-            elif variant == "plate_normalized":
-                normalize = functools.partial(plate_normalize, x, meta, info=norm_info)
-                xv = log("plate normalisation", normalize)()
-            else:
-                raise ValueError(f"unknown variant {variant!r}")
-            res: dict[str, Any] = {"normalization": norm_info} if norm_info else {}
-            if train is not None and train.any():
-                res["classification"] = _safe(
-                    errors,
-                    f"{variant}.classification",
-                    lambda xv=xv, log=log: _classification(xv, meta, train, test, k, seed, log),
-                )
-                why = classification_unavailable(meta, train, test)
-                if why:
-                    skipped[f"{variant}.classification"] = why
-            sub_meta = meta.loc[ev].reset_index(drop=True)
-            xe = xv if ev.all() else xv[ev]  # no copy of the whole table when scoring every row
-            res.update(_unsupervised(xe, sub_meta, null_size, seed, errors, variant, skipped, log))
-            res["aggregate"] = aggregate_scores(res)
-            out[variant] = res
-    first = out.get(variants[0], {}) if variants else {}
-    mix = first.get("mixing_per_treatment") or {}
-    if mix.get("n_single_batch"):
-        shown = ", ".join(mix["single_batch_treatments"][:5])
-        more = " ..." if mix["n_single_batch"] > 5 else ""
-        print(
-            f"note: {name}: {mix['n_single_batch']} treatment(s) occur in only one evaluated "
-            f"batch ({shown}{more}); left out of the per-treatment mixing metrics",
-            file=sys.stderr,
-        )
+            args = (k, null_size, seed, errors, skipped, log)
+            out[variant] = _score_variant(variant, x, meta, (train, test, ev), *args)
+    _note_single_batch(out, variants, name)
     if constant:
         out["note"] = (
             f"{name}: every feature is constant over the profiles: all similarities tie, so "
