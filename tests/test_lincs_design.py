@@ -26,7 +26,7 @@ TINY = [*TINY_MODEL, "train.batch_size=8", "train.epochs=1"]
 
 def build(tmp: Path, name: str, *extra: str) -> Path:
     """docs/datasets.md's LINCS fields build (its first command), into ``tmp/name``."""
-    fields, _ = doc_blocks("lincs_a549_cellpainting")
+    fields, _ = doc_blocks("lincs_a549_cellpainting")[:2]
     args = list(fields[0])
     args[args.index("--out") + 1] = str(tmp / name)
     proc = cdcl(*args, *extra)

@@ -18,6 +18,7 @@ from scipy import stats
 
 from cdcl.errors import CdclError
 from cdcl.experiments import statistics as st
+from cdcl.experiments.preregistration import design_hash
 from cdcl.experiments.study import (
     TRANSDUCTIVE_NOTE,
     Replicate,
@@ -329,8 +330,11 @@ def test_study_rerun_reuses_replicates_and_gives_the_same_json(
     assert all(r["reused"] for r in again["replicates"])
     _assert_close(_figures(first), _figures(again))
     # the same replicates again are the same look at the plan fixed by the first run
-    assert again["design"] == {"replicates": ["seed0", "seed1"], "n": 2}
+    design = again["design"]
+    assert (design["replicates"], design["n"]) == (["seed0", "seed1"], 2)
+    assert design == first["design"] and design["hash"] == design_hash(design)
     assert [lk["look"] for lk in again["looks"]] == [1]
+    assert [lk["look"] for lk in again["preregistered"]["looks"]] == [1]
 
 
 @pytest.mark.slow

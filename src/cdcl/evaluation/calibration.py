@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -387,7 +386,7 @@ def calibrate(
 
     Returns:
         ``{"design", "conditions", "variants": {variant: {"metrics": {label: record},
-        "no_power": [labels]}}, "no_power_by_variant", "metrics", "no_power", "seconds"}``;
+        "no_power": [labels]}}, "no_power_by_variant", "metrics", "no_power"}`` (its wall time is the caller's: ``timings_s`` of the results);
         a record is ``{"kind", "path", "null", "null_sd", "null_draws", "null_values",
         "injected": {injection: {strength: value}}, "strength" (the shift's), "nonlinear",
         "margin", "moved", "direction", "power_by_injection", "power", "reason"}``.
@@ -396,7 +395,6 @@ def calibrate(
     """
     from cdcl.metrics.score import evaluate_features
 
-    t0 = time.perf_counter()
     variants = tuple(variants)
     unknown = [k for k in injections if k not in INJECTIONS]
     if unknown or not variants:
@@ -506,7 +504,6 @@ def calibrate(
         "no_power_by_variant": {v: list(r["no_power"]) for v, r in by_variant.items()},
         "metrics": by_variant[first]["metrics"],
         "no_power": list(by_variant[first]["no_power"]),
-        "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
