@@ -414,6 +414,15 @@ def load_config(
     return config_from_dict(merged, where if not overrides else f"{where} + overrides")
 
 
+def with_defaults(d: dict[str, Any], where: str = "config") -> dict[str, Any]:
+    """A stored configuration with the keys added to ``Config`` since it was written, at their
+    defaults (as the version that wrote it behaved); unchanged when it no longer parses."""
+    try:
+        return config_from_dict(d, where).to_dict()
+    except ConfigError:
+        return d
+
+
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Keys (``section.key``) whose values differ between two config dicts."""
     out = {}

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from cdcl._version import versions
-from cdcl.config import load_config
+from cdcl.config import load_config, with_defaults
 from cdcl.data.dataset_dir import atomic_write_text, open_dataset, validate
 from cdcl.data.montage import montage
 from cdcl.data.splits import assign_split, half_of_treatments, treatment_paired_split
@@ -328,14 +329,29 @@ def train_method(spec: DemoSpec, label: str, data: Path) -> tuple[Path, dict[str
     preset = f"{family}-{key}"
     cfg = load_config(preset, [f"data.path={data.resolve()}", *budget_overrides(spec)])
     run = spec.out / "runs" / key
-    config_file = run / "config.yaml"
-    same = config_file.is_file() and config_file.read_text() == cfg.to_yaml()
+    same = trained_with(run / "config.yaml", cfg)
     if run.exists() and (spec.fresh or not same):
         shutil.rmtree(run)
     t0 = time.perf_counter()
     summary = train(cfg, run, resume=run.exists())
     wall = time.perf_counter() - t0
     return run, {"preset": preset, "wall_s": round(wall, 2), **_train_stats(run), **summary}
+
+
+def trained_with(config_file: Path, cfg: Any) -> bool:
+    """Whether a stored run's configuration is ``cfg``: the same text, or the same once the
+    keys added to the configuration since it was written are filled in at their defaults (so
+    a study's trained runs survive a new configuration key)."""
+    if not config_file.is_file():
+        return False
+    text = config_file.read_text()
+    if text == cfg.to_yaml():
+        return True
+    try:
+        stored = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return isinstance(stored, dict) and with_defaults(stored, str(config_file)) == cfg.to_dict()
 
 
 def _train_stats(run: Path) -> dict[str, Any]:

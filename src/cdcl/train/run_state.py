@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
-from cdcl.config import Config, config_diff
+from cdcl.config import Config, config_diff, with_defaults
 from cdcl.data.training_set import TrainingSet
 from cdcl.data.views import ViewsConfig
 from cdcl.errors import CdclError
@@ -114,7 +114,8 @@ def open_checkpoint(cfg: Config, out: Path, resume: bool) -> dict[str, Any] | No
 
 def check_resume(ckpt: dict[str, Any], cfg: Config, path: Path, world: int) -> None:
     """Refuse a resume whose configuration or process count would break exactness."""
-    diff = config_diff(ckpt["config"], cfg.to_dict())
+    # Keys added to the configuration since the checkpoint was written count at their defaults.
+    diff = config_diff(with_defaults(ckpt["config"], str(path)), cfg.to_dict())
     for key in sorted(set(diff) & RESUME_WARN_KEYS):
         if D.is_main():
             print(
