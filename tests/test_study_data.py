@@ -53,6 +53,24 @@ def test_one_batch_screen_is_refused(tmp_path: Path) -> None:
         check_custom_data(data)
 
 
+def test_a_study_trains_the_preset_sized_as_cdcl_train_sizes_it(
+    tmp_path: Path, built_screen: Path
+) -> None:
+    from cdcl.experiments.demo import CUSTOM, DemoSpec, budget_overrides, method_config
+    from cdcl.presets.sizing import warmup_epochs
+    from cdcl.train.configure import train_config
+
+    spec = DemoSpec(out=tmp_path, dataset=CUSTOM, data_dir=built_screen, epochs=20, split=1)
+    for label, preset in (("DINO", "generic-dino"), ("CDCL", "generic-cdcl")):
+        name, cfg = method_config(spec, label, built_screen)
+        assert name == preset
+        sized = train_config(built_screen, preset, overrides=budget_overrides(spec))[0]
+        assert cfg.to_dict() == sized.to_dict()
+        # the sizing's warm-up (a tenth of the epochs), not the preset file's fixed one
+        assert cfg.train.epochs == 20 and cfg.train.warmup_epochs == warmup_epochs(20) == 2
+        assert cfg.data.split == 1
+
+
 @pytest.mark.slow
 def test_study_on_a_built_screen_with_folds_as_units(tmp_path: Path, built_screen: Path) -> None:
     out = tmp_path / "study"

@@ -60,6 +60,7 @@ from cdcl.report.html import (
 from cdcl.report.results import to_jsonable, write_results_text
 from cdcl.schema import get_path
 from cdcl.train.checkpoint import load_for_eval
+from cdcl.train.configure import train_config
 from cdcl.train.loop import train
 
 # label -> (method key used in run dirs, preset suffix)
@@ -321,14 +322,21 @@ def budget_overrides(spec: DemoSpec) -> list[str]:
     return over
 
 
+def method_config(spec: DemoSpec, label: str, data: Path) -> tuple[str, Any]:
+    """The preset and resolved configuration one method trains with on ``data``."""
+    family = {"bbbc021": "bbbc021", CUSTOM: "generic"}.get(spec.dataset, "synthetic")
+    preset = f"{family}-{METHODS[label]}"
+    if spec.dataset == CUSTOM:
+        # sized from the screen exactly as `cdcl train --preset generic-*` sizes it
+        return preset, train_config(data, preset, overrides=budget_overrides(spec))[0]
+    return preset, load_config(preset, [f"data.path={data.resolve()}", *budget_overrides(spec)])
+
+
 def train_method(spec: DemoSpec, label: str, data: Path) -> tuple[Path, dict[str, Any]]:
     """Train (or reuse, or resume) one method's run; returns the run dir and its train stats."""
 
-    key = METHODS[label]
-    family = {"bbbc021": "bbbc021", CUSTOM: "generic"}.get(spec.dataset, "synthetic")
-    preset = f"{family}-{key}"
-    cfg = load_config(preset, [f"data.path={data.resolve()}", *budget_overrides(spec)])
-    run = spec.out / "runs" / key
+    preset, cfg = method_config(spec, label, data)
+    run = spec.out / "runs" / METHODS[label]
     same = trained_with(run / "config.yaml", cfg)
     if run.exists() and (spec.fresh or not same):
         shutil.rmtree(run)
