@@ -44,6 +44,7 @@ import contextlib
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -393,73 +394,28 @@ def calibrate(
         ``metrics``/``no_power`` repeat the raw variant's (the first variant's without raw),
         as earlier calibrations stored them.
     """
-    from cdcl.metrics.score import evaluate_features
-
     variants = tuple(variants)
     unknown = [k for k in injections if k not in INJECTIONS]
     if unknown or not variants:
         raise ValueError(f"injections must be among {INJECTIONS} and variants non-empty")
-    x = np.asarray(features, dtype=np.float32)
-    meta = meta.reset_index(drop=True)
-    if eval_mask is not None:
-        keep = np.asarray(eval_mask, bool)
-        x, meta = x[keep], meta.loc[keep].reset_index(drop=True)
+    x, meta = _evaluated_rows(features, meta, eval_mask)
     treat = meta["treatment"].astype(str).to_numpy()
     batch = meta["batch"].astype(str).to_numpy()
     ctrl = meta["is_control"].to_numpy(bool)
     effect = median_treatment_effect(np.asarray(x, np.float64), treat, ctrl)
     raw_draws = null_draws if raw_null_draws is None else min(raw_null_draws, null_draws)
-
     # Dozens of evaluations of small matrices: one BLAS thread each. Threaded BLAS spends more
     # on its threads than on matrices this size (about 5x slower on a busy 2-core machine).
     threads = 1 if len(x) <= SINGLE_THREAD_MAX else None
-
-    def score(xc: np.ndarray, cond: str, on: tuple[str, ...]) -> dict[str, Any]:
-        working_on(f"calibration, {cond}")  # named by the keep-alive line
-        # The design notes (single-batch treatments ...) were printed for the real profiles.
-        quiet = contextlib.redirect_stderr(io.StringIO())
-        with np.errstate(all="ignore"), quiet, threadpool_limits(limits=threads):
-            return evaluate_features(
-                xc,
-                meta,
-                null_size=null_size,
-                seed=seed,
-                variants=on,
-                name=f"{name} calibration {cond}",
-                verbose=False,
-            )
-
+    scorer = _ConditionScorer(meta, null_size, seed, name, threads)
     nulls = [permute_within_treatment(x, treat, seed + 1000 + i) for i in range(null_draws)]
-    null_res: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
-    for i, xn in enumerate(nulls):
-        on = tuple(v for v in variants if v != "raw" or i < raw_draws)
-        if on:
-            res = score(xn, f"null {i}", on)
-            for v in on:
-                null_res[v].append(res[v])
+    null_res = _null_results(scorer, nulls, variants, raw_draws)
     units = unit_amounts(nulls[0], batch, effect, seed)
-    keys = [f"{s:g}" for s in strengths]
-    injected: dict[str, dict[str, dict[str, dict[str, Any]]]] = {v: {} for v in variants}
-    for kind in injections:
-        on = variants if kind != "shift" else tuple(v for v in variants if v == "raw")
-        if not on:
-            continue
-        for s, key in zip(strengths, keys):
-            xi = inject(kind, nulls[0], batch, s, effect, units, seed)
-            res = score(xi, f"{kind} {key}", on)
-            for v in on:
-                injected[v].setdefault(kind, {})[key] = res[v]
+    injected = _injected_results(
+        scorer, nulls[0], batch, variants, injections, strengths, effect, units, seed
+    )
     strongest = f"{max(strengths):g}"
-    by_variant: dict[str, dict[str, Any]] = {}
-    for v in variants:
-        metrics = {
-            label: _record(label, path, kind, null_res[v], injected[v], strongest)
-            for label, path, kind in CALIBRATED
-        }
-        by_variant[v] = {
-            "metrics": metrics,
-            "no_power": [label for label, rec in metrics.items() if not rec["power"]],
-        }
+    by_variant = {v: _variant_calibration(null_res[v], injected[v], strongest) for v in variants}
     first = "raw" if "raw" in by_variant else variants[0]
     return {
         "design": {
@@ -470,40 +426,152 @@ def calibrate(
             "variant": first,
             "variants": list(variants),
         },
-        "conditions": {
-            "null": (
-                f"each treatment's profiles permuted among its rows ({null_draws} draws; "
-                + ", ".join(f"{v}: {len(null_res[v])}" for v in variants)
-                + ")"
-            ),
-            "injected": (
-                "null draw 0 with a per-batch effect added to the raw profiles before each "
-                f"variant's normalisation, strengths s in {list(strengths)}: "
-                + ", ".join(injections)
-                + " (shift on raw only: per-plate standardisation removes it exactly)"
-            ),
-            "shift": (
-                "per-batch shift of s x the median treatment effect along a random unit direction"
-            ),
-            "power": (
-                "per batch z -> sign(z)|z|^p_b on standardised features, log p_b = s x "
-                f"{units['power']:.3g} x u_b, u_b evenly over [-1, 1] (|log p_b| <= log 4)"
-            ),
-            "mixing": (
-                f"per batch x -> mu + (x - mu)(I + s x {units['mixing']:.3g} R_b), R_b Gaussian "
-                "/ sqrt(d)"
-            ),
-            "rotation": (
-                f"per batch a random {ROTATION_DIMS}-dim subspace of x - mu rotated by s x "
-                f"{units['rotation']:.3g} rad in each plane (at most pi)"
-            ),
-            "unit": "s = 1 moves a row by one median treatment effect (RMS over rows)",
-            "power_rule": POWER_RULE,
-        },
+        "conditions": _conditions(null_draws, null_res, variants, strengths, injections, units),
         "variants": by_variant,
         "no_power_by_variant": {v: list(r["no_power"]) for v, r in by_variant.items()},
         "metrics": by_variant[first]["metrics"],
         "no_power": list(by_variant[first]["no_power"]),
+    }
+
+
+def _evaluated_rows(
+    features: np.ndarray, meta: pd.DataFrame, eval_mask: np.ndarray | None
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """The float32 profiles and metadata (fresh index) of the ``eval_mask`` rows (all if None)."""
+    x = np.asarray(features, dtype=np.float32)
+    meta = meta.reset_index(drop=True)
+    if eval_mask is not None:
+        keep = np.asarray(eval_mask, bool)
+        x, meta = x[keep], meta.loc[keep].reset_index(drop=True)
+    return x, meta
+
+
+@dataclass(frozen=True)
+class _ConditionScorer:
+    """Scores one calibration condition's feature matrix on the design's rows, quietly."""
+
+    meta: pd.DataFrame
+    null_size: int
+    seed: int
+    name: str
+    threads: int | None
+
+    def __call__(self, xc: np.ndarray, cond: str, on: tuple[str, ...]) -> dict[str, Any]:
+        """``evaluate_features`` of ``xc`` on the variants ``on``, named after ``cond``."""
+        from cdcl.metrics.score import evaluate_features
+
+        working_on(f"calibration, {cond}")  # named by the keep-alive line
+        # The design notes (single-batch treatments ...) were printed for the real profiles.
+        quiet = contextlib.redirect_stderr(io.StringIO())
+        with np.errstate(all="ignore"), quiet, threadpool_limits(limits=self.threads):
+            return evaluate_features(
+                xc,
+                self.meta,
+                null_size=self.null_size,
+                seed=self.seed,
+                variants=on,
+                name=f"{self.name} calibration {cond}",
+                verbose=False,
+            )
+
+
+def _null_results(
+    scorer: _ConditionScorer,
+    nulls: list[np.ndarray],
+    variants: tuple[str, ...],
+    raw_draws: int,
+) -> dict[str, list[dict[str, Any]]]:
+    """Per variant, the results of every null draw scored on it (raw: the first ``raw_draws``)."""
+    null_res: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for i, xn in enumerate(nulls):
+        on = tuple(v for v in variants if v != "raw" or i < raw_draws)
+        if on:
+            res = scorer(xn, f"null {i}", on)
+            for v in on:
+                null_res[v].append(res[v])
+    return null_res
+
+
+def _injected_results(
+    scorer: _ConditionScorer,
+    x0: np.ndarray,
+    batch: np.ndarray,
+    variants: tuple[str, ...],
+    injections: Sequence[str],
+    strengths: Sequence[float],
+    effect: float,
+    units: dict[str, float],
+    seed: int,
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """``{variant: {injection: {strength: results}}}`` of null draw ``x0`` with each injection."""
+    keys = [f"{s:g}" for s in strengths]
+    injected: dict[str, dict[str, dict[str, dict[str, Any]]]] = {v: {} for v in variants}
+    for kind in injections:
+        on = variants if kind != "shift" else tuple(v for v in variants if v == "raw")
+        if not on:
+            continue
+        for s, key in zip(strengths, keys):
+            xi = inject(kind, x0, batch, s, effect, units, seed)
+            res = scorer(xi, f"{kind} {key}", on)
+            for v in on:
+                injected[v].setdefault(kind, {})[key] = res[v]
+    return injected
+
+
+def _variant_calibration(
+    nulls: list[dict[str, Any]],
+    injected: dict[str, dict[str, dict[str, Any]]],
+    strongest: str,
+) -> dict[str, Any]:
+    """One variant's ``{"metrics": {label: record}, "no_power": [labels]}``."""
+    metrics = {
+        label: _record(label, path, kind, nulls, injected, strongest)
+        for label, path, kind in CALIBRATED
+    }
+    return {
+        "metrics": metrics,
+        "no_power": [label for label, rec in metrics.items() if not rec["power"]],
+    }
+
+
+def _conditions(
+    null_draws: int,
+    null_res: dict[str, list[dict[str, Any]]],
+    variants: tuple[str, ...],
+    strengths: Sequence[float],
+    injections: Sequence[str],
+    units: dict[str, float],
+) -> dict[str, str]:
+    """The calibration's conditions in words, with the amounts this design's unit gave."""
+    return {
+        "null": (
+            f"each treatment's profiles permuted among its rows ({null_draws} draws; "
+            + ", ".join(f"{v}: {len(null_res[v])}" for v in variants)
+            + ")"
+        ),
+        "injected": (
+            "null draw 0 with a per-batch effect added to the raw profiles before each "
+            f"variant's normalisation, strengths s in {list(strengths)}: "
+            + ", ".join(injections)
+            + " (shift on raw only: per-plate standardisation removes it exactly)"
+        ),
+        "shift": (
+            "per-batch shift of s x the median treatment effect along a random unit direction"
+        ),
+        "power": (
+            "per batch z -> sign(z)|z|^p_b on standardised features, log p_b = s x "
+            f"{units['power']:.3g} x u_b, u_b evenly over [-1, 1] (|log p_b| <= log 4)"
+        ),
+        "mixing": (
+            f"per batch x -> mu + (x - mu)(I + s x {units['mixing']:.3g} R_b), R_b Gaussian "
+            "/ sqrt(d)"
+        ),
+        "rotation": (
+            f"per batch a random {ROTATION_DIMS}-dim subspace of x - mu rotated by s x "
+            f"{units['rotation']:.3g} rad in each plane (at most pi)"
+        ),
+        "unit": "s = 1 moves a row by one median treatment effect (RMS over rows)",
+        "power_rule": POWER_RULE,
     }
 
 
