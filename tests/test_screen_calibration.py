@@ -228,3 +228,54 @@ def test_synth_command_reports_calibration_and_strength(tmp_path: Path) -> None:
     bad = cdcl("synth", "--out", tmp_path / "x", "--batch-strength", "-2", timeout=120)
     assert bad.returncode != 0 and "batch_strength" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------ variance components
+
+
+def test_otsu_nuclear_radius_of_a_disk() -> None:
+    yy, xx = np.mgrid[:41, :41]
+    disk = ((yy - 20) ** 2 + (xx - 20) ** 2 <= 8**2).astype(np.float32) * 100 + 5
+    crops = np.stack([disk, disk])[:, None]
+    r = calibration.otsu_nuclear_radius(crops)
+    assert r == pytest.approx(8.0, abs=0.3)  # a digital disk of radius 8 has area ~ pi 8^2
+    cut = calibration.centre_crop(crops, 17)
+    assert cut.shape == (2, 1, 17, 17) and cut[0, 0, 8, 8] == disk[20, 20]
+    with pytest.raises(ValueError, match="cannot cut"):
+        calibration.centre_crop(crops, 42)
+
+
+def test_stretch_fields_maps_each_field_and_channel_to_8_bits() -> None:
+    rng = np.random.default_rng(0)
+    fields = rng.gamma(2.0, 50.0, size=(3, 2, 64, 64)).astype(np.float32) * [[[[1.0]], [[9.0]]]]
+    out = calibration.stretch_fields(fields)
+    assert out.min(axis=(2, 3)).max() == 0 and out.max(axis=(2, 3)).min() == 255
+    assert np.array_equal(out, np.round(out))
+    at_top = (out == 255).mean(axis=(2, 3))
+    assert np.all(at_top < 0.002)  # only the top 0.05 % (and ties) saturate
+
+
+def test_share_verdicts_follow_the_written_rule() -> None:
+    assert calibration.share_within(0.08, 0.04)  # within 0.05
+    assert calibration.share_within(0.30, 0.16)  # within a factor of 2
+    assert not calibration.share_within(0.40, 0.16)
+    assert calibration.share_verdict([0.1, 0.12], 0.08) == "matches"
+    assert calibration.share_verdict([0.4, 0.5], 0.1) == "does not match"
+    assert calibration.share_verdict([0.4, 0.1], 0.1) == "undecided"  # seeds disagree
+    assert calibration.share_verdict([0.0, 0.5], 0.25) == "undecided"  # real within the seeds
+
+
+def test_simulated_lincs_layout_has_the_lincs_design() -> None:
+    from cdcl.metrics.variance_components import design_table
+
+    crops, cells = calibration.simulated_control_cells(0, calibration.LAYOUTS["lincs"])
+    design = design_table({f: cells[f] for f in calibration.FACTORS})
+    assert {f: (d["levels"], d["df"], d["in"]) for f, d in design.items()} == {
+        "batch": (2, 1, "plate"),
+        "plate": (5, 3, "plate"),
+        "well": (10, 5, "well"),
+    }
+    per_plate = cells.groupby("batch")["plate"].nunique().to_dict()
+    assert sorted(per_plate.values()) == [1, 4]
+    assert cells.groupby(["plate", "well"]).size().max() == 64
+    assert crops.min() >= 0 and crops.max() <= 255  # stretched to 8 bits as the LINCS PNGs
