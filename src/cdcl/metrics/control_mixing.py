@@ -104,7 +104,7 @@ def grouped_batch_classifier(
     x = _features(features)
     b = np.asarray(batch).astype(str)
     g = np.asarray(groups).astype(str)
-    per_batch = pd.Series(g).groupby(b).nunique()
+    per_batch = mixing.distinct_per_group(g, b)  # plates per batch
     ok_batches = per_batch.index[per_batch >= 2]
     keep = np.isin(b, ok_batches)
     left_out = int(per_batch.size - ok_batches.size)

@@ -27,9 +27,22 @@ def unavailable(meta: pd.DataFrame, has_moa: bool) -> dict[str, str]:
     ``map.replicate``, ``map.replicate_batch_aware``, ``map.moa``, ``map.moa_batch_aware``,
     ``moa_matching``, ``moa_matching.nscb``, ``batch_classifier``.
     """
+    ctrl = meta["is_control"].to_numpy(bool)
+    out = _batch_reasons(meta)
+    treated = meta.loc[~ctrl]
+    out.update(_treatment_reasons(treated, int(ctrl.sum())))
+    if not has_moa:
+        out.update(_no_moa_reasons(meta, treated))
+        return out
+    labelled = treated[treated["moa"].notna()]
+    out.update(_moa_reasons(labelled))
+    return out
+
+
+def _batch_reasons(meta: pd.DataFrame) -> dict[str, str]:
+    """Why kBET, the batch silhouette and the batch classifier cannot run (batch counts)."""
     out: dict[str, str] = {}
     n = len(meta)
-    ctrl = meta["is_control"].to_numpy(bool)
     batch = meta["batch"].astype(str)
     n_batches = int(batch.nunique())
     have = f"have {_plural(n, 'profile')} in {_plural(n_batches, 'batch')}"
@@ -45,8 +58,12 @@ def unavailable(meta: pd.DataFrame, has_moa: bool) -> dict[str, str]:
             f"batch classifier: needs >= 2 profiles in each of >= 2 batches; {have} "
             f"(smallest batch: {smallest})"
         )
+    return out
 
-    treated = meta.loc[~ctrl]
+
+def _treatment_reasons(treated: pd.DataFrame, n_ctrl: int) -> dict[str, str]:
+    """Why the treatment silhouette, GRIT and replicate mAP cannot run (treated rows)."""
+    out: dict[str, str] = {}
     treat = treated["treatment"].astype(str)
     n_treat = int(treat.nunique())
     if not 2 <= n_treat <= len(treated) - 1:
@@ -56,7 +73,6 @@ def unavailable(meta: pd.DataFrame, has_moa: bool) -> dict[str, str]:
             f"{_plural(n_treat, 'treatment')}"
         )
     with_reps = int((treat.value_counts() >= 2).sum())
-    n_ctrl = int(ctrl.sum())
     if n_ctrl < 2 or with_reps == 0:
         out["grit"] = (
             "GRIT: needs >= 2 control profiles and a treatment with >= 2 replicate profiles; "
@@ -73,43 +89,30 @@ def unavailable(meta: pd.DataFrame, has_moa: bool) -> dict[str, str]:
             "replicate mAP, batch-aware: needs controls and a treatment present in >= 2 "
             f"batches; have {n_ctrl} controls and {across} such treatments"
         )
+    return out
 
-    if not has_moa:
-        reason = (
-            "the profiles carry no MoA annotation (column `moa`)"
-            if "moa" not in meta.columns
-            else f"needs treated profiles with a MoA; have {int(treated['moa'].notna().sum())}"
-        )
-        out["moa_matching"] = f"NSC/NSCB: {reason}"
-        out["map.moa"] = out["map.moa_batch_aware"] = f"MoA mAP: {reason}"
-        out["silhouette.moa"] = f"MoA silhouette: {reason}"
-        return out
-    labelled = treated[treated["moa"].notna()]
+
+def _no_moa_reasons(meta: pd.DataFrame, treated: pd.DataFrame) -> dict[str, str]:
+    """The MoA metrics' reasons when the profiles carry no usable MoA annotation."""
+    reason = (
+        "the profiles carry no MoA annotation (column `moa`)"
+        if "moa" not in meta.columns
+        else f"needs treated profiles with a MoA; have {int(treated['moa'].notna().sum())}"
+    )
+    out = {"moa_matching": f"NSC/NSCB: {reason}"}
+    out["map.moa"] = out["map.moa_batch_aware"] = f"MoA mAP: {reason}"
+    out["silhouette.moa"] = f"MoA silhouette: {reason}"
+    return out
+
+
+def _moa_reasons(labelled: pd.DataFrame) -> dict[str, str]:
+    """Why NSC/NSCB, MoA mAP and the MoA silhouette cannot run (treated rows with a MoA)."""
     comp_col = "compound" if "compound" in labelled.columns else "treatment"
-    compound = labelled[comp_col].astype(str)
-    n_comp = int(compound.nunique())
+    n_comp = int(labelled[comp_col].astype(str).nunique())
     n_moa = int(labelled["moa"].astype(str).nunique())
     comp_per_moa = labelled.groupby(labelled["moa"].astype(str).to_numpy())[comp_col].nunique()
     moas_ok = int((comp_per_moa >= 2).sum())
-    if n_moa < 2 or n_comp < 2:
-        out["moa_matching"] = (
-            "NSC/NSCB: needs treated profiles of >= 2 MoAs and >= 2 compounds; have "
-            f"{_plural(n_moa, 'MoA')} and {_plural(n_comp, 'compound')}"
-        )
-    elif moas_ok == 0:
-        # Every query's MoA has no other compound: no neighbour can match, NSC is 0 by design.
-        out["moa_matching"] = (
-            "NSC/NSCB: not computable, because no MoA has a second compound (have "
-            f"{_plural(n_moa, 'MoA')}, each with one compound): the nearest other compound "
-            "can never share the query's MoA, so the score would be 0 whatever the profiles"
-        )
-    else:
-        comp_batches = int(labelled["batch"].astype(str).nunique())
-        if comp_batches < 2:
-            out["moa_matching.nscb"] = (
-                "NSCB: needs treated profiles of >= 2 compounds in >= 2 batches; have "
-                f"{_plural(n_comp, 'compound')} in {_plural(comp_batches, 'batch')}"
-            )
+    out = _matching_reasons(labelled, n_moa, n_comp, moas_ok)
     if n_moa < 2 or moas_ok == 0:
         out["map.moa"] = (
             "MoA mAP: needs >= 2 MoAs, one of them with >= 2 compounds; have "
@@ -123,6 +126,37 @@ def unavailable(meta: pd.DataFrame, has_moa: bool) -> dict[str, str]:
             f"{_plural(len(labelled), 'profile')} of {_plural(n_moa, 'MoA')}"
         )
     return out
+
+
+def _matching_reasons(
+    labelled: pd.DataFrame, n_moa: int, n_comp: int, moas_ok: int
+) -> dict[str, str]:
+    """Why NSC/NSCB (``moa_matching``) or NSCB alone (``moa_matching.nscb``) cannot run."""
+    if n_moa < 2 or n_comp < 2:
+        return {
+            "moa_matching": (
+                "NSC/NSCB: needs treated profiles of >= 2 MoAs and >= 2 compounds; have "
+                f"{_plural(n_moa, 'MoA')} and {_plural(n_comp, 'compound')}"
+            )
+        }
+    if moas_ok == 0:
+        # Every query's MoA has no other compound: no neighbour can match, NSC is 0 by design.
+        return {
+            "moa_matching": (
+                "NSC/NSCB: not computable, because no MoA has a second compound (have "
+                f"{_plural(n_moa, 'MoA')}, each with one compound): the nearest other compound "
+                "can never share the query's MoA, so the score would be 0 whatever the profiles"
+            )
+        }
+    comp_batches = int(labelled["batch"].astype(str).nunique())
+    if comp_batches < 2:
+        return {
+            "moa_matching.nscb": (
+                "NSCB: needs treated profiles of >= 2 compounds in >= 2 batches; have "
+                f"{_plural(n_comp, 'compound')} in {_plural(comp_batches, 'batch')}"
+            )
+        }
+    return {}
 
 
 def classification_unavailable(

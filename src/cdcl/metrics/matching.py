@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -166,30 +167,10 @@ def nsc_nscb(
         out["queries"] = {}
         return out
     profiles = _unit_rows(_group_mean(x, tcodes, n_t, rows=rows))
-
-    # One MoA and one compound per treatment; the most frequent wins if rows disagree.
-    def per_treatment(col: str) -> np.ndarray:
-        pairs = pd.DataFrame({"t": tcodes, "v": sub[col].to_numpy(dtype=object)})
-        size = pairs.groupby(["t", "v"], dropna=False, sort=True).size().reset_index(name="n")
-        size = size.sort_values(["t", "n"], ascending=[True, False], kind="stable")
-        top = size.drop_duplicates("t")
-        if len(size) > len(top):
-            warnings.warn(
-                f"some treatments have several {col!r} values; using the most frequent",
-                stacklevel=3,
-            )
-        return top["v"].to_numpy(dtype=object)
-
-    moa = per_treatment(moa_col)
-    moa_codes, moas = _codes(moa, moa_col)
-    comp_src = compound_col if compound_col in sub.columns else treatment_col
-    comp_names = per_treatment(comp_src)
-    comp_codes = _codes(comp_names, comp_src, allow_na=True)[0]
-    # A missing compound only matches itself: give it the treatment's own unique code.
-    na = comp_codes < 0
-    comp_codes[na] = comp_codes.max() + 1 + np.arange(na.sum())
-    comp_names = np.where(na, treatments, comp_names)  # ...and its treatment as its name
-    out["n_moas"] = int(moas.size)
+    moa_codes, n_moas, comp_codes, comp_names = _treatment_labels(
+        sub, tcodes, treatments, moa_col, compound_col, treatment_col
+    )
+    out["n_moas"] = n_moas
 
     res = _nearest_moa_hits(profiles, moa_codes, comp_codes, None)
     hits, counted = int((res == 1).sum()), int((res >= 0).sum())
@@ -201,19 +182,88 @@ def nsc_nscb(
     if batch_col not in sub.columns:
         out.update(nscb=float("nan"), n_nscb=0, n_skipped_nscb=0)
         return out
+    labels = _TreatmentLabels(tcodes, treatments, moa_codes, comp_codes, comp_names)
+    out.update(_nscb(x, sub, rows, batch_col, labels, out["queries"]))
+    return out
+
+
+@dataclass(frozen=True)
+class _TreatmentLabels:
+    """Each row's treatment code, and each treatment's name, MoA and compound."""
+
+    tcodes: np.ndarray
+    treatments: np.ndarray
+    moa_codes: np.ndarray
+    comp_codes: np.ndarray
+    comp_names: np.ndarray
+
+
+def _most_frequent(sub: pd.DataFrame, tcodes: np.ndarray, col: str) -> np.ndarray:
+    """One value of ``col`` per treatment; the most frequent wins if rows disagree."""
+    pairs = pd.DataFrame({"t": tcodes, "v": sub[col].to_numpy(dtype=object)})
+    size = pairs.groupby(["t", "v"], dropna=False, sort=True).size().reset_index(name="n")
+    size = size.sort_values(["t", "n"], ascending=[True, False], kind="stable")
+    top = size.drop_duplicates("t")
+    if len(size) > len(top):
+        # Level 4 (here, _treatment_labels, nsc_nscb): the line that called nsc_nscb.
+        warnings.warn(
+            f"some treatments have several {col!r} values; using the most frequent",
+            stacklevel=4,
+        )
+    return top["v"].to_numpy(dtype=object)
+
+
+def _treatment_labels(
+    sub: pd.DataFrame,
+    tcodes: np.ndarray,
+    treatments: np.ndarray,
+    moa_col: str,
+    compound_col: str,
+    treatment_col: str,
+) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+    """Per treatment: MoA code, compound code and compound name; and the number of MoAs.
+
+    A missing compound only matches itself: it gets a code of its own and the treatment's
+    name.
+    """
+    moa = _most_frequent(sub, tcodes, moa_col)
+    moa_codes, moas = _codes(moa, moa_col)
+    comp_src = compound_col if compound_col in sub.columns else treatment_col
+    comp_names = _most_frequent(sub, tcodes, comp_src)
+    comp_codes = _codes(comp_names, comp_src, allow_na=True)[0]
+    na = comp_codes < 0
+    comp_codes[na] = comp_codes.max() + 1 + np.arange(na.sum())
+    comp_names = np.where(na, treatments, comp_names)
+    return moa_codes, int(moas.size), comp_codes, comp_names
+
+
+def _nscb(
+    x: np.ndarray,
+    sub: pd.DataFrame,
+    rows: np.ndarray,
+    batch_col: str,
+    labels: _TreatmentLabels,
+    queries: dict[str, Any],
+) -> dict[str, Any]:
+    """NSCB on (treatment, batch) profiles; adds its answered queries to ``queries``."""
     bcodes, _ = _codes(sub[batch_col], batch_col, allow_na=True)
     ok = bcodes >= 0
-    pair = tcodes[ok].astype(np.int64) * (int(bcodes.max()) + 1) + bcodes[ok]
+    pair = labels.tcodes[ok].astype(np.int64) * (int(bcodes.max()) + 1) + bcodes[ok]
     gcodes, groups = pd.factorize(pd.Series(pair), sort=True)
     g_t = groups.to_numpy() // (int(bcodes.max()) + 1)
     g_b = groups.to_numpy() % (int(bcodes.max()) + 1)
     gprof = _unit_rows(_group_mean(x, gcodes.astype(np.int64), len(groups), rows=rows[ok]))
-    res = _nearest_moa_hits(gprof, moa_codes[g_t], comp_codes[g_t], g_b)
+    res = _nearest_moa_hits(gprof, labels.moa_codes[g_t], labels.comp_codes[g_t], g_b)
     hits, counted = int((res == 1).sum()), int((res >= 0).sum())
     batch_names = np.asarray(_codes(sub[batch_col], batch_col, allow_na=True)[1], dtype=object)
-    out["queries"]["nscb"] = _query_record(
-        res, treatment=treatments[g_t], compound=comp_names[g_t], batch=batch_names[g_b]
+    queries["nscb"] = _query_record(
+        res,
+        treatment=labels.treatments[g_t],
+        compound=labels.comp_names[g_t],
+        batch=batch_names[g_b],
     )
-    out.update(nscb=hits / counted if counted else float("nan"), n_nscb=counted)
-    out["n_skipped_nscb"] = int(len(groups) - counted)
-    return out
+    return {
+        "nscb": hits / counted if counted else float("nan"),
+        "n_nscb": counted,
+        "n_skipped_nscb": int(len(groups) - counted),
+    }

@@ -282,7 +282,8 @@ def kbet_per_group(
     gcodes, guniq = _codes(_labels(groups, n, "groups"), "groups")
     rows_of = _group_rows(gcodes, guniq.size)
     big = max(3, min_group_size)
-    ok = np.array([r.size >= big and np.unique(bcodes[r]).size >= 2 for r in rows_of], bool)
+    multi = distinct_per_group(bcodes, gcodes).to_numpy() >= 2
+    ok = np.array([r.size >= big for r in rows_of], dtype=bool) & multi
     lg = label_graph(
         x, gcodes, ok, exact_max=max_graph_rows, pair_budget=pair_budget, metric=metric, seed=seed
     )
@@ -304,6 +305,15 @@ def kbet_per_group(
         "per_group": per_group,
         "graph": lg.info(n),
     }
+
+
+def distinct_per_group(values: ArrayLike, groups: ArrayLike) -> pd.Series:
+    """How many distinct ``values`` the rows of each group hold, indexed by sorted group.
+
+    E.g. the batches of each treatment (per-treatment mixing needs two) or the plates of each
+    batch (the plate-grouped batch classifier needs two).
+    """
+    return pd.Series(values).groupby(groups).nunique()
 
 
 def _group_rows(codes: np.ndarray, n_groups: int) -> list[np.ndarray]:
@@ -854,7 +864,7 @@ def mixing_per_treatment(
     bcodes, _ = _codes(_labels(batch, n, "batch"), "batch")
     tcodes, tuniq = _codes(_labels(treatment, n, "treatment"), "treatment")
     rows_of = _group_rows(tcodes, tuniq.size)
-    multi = np.array([np.unique(bcodes[r]).size >= 2 for r in rows_of], dtype=bool)
+    multi = distinct_per_group(bcodes, tcodes).to_numpy() >= 2
     lg = label_graph(
         x,
         tcodes,

@@ -244,30 +244,10 @@ def knn_indices(
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     ref = _as_2d_float(features, "features")
-    n = ref.shape[0]
     k = int(k)
-    if query is not None and query_indices is not None:
-        raise ValueError("pass either query or query_indices, not both")
+    qsrc, qidx, rrows = _knn_queries(ref, query, query_indices, ref_rows)
     self_mode = query is None
-    if ref_rows is not None and self_mode:
-        raise ValueError("ref_rows needs separate query rows")
-    rrows = None if ref_rows is None else np.asarray(ref_rows, dtype=np.int64)
-    if rrows is not None:
-        n = rrows.size
-    if self_mode:
-        qidx = (
-            np.arange(n, dtype=np.int64)
-            if query_indices is None
-            else np.asarray(query_indices, dtype=np.int64).ravel()
-        )
-        if qidx.size and (qidx.min() < 0 or qidx.max() >= n):
-            raise ValueError("query_indices out of range")
-        qsrc = ref
-    else:
-        qsrc = _as_2d_float(query, "query")
-        if qsrc.shape[1] != ref.shape[1]:
-            raise ValueError(f"query has {qsrc.shape[1]} columns, features {ref.shape[1]}")
-        qidx = np.arange(qsrc.shape[0], dtype=np.int64)
+    n = ref.shape[0] if rrows is None else rrows.size
     excl = self_mode and exclude_self
     max_k = n - 1 if excl else n
     if k < 1 or k > max_k:
@@ -275,18 +255,61 @@ def knn_indices(
     _check_finite(ref, "features")
     if not self_mode:
         _check_finite(qsrc, "query")
+    return _knn_search(ref, rrows, qsrc, qidx, k, excl=excl, metric=metric, chunk_size=chunk_size)
 
+
+def _knn_queries(
+    ref: np.ndarray,
+    query: np.ndarray | None,
+    query_indices: np.ndarray | None,
+    ref_rows: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Where :func:`knn_indices` reads its queries: ``(source rows, query rows, ref_rows)``.
+
+    Without ``query`` the queries are rows of ``ref`` (``query_indices``, default all).
+    """
+    if query is not None and query_indices is not None:
+        raise ValueError("pass either query or query_indices, not both")
+    if ref_rows is not None and query is None:
+        raise ValueError("ref_rows needs separate query rows")
+    rrows = None if ref_rows is None else np.asarray(ref_rows, dtype=np.int64)
+    if query is not None:
+        qsrc = _as_2d_float(query, "query")
+        if qsrc.shape[1] != ref.shape[1]:
+            raise ValueError(f"query has {qsrc.shape[1]} columns, features {ref.shape[1]}")
+        return qsrc, np.arange(qsrc.shape[0], dtype=np.int64), rrows
+    n = ref.shape[0]
+    qidx = (
+        np.arange(n, dtype=np.int64)
+        if query_indices is None
+        else np.asarray(query_indices, dtype=np.int64).ravel()
+    )
+    if qidx.size and (qidx.min() < 0 or qidx.max() >= n):
+        raise ValueError("query_indices out of range")
+    return ref, qidx, rrows
+
+
+def _knn_search(
+    ref: np.ndarray,
+    rrows: np.ndarray | None,
+    qsrc: np.ndarray,
+    qidx: np.ndarray,
+    k: int,
+    *,
+    excl: bool,
+    metric: str,
+    chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the query rows ``qsrc[qidx]`` in chunks (``excl``: never a row itself)."""
     nq = qidx.size
     out_idx = np.empty((nq, k), dtype=np.int64)
     out_val = np.empty((nq, k), dtype=np.float32)
     if nq == 0:
         return out_idx, out_val
-
     ref_norm = row_norms(ref) if rrows is None else row_norms(ref)[rrows]
-    ref_sq = (ref_norm**2).astype(np.float32)
+    ref_part = _RefPart(ref, rrows, ref_norm, (ref_norm**2).astype(np.float32), metric)
     q_chunk = max(1, int(chunk_size))
     r_block = max(k, BLOCK_ELEMS // min(q_chunk, nq))
-
     for qa, qb in iter_blocks(nq, q_chunk):
         rows = qidx[qa:qb]
         qx = qsrc[rows]
@@ -296,7 +319,6 @@ def knn_indices(
             # Rank by 2 q.x - |x|^2 (= |q|^2 - |q - x|^2): same order as -distance. Doubling
             # the queries is exact, so the scores equal 2 (q @ x.T) bit for bit.
             qv = qv * np.float32(2.0)
-        ref_part = _RefPart(ref, rrows, ref_norm, ref_sq, metric)
         best_idx, best_val = _chunk_topk(qv, rows if excl else None, ref_part, k, r_block)
         if metric == "euclidean":
             d2 = (q_norm**2).astype(np.float32)[:, None] - best_val

@@ -74,8 +74,24 @@ def grit(
             raise KeyError(f"column {group_col!r} not in meta")
         has_rep &= frame[group_col].notna().to_numpy()
     q_rows = np.flatnonzero(~ctrl & has_rep)
+    mu, sd = _control_moments(x, q_rows, ctrl_rows, chunk_size)
 
-    # Control correlation mean and std per query row, accumulated over control blocks.
+    sub = frame.iloc[q_rows].reset_index(drop=True)
+    rep_codes, reps = _codes(sub[replicate_col], replicate_col)
+    comp_codes = rep_codes if group_col is None else _codes(sub[group_col], group_col)[0]
+    pos_mean = _replicate_means(x, q_rows, rep_codes, comp_codes, group_col is not None)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z_rep = (pos_mean - mu) / np.where(sd > 0, sd, np.nan)
+    return _grit_table(sub, rep_codes, reps, z_rep, replicate_col, group_col)
+
+
+def _control_moments(
+    x: np.ndarray, q_rows: np.ndarray, ctrl_rows: np.ndarray, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (ddof=0) of each query row's correlations to the control rows.
+
+    Accumulated over blocks of queries and controls: no queries x controls matrix is built.
+    """
     c_sum = np.zeros(q_rows.size)
     c_sq = np.zeros(q_rows.size)
     half = BLOCK_ELEMS // 2
@@ -89,10 +105,21 @@ def grit(
             c_sq[qa:qz] += (corr**2).sum(axis=1)
     mu = c_sum / ctrl_rows.size
     sd = np.sqrt(np.maximum(c_sq / ctrl_rows.size - mu**2, 0.0))
+    return mu, sd
 
-    sub = frame.iloc[q_rows].reset_index(drop=True)
-    rep_codes, reps = _codes(sub[replicate_col], replicate_col)
-    comp_codes = rep_codes if group_col is None else _codes(sub[group_col], group_col)[0]
+
+def _replicate_means(
+    x: np.ndarray,
+    q_rows: np.ndarray,
+    rep_codes: np.ndarray,
+    comp_codes: np.ndarray,
+    by_group: bool,
+) -> np.ndarray:
+    """Mean correlation of each query row with its replicates (NaN without any).
+
+    Replicates share ``comp_codes``: the other rows of the perturbation, or with ``by_group``
+    the group's rows of another perturbation (``rep_codes``).
+    """
     pos_mean = np.full(q_rows.size, np.nan)
     order = np.argsort(comp_codes, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(comp_codes))])
@@ -102,7 +129,7 @@ def grit(
             continue
         z = _centred_unit_rows(x[q_rows[members]])
         corr = z @ z.T
-        if group_col is None:
+        if not by_group:
             valid = ~np.eye(members.size, dtype=bool)
         else:
             mc = rep_codes[members]
@@ -110,9 +137,18 @@ def grit(
         n_valid = valid.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             pos_mean[members] = np.where(valid, corr, 0.0).sum(axis=1) / n_valid
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z_rep = (pos_mean - mu) / np.where(sd > 0, sd, np.nan)
+    return pos_mean
 
+
+def _grit_table(
+    sub: pd.DataFrame,
+    rep_codes: np.ndarray,
+    reps: np.ndarray,
+    z_rep: np.ndarray,
+    replicate_col: str,
+    group_col: str | None,
+) -> pd.DataFrame:
+    """Per perturbation: mean z-score (``grit``), its rows and its rows with a z-score."""
     table = pd.DataFrame({"_code": rep_codes, "_z": z_rep})
     agg = table.groupby("_code").agg(
         grit=("_z", "mean"), n_replicates=("_z", "size"), n_scored=("_z", "count")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -143,11 +144,31 @@ def average_precisions(
     rix = None if row_index is None else np.asarray(row_index, dtype=np.int64)
     if (rix.size if rix is not None else x.shape[0]) != n:
         raise ValueError(f"meta has {n} rows, features {x.shape[0]}")
-    neg_same, neg_diff = _as_list(neg_sameby), _as_list(neg_diffby)
+    neg_rule = (_as_list(neg_sameby), _as_list(neg_diffby))
     rules = [
         _setting_rules(aware, _as_list(pos_sameby), _as_list(pos_diffby), batch_col, same_diffby)
         for aware in batch_aware
     ]
+    _check_rules(rules, neg_rule, match)
+    codes, pos_ix, neg_ix = _rule_codes(frame, rules, neg_rule)
+    ranking = _Ranking(x, rix, unit_rows, n, codes, pos_ix, neg_ix)
+    queries = np.arange(n) if query_indices is None else np.sort(np.asarray(query_indices))
+    scores = _APScores.empty(queries.size, len(rules))
+    qb = max(1, min(256, _MAP_BLOCK // max(n, 1)))
+    for qa, qz in iter_blocks(queries.size, qb):
+        q_rows = queries[qa:qz]
+        key, neg_all, pos_masks = _block_pairs(ranking, q_rows)
+        _score_block(key, neg_all, pos_masks, q_rows, qa, scores, match, seed)
+    return _ap_frames(frame, queries, scores, match)
+
+
+def _check_rules(
+    rules: list[tuple[list[str], list[str]]],
+    neg_rule: tuple[list[str], list[str]],
+    match: tuple[int, int] | None,
+) -> None:
+    """Raise the errors of :func:`average_precisions` for unusable pair rules or ``match``."""
+    neg_same, neg_diff = neg_rule
     for pos_same, pos_diff in rules:
         if set(pos_same) & set(pos_diff) or set(neg_same) & set(neg_diff):
             raise ValueError("sameby and diffby must be disjoint lists")
@@ -155,6 +176,18 @@ def average_precisions(
             raise ValueError("positive and negative rules each need at least one column")
     if match is not None and (len(set(match)) != 2 or not set(match) <= set(range(len(rules)))):
         raise ValueError(f"match must name two different settings of {len(rules)}, got {match}")
+
+
+_RuleIx = tuple[list[int], list[int]]
+
+
+def _rule_codes(
+    frame: pd.DataFrame,
+    rules: list[tuple[list[str], list[str]]],
+    neg_rule: tuple[list[str], list[str]],
+) -> tuple[list[np.ndarray], list[_RuleIx], _RuleIx]:
+    """Integer codes of every rule column, and each rule as (sameby, diffby) code positions."""
+    neg_same, neg_diff = neg_rule
     pos_cols = [c for same, diff in rules for c in same + diff]
     cols = list(dict.fromkeys(pos_cols + neg_same + neg_diff))
     missing = [c for c in cols if c not in frame.columns]
@@ -165,75 +198,134 @@ def average_precisions(
     col_ix = {c: i for i, c in enumerate(cols)}
     codes = [_codes(frame[c], c)[0] for c in cols]
     pos_ix = [([col_ix[c] for c in same], [col_ix[c] for c in diff]) for same, diff in rules]
-    ns, nd = [col_ix[c] for c in neg_same], [col_ix[c] for c in neg_diff]
+    return codes, pos_ix, ([col_ix[c] for c in neg_same], [col_ix[c] for c in neg_diff])
 
-    queries = np.arange(n) if query_indices is None else np.sort(np.asarray(query_indices))
-    nq = queries.size
 
-    def unit(rows: np.ndarray) -> np.ndarray:
-        # Unit rows, read from the table as needed: a screen-sized table is never copied.
-        return x[rows] if unit_rows else _unit_rows(x[rows])
+@dataclass(frozen=True)
+class _Ranking:
+    """What every query block of :func:`average_precisions` reads: the table and the rules."""
 
-    aps = [np.full(nq, np.nan) for _ in rules]
-    n_poss = [np.zeros(nq, dtype=np.int64) for _ in rules]
-    n_tots = [np.zeros(nq, dtype=np.int64) for _ in rules]
-    matched = [np.full(nq, np.nan) for _ in range(2)]
-    n_matched = np.zeros(nq, dtype=np.int64)
-    qb = max(1, min(256, _MAP_BLOCK // max(n, 1)))
-    for qa, qz in iter_blocks(nq, qb):
-        q_rows = queries[qa:qz]
-        m = q_rows.size
-        q_codes = [c[q_rows] for c in codes]
-        local = np.arange(m)
-        neg_all = _pair_mask(q_codes, codes, ns, nd)
-        neg_all[local, q_rows] = False
-        pos_masks = []
-        for ps, pd_ in pos_ix:
-            pos = _pair_mask(q_codes, codes, ps, pd_)
-            pos[local, q_rows] = False
-            pos_masks.append(pos)
-        cand = np.flatnonzero(np.logical_or.reduce([neg_all, *pos_masks]).any(axis=0))
-        # Similarities, once for every setting, only to the rows that are a positive or
-        # negative of some query.
-        q_unit = unit(q_rows if rix is None else rix[q_rows])
-        if cand.size == n and rix is None and unit_rows:
-            sims = q_unit @ x.T
-        else:
-            # Candidate rows are gathered in chunks: never a second copy of the whole table.
-            cols = cand if rix is None else rix[cand]
-            sims = np.empty((m, cand.size), dtype=np.float32)
-            for a, b in iter_blocks(cand.size, _GATHER_ROWS):
-                sims[:, a:b] = q_unit @ unit(cols[a:b]).T
-            if cand.size < n:
-                neg_all = neg_all[:, cand]
-                pos_masks = [p[:, cand] for p in pos_masks]
-        key = np.subtract(np.float32(1.0), sims, out=sims)  # in place: one m x n array
-        for i in range(m):
-            # A query's negatives are the same in every setting: sorted once, shared.
-            kn = np.sort(key[i, neg_all[i]])
-            for pos, ap, n_pos, n_tot in zip(pos_masks, aps, n_poss, n_tots):
-                kp = key[i, pos[i]]
-                n_pos[qa + i] = kp.size
-                n_tot[qa + i] = kp.size + kn.size
-                if kp.size:
-                    ap[qa + i] = _expected_ap(kp, kn, neg_sorted=True)
-            if match is not None:
-                kps = [key[i, pos_masks[j][i]] for j in match]
-                m = min(k.size for k in kps)
-                n_matched[qa + i] = m
-                for j, kp in enumerate(kps):
-                    if m:
-                        qrow = int(q_rows[i])
-                        matched[j][qa + i] = matched_ap(kp, kn, m, seed=(seed, qrow))
+    x: np.ndarray
+    rix: np.ndarray | None  # meta row i is features row rix[i] (None: the same row)
+    unit_rows: bool
+    n: int
+    codes: list[np.ndarray]
+    pos_ix: list[_RuleIx]
+    neg_ix: _RuleIx
+
+    def unit(self, rows: np.ndarray) -> np.ndarray:
+        """Unit rows, read from the table as needed: a screen-sized table is never copied."""
+        return self.x[rows] if self.unit_rows else _unit_rows(self.x[rows])
+
+
+@dataclass(frozen=True)
+class _APScores:
+    """Per query and setting: AP and pair counts; matched AP of the two ``match`` settings."""
+
+    aps: list[np.ndarray]
+    n_poss: list[np.ndarray]
+    n_tots: list[np.ndarray]
+    matched: list[np.ndarray]
+    n_matched: np.ndarray
+
+    @classmethod
+    def empty(cls, nq: int, n_settings: int) -> _APScores:
+        """NaN APs and zero counts for ``nq`` queries."""
+        return cls(
+            [np.full(nq, np.nan) for _ in range(n_settings)],
+            [np.zeros(nq, dtype=np.int64) for _ in range(n_settings)],
+            [np.zeros(nq, dtype=np.int64) for _ in range(n_settings)],
+            [np.full(nq, np.nan) for _ in range(2)],
+            np.zeros(nq, dtype=np.int64),
+        )
+
+
+def _block_pairs(
+    ranking: _Ranking, q_rows: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Keys ``1 - sim`` of a query block to its candidate rows, with the pair masks on them.
+
+    Candidates are the rows that are a positive or negative of some query of the block.
+    """
+    m = q_rows.size
+    codes, n, rix, x = ranking.codes, ranking.n, ranking.rix, ranking.x
+    q_codes = [c[q_rows] for c in codes]
+    local = np.arange(m)
+    neg_all = _pair_mask(q_codes, codes, *ranking.neg_ix)
+    neg_all[local, q_rows] = False
+    pos_masks = []
+    for ps, pd_ in ranking.pos_ix:
+        pos = _pair_mask(q_codes, codes, ps, pd_)
+        pos[local, q_rows] = False
+        pos_masks.append(pos)
+    cand = np.flatnonzero(np.logical_or.reduce([neg_all, *pos_masks]).any(axis=0))
+    # Similarities, once for every setting, only to the rows that are a positive or
+    # negative of some query.
+    q_unit = ranking.unit(q_rows if rix is None else rix[q_rows])
+    if cand.size == n and rix is None and ranking.unit_rows:
+        sims = q_unit @ x.T
+    else:
+        # Candidate rows are gathered in chunks: never a second copy of the whole table.
+        cols = cand if rix is None else rix[cand]
+        sims = np.empty((m, cand.size), dtype=np.float32)
+        for a, b in iter_blocks(cand.size, _GATHER_ROWS):
+            sims[:, a:b] = q_unit @ ranking.unit(cols[a:b]).T
+        if cand.size < n:
+            neg_all = neg_all[:, cand]
+            pos_masks = [p[:, cand] for p in pos_masks]
+    key = np.subtract(np.float32(1.0), sims, out=sims)  # in place: one m x n array
+    return key, neg_all, pos_masks
+
+
+def _score_block(
+    key: np.ndarray,
+    neg_all: np.ndarray,
+    pos_masks: list[np.ndarray],
+    q_rows: np.ndarray,
+    qa: int,
+    scores: _APScores,
+    match: tuple[int, int] | None,
+    seed: int,
+) -> None:
+    """AP (and matched AP) of the block's queries, written to ``scores`` from position ``qa``."""
+    settings = list(zip(pos_masks, scores.aps, scores.n_poss, scores.n_tots))
+    for i in range(q_rows.size):
+        # A query's negatives are the same in every setting: sorted once, shared.
+        kn = np.sort(key[i, neg_all[i]])
+        for pos, ap, n_pos, n_tot in settings:
+            kp = key[i, pos[i]]
+            n_pos[qa + i] = kp.size
+            n_tot[qa + i] = kp.size + kn.size
+            if kp.size:
+                ap[qa + i] = _expected_ap(kp, kn, neg_sorted=True)
+        if match is not None:
+            kps = [key[i, pos_masks[j][i]] for j in match]
+            m = min(k.size for k in kps)
+            scores.n_matched[qa + i] = m
+            for j, kp in enumerate(kps):
+                if m:
+                    seed_i = (seed, int(q_rows[i]))
+                    scores.matched[j][qa + i] = matched_ap(kp, kn, m, seed=seed_i)
+
+
+def _ap_frames(
+    frame: pd.DataFrame, queries: np.ndarray, scores: _APScores, match: tuple[int, int] | None
+) -> list[pd.DataFrame]:
+    """One frame per setting: the queries' metadata plus their pair counts and APs."""
     outs = []
-    for j, (ap, n_pos, n_tot) in enumerate(zip(aps, n_poss, n_tots)):
-        out = frame.iloc[queries].reset_index(drop=True) if nq < n else frame.copy()
+    settings = zip(scores.aps, scores.n_poss, scores.n_tots)
+    for j, (ap, n_pos, n_tot) in enumerate(settings):
+        out = (
+            frame.iloc[queries].reset_index(drop=True)
+            if queries.size < len(frame)
+            else frame.copy()
+        )
         out["n_pos_pairs"] = n_pos
         out["n_total_pairs"] = n_tot
         out["average_precision"] = ap
         if match is not None and j in match:
-            out["matched_average_precision"] = matched[match.index(j)]
-            out["n_matched"] = n_matched
+            out["matched_average_precision"] = scores.matched[match.index(j)]
+            out["n_matched"] = scores.n_matched
         outs.append(out)
     return outs
 
@@ -405,14 +497,7 @@ def map_pvalues(
     keys = _as_list(sameby)
     ok = ap_scores["average_precision"].notna() & (ap_scores["n_pos_pairs"] > 0)
     scores = ap_scores.loc[ok].reset_index(drop=True)
-    cols = keys + [
-        "mean_average_precision",
-        "n_queries",
-        "p_value",
-        "corrected_p_value",
-        "below_p",
-        "below_corrected_p",
-    ]
+    cols = keys + list(_PVALUE_COLUMNS)
     if scores.empty:
         return pd.DataFrame(columns=cols)
     confs = scores[["n_pos_pairs", "n_total_pairs"]].to_numpy(dtype=np.int64)
@@ -420,21 +505,11 @@ def map_pvalues(
     conf_ix = conf_ix.ravel()
     null_cost = int(null_size) * int(uconfs[:, 1].sum())
     if max_null_elems is not None and null_cost > max_null_elems:
-        table = scores.groupby(keys, sort=True, observed=True).agg(
-            mean_average_precision=("average_precision", "mean"),
-            n_queries=("average_precision", "size"),
-        )
-        table = table.reset_index()
-        for col in ("p_value", "corrected_p_value"):
-            table[col] = np.nan
-        table["below_p"] = False
-        table["below_corrected_p"] = False
-        table = table[cols]
-        table.attrs["note"] = (
+        note = (
             f"p-values skipped: the null of {len(uconfs)} (n_pos, n_total) configurations "
             f"needs {null_cost:.2e} random ranks (> {max_null_elems:.2e})"
         )
-        return table
+        return _map_without_pvalues(scores, keys, cols, note)
     seeds = np.random.default_rng(seed).integers(8096, size=len(uconfs))
     nulls = np.stack(
         [_null_ap(int(p), int(t), null_size, int(s)) for (p, t), s in zip(uconfs, seeds)]
@@ -450,12 +525,7 @@ def map_pvalues(
     weights = sparse.csr_matrix(
         (np.ones(gcodes.size), (gcodes, conf_ix)), shape=(n_groups, len(uconfs))
     )
-    pvals = np.empty(n_groups)
-    step = max(1, BLOCK_ELEMS // (2 * null_size))
-    for a, b in iter_blocks(n_groups, step):
-        null_mean = (weights[a:b] @ nulls.astype(np.float64)) / sizes[a:b, None]
-        above = (null_mean > map_vals[a:b, None]).sum(axis=1)
-        pvals[a:b] = (above + 1) / (null_size + 1)
+    pvals = _group_pvalues(weights, nulls, map_vals, sizes, null_size)
     table["mean_average_precision"] = map_vals
     table["n_queries"] = sizes
     table["p_value"] = pvals
@@ -463,6 +533,56 @@ def map_pvalues(
     table["below_p"] = table["p_value"] < threshold
     table["below_corrected_p"] = table["corrected_p_value"] < threshold
     return table[cols]
+
+
+_PVALUE_COLUMNS = (
+    "mean_average_precision",
+    "n_queries",
+    "p_value",
+    "corrected_p_value",
+    "below_p",
+    "below_corrected_p",
+)
+
+
+def _map_without_pvalues(
+    scores: pd.DataFrame, keys: list[str], cols: list[str], note: str
+) -> pd.DataFrame:
+    """The :func:`map_pvalues` table with NaN p-values (null too costly), ``note`` saying why."""
+    table = scores.groupby(keys, sort=True, observed=True).agg(
+        mean_average_precision=("average_precision", "mean"),
+        n_queries=("average_precision", "size"),
+    )
+    table = table.reset_index()
+    for col in ("p_value", "corrected_p_value"):
+        table[col] = np.nan
+    table["below_p"] = False
+    table["below_corrected_p"] = False
+    table = table[cols]
+    table.attrs["note"] = note
+    return table
+
+
+def _group_pvalues(
+    weights: sparse.csr_matrix,
+    nulls: np.ndarray,
+    map_vals: np.ndarray,
+    sizes: np.ndarray,
+    null_size: int,
+) -> np.ndarray:
+    """``(#{group null > mAP} + 1) / (null_size + 1)`` per group, in blocks of groups.
+
+    ``weights`` (groups x configurations) counts each group's queries per configuration;
+    ``nulls`` holds one null distribution per configuration.
+    """
+    n_groups = map_vals.size
+    pvals = np.empty(n_groups)
+    step = max(1, BLOCK_ELEMS // (2 * null_size))
+    for a, b in iter_blocks(n_groups, step):
+        null_mean = (weights[a:b] @ nulls.astype(np.float64)) / sizes[a:b, None]
+        above = (null_mean > map_vals[a:b, None]).sum(axis=1)
+        pvals[a:b] = (above + 1) / (null_size + 1)
+    return pvals
 
 
 def _map_stderr(ap: pd.DataFrame, keys: list[str]) -> float:
