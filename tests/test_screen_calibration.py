@@ -279,3 +279,20 @@ def test_simulated_lincs_layout_has_the_lincs_design() -> None:
     assert sorted(per_plate.values()) == [1, 4]
     assert cells.groupby(["plate", "well"]).size().max() == 64
     assert crops.min() >= 0 and crops.max() <= 255  # stretched to 8 bits as the LINCS PNGs
+
+
+@pytest.mark.parametrize("screen", ["lincs", "bbbc021"])
+def test_real_components_are_what_the_real_data_measure(screen: str) -> None:
+    folder = {"lincs": "lincs_a549_cellpainting", "bbbc021": "bbbc021_week4_singlecell"}[screen]
+    if not (SHARED_DATA / folder).is_dir():
+        pytest.skip(f"shared {screen} data absent")
+    load = {"lincs": calibration.lincs_control_cells, "bbbc021": calibration.bbbc021_control_cells}
+    channels = synthetic.CHANNELS if screen == "lincs" else calibration.BBBC021_CHANNELS
+    m = calibration.measure_components(
+        *load[screen](SHARED_DATA), channels, calibration.JUDGED_CHANNELS[screen]
+    )
+    want = calibration.REAL_COMPONENTS[screen]
+    assert m["design"] == want["design"] and m["n_cells"] == want["n_cells"]
+    assert m["crop_px"] == want["crop_px"] and not m["not_converged"]
+    for key in ("median_share_judged", "median_share"):
+        assert m[key] == pytest.approx(want[key], abs=1e-3), key

@@ -592,7 +592,8 @@ def measure_components(
 ) -> dict[str, Any]:
     """REML variance components of control cells' intensity statistics (docs/calibration.md).
 
-    Crops are cut to ``CROP_NUCLEAR_RADII`` Otsu nuclear radii, standardised per plate against
+    Crops are cut to ``CROP_NUCLEAR_RADII`` Otsu nuclear radii (or used whole when narrower),
+    standardised per plate against
     all their (control) pixels and described by :func:`image_statistics`; ``cells`` gives each
     crop's batch, plate and well. ``median_share_judged`` is the median over the features of
     ``judged_channels``, the compared summary; ``median_share`` is over all features.
@@ -600,7 +601,9 @@ def measure_components(
     from cdcl.metrics.variance_components import variance_components
 
     radius = otsu_nuclear_radius(crops)
-    cut = centre_crop(np.asarray(crops, np.float32), int(round(CROP_NUCLEAR_RADII * radius)))
+    # crops narrower than that (BBBC021's 68 px around 17.5-px DMSO nuclei) are used whole
+    side = min(int(round(CROP_NUCLEAR_RADII * radius)), *np.shape(crops)[-2:])
+    cut = centre_crop(np.asarray(crops, np.float32), side)
     z = standardize_by_control_pixels(cut, cells["plate"].to_numpy(), np.ones(len(cells), bool))
     names = statistic_names(list(channels))
     factors = {f: cells[f].to_numpy() for f in FACTORS}
@@ -621,7 +624,8 @@ def measure_components(
         "n_cells": int(len(cells)),
         "cells_per_well": [int(per_well.min()), int(per_well.max())],
         "nuclear_radius_px": round(radius, 2),
-        "crop_px": int(cut.shape[-1]),
+        "crop_px": int(side),
+        "crop_radii": round(side / radius, 2),
     }
 
 
@@ -695,7 +699,36 @@ def compare_components(real: dict[str, Any], simulated: list[dict[str, Any]]) ->
     return rows
 
 
-REAL_COMPONENTS: dict[str, dict[str, Any]] = {}
+# Measured by `python -m cdcl.experiments.screen_calibration --real /work/shared/data
+# --components` (2026-12-07; docs/calibration.md, "Variance components").
+REAL_COMPONENTS: dict[str, dict[str, Any]] = {
+    "lincs": {
+        "design": {
+            "batch": {"levels": 2, "df": 1, "fitted": False, "in": "plate"},
+            "plate": {"levels": 5, "df": 3, "fitted": True, "in": "plate"},
+            "well": {"levels": 10, "df": 5, "fitted": True, "in": "well"},
+        },
+        "median_share_judged": {"plate": 0.0, "well": 0.0267, "residual": 0.9719},
+        "median_share": {"plate": 0.0, "well": 0.0267, "residual": 0.9719},
+        "n_cells": 640,
+        "cells_per_well": [64, 64],
+        "nuclear_radius_px": 13.3,
+        "crop_px": 53,
+    },
+    "bbbc021": {
+        "design": {
+            "batch": {"levels": 1, "df": 0, "fitted": False, "in": None},
+            "plate": {"levels": 6, "df": 5, "fitted": True, "in": "plate"},
+            "well": {"levels": 6, "df": 0, "fitted": False, "in": "plate"},
+        },
+        "median_share_judged": {"plate": 0.0005, "residual": 0.9995},
+        "median_share": {"plate": 0.0, "residual": 1.0},
+        "n_cells": 1200,
+        "cells_per_well": [200, 200],
+        "nuclear_radius_px": 17.39,
+        "crop_px": 68,
+    },
+}
 
 
 def measure_simulated_components(

@@ -104,24 +104,29 @@ def _vc_spec(groups: np.ndarray, inner: Mapping[str, np.ndarray]) -> Any:
     return VCSpec(names, colnames, mats)
 
 
-# L-BFGS reaches a variance of exactly zero on the boundary, where statsmodels' default
-# (BFGS first) stops short of the REML maximum; Powell (no gradient) is the fallback.
+# Two optimisers, and the fit with the higher restricted likelihood is kept: L-BFGS reaches a
+# variance of exactly zero on the boundary, where statsmodels' default (BFGS) stops short, but
+# it can also report convergence at a worse point or step to a singular covariance (seen on
+# LINCS and BBBC021 features); Powell (no gradient) is slower and does not fail there.
 OPTIMISERS = ("lbfgs", "powell")
 
 
 def _fit_reml(model: Any) -> Any:
-    """The REML fit of the first optimiser that converges (else the highest likelihood)."""
-    fits = []
+    """The REML fit with the highest restricted likelihood over ``OPTIMISERS`` (converged ones
+    first)."""
+    fits, errors = [], []
     for method in OPTIMISERS:
-        with warnings.catch_warnings():
-            # a variance estimated at zero is a result here (a component absent from the
-            # data), which statsmodels reports as a boundary / convergence warning
-            warnings.simplefilter("ignore")
-            res = model.fit(reml=True, method=[method])
-        if res.converged:
-            return res
-        fits.append(res)
-    return max(fits, key=lambda r: r.llf)
+        try:
+            with warnings.catch_warnings():
+                # a variance estimated at zero is a result here (a component absent from the
+                # data), which statsmodels reports as a boundary / convergence warning
+                warnings.simplefilter("ignore")
+                fits.append(model.fit(reml=True, method=[method]))
+        except (np.linalg.LinAlgError, ValueError) as e:
+            errors.append(f"{method}: {e}")
+    if not fits:
+        raise np.linalg.LinAlgError("REML fit failed: " + "; ".join(errors))
+    return max(fits, key=lambda r: (bool(r.converged), r.llf))
 
 
 def fit_feature(y: ArrayLike, fitted: Mapping[str, np.ndarray]) -> dict[str, Any]:
