@@ -146,6 +146,58 @@ def sample_per_well(crops: pd.DataFrame, per_well: int, seed: int) -> np.ndarray
     return keep
 
 
+def _check_spec(spec: CropSpec) -> None:
+    """A positive crop size and per-well cap."""
+    if spec.size < 1:
+        raise CdclError(f"--crop-size {spec.size}: must be a positive number of pixels")
+    if spec.per_well is not None and spec.per_well < 1:
+        raise CdclError(f"--crops-per-well {spec.per_well}: must be at least 1")
+
+
+def _stack_nuclei(centres: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every nucleus of every field: its field, its row in the field's file, its centre."""
+    none = [np.empty(0, dtype=np.int64)]
+    field_of = np.concatenate(
+        [np.full(len(c), f, dtype=np.int64) for f, c in enumerate(centres)] or none
+    )
+    index = np.concatenate([np.arange(len(c), dtype=np.int64) for c in centres] or none)
+    xy = np.concatenate(centres or [np.empty((0, 2))])
+    return field_of, index, xy
+
+
+def _field_heights_widths(probes: list[Probe | Problem]) -> np.ndarray:
+    """(fields, 2) height and width of each field (its smallest plane)."""
+    big = np.iinfo(np.int64).max // 4
+    return np.array(
+        [
+            (min(s[0] for s in p.shapes), min(s[1] for s in p.shapes))
+            if isinstance(p, Probe)
+            else (big, big)  # size unknown: the build reports the bad field
+            for p in probes
+        ],
+        dtype=np.int64,
+    ).reshape(-1, 2)
+
+
+def _crop_table(
+    samples: pd.DataFrame,
+    field_of: np.ndarray,
+    index: np.ndarray,
+    xy: np.ndarray,
+    origin: np.ndarray,
+    fits: np.ndarray,
+) -> pd.DataFrame:
+    """One row per fitting crop: its field's metadata and the nucleus columns."""
+    crops = samples.iloc[field_of[fits]].reset_index(drop=True)
+    crops["_field"] = field_of[fits]
+    crops[NUCLEUS_INDEX] = index[fits]
+    crops[CENTER_X] = xy[fits, 0]
+    crops[CENTER_Y] = xy[fits, 1]
+    crops[CROP_X0] = origin[fits, 0]
+    crops[CROP_Y0] = origin[fits, 1]
+    return crops
+
+
 def nucleus_crops(
     samples: pd.DataFrame,
     fields: FieldSource,
@@ -156,32 +208,15 @@ def nucleus_crops(
     skip_bad: bool = False,
 ) -> tuple[pd.DataFrame, CropFields, list[str]]:
     """One row per crop that fits in its field (field metadata + nucleus columns), its pixels, notes."""
-    if spec.size < 1:
-        raise CdclError(f"--crop-size {spec.size}: must be a positive number of pixels")
-    if spec.per_well is not None and spec.per_well < 1:
-        raise CdclError(f"--crops-per-well {spec.per_well}: must be at least 1")
+    _check_spec(spec)
     centres, notes = _read_all(nuclei_files, spec.columns, skip_bad)
     probes = list(
         _parallel_map(_probe_task, list(range(len(fields))), workers, (fields, None, None))
     )
-    none = [np.empty(0, dtype=np.int64)]
-    field_of = np.concatenate(
-        [np.full(len(c), f, dtype=np.int64) for f, c in enumerate(centres)] or none
-    )
-    index = np.concatenate([np.arange(len(c), dtype=np.int64) for c in centres] or none)
-    xy = np.concatenate(centres or [np.empty((0, 2))])
+    field_of, index, xy = _stack_nuclei(centres)
     finite = np.isfinite(xy).all(axis=1)
     origin = crop_origin(np.where(finite[:, None], xy, 0.0), spec.size)
-    big = np.iinfo(np.int64).max // 4
-    hw = np.array(
-        [
-            (min(s[0] for s in p.shapes), min(s[1] for s in p.shapes))
-            if isinstance(p, Probe)
-            else (big, big)  # size unknown: the build reports the bad field
-            for p in probes
-        ],
-        dtype=np.int64,
-    ).reshape(-1, 2)
+    hw = _field_heights_widths(probes)
     h, w = hw[field_of, 0], hw[field_of, 1]
     fits = (
         finite
@@ -194,13 +229,7 @@ def nucleus_crops(
             f"{int((~fits).sum())} of {len(xy)} nuclei left out: their {spec.size} x {spec.size} "
             "crop would leave the field"
         )
-    crops = samples.iloc[field_of[fits]].reset_index(drop=True)
-    crops["_field"] = field_of[fits]
-    crops[NUCLEUS_INDEX] = index[fits]
-    crops[CENTER_X] = xy[fits, 0]
-    crops[CENTER_Y] = xy[fits, 1]
-    crops[CROP_X0] = origin[fits, 0]
-    crops[CROP_Y0] = origin[fits, 1]
+    crops = _crop_table(samples, field_of, index, xy, origin, fits)
     if len(crops) == 0:
         raise CdclError(
             f"--crops-from: no {spec.size} x {spec.size} crop fits inside its field "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -179,25 +179,15 @@ REQUIRED = ("plate", "well", "treatment")
 METADATA_PREFIX = "Metadata_"  # columns kept as they are in the samples table
 
 
-def resolve_options(
-    df: pd.DataFrame, opt: TableOptions, where: str
-) -> tuple[TableOptions, list[str]]:
-    """Fill unnamed columns from the conventions; one CdclError listing everything missing.
+def _given_columns(opt: TableOptions) -> dict[str, str | None]:
+    """The column each conventional field was named as (None: find it; "": there is none)."""
+    return {field_name: getattr(opt, f"{field_name}_col") for field_name in CONVENTIONS}
 
-    Returns the options with every column named, and notices (e.g. plates used as batches).
-    """
-    cols = [str(c) for c in df.columns]
-    given = {
-        "plate": opt.plate_col,
-        "well": opt.well_col,
-        "site": opt.site_col,
-        "batch": opt.batch_col,
-        "treatment": opt.treatment_col,
-        "compound": opt.compound_col,
-        "dose": opt.dose_col,
-        "moa": opt.moa_col,
-        "cell_type": opt.cell_type_col,
-    }
+
+def _find_columns(
+    cols: list[str], given: dict[str, str | None]
+) -> tuple[dict[str, str | None], list[str]]:
+    """Each conventional field's column (None when it has none) and the problems found."""
     found: dict[str, str | None] = {}
     problems: list[str] = []
     for field_name, (names, flag) in CONVENTIONS.items():
@@ -215,6 +205,13 @@ def resolve_options(
                     f"no {field_name} column (looked for {', '.join(names[:4])}); "
                     f"name it with {flag} COLUMN"
                 )
+    return found, problems
+
+
+def _site_problems(
+    df: pd.DataFrame, given: dict[str, str | None], found: dict[str, str | None]
+) -> list[str]:
+    """A site column is needed when a well holds several images and none was found."""
     if (
         found["site"] is None
         and given["site"] is None
@@ -223,15 +220,29 @@ def resolve_options(
         and df.duplicated([found["plate"], found["well"]]).any()
     ):
         names, flag = CONVENTIONS["site"]
-        problems.append(
+        return [
             f"no site column although wells hold several images (looked for "
             f"{', '.join(names[:4])}); name it with {flag} COLUMN"
-        )
+        ]
+    return []
+
+
+def _split_and_fold_problems(cols: list[str], opt: TableOptions) -> list[str]:
+    """The --split-col and --fold-col columns must exist."""
+    problems = []
     if opt.split_col and opt.split_col not in cols:
         problems.append(f"column `{opt.split_col}` missing (given as --split-col {opt.split_col})")
     if opt.fold_col and opt.fold_col not in cols:
         problems.append(f"column `{opt.fold_col}` missing (given as --fold-col {opt.fold_col})")
+    return problems
+
+
+def _control_query(
+    df: pd.DataFrame, opt: TableOptions, found: dict[str, str | None]
+) -> tuple[str | None, list[str]]:
+    """The control query (the given one, else found by convention) and its problems."""
     control_query = opt.control_query
+    problems = []
     if opt.no_controls and control_query is not None:
         problems.append("give --control-query or --no-controls, not both")
     if control_query is None and found["treatment"] and not opt.no_controls:
@@ -243,9 +254,13 @@ def resolve_options(
                 "named DMSO); say which rows they are with --control-query, e.g. "
                 "\"Metadata_Compound == 'DMSO'\", or pass --no-controls"
             )
-    if problems:
-        have = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
-        raise CdclError(f"{where}: {'; '.join(problems)} (columns: {have})")
+    return control_query, problems
+
+
+def _default_batch_and_dose(
+    found: dict[str, str | None], given: dict[str, str | None], cols: list[str]
+) -> list[str]:
+    """Plates as batches when there is no batch column; notices of what was assumed."""
     notes = []
     if found["batch"] is None:
         found["batch"] = found["plate"]
@@ -256,78 +271,83 @@ def resolve_options(
     if found["dose"] and given["dose"] is None and given["treatment"] is None:
         if find_column(cols, "Metadata_Treatment", "treatment") is not None:
             found["dose"] = None  # a treatment column names the treatment, dose included
-    resolved = TableOptions(
-        batch_col=found["batch"],
-        plate_col=found["plate"],
-        well_col=found["well"],
-        site_col=found["site"],
-        treatment_col=found["treatment"],
-        dose_col=found["dose"],
-        compound_col=found["compound"],
-        moa_col=found["moa"],
-        cell_type_col=found["cell_type"],
-        control_query=control_query,
-        control_treatment=opt.control_treatment,
-        split_col=opt.split_col,
-        fold_col=opt.fold_col,
-        no_controls=opt.no_controls,
-    )
-    return resolved, notes
+    return notes
 
 
-def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.DataFrame:
-    """Map a user's table onto the dataset schema (no image column yet)."""
-    opt, _ = resolve_options(df, opt, where)
-    assert opt.batch_col and opt.plate_col and opt.well_col and opt.treatment_col
-    for c in (opt.batch_col, opt.plate_col, opt.well_col, opt.treatment_col):
+def resolve_options(
+    df: pd.DataFrame, opt: TableOptions, where: str
+) -> tuple[TableOptions, list[str]]:
+    """Fill unnamed columns from the conventions; one CdclError listing everything missing.
+
+    Returns the options with every column named, and notices (e.g. plates used as batches).
+    """
+    cols = [str(c) for c in df.columns]
+    given = _given_columns(opt)
+    found, problems = _find_columns(cols, given)
+    problems += _site_problems(df, given, found)
+    problems += _split_and_fold_problems(cols, opt)
+    control_query, control_problems = _control_query(df, opt, found)
+    problems += control_problems
+    if problems:
+        have = ", ".join(cols[:12]) + (", ..." if len(cols) > 12 else "")
+        raise CdclError(f"{where}: {'; '.join(problems)} (columns: {have})")
+    notes = _default_batch_and_dose(found, given, cols)
+    named = {f"{field_name}_col": column for field_name, column in found.items()}
+    return replace(opt, control_query=control_query, **named), notes
+
+
+def _check_filled(df: pd.DataFrame, columns: list[str], where: str) -> None:
+    """Every row needs its batch, plate, well and treatment."""
+    for c in columns:
         empty = df[c].isna().to_numpy()
         if empty.any():
             raise CdclError(
                 f"{where}: column `{c}` is empty in row {int(np.flatnonzero(empty)[0])}"
             )
-    out = pd.DataFrame(
-        {
-            "batch": df[opt.batch_col].astype(str).to_numpy(),
-            "plate": df[opt.plate_col].astype(str).to_numpy(),
-            "well": df[opt.well_col].astype(str).to_numpy(),
-        }
-    )
-    if opt.site_col:
-        site = pd.to_numeric(df[opt.site_col], errors="coerce")
-        if site.isna().any():
-            row = int(np.flatnonzero(site.isna().to_numpy())[0])
-            raise CdclError(f"{where}: column `{opt.site_col}` is not an integer in row {row}")
-        out["site"] = site.astype(np.int64).to_numpy()
-    else:
-        out["site"] = np.zeros(len(df), dtype=np.int64)
-    compound = df[opt.compound_col or opt.treatment_col].astype(str).to_numpy()
+
+
+def _sites(df: pd.DataFrame, site_col: str | None, where: str) -> np.ndarray:
+    """Integer sites (0 for every row without a site column)."""
+    if not site_col:
+        return np.zeros(len(df), dtype=np.int64)
+    site = pd.to_numeric(df[site_col], errors="coerce")
+    if site.isna().any():
+        row = int(np.flatnonzero(site.isna().to_numpy())[0])
+        raise CdclError(f"{where}: column `{site_col}` is not an integer in row {row}")
+    return site.astype(np.int64).to_numpy()
+
+
+def _control_rows(df: pd.DataFrame, opt: TableOptions, where: str) -> np.ndarray:
+    """Mask of the negative-control rows (none with --no-controls)."""
     if opt.control_query:
-        ctrl = control_mask(df, opt.control_query, option=f"--control-query (on {where})")
-    elif opt.no_controls:
-        ctrl = np.zeros(len(df), dtype=bool)
-    else:
-        raise CdclError(
-            "--control-query missing; say which rows are negative controls, e.g. 'compound == \"DMSO\"'"
-        )
-    if opt.dose_col:
-        dose = pd.to_numeric(df[opt.dose_col], errors="coerce").to_numpy(np.float64)
+        return control_mask(df, opt.control_query, option=f"--control-query (on {where})")
+    if opt.no_controls:
+        return np.zeros(len(df), dtype=bool)
+    raise CdclError(
+        "--control-query missing; say which rows are negative controls, e.g. 'compound == \"DMSO\"'"
+    )
+
+
+def _treatment_labels(
+    df: pd.DataFrame, opt: TableOptions, dose: np.ndarray | None, ctrl: np.ndarray
+) -> np.ndarray:
+    """Treatment labels (compound@dose with a dose column); the controls share one label."""
+    assert opt.treatment_col
+    if dose is not None:
         treat = [format_treatment(t, d) for t, d in zip(df[opt.treatment_col].astype(str), dose)]
-        out["dose"] = dose
     else:
         treat = df[opt.treatment_col].astype(str).tolist()
-    treat = np.asarray(treat, dtype=object)
+    labels = np.asarray(treat, dtype=object)
     # All negative-control rows share one label so that they pair with each other across batches.
     ctrl_label = opt.control_treatment
     if ctrl_label is None and ctrl.any():
         ctrl_label = str(df[opt.compound_col or opt.treatment_col].astype(str)[ctrl].mode().iloc[0])
-    treat[ctrl] = ctrl_label
-    out["treatment"] = treat
-    out["is_control"] = ctrl
-    out["compound"] = compound
-    if opt.moa_col:
-        out["moa"] = df[opt.moa_col].where(df[opt.moa_col].notna(), None).to_numpy()
-    if opt.cell_type_col:
-        out["cell_type"] = df[opt.cell_type_col].astype(str).to_numpy()
+    labels[ctrl] = ctrl_label
+    return labels
+
+
+def _add_split_and_fold(out: pd.DataFrame, df: pd.DataFrame, opt: TableOptions, where: str) -> None:
+    """The user's own split (train/val/test) and fold groups, checked."""
     if opt.split_col:
         require_columns(df, [opt.split_col], where)
         split = df[opt.split_col].astype(str).str.strip().str.lower()
@@ -345,14 +365,142 @@ def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.Da
                 f"{int(values.isna().sum())} rows; every image needs its fold group"
             )
         out[FOLD_GROUP] = values.astype(str).str.strip().to_numpy()
-    for c in df.columns:  # the table's own Metadata_* columns travel with each image
+
+
+def _carry_metadata(out: pd.DataFrame, df: pd.DataFrame) -> None:
+    """The table's own Metadata_* columns travel with each image."""
+    for c in df.columns:
         if str(c).startswith(METADATA_PREFIX) and str(c) not in out.columns:
             col = df[c]
             out[str(c)] = (
                 col.astype(str).where(col.notna(), None) if col.dtype == object else col
             ).to_numpy()
+
+
+def samples_from_table(df: pd.DataFrame, opt: TableOptions, where: str) -> pd.DataFrame:
+    """Map a user's table onto the dataset schema (no image column yet)."""
+    opt, _ = resolve_options(df, opt, where)
+    assert opt.batch_col and opt.plate_col and opt.well_col and opt.treatment_col
+    _check_filled(df, [opt.batch_col, opt.plate_col, opt.well_col, opt.treatment_col], where)
+    out = pd.DataFrame(
+        {
+            "batch": df[opt.batch_col].astype(str).to_numpy(),
+            "plate": df[opt.plate_col].astype(str).to_numpy(),
+            "well": df[opt.well_col].astype(str).to_numpy(),
+        }
+    )
+    out["site"] = _sites(df, opt.site_col, where)
+    compound = df[opt.compound_col or opt.treatment_col].astype(str).to_numpy()
+    ctrl = _control_rows(df, opt, where)
+    dose = None
+    if opt.dose_col:
+        dose = pd.to_numeric(df[opt.dose_col], errors="coerce").to_numpy(np.float64)
+        out["dose"] = dose
+    out["treatment"] = _treatment_labels(df, opt, dose, ctrl)
+    out["is_control"] = ctrl
+    out["compound"] = compound
+    if opt.moa_col:
+        out["moa"] = df[opt.moa_col].where(df[opt.moa_col].notna(), None).to_numpy()
+    if opt.cell_type_col:
+        out["cell_type"] = df[opt.cell_type_col].astype(str).to_numpy()
+    _add_split_and_fold(out, df, opt, where)
+    _carry_metadata(out, df)
     out["source_row"] = np.arange(len(df), dtype=np.int64)
     return out
+
+
+def _check_channels(channels: list[str]) -> None:
+    """Channel names are given, non-blank and unique."""
+    if not channels or any(not c.strip() for c in channels):
+        raise CdclError(
+            "--channels: give the channel names in order, e.g. --channels DNA,Actin,Tubulin"
+        )
+    if len(set(channels)) != len(channels):
+        raise CdclError(f"--channels {','.join(channels)}: channel names must be unique")
+
+
+def _read_samples(
+    samples_file: Path | pd.DataFrame, root: Path | None
+) -> tuple[pd.DataFrame, str, str, Any, Path]:
+    """The table, its name in messages, the default dataset name, its record, the path base."""
+    if isinstance(samples_file, pd.DataFrame):
+        df = samples_file.reset_index(drop=True)
+        digest = pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()
+        origin = f"DataFrame sha256:{hashlib.sha256(digest).hexdigest()[:16]}"
+        base_dir = Path(root) if root is not None else Path.cwd()
+        return df, "samples table", "samples", origin, base_dir
+    samples_file = Path(samples_file)
+    df = read_table(samples_file)
+    base_dir = Path(root) if root is not None else samples_file.parent
+    return df, str(samples_file), samples_file.stem, samples_file, base_dir
+
+
+@dataclass
+class _PixelSource:
+    """Where `build_table` reads the pixels from, and at what size (recorded with the build)."""
+
+    path_template: str | None
+    root: Path | None
+    npz: Path | None
+    npz_key: str | None
+    channel_axis: int
+    image_size: int | None
+    rgb_channels: list[str] | None
+    crops: CropSpec | None
+
+    def check(self) -> None:
+        """Exactly one source, and crops or RGB planes only from image files."""
+        if (self.path_template is None) == (self.npz is None):
+            raise CdclError("give exactly one image source: --path-template TEMPLATE or --npz FILE")
+        if self.npz is not None and (self.rgb_channels is not None or self.crops is not None):
+            raise CdclError("--rgb-channels and --crops-from read image files: use --path-template")
+
+    def fields(
+        self,
+        df: pd.DataFrame,
+        where: str,
+        channels: list[str],
+        base_dir: Path,
+        well_col: str | None,
+    ) -> Any:
+        """The whole fields of the table's rows, in table order."""
+        if self.npz is not None:
+            fields = ArrayFields(str(self.npz), self.npz_key, self.channel_axis, len(channels))
+            if len(fields) != len(df):
+                raise CdclError(
+                    f"{self.npz}: {len(fields)} images but {where} has {len(df)} rows; "
+                    "the table must list the array's images in order"
+                )
+            return fields
+        template = self.path_template or ""
+        if self.rgb_channels is not None:
+            planes = rgb_planes(self.rgb_channels, channels)
+            paths = expand_paths(df, template, None, base_dir, well_col)
+            return RgbFields([p[0] for p in paths], planes)
+        return FileFields(expand_paths(df, template, channels, base_dir, well_col))
+
+    def recorded(self) -> dict[str, Any]:
+        """The build arguments that describe the pixels, as dataset.json records them."""
+        crops = self.crops
+        crop_args = {**vars(crops), "columns": list(crops.columns)} if crops else None
+        return {**vars(self), "crops": crop_args}
+
+
+def _cut_crops(
+    df: pd.DataFrame,
+    samples: pd.DataFrame,
+    fields: Any,
+    crops: CropSpec,
+    base_dir: Path,
+    well_col: str | None,
+    workers: int,
+    skip_bad: bool,
+) -> tuple[pd.DataFrame, Any, list[str]]:
+    """Single-cell crops around the nuclei of each field (`nucleus_crops`)."""
+    nuclei = expand_paths(df, crops.template, None, base_dir, well_col, "--crops-from")
+    return nucleus_crops(
+        samples, fields, [p[0] for p in nuclei], crops, workers=workers, skip_bad=skip_bad
+    )
 
 
 def build_table(
@@ -380,66 +528,22 @@ def build_table(
     channel placeholder); ``crops`` cuts single-cell crops around nucleus centres instead of
     storing whole fields (see cdcl.data.crops).
     """
-    if not channels or any(not c.strip() for c in channels):
-        raise CdclError(
-            "--channels: give the channel names in order, e.g. --channels DNA,Actin,Tubulin"
-        )
-    if len(set(channels)) != len(channels):
-        raise CdclError(f"--channels {','.join(channels)}: channel names must be unique")
-    if (path_template is None) == (npz is None):
-        raise CdclError("give exactly one image source: --path-template TEMPLATE or --npz FILE")
-    if npz is not None and (rgb_channels is not None or crops is not None):
-        raise CdclError("--rgb-channels and --crops-from read image files: use --path-template")
-    if isinstance(samples_file, pd.DataFrame):
-        df = samples_file.reset_index(drop=True)
-        where, stem = "samples table", "samples"
-        digest = pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()
-        origin: Any = f"DataFrame sha256:{hashlib.sha256(digest).hexdigest()[:16]}"
-        base_dir = Path(root) if root is not None else Path.cwd()
-    else:
-        samples_file = Path(samples_file)
-        df = read_table(samples_file)
-        where, stem, origin = str(samples_file), samples_file.stem, samples_file
-        base_dir = Path(root) if root is not None else samples_file.parent
+    _check_channels(channels)
+    pixels = _PixelSource(
+        path_template, root, npz, npz_key, channel_axis, image_size, rgb_channels, crops
+    )
+    pixels.check()
+    df, where, stem, origin, base_dir = _read_samples(samples_file, root)
     options, notes = resolve_options(df, options, where)
     samples = samples_from_table(df, options, where)
-    if npz is not None:
-        fields: Any = ArrayFields(str(npz), npz_key, channel_axis, len(channels))
-        if len(fields) != len(df):
-            raise CdclError(
-                f"{npz}: {len(fields)} images but {where} has {len(df)} rows; "
-                "the table must list the array's images in order"
-            )
-    elif rgb_channels is not None:
-        planes = rgb_planes(rgb_channels, channels)
-        paths = expand_paths(df, path_template or "", None, base_dir, options.well_col)
-        fields = RgbFields([p[0] for p in paths], planes)
-    else:
-        fields = FileFields(
-            expand_paths(df, path_template or "", channels, base_dir, options.well_col)
-        )
+    fields = pixels.fields(df, where, channels, base_dir, options.well_col)
     if crops is not None:
-        nuclei = expand_paths(df, crops.template, None, base_dir, options.well_col, "--crops-from")
-        samples, fields, crop_notes = nucleus_crops(
-            samples, fields, [p[0] for p in nuclei], crops, workers=workers, skip_bad=skip_bad
+        samples, fields, crop_notes = _cut_crops(
+            df, samples, fields, crops, base_dir, options.well_col, workers, skip_bad
         )
         notes += crop_notes
-    args = jsonable(
-        {
-            "samples": origin,
-            "channels": list(channels),
-            "path_template": path_template,
-            "root": root,
-            "npz": npz,
-            "npz_key": npz_key,
-            "channel_axis": channel_axis,
-            "image_size": image_size,
-            "rgb_channels": rgb_channels,
-            "crops": {**vars(crops), "columns": list(crops.columns)} if crops else None,
-            **{k: v for k, v in vars(options).items()},
-            **(extra_args or {}),
-        }
-    )
+    recorded = {"samples": origin, "channels": list(channels), **pixels.recorded()}
+    args = jsonable({**recorded, **vars(options), **(extra_args or {})})
     report = build_dataset(
         Path(out),
         samples,
