@@ -34,13 +34,16 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
+    from contextlib import AbstractContextManager
+
     import anndata
     import pandas as pd
 
     from cdcl.config import Config
+    from cdcl.data.crops import CropSpec
     from cdcl.data.dataset_dir import Dataset
     from cdcl.profiles.columns import ColumnSpec
 
@@ -63,6 +66,7 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike
+_Spec = TypeVar("_Spec")
 
 
 def synth(
@@ -324,58 +328,22 @@ def build_table(
     pathlib.Path
         The dataset directory.
     """
-    import contextlib
-
-    from cdcl.data.crops import CENTER_COLUMNS, CropSpec
     from cdcl.data.table import TableOptions
     from cdcl.data.table import build_table as _build
-    from cdcl.errors import CdclError
-    from cdcl.locking import command_lock
-
-    def _names(value: Sequence[str] | str) -> list[str]:
-        return [c.strip() for c in (value.split(",") if isinstance(value, str) else value)]
 
     _check_workers(workers)
     names = _names(channels)
-    crops = None
-    if crops_from is not None:
-        if crop_size is None:
-            raise CdclError("--crops-from needs --crop-size N, the side of the crops in pixels")
-        xy = _names(crop_columns) if crop_columns is not None else list(CENTER_COLUMNS)
-        if len(xy) != 2:
-            raise CdclError(f"--crop-columns {','.join(xy)}: give two columns, X,Y")
-        crops = CropSpec(crops_from, int(crop_size), crops_per_well, int(crop_seed), (xy[0], xy[1]))
-    elif crop_size is not None or crops_per_well is not None or crop_columns is not None:
-        raise CdclError("--crop-size, --crops-per-well and --crop-columns need --crops-from")
-    opts = TableOptions(
-        batch_col=batch_col,
-        plate_col=plate_col,
-        well_col=well_col,
-        site_col=site_col,
-        treatment_col=treatment_col,
-        dose_col=dose_col,
-        compound_col=compound_col,
-        moa_col=moa_col,
-        cell_type_col=cell_type_col,
-        control_query=control_query,
-        control_treatment=control_treatment,
-        split_col=split_col,
-        fold_col=fold_col,
-        no_controls=no_controls,
-    )
-    guard = command_lock(Path(out), "cdcl build table") if lock else contextlib.nullcontext()
-    with guard:
+    crops = _crop_spec(crops_from, crop_size, crops_per_well, crop_seed, crop_columns)
+    opts = _from_arguments(TableOptions, locals())
+    with _locked(out, lock, "cdcl build table"):
+        pixels = dict(path_template=path_template, npz_key=npz_key, channel_axis=channel_axis)
+        pixels.update(root=_optional_path(root), npz=_optional_path(npz), image_size=image_size)
         rep = _build(
             samples,
             Path(out),
             names,
             opts,
-            path_template=path_template,
-            root=Path(root) if root is not None else None,
-            npz=Path(npz) if npz is not None else None,
-            npz_key=npz_key,
-            channel_axis=channel_axis,
-            image_size=image_size,
+            **pixels,
             name=name,
             workers=workers,
             skip_bad=skip_bad,
@@ -383,6 +351,60 @@ def build_table(
             crops=crops,
         )
     return _built(rep, verbose)
+
+
+def _locked(out: PathLike, lock: bool, command: str) -> AbstractContextManager[Any]:
+    """``out``'s lock for ``command``, or none when the caller already holds it."""
+    import contextlib
+
+    from cdcl.locking import command_lock
+
+    return command_lock(Path(out), command) if lock else contextlib.nullcontext()
+
+
+def _optional_path(value: PathLike | None) -> Path | None:
+    """A path, or None for None."""
+    return Path(value) if value is not None else None
+
+
+def _names(value: Sequence[str] | str) -> list[str]:
+    """A list or a comma-separated string of names, each stripped."""
+    return [c.strip() for c in (value.split(",") if isinstance(value, str) else value)]
+
+
+def _crop_spec(
+    crops_from: str | None,
+    crop_size: int | None,
+    crops_per_well: int | None,
+    crop_seed: int,
+    crop_columns: Sequence[str] | str | None,
+) -> CropSpec | None:
+    """`build_table`'s crop arguments as one CropSpec (None without ``crops_from``)."""
+    from cdcl.data.crops import CENTER_COLUMNS, CropSpec
+    from cdcl.errors import CdclError
+
+    if crops_from is None:
+        if crop_size is not None or crops_per_well is not None or crop_columns is not None:
+            raise CdclError("--crop-size, --crops-per-well and --crop-columns need --crops-from")
+        return None
+    if crop_size is None:
+        raise CdclError("--crops-from needs --crop-size N, the side of the crops in pixels")
+    xy = _names(crop_columns) if crop_columns is not None else list(CENTER_COLUMNS)
+    if len(xy) != 2:
+        raise CdclError(f"--crop-columns {','.join(xy)}: give two columns, X,Y")
+    return CropSpec(crops_from, int(crop_size), crops_per_well, int(crop_seed), (xy[0], xy[1]))
+
+
+def _from_arguments(spec: type[_Spec], arguments: Mapping[str, Any]) -> _Spec:
+    """A column spec (TableOptions, ColumnSpec) filled from a verb's arguments of the same names.
+
+    The verbs name their column arguments as the specs name their fields, so the command line
+    and Python build one spec the same way; a field the verb does not take keeps its default.
+    """
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(spec)]  # type: ignore[arg-type]
+    return spec(**{n: arguments[n] for n in names if n in arguments})
 
 
 def _check_workers(workers: int) -> None:
@@ -789,11 +811,7 @@ def embed(
         and feature columns that pycytominer infers (the written file without
         ``read_back``); None on non-zero torchrun ranks.
     """
-    cellprofiler = _embed_kind(source, features, data, checkpoint, device)
-    if not read_back and out is None:
-        from cdcl.errors import CdclError
-
-        raise CdclError("read_back=False returns the written file: give out=PATH")
+    cellprofiler = _embed_kind(source, features, data, checkpoint, device, read_back, out)
     common = dict(split=split, split_number=fold, level=level, fmt=fmt, workers=workers)
     common.update(progress=progress)
     if cellprofiler:
@@ -848,6 +866,8 @@ def _embed_kind(
     data: PathLike | None,
     checkpoint: str,
     device: str,
+    read_back: bool,
+    out: PathLike | None,
 ) -> bool:
     """Check what `embed` is asked to do; True for CellProfiler features, False for a network."""
     from cdcl.errors import CdclError
@@ -865,6 +885,8 @@ def _embed_kind(
         raise CdclError(f"{source}: --features cellprofiler takes no run or checkpoint")
     if cellprofiler and data is None:
         raise CdclError("--features cellprofiler needs --data DIR (the dataset to measure)")
+    if not read_back and out is None:
+        raise CdclError("read_back=False returns the written file: give out=PATH")
     return cellprofiler
 
 
@@ -1027,22 +1049,8 @@ def evaluate(
     from cdcl.profiles.correction import parse_corrections
 
     # One spec for the command line and Python alike: the same checks, the same reading.
-    columns = ColumnSpec(
-        batch_col=batch_col,
-        batch_pattern=batch_pattern,
-        treatment_col=treatment_col,
-        compound_col=compound_col,
-        moa_col=moa_col,
-        plate_col=plate_col,
-        well_col=well_col,
-        control_query=control_query,
-    )
-    frame = _profile_frame(profiles)
-    is_run = frame is None and Path(profiles).is_dir()
-    if frame is None and not is_run and not Path(profiles).is_file():
-        from cdcl.errors import CdclError
-
-        raise CdclError(f"{profiles}: no such run directory or profile table")
+    columns = _from_arguments(ColumnSpec, locals())
+    frame, is_run = _profiles_input(profiles)
     check_options(
         level=level,
         eval_on=eval_on,
@@ -1057,22 +1065,30 @@ def evaluate(
     options = dict(null_size=null_size, seed=seed, umap=umap, calibrate=calibrate)
     options.update(plot_sample=plot_sample, corrections=corr, progress=progress)
     if is_run:
-        return _evaluate_run(
-            Path(profiles),
-            out,
-            checkpoint=checkpoint,
-            data=data,
-            fold=fold,
-            level=level,
-            baselines=(("intensity", "random") if baselines else ())
-            + (("cellprofiler",) if cellprofiler else ()),
-            batch_size=batch_size,
-            batch_col=columns.batch_col,  # for a run: the column mixing is judged by
-            **options,
-        )
+        run = dict(checkpoint=checkpoint, data=data, fold=fold, level=level, batch_size=batch_size)
+        # A run's batch_col only says which column mixing is judged by.
+        run.update(baselines=_baselines(baselines, cellprofiler), batch_col=columns.batch_col)
+        return _evaluate_run(Path(profiles), out, **run, **options)
     table = frame if frame is not None else Path(profiles)
     settings = dict(split_number=fold, eval_on=eval_on, tvn=tvn, name=name, variants=chosen)
     return _evaluate_table(table, out, columns, {**settings, **options})
+
+
+def _profiles_input(profiles: Any) -> tuple[pd.DataFrame | None, bool]:
+    """`evaluate`'s input: a DataFrame (None for a file or a run) and whether it is a run."""
+    frame = _profile_frame(profiles)
+    is_run = frame is None and Path(profiles).is_dir()
+    if frame is None and not is_run and not Path(profiles).is_file():
+        from cdcl.errors import CdclError
+
+        raise CdclError(f"{profiles}: no such run directory or profile table")
+    return frame, is_run
+
+
+def _baselines(baselines: bool, cellprofiler: bool) -> tuple[str, ...]:
+    """The feature sets a run is scored against besides its own."""
+    extra = ("cellprofiler",) if cellprofiler else ()
+    return (("intensity", "random") if baselines else ()) + extra
 
 
 def _evaluate_run(run: Path, out: PathLike | None, **options: Any) -> dict[str, Any]:
@@ -1200,12 +1216,7 @@ def correct(
     from cdcl.profiles.correction import apply_corrections, parse_corrections
     from cdcl.profiles.table import frame_to_anndata, profile_table, read_profile_table, split_table
 
-    columns = ColumnSpec(
-        batch_col=batch_col,
-        plate_col=plate_col,
-        treatment_col=treatment_col,
-        control_query=control_query,
-    )
+    columns = _from_arguments(ColumnSpec, locals())
     (name,) = parse_corrections(method)
     frame = _profile_frame(profiles)
     was_anndata = frame is not None and type(profiles).__name__ == "AnnData"
@@ -1435,28 +1446,22 @@ def study(
     """
     import torch
 
-    from cdcl.experiments.curve import CURVE_REFERENCES, check_curve, parse_strengths, run_curve
-    from cdcl.experiments.study import DEFAULT_REFERENCES, StudySpec, check_spec, run_study
+    from cdcl.experiments.curve import check_curve, parse_strengths, run_curve
+    from cdcl.experiments.study import StudySpec, check_spec, run_study
     from cdcl.locking import command_lock
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     strengths = parse_strengths(_joined(batch_strength))
-    if data is not None and dataset != "synthetic":
-        from cdcl.errors import CdclError
-
-        raise CdclError("--data DIR: your screen replaces --dataset; give one of them")
     spec = StudySpec(
         out=Path(out),
-        dataset=dataset if data is None else "custom",
+        dataset=_study_dataset(dataset, data),
         data=Path(data) if data is not None else None,
         level=level,
         **({"primary_metric": primary_metric} if primary_metric is not None else {}),
         methods=_words(methods),
         seeds=_ints(seeds, "--seeds") or ((0, 1) if quick else (0, 1, 2)),
         folds=_ints(folds, "--folds"),
-        references=(CURVE_REFERENCES if cellprofiler else DEFAULT_REFERENCES)
-        if references is None
-        else _words(references) or (),
+        references=_study_references(references, cellprofiler),
         epochs=epochs,
         quick=quick,
         fresh=fresh,
@@ -1475,6 +1480,27 @@ def study(
     check_curve(spec, strengths) if curve else check_spec(spec)  # type: ignore[arg-type]
     with command_lock(spec.out, "cdcl study"):
         return run_curve(spec, strengths) if curve else run_study(spec)  # type: ignore[arg-type]
+
+
+def _study_dataset(dataset: str, data: PathLike | None) -> str:
+    """The study's dataset: ``"custom"`` for a screen given with ``data``."""
+    if data is not None and dataset != "synthetic":
+        from cdcl.errors import CdclError
+
+        raise CdclError("--data DIR: your screen replaces --dataset; give one of them")
+    return dataset if data is None else "custom"
+
+
+def _study_references(
+    references: Sequence[str] | str | None, cellprofiler: bool
+) -> tuple[str, ...]:
+    """The rows a study compares every other row with (the defaults when not named)."""
+    from cdcl.experiments.curve import CURVE_REFERENCES
+    from cdcl.experiments.study import DEFAULT_REFERENCES
+
+    if references is None:
+        return CURVE_REFERENCES if cellprofiler else DEFAULT_REFERENCES
+    return _words(references) or ()
 
 
 def _joined(value: float | Sequence[Any] | str | None) -> str | None:
