@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -117,6 +118,89 @@ class _Mismatch(Exception):
     pass
 
 
+def _is_number(value: Any) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _coerce_none(value: Any) -> None:
+    if value is None:
+        return None
+    raise _Mismatch
+
+
+def _coerce_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Mismatch
+
+
+def _coerce_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _Mismatch
+
+
+def _coerce_float(value: Any) -> float:
+    if _is_number(value):
+        return float(value)
+    if isinstance(value, str):  # PyYAML reads `1e-5` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise _Mismatch from None
+    raise _Mismatch
+
+
+def _coerce_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if _is_number(value):
+        return str(value)
+    raise _Mismatch
+
+
+# Annotation -> conversion of a plain value (checked by identity, in this order).
+_SCALARS: tuple[tuple[Any, Callable[[Any], Any]], ...] = (
+    (type(None), _coerce_none),
+    (bool, _coerce_bool),
+    (int, _coerce_int),
+    (float, _coerce_float),
+    (str, _coerce_str),
+)
+
+
+def _coerce_union(value: Any, args: tuple[Any, ...]) -> Any:
+    """``value`` as the first member of the union that takes it (None only where allowed)."""
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _Mismatch
+    for a in args:
+        if a is type(None):
+            continue
+        try:
+            return _coerce(value, a)
+        except _Mismatch:
+            continue
+    raise _Mismatch
+
+
+def _coerce_sequence(value: Any, origin: Any, args: tuple[Any, ...]) -> list[Any] | tuple[Any, ...]:
+    """A list or tuple of coerced items; a fixed-length tuple needs exactly its length."""
+    if not isinstance(value, list | tuple):
+        raise _Mismatch
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise _Mismatch
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    inner = args[0] if args else Any
+    out = [_coerce(v, inner) for v in value]
+    return tuple(out) if origin is tuple else out
+
+
 def _coerce(value: Any, tp: Any) -> Any:
     """``value`` converted to annotation ``tp``, or _Mismatch."""
     if tp is Any:
@@ -124,70 +208,21 @@ def _coerce(value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _Mismatch
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except _Mismatch:
-                continue
-        raise _Mismatch
+        return _coerce_union(value, args)
     if origin is Literal:
         if value in args:
             return value
         raise _Mismatch
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _Mismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Mismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-5` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise _Mismatch from None
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise _Mismatch
+    for scalar, convert in _SCALARS:
+        if tp is scalar:
+            return convert(value)
     if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise _Mismatch
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise _Mismatch
-            return tuple(_coerce(v, a) for v, a in zip(value, args))
-        inner = args[0] if args else Any
-        out = [_coerce(v, inner) for v in value]
-        return tuple(out) if origin is tuple else out
+        return _coerce_sequence(value, origin, args)
     if origin is dict:
         if not isinstance(value, dict):
             raise _Mismatch
         return dict(value)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        raise _Mismatch
-    if isinstance(tp, type):
+    if dataclasses.is_dataclass(tp) or isinstance(tp, type):
         if isinstance(value, tp):
             return value
         raise _Mismatch
