@@ -480,6 +480,49 @@ def _by_channel(vec: np.ndarray) -> dict[str, float]:
     return {c: round(float(v), 6) for c, v in zip(CHANNELS, vec)}
 
 
+def _nuisance_model_truth() -> dict[str, Any]:
+    """The batch-effect model: knob ranges, one-sided knobs, held-out |z|, plate effects."""
+    return {
+        "knobs": {
+            k: {kk: round(float(vv), 6) for kk, vv in v.items()} for k, v in nz.KNOBS.items()
+        },
+        "one_sided": sorted(nz.ONE_SIDED),
+        "held_out_abs_z": list(nz.HELD_OUT_Z),
+        "confluence": nz.CONFLUENCE,
+        "edge": nz.EDGE,
+    }
+
+
+def _treatments_truth(t: _Treatments) -> dict[str, Any]:
+    """Every treatment's compound, dose, MoA and effect (in parameter units)."""
+    return {
+        name: {
+            "compound": t.compound[i],
+            "dose": t.dose[i],
+            "moa": t.moa[i],
+            "is_control": i == 0,
+            "effect": _by_param(t.effects[i]),
+            "effect_norm": round(float(np.linalg.norm(t.effects[i])), 6),
+        }
+        for i, name in enumerate(t.names)
+    }
+
+
+def _plates_truth(
+    cfg: ScreenConfig, draws: list[_BatchDraw], batch_names: list[str], plate_names: list[str]
+) -> dict[str, Any]:
+    """Every plate's batch, channel gains and density offset."""
+    plates = {}
+    for g, name in enumerate(plate_names):
+        nuisance = draws[g // cfg.plates].nuisance
+        plates[name] = {
+            "batch": batch_names[g // cfg.plates],
+            "gain": _by_channel(nuisance.plate_gain[g % cfg.plates]),
+            "density_log": round(float(nuisance.plate_density[g % cfg.plates]), 6),
+        }
+    return plates
+
+
 def _ground_truth(
     cfg: ScreenConfig,
     seed: int,
@@ -505,42 +548,15 @@ def _ground_truth(
             "Nuisance knobs are centre + batch_strength x half-width x z (see `nuisance_model`); "
             "held-out (test) batches have |z| beyond the training range."
         ),
-        "nuisance_model": {
-            "knobs": {
-                k: {kk: round(float(vv), 6) for kk, vv in v.items()} for k, v in nz.KNOBS.items()
-            },
-            "one_sided": sorted(nz.ONE_SIDED),
-            "held_out_abs_z": list(nz.HELD_OUT_Z),
-            "confluence": nz.CONFLUENCE,
-            "edge": nz.EDGE,
-        },
+        "nuisance_model": _nuisance_model_truth(),
         "moas": t.truth_moas,
         "compounds": t.truth_compounds,
-        "treatments": {
-            name: {
-                "compound": t.compound[i],
-                "dose": t.dose[i],
-                "moa": t.moa[i],
-                "is_control": i == 0,
-                "effect": _by_param(t.effects[i]),
-                "effect_norm": round(float(np.linalg.norm(t.effects[i])), 6),
-            }
-            for i, name in enumerate(t.names)
-        },
+        "treatments": _treatments_truth(t),
         "batches": {
             name: {"split": split_of[name], **draws[b].nuisance.truth(CHANNELS)}
             for b, name in enumerate(batch_names)
         },
-        "plates": {
-            name: {
-                "batch": batch_names[g // cfg.plates],
-                "gain": _by_channel(draws[g // cfg.plates].nuisance.plate_gain[g % cfg.plates]),
-                "density_log": round(
-                    float(draws[g // cfg.plates].nuisance.plate_density[g % cfg.plates]), 6
-                ),
-            }
-            for g, name in enumerate(plate_names)
-        },
+        "plates": _plates_truth(cfg, draws, batch_names, plate_names),
         "well_jitter": {"density_log_sd": 0.1, "intensity_log_sd": 0.04, "effect_sd_units": 0.2},
     }
 
