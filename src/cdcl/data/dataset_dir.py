@@ -539,10 +539,8 @@ def _open_array(path: Path) -> Any:
         ) from None
 
 
-def validate(path: Path, deep: bool = False) -> DatasetInfo:
-    """Check a dataset directory against the schema; ``deep`` also decodes every image chunk."""
-    path = Path(path)
-    info = _read_info(path)
+def _read_samples(path: Path, info: DatasetInfo) -> pd.DataFrame:
+    """samples.parquet, checked against the schema and dataset.json."""
     samples_file = path / SAMPLES_FILE
     if not samples_file.exists():
         raise DatasetError(f"{samples_file}: not found; rebuild the dataset")
@@ -553,8 +551,11 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
             f"{samples_file}: unreadable Parquet ({type(e).__name__}); rebuild the dataset"
         ) from None
     check_samples(samples, str(samples_file), n_images=info.n_images)
-    arr = _open_array(path)
-    store = path / IMAGES_DIR
+    return samples
+
+
+def _check_image_array(store: Path, arr: Any, info: DatasetInfo) -> None:
+    """The image array's shape, dtype and chunks match dataset.json."""
     n_ch = len(info.channels)
     if arr.ndim != 4:
         raise DatasetError(f"{store}: expected 4 dimensions (N, C, H, W), found shape {arr.shape}")
@@ -576,9 +577,10 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
         raise DatasetError(
             f"{store}: chunks {arr.chunks}; expected one chunk per image (1, {n_ch}, H, W)"
         )
-    check_chunks_present(store, arr)
-    if (path / MASKS_DIR).exists():
-        _check_masks(path, info)
+
+
+def _check_plate_stats(path: Path, info: DatasetInfo, samples: pd.DataFrame) -> None:
+    """plate_stats.parquet holds every plate's statistics for every channel."""
     stats_file = path / PLATE_STATS_FILE
     if not stats_file.exists():
         raise DatasetError(f"{stats_file}: not found; rebuild the dataset")
@@ -594,6 +596,20 @@ def validate(path: Path, deep: bool = False) -> DatasetInfo:
                 raise DatasetError(
                     f"{stats_file}: no statistics for plate {p}, channel {ch}; rebuild the dataset"
                 )
+
+
+def validate(path: Path, deep: bool = False) -> DatasetInfo:
+    """Check a dataset directory against the schema; ``deep`` also decodes every image chunk."""
+    path = Path(path)
+    info = _read_info(path)
+    samples = _read_samples(path, info)
+    arr = _open_array(path)
+    store = path / IMAGES_DIR
+    _check_image_array(store, arr, info)
+    check_chunks_present(store, arr)
+    if (path / MASKS_DIR).exists():
+        _check_masks(path, info)
+    _check_plate_stats(path, info, samples)
     if deep:
         for i in range(info.n_images):
             try:
