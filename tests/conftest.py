@@ -89,6 +89,32 @@ def write_random_dataset(
     return w.commit(samples)
 
 
+def profile_design(
+    n_batches: int, moas: dict[str, str | None], wells: int, control_wells: int
+) -> pd.DataFrame:
+    """Profile metadata: batches x 2 plates x treatments (``moas`` order), ``wells`` wells each.
+
+    DMSO, the negative control, gets ``control_wells`` wells per plate instead.
+    """
+    rows = []
+    for b in range(n_batches):
+        for p in range(2):
+            for name, moa in moas.items():
+                for w in range(control_wells if name == "DMSO" else wells):
+                    rows.append(
+                        {
+                            "plate": f"B{b}P{p}",
+                            "well": f"{name}_{w}",
+                            "batch": f"B{b}",
+                            "treatment": name,
+                            "compound": name,
+                            "moa": moa,
+                            "is_control": name == "DMSO",
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
 @pytest.fixture
 def random_dataset(tmp_path: Path) -> Path:
     """A committed random dataset directory."""

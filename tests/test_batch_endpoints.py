@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import profile_design
 from threadpoolctl import threadpool_limits
 
 from cdcl.evaluation.calibrated import apply_calibration, left_out_components
@@ -62,25 +63,13 @@ def screen(seed: int = 0, n_batches: int = 6, d: int = 32) -> tuple[np.ndarray, 
     effects["DMSO"] = np.zeros(d)
     loadings = rng.normal(size=(3, d)) / math.sqrt(3)
     offset = 5.0 + 2.0 * rng.normal(size=d)
-    rows, xs = [], []
-    for b in range(n_batches):
-        for p in range(2):
-            for name, eff in effects.items():
-                for w in range(8 if name == "DMSO" else 2):
-                    rows.append(
-                        {
-                            "plate": f"B{b}P{p}",
-                            "well": f"{name}_{w}",
-                            "batch": f"B{b}",
-                            "treatment": name,
-                            "compound": name,
-                            "moa": None if name == "DMSO" else f"m{int(name[1:]) % 4}",
-                            "is_control": name == "DMSO",
-                        }
-                    )
-                    shared = 3.0 * rng.normal(size=3) @ loadings
-                    xs.append(offset + eff + shared + 0.5 * rng.normal(size=d))
-    return np.asarray(xs, dtype=np.float32), pd.DataFrame(rows)
+    moas = {name: None if name == "DMSO" else f"m{int(name[1:]) % 4}" for name in effects}
+    meta = profile_design(n_batches, moas, wells=2, control_wells=8)
+    xs = []
+    for name in meta["treatment"]:  # one draw per row, in row order
+        shared = 3.0 * rng.normal(size=3) @ loadings
+        xs.append(offset + effects[name] + shared + 0.5 * rng.normal(size=d))
+    return np.asarray(xs, dtype=np.float32), meta
 
 
 def _value(res: dict, label: str) -> float:

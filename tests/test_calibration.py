@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from cli_process import cdcl
+from conftest import profile_design
 
 from cdcl.evaluation.calibration import (
     NO_POWER,
@@ -37,24 +38,11 @@ def simulated_design(
     centres = {f"c{t}": 3.0 * rng.normal(size=d) / np.sqrt(d) * 2 for t in range(n_treat)}
     centres["DMSO"] = np.zeros(d)
     moa = {f"c{t}": f"m{t % 3}" for t in range(n_treat)}
-    rows, xs = [], []
-    for b in range(n_batches):
-        for p in range(2):
-            for name, centre in centres.items():
-                for w in range(wells if name != "DMSO" else 2 * wells):
-                    rows.append(
-                        {
-                            "plate": f"B{b}P{p}",
-                            "well": f"{name}_{w}",
-                            "batch": f"B{b}",
-                            "treatment": name,
-                            "compound": name,
-                            "moa": moa.get(name),
-                            "is_control": name == "DMSO",
-                        }
-                    )
-                    xs.append(centre + rng.normal(size=d))
-    return np.asarray(xs, dtype=np.float32), pd.DataFrame(rows)
+    meta = profile_design(
+        n_batches, {name: moa.get(name) for name in centres}, wells=wells, control_wells=2 * wells
+    )
+    xs = [centres[name] + rng.normal(size=d) for name in meta["treatment"]]
+    return np.asarray(xs, dtype=np.float32), meta
 
 
 @pytest.fixture(scope="module")
