@@ -466,22 +466,7 @@ def cellprofiler_profiles(
     options = options or CellProfilerOptions()
     indices = np.asarray(indices, dtype=np.int64)
     mode, objects = resolve_objects(dataset, options.segmentation)
-    fields = {
-        "key": key,
-        "images": hashlib.sha256(indices.tobytes()).hexdigest()[:16],
-        "families": list(options.families),
-        "segmentation": mode,
-        "nucleus_diameter": options.nucleus_diameter,
-        "chunk_size": chunk_size,
-    }
-    # Without a work directory the parts go to a private temporary one (removed with the job).
-    job_dir = (
-        Path(tempfile.mkdtemp(prefix="cdcl-cellprofiler-"))
-        if work_dir is None
-        else Path(work_dir) / f".cellprofiler-{job_key(fields)}"
-    )
-    job = CellJob(job_dir, len(indices), chunk_size)
-    job.prepare(fields)
+    job = _cell_job(indices, options, mode, work_dir, key, chunk_size)
     diameter, warning = check_nucleus_size(dataset, indices, options)
     if warning:
         _say(f"{desc}: warning: {warning}")
@@ -492,14 +477,7 @@ def cellprofiler_profiles(
     cost = job.run_parallel(
         pending, dataset, indices, options, workers=workers, progress=progress, desc=desc
     )
-    if level == "well":
-        acc = WellAccumulator(image_meta)
-        groups, n_groups, meta = acc.codes, acc.n_wells, acc.meta.copy()
-    elif level == "image":
-        groups, n_groups = np.arange(len(indices)), len(indices)
-        meta = image_meta.reset_index(drop=True).copy()
-    else:
-        raise CdclError(f"--level {level}: choose well or image")
+    groups, n_groups, meta = _profile_groups(image_meta, level, len(indices))
     t0 = time.perf_counter()
     x, names = median_profiles(job, np.asarray(groups), n_groups)
     feats, kept = finish_profiles(x, meta, names, options)
@@ -520,6 +498,46 @@ def cellprofiler_profiles(
         "warnings": [warning] if warning else [],
     }
     return CellProfilerResult(feats, meta, kept, info), job
+
+
+def _cell_job(
+    indices: np.ndarray,
+    options: CellProfilerOptions,
+    mode: str,
+    work_dir: Path | None,
+    key: str,
+    chunk_size: int,
+) -> CellJob:
+    """The prepared measuring job of these images and options (its parts may exist already)."""
+    fields = {
+        "key": key,
+        "images": hashlib.sha256(indices.tobytes()).hexdigest()[:16],
+        "families": list(options.families),
+        "segmentation": mode,
+        "nucleus_diameter": options.nucleus_diameter,
+        "chunk_size": chunk_size,
+    }
+    # Without a work directory the parts go to a private temporary one (removed with the job).
+    job_dir = (
+        Path(tempfile.mkdtemp(prefix="cdcl-cellprofiler-"))
+        if work_dir is None
+        else Path(work_dir) / f".cellprofiler-{job_key(fields)}"
+    )
+    job = CellJob(job_dir, len(indices), chunk_size)
+    job.prepare(fields)
+    return job
+
+
+def _profile_groups(
+    image_meta: pd.DataFrame, level: str, n_images: int
+) -> tuple[np.ndarray, int, pd.DataFrame]:
+    """Every image's profile (its well's, or its own), the number of profiles, their metadata."""
+    if level == "well":
+        acc = WellAccumulator(image_meta)
+        return acc.codes, acc.n_wells, acc.meta.copy()
+    if level == "image":
+        return np.arange(n_images), n_images, image_meta.reset_index(drop=True).copy()
+    raise CdclError(f"--level {level}: choose well or image")
 
 
 def write_named_profiles(

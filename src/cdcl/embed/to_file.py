@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -109,23 +110,95 @@ def embed_to_file(
 
     Returns the written file on rank 0 and None on the other ranks.
     """
-    import torch
-
-    from cdcl.data.dataset_dir import open_dataset
-    from cdcl.embed.job import (
-        EmbedJob,
-        job_key,
-        remove_stale_work_dirs,
-        work_dir_for,
-        write_image_profiles,
-        write_well_profiles,
-    )
-    from cdcl.embed.sources import check_channels, resolve_source
     from cdcl.profiles.table import image_meta
     from cdcl.train import distributed as D
 
     source = str(source)
     out = output_path(Path(out), fmt)
+    _check_embed_options(source, data, level, batch_size, workers, device)
+    src, ds = _open_source(source, data, checkpoint, seed)
+    number = split_number
+    if number is None and src.model is not None:
+        number = getattr(src.model.config.data, "split", None)
+    idx, parts = select_images(ds, split, number)
+    meta = image_meta(ds.samples, idx)
+    if parts is not None:
+        meta["split"] = parts[idx]
+
+    dev = D.init(device)
+    try:
+        rank, world = D.rank(), D.world_size()
+        # On the CPU, loader workers compete with inference for the same cores (bench_embed.py).
+        n_workers = workers if workers is not None else (4 if dev.type == "cuda" else 0)
+        fields = _job_fields(src, checkpoint, ds, split, number, level, dev.type, chunk_size)
+        job, pending = _open_job(out, fields, len(idx), chunk_size, rank)
+        t0 = time.perf_counter()
+        if rank == 0 and len(pending) < job.n_chunks and not quiet:
+            done = job.n_chunks - len(pending)
+            print(f"resuming: {done} of {job.n_chunks} parts already embedded in {job.work_dir}")
+        shard = _Shard(rank, world, str(dev), n_workers, batch_size)
+        _embed_shard(job, pending, shard, src, ds, idx, progress)
+    except BaseException:
+        D.cleanup(barrier=False)  # exit now: torchrun then stops the other ranks
+        raise
+    D.cleanup()  # barrier: every shard is written before rank 0 merges
+    if rank != 0:
+        return None
+    if not quiet:
+        _say_speed(job, pending, time.perf_counter() - t0, world, n_workers)
+    prov = _provenance(src, fields, world)
+    return _write_merged(job, meta, out, prov, level, quiet)
+
+
+def _job_fields(
+    src: Any,
+    checkpoint: str,
+    ds: Any,
+    split: str,
+    number: int | None,
+    level: str,
+    device_type: str,
+    chunk_size: int,
+) -> dict[str, Any]:
+    """What the embeddings depend on: the embedding job (its work directory) is keyed by it."""
+    return {
+        "source": src.provenance,
+        "checkpoint": checkpoint,
+        "data": dataset_fingerprint(ds),
+        "split": split,
+        "split_number": number,
+        "level": level,
+        "precision": "bf16" if device_type == "cuda" else "float32",
+        "chunk_size": chunk_size,  # part boundaries: parts of another size do not fit
+    }
+
+
+def _provenance(src: Any, fields: dict[str, Any], world: int) -> dict[str, Any]:
+    """What the written file keeps about how its features were made."""
+    return {
+        "world_size": world,
+        "source": src.provenance,
+        "checkpoint_sha256": src.provenance.get("checkpoint_sha256", ""),
+        "method": src.name,
+        "config": _config_of(src),
+        "data": fields["data"],
+        "split_number": fields["split_number"],
+        "level": fields["level"],
+        "versions": package_versions(),
+    }
+
+
+def _check_embed_options(
+    source: str,
+    data: Path | None,
+    level: str,
+    batch_size: int,
+    workers: int | None,
+    device: str,
+) -> None:
+    """Refuse a bad level, batch size, worker count or device, and a baseline without data."""
+    import torch
+
     if level not in ("image", "well"):
         raise CdclError(f"--level {level}: use image or well")
     if batch_size < 1 or (workers is not None and workers < 0):
@@ -135,6 +208,13 @@ def embed_to_file(
     run_like = not (source == "intensity" or source.startswith("random:"))
     if not run_like and data is None:
         raise CdclError(f"{source}: a baseline needs --data DIR")
+
+
+def _open_source(source: str, data: Path | None, checkpoint: str, seed: int) -> tuple[Any, Any]:
+    """The feature source and the dataset it embeds (``data``, else the checkpoint's)."""
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.embed.sources import check_channels, resolve_source
+
     ds = open_dataset(data) if data is not None else None
     src = resolve_source(source, which=checkpoint, dataset=ds, seed=seed)
     if ds is None:
@@ -143,79 +223,78 @@ def embed_to_file(
             raise CdclError(f"{source}: the checkpoint's dataset {path} is not found; pass --data")
         ds = open_dataset(path)
     check_channels(src, ds, source)
-    samples = ds.samples
-    number = split_number
-    if number is None and src.model is not None:
-        number = getattr(src.model.config.data, "split", None)
-    idx, parts = select_images(ds, split, number)
-    meta = image_meta(samples, idx)
-    if parts is not None:
-        meta["split"] = parts[idx]
+    return src, ds
 
-    dev = D.init(device)
-    try:
-        rank, world = D.rank(), D.world_size()
-        # On the CPU, loader workers compete with inference for the same cores (bench_embed.py).
-        n_workers = workers if workers is not None else (4 if dev.type == "cuda" else 0)
-        fields = {
-            "source": src.provenance,
-            "checkpoint": checkpoint,
-            "data": dataset_fingerprint(ds),
-            "split": split,
-            "split_number": number,
-            "level": level,
-            "precision": "bf16" if dev.type == "cuda" else "float32",
-            "chunk_size": chunk_size,  # part boundaries: parts of another size do not fit
-        }
-        job = EmbedJob(work_dir_for(out, job_key(fields)), len(idx), chunk_size)
-        if rank == 0:
-            remove_stale_work_dirs(out, keep=job.work_dir)
-            job.prepare(fields)
-        D.barrier()  # the work directory exists and holds no temp files
-        pending = job.pending()
-        D.barrier()  # every rank listed the same finished parts before any rank writes one
-        t0 = time.perf_counter()
-        if rank == 0 and len(pending) < job.n_chunks and not quiet:
-            done = job.n_chunks - len(pending)
-            print(f"resuming: {done} of {job.n_chunks} parts already embedded in {job.work_dir}")
-        job.run(
-            job.shard(pending, rank, world),
-            src.backbone,
-            ds,
-            idx,
-            src.view_fn,
-            batch_size=batch_size,
-            workers=n_workers,
-            device=str(dev),
-            rank=rank,
-            progress=progress and rank == 0,
-            desc=f"{src.name} (rank 0 of {world})" if world > 1 else src.name,
-        )
-    except BaseException:
-        D.cleanup(barrier=False)  # exit now: torchrun then stops the other ranks
-        raise
-    D.cleanup()  # barrier: every shard is written before rank 0 merges
-    if rank != 0:
-        return None
-    seconds = time.perf_counter() - t0
+
+def _open_job(
+    out: Path, fields: dict[str, Any], n_images: int, chunk_size: int, rank: int
+) -> tuple[Any, list[int]]:
+    """The embedding job of ``fields`` (prepared by rank 0) and its parts still to embed."""
+    from cdcl.embed.job import EmbedJob, job_key, remove_stale_work_dirs, work_dir_for
+    from cdcl.train import distributed as D
+
+    job = EmbedJob(work_dir_for(out, job_key(fields)), n_images, chunk_size)
+    if rank == 0:
+        remove_stale_work_dirs(out, keep=job.work_dir)
+        job.prepare(fields)
+    D.barrier()  # the work directory exists and holds no temp files
+    pending = job.pending()
+    D.barrier()  # every rank listed the same finished parts before any rank writes one
+    return job, pending
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This process's place among the torchrun processes and how it embeds."""
+
+    rank: int
+    world: int
+    device: str
+    workers: int
+    batch_size: int
+
+
+def _embed_shard(
+    job: Any,
+    pending: list[int],
+    shard: _Shard,
+    src: Any,
+    ds: Any,
+    idx: np.ndarray,
+    progress: bool,
+) -> None:
+    """Embed this process's share of the pending parts (a progress bar on rank 0 only)."""
+    job.run(
+        job.shard(pending, shard.rank, shard.world),
+        src.backbone,
+        ds,
+        idx,
+        src.view_fn,
+        batch_size=shard.batch_size,
+        workers=shard.workers,
+        device=shard.device,
+        rank=shard.rank,
+        progress=progress and shard.rank == 0,
+        desc=f"{src.name} (rank 0 of {shard.world})" if shard.world > 1 else src.name,
+    )
+
+
+def _say_speed(job: Any, pending: list[int], seconds: float, world: int, n_workers: int) -> None:
+    """How many images were embedded now, and how fast."""
     n_new = sum(job.span(c)[1] - job.span(c)[0] for c in pending)
-    if not quiet:
-        print(
-            f"embedded {n_new} images in {seconds:.1f} s: {n_new / max(seconds, 1e-9):.1f} "
-            f"images/s ({world} process{'es' if world > 1 else ''}, {n_workers} loader workers "
-            "each)"
-        )
-    prov = {
-        "world_size": world,
-        "source": src.provenance,
-        "checkpoint_sha256": src.provenance.get("checkpoint_sha256", ""),
-        "method": src.name,
-        "config": _config_of(src),
-        "data": fields["data"],
-        "split_number": number,
-        "level": level,
-        "versions": package_versions(),
-    }
+    print(
+        f"embedded {n_new} images in {seconds:.1f} s: {n_new / max(seconds, 1e-9):.1f} "
+        f"images/s ({world} process{'es' if world > 1 else ''}, {n_workers} loader workers "
+        "each)"
+    )
+
+
+def _write_merged(
+    job: Any, meta: Any, out: Path, prov: dict[str, Any], level: str, quiet: bool
+) -> Path:
+    """Merge the job's parts into ``out`` (well or image profiles), then remove the parts."""
+    from cdcl.embed.job import write_image_profiles, write_well_profiles
+
     write = write_well_profiles if level == "well" else write_image_profiles
     path, rows, dim = write(job, meta, out, prov)
     job.remove()

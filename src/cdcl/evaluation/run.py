@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,101 +83,146 @@ def evaluate_images(
     scores every feature set again on each group's treatments plus the controls, after the
     same normalisation of all rows, into ``results[name]["compounds"][group]``.
     """
-
-    def score(x: np.ndarray, wmeta: pd.DataFrame, name: str) -> dict[str, Any]:
-        train = (wmeta["split"] == "train").to_numpy()
-        test = (wmeta["split"] == "test").to_numpy()
-        kw = {"k": k, "null_size": null_size, "seed": seed, "timer": timer, "name": name}
-        res = evaluate_features(x, wmeta, train, test, **kw)
-        if compound_groups:
-            res["compounds"] = {
-                g: evaluate_features(
-                    x, wmeta, train & keep, test & keep, eval_mask=test & keep, **kw
-                )
-                for g, keep in _group_masks(wmeta, compound_groups).items()
-            }
-        return res
-
     timer = timer or Timer()
-    samples = dataset.samples
-    sp = split.astype(str).reset_index(drop=True)
-    idx = np.flatnonzero(sp.isin(["train", "test"]).to_numpy())
-    if not (sp.iloc[idx] == "test").any():
-        raise CdclError("the split has no test batches; choose another --split")
-    img_meta = image_meta(samples, idx)
-    img_meta["split"] = sp.iloc[idx].to_numpy()
+    idx, img_meta = _images_to_evaluate(dataset.samples, split)
+    score = _SetScorer(k, null_size, seed, timer, compound_groups)
+    embed = _SetEmbedder(dataset, idx, img_meta, view_fn, level, work_dir, cache_key)
     results: dict[str, Any] = {}
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
     jobs = []
     for name, backbone in backbones.items():
-        if hasattr(backbone, "profiles"):
-            # A profiling pipeline (CellProfiler): measures cells and aggregates them itself.
-            with timer(f"embed.{name}"):
-                wp, wmeta, job = backbone.profiles(
-                    dataset,
-                    idx,
-                    img_meta,
-                    level,
-                    Path(work_dir) if work_dir is not None else None,
-                    f"{cache_key}/{name}",
-                    progress,
-                    desc=name,
-                )
-                jobs.append(job)
-            feats = None
-        else:
-            with timer(f"embed.{name}"):
-                feats, job = embed_resumable(
-                    backbone,
-                    dataset,
-                    idx,
-                    view_fn,
-                    work_dir,
-                    f"{cache_key}/{name}",
-                    batch_size=batch_size,
-                    progress=progress,
-                    desc=name,
-                )
-                jobs.append(job)
-            if level == "image":
-                wp, wmeta = feats, img_meta.reset_index(drop=True)
-            else:
-                wp, wmeta = well_profiles(feats, img_meta)
+        wp, wmeta, feats, job = embed(name, backbone, batch_size, progress, timer)
+        jobs.append(job)
         if judge_col:
             wmeta = judged_by(wmeta, judge_col)
         profiles[name] = (wp, wmeta)
         res = score(wp, wmeta, name)
         if online_probe is not None and online_probe.get("set") == name and feats is not None:
             with timer(f"{name}.online_probe"):
-                mask = (img_meta["split"] == "test").to_numpy() & ~img_meta["is_control"].to_numpy(
-                    bool
-                )
-                res["online_probe"] = online_probe_scores(
-                    online_probe["probe"],
-                    feats,
-                    img_meta["treatment"].to_numpy(),
-                    online_probe["label_of"],
-                    mask,
-                )
-                if "note" in res["online_probe"]:
-                    res.setdefault("unavailable", {})["online_probe"] = res["online_probe"]["note"]
+                _add_online_probe(res, online_probe, feats, img_meta)
         results[name] = res
-        if name in tvn_on:
-            tname = f"{name}+tvn"
-            with timer(f"{tname}.fit"):
-                tp = tvn(wp, wmeta)
-            profiles[tname] = (tp, wmeta)
-            results[tname] = score(tp, wmeta, tname)
-        if correct_on is None or name in correct_on:
-            for cname, cp in corrected_sets(
-                wp, wmeta, corrections, seed=seed, timer=timer, name=name
-            ).items():
-                profiles[cname] = (cp, wmeta)
-                results[cname] = score(cp, wmeta, cname)
+        with_corrections = correct_on is None or name in correct_on
+        for dname, dp in _derived_profiles(
+            name, wp, wmeta, name in tvn_on, corrections if with_corrections else (), seed, timer
+        ):
+            profiles[dname] = (dp, wmeta)
+            results[dname] = score(dp, wmeta, dname)
     for job in jobs:  # every feature set is scored: the embedding parts are no longer needed
         if job is not None:
             job.remove()
     return results, profiles
+
+
+def _images_to_evaluate(samples: pd.DataFrame, split: pd.Series) -> tuple[np.ndarray, pd.DataFrame]:
+    """The train and test images' rows and their metadata (with a ``split`` column)."""
+    sp = split.astype(str).reset_index(drop=True)
+    idx = np.flatnonzero(sp.isin(["train", "test"]).to_numpy())
+    if not (sp.iloc[idx] == "test").any():
+        raise CdclError("the split has no test batches; choose another --split")
+    img_meta = image_meta(samples, idx)
+    img_meta["split"] = sp.iloc[idx].to_numpy()
+    return idx, img_meta
+
+
+@dataclass(frozen=True)
+class _SetScorer:
+    """Scores one feature set's profiles (train/test from their ``split``), per compound group."""
+
+    k: int
+    null_size: int
+    seed: int
+    timer: Timer
+    compound_groups: dict[str, set[str]] | None
+
+    def __call__(self, x: np.ndarray, wmeta: pd.DataFrame, name: str) -> dict[str, Any]:
+        """``evaluate_features`` of ``x``, plus ``compounds`` per group when groups are given."""
+        train = (wmeta["split"] == "train").to_numpy()
+        test = (wmeta["split"] == "test").to_numpy()
+        kw: dict[str, Any] = {"k": self.k, "null_size": self.null_size, "seed": self.seed}
+        kw.update(timer=self.timer, name=name)
+        res = evaluate_features(x, wmeta, train, test, **kw)
+        if self.compound_groups:
+            res["compounds"] = {
+                g: evaluate_features(
+                    x, wmeta, train & keep, test & keep, eval_mask=test & keep, **kw
+                )
+                for g, keep in _group_masks(wmeta, self.compound_groups).items()
+            }
+        return res
+
+
+@dataclass(frozen=True)
+class _SetEmbedder:
+    """Embeds the evaluated images with one backbone into well (or image) profiles."""
+
+    dataset: Any
+    idx: np.ndarray
+    img_meta: pd.DataFrame
+    view_fn: Callable[[Any], Any] | None
+    level: str
+    work_dir: str | Path | None
+    cache_key: str
+
+    def __call__(
+        self, name: str, backbone: Any, batch_size: int, progress: bool, timer: Timer
+    ) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | None, Any]:
+        """(profiles, their metadata, image features or None, the job holding the parts)."""
+        key = f"{self.cache_key}/{name}"
+        if hasattr(backbone, "profiles"):
+            # A profiling pipeline (CellProfiler): measures cells and aggregates them itself.
+            work_dir = Path(self.work_dir) if self.work_dir is not None else None
+            with timer(f"embed.{name}"):
+                wp, wmeta, job = backbone.profiles(
+                    self.dataset, self.idx, self.img_meta, self.level, work_dir, key, progress,
+                    desc=name,
+                )  # fmt: skip
+            return wp, wmeta, None, job
+        with timer(f"embed.{name}"):
+            feats, job = embed_resumable(
+                backbone, self.dataset, self.idx, self.view_fn, self.work_dir, key,
+                batch_size=batch_size, progress=progress, desc=name,
+            )  # fmt: skip
+        if self.level == "image":
+            return feats, self.img_meta.reset_index(drop=True), feats, job
+        wp, wmeta = well_profiles(feats, self.img_meta)
+        return wp, wmeta, feats, job
+
+
+def _add_online_probe(
+    res: dict[str, Any], online_probe: dict[str, Any], feats: np.ndarray, img_meta: pd.DataFrame
+) -> None:
+    """The checkpoint's probe scored on the treated test images, into ``res``."""
+    mask = (img_meta["split"] == "test").to_numpy() & ~img_meta["is_control"].to_numpy(bool)
+    res["online_probe"] = online_probe_scores(
+        online_probe["probe"],
+        feats,
+        img_meta["treatment"].to_numpy(),
+        online_probe["label_of"],
+        mask,
+    )
+    if "note" in res["online_probe"]:
+        res.setdefault("unavailable", {})["online_probe"] = res["online_probe"]["note"]
+
+
+def _derived_profiles(
+    name: str,
+    wp: np.ndarray,
+    wmeta: pd.DataFrame,
+    with_tvn: bool,
+    corrections: tuple[str, ...],
+    seed: int,
+    timer: Timer,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``<name>+tvn`` (if asked), then each ``<name>+<correction>``, as they are fitted.
+
+    A generator, so that each set is scored before the next one is fitted.
+    """
+    if with_tvn:
+        tname = f"{name}+tvn"
+        with timer(f"{tname}.fit"):
+            tp = tvn(wp, wmeta)
+        yield tname, tp
+    yield from corrected_sets(wp, wmeta, corrections, seed=seed, timer=timer, name=name).items()
 
 
 def _group_masks(meta: pd.DataFrame, groups: dict[str, set[str]]) -> dict[str, np.ndarray]:
@@ -232,31 +278,12 @@ def evaluate_run(
 
     timer = Timer(echo=progress)  # a line per stage and metric, with its time
     run = Path(run)
-    if checkpoint not in ("best", "last"):
-        check_checkpoint_owner(run, Path(checkpoint), out)
-    spec = checkpoint if checkpoint not in ("best", "last") else str(run)
-    which = checkpoint if checkpoint in ("best", "last") else "best"
-    with timer("load"):
-        src = resolve_source(spec, which=which)
+    src = _load_source(run, checkpoint, out, timer)
     em = src.model
-    data_path = data or em.dataset.get("path") or getattr(em.config.data, "path", None)
-    if not data_path:
-        raise CdclError(f"{run}: the checkpoint names no dataset; pass --data DIR")
-    if not Path(data_path).exists():
-        raise CdclError(f"{data_path}: dataset not found; pass --data DIR")
-    ds = open_dataset(data_path)
-    check_channels(src, ds, str(run))
+    data_path, ds = _run_dataset(run, data, src)
     number = split_number if split_number is not None else getattr(em.config.data, "split", None)
     split = assign_split(ds.samples, ds.info.source, number)
-    backbones: dict[str, Callable[[Any], Any]] = {src.name: src.backbone}
-    if "intensity" in baselines:
-        backbones["intensity"] = IntensityFeatures()
-    if "random" in baselines:
-        backbones["random"] = random_like_run(em, ds, seed=seed)
-    if "cellprofiler" in baselines:
-        from cdcl.embed.cellprofiler import CellProfilerSource
-
-        backbones[CELLPROFILER_NAME] = CellProfilerSource()
+    backbones = _backbones(src, ds, baselines, seed)
     out_dir = Path(out) if out else run
     # What determines the embeddings besides the images: resumable parts are keyed by it.
     cache_key = json.dumps([src.provenance, str(Path(data_path).resolve()), number, seed])
@@ -278,12 +305,86 @@ def evaluate_run(
         level=level,
         judge_col=batch_col,
     )
-    wp, wmeta = profiles[src.name]
-    train, test = (wmeta["split"] == "train").to_numpy(), (wmeta["split"] == "test").to_numpy()
+    _calibrate_run(results_sets, profiles, src.name, calibrate, seed, timer)
+    split_info = {"number": number, **split_masks(ds.samples, split)}
+    results = _run_results(
+        src, ds, data_path, split_info, corrections, level, results_sets, profiles[src.name][1]
+    )
+    _finish_results(results, backbones, level, batch_col)
+    if before_write is not None:
+        before_write(results)
+    plots = _PlotOptions(umap, plot_sample, seed, progress)
+    return _plot_and_write(results, profiles, run, out_dir, plots, timer)
+
+
+def _load_source(run: Path, checkpoint: str, out: str | Path | None, timer: Timer) -> Any:
+    """The run's ``best`` / ``last`` checkpoint, or a checkpoint file (refused when another run's)."""
+    if checkpoint not in ("best", "last"):
+        check_checkpoint_owner(run, Path(checkpoint), out)
+    spec = checkpoint if checkpoint not in ("best", "last") else str(run)
+    which = checkpoint if checkpoint in ("best", "last") else "best"
+    with timer("load"):
+        return resolve_source(spec, which=which)
+
+
+def _run_dataset(run: Path, data: str | Path | None, src: Any) -> tuple[str | Path, Any]:
+    """The dataset to evaluate on (``data``, else the checkpoint's), opened and checked."""
+    em = src.model
+    data_path = data or em.dataset.get("path") or getattr(em.config.data, "path", None)
+    if not data_path:
+        raise CdclError(f"{run}: the checkpoint names no dataset; pass --data DIR")
+    if not Path(data_path).exists():
+        raise CdclError(f"{data_path}: dataset not found; pass --data DIR")
+    ds = open_dataset(data_path)
+    check_channels(src, ds, str(run))
+    return data_path, ds
+
+
+def _backbones(
+    src: Any, ds: Any, baselines: tuple[str, ...], seed: int
+) -> dict[str, Callable[[Any], Any]]:
+    """The run's backbone, then the baselines asked for, by feature set name."""
+    backbones: dict[str, Callable[[Any], Any]] = {src.name: src.backbone}
+    if "intensity" in baselines:
+        backbones["intensity"] = IntensityFeatures()
+    if "random" in baselines:
+        backbones["random"] = random_like_run(src.model, ds, seed=seed)
+    if "cellprofiler" in baselines:
+        from cdcl.embed.cellprofiler import CellProfilerSource
+
+        backbones[CELLPROFILER_NAME] = CellProfilerSource()
+    return backbones
+
+
+def _calibrate_run(
+    results_sets: dict[str, Any],
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    name: str,
+    calibrate: bool | None,
+    seed: int,
+    timer: Timer,
+) -> None:
+    """Calibrate the run's set on its held-out profiles when asked (or, by default, small)."""
+    wp, wmeta = profiles[name]
+    test = (wmeta["split"] == "test").to_numpy()
     if should_calibrate(calibrate, wmeta, test):
         with timer("calibration"):
-            calibrate_sets(results_sets, src.name, wp, wmeta, test, seed=seed)
-    results = base_results(
+            calibrate_sets(results_sets, name, wp, wmeta, test, seed=seed)
+
+
+def _run_results(
+    src: Any,
+    ds: Any,
+    data_path: str | Path,
+    split_info: dict[str, Any],
+    corrections: tuple[str, ...],
+    level: str,
+    results_sets: dict[str, Any],
+    wmeta: pd.DataFrame,
+) -> dict[str, Any]:
+    """The run's results: its source, config, protocol, split, design and scored feature sets."""
+    train, test = (wmeta["split"] == "train").to_numpy(), (wmeta["split"] == "test").to_numpy()
+    return base_results(
         "run",
         source={
             **src.provenance,
@@ -291,13 +392,22 @@ def evaluate_run(
             "dataset_name": ds.info.name,
             "n_images": ds.info.n_images,
         },
-        config=_config_dict(em.config),
+        config=_config_dict(src.model.config),
         protocol=protocol_with(corrections),
-        split={"number": number, **split_masks(ds.samples, split)},
+        split=split_info,
         level=level,
         design=design_facts(wmeta, train, test, test, level),
         feature_sets=results_sets,
     )
+
+
+def _finish_results(
+    results: dict[str, Any],
+    backbones: dict[str, Callable[[Any], Any]],
+    level: str,
+    batch_col: str | None,
+) -> None:
+    """Add what judged mixing, the input's warnings, the announced warnings, the profile level."""
     if batch_col:
         results["design"]["judged_by"] = batch_col
     # What a baseline found wrong with the images (CellProfiler: nuclei too small to measure).
@@ -310,21 +420,40 @@ def evaluate_run(
             **results["protocol"],
             "profiles": "image level: one profile per image",
         }
-    if before_write is not None:
-        before_write(results)
-    if umap and profiles:
+
+
+@dataclass(frozen=True)
+class _PlotOptions:
+    """What ``cdcl evaluate`` draws: UMAPs or not, their row sample, seed, and verbosity."""
+
+    umap: bool
+    plot_sample: int | None
+    seed: int
+    progress: bool
+
+
+def _plot_and_write(
+    results: dict[str, Any],
+    profiles: dict[str, tuple[np.ndarray, pd.DataFrame]],
+    run: Path,
+    out_dir: Path,
+    opts: _PlotOptions,
+    timer: Timer,
+) -> Path:
+    """UMAPs and the run's training curves, then results.json and the report in ``out_dir``."""
+    if opts.umap and profiles:
         meta0 = next(iter(profiles.values()))[1]
-        rows = stratified_plot_rows(meta0, plot_sample, seed)
-        results["plots"] = plot_sample_info(len(meta0), rows, plot_sample, seed)
-        timer.echo = progress or len(meta0) > EXACT_MAX
+        rows = stratified_plot_rows(meta0, opts.plot_sample, opts.seed)
+        results["plots"] = plot_sample_info(len(meta0), rows, opts.plot_sample, opts.seed)
+        timer.echo = opts.progress or len(meta0) > EXACT_MAX
     with timer("plots"):
-        if umap or run.is_dir():
+        if opts.umap or run.is_dir():
             make_plots(
                 out_dir,
-                profiles if umap else None,
+                profiles if opts.umap else None,
                 metrics_jsonl=run / "metrics.jsonl" if run.is_dir() else None,
-                seed=seed,
-                plot_sample=plot_sample,
+                seed=opts.seed,
+                plot_sample=opts.plot_sample,
                 timer=timer,
             )
     with timer("write results + report"):

@@ -94,16 +94,8 @@ def evaluate_table(
     columns = ColumnSpec() if columns is None else columns
     timer = Timer()
     t0 = time.perf_counter()
-    # Small tables finish in seconds; large ones say what they are doing as they go, and
-    # what memory they will need before anything is loaded (Parquet's footer has the shape).
-    shape = None if isinstance(features_file, pd.DataFrame) else parquet_shape(features_file)
-    if shape is not None:
-        timer.echo = shape[0] > EXACT_MAX
-        n_sets = 1 + int(tvn) + len(corrections)
-        plan = memory_plan(shape[0], shape[1], n_sets, len(variants))
-        plan += time_plan(shape[0], shape[1], n_sets, len(variants))
-        for line in plan:
-            timer.say(line)
+    n_sets = 1 + int(tvn) + len(corrections)
+    shape = _announce_plan(features_file, timer, n_sets, len(variants))
     with keep_alive(timer.echo), timer("load"):
         x, meta, names, parts, notes = _load_table(features_file, columns)
     if shape is None and len(meta) > EXACT_MAX:
@@ -134,6 +126,24 @@ def evaluate_table(
             before_write=before_write,
             calibrate=calibrate,
         )
+
+
+def _announce_plan(
+    features_file: str | Path | pd.DataFrame, timer: Timer, n_sets: int, n_variants: int
+) -> tuple[int, int] | None:
+    """A Parquet table's shape from its footer, its memory and time plan said; else None.
+
+    Small tables finish in seconds; large ones say what they are doing as they go, and what
+    memory they will need before anything is loaded (Parquet's footer has the shape).
+    """
+    shape = None if isinstance(features_file, pd.DataFrame) else parquet_shape(features_file)
+    if shape is not None:
+        timer.echo = shape[0] > EXACT_MAX
+        plan = memory_plan(shape[0], shape[1], n_sets, n_variants)
+        plan += time_plan(shape[0], shape[1], n_sets, n_variants)
+        for line in plan:
+            timer.say(line)
+    return shape
 
 
 FIXED_GIB = 2.0  # libraries, metadata and metric working memory, beyond the table's copies
@@ -237,17 +247,9 @@ def _score_table(
 ) -> Path:
     """Every stage after loading: metrics of each feature set, plots, results.json, report."""
     train, test, split_info = _held_out_split(meta, split_number, parts)
-    if eval_on is None:
-        eval_on = "test" if split_info.get("from_column") else "all"
-    split_info["eval_on"] = eval_on
-    print(f"note: held out: {split_info['how']}; metrics on {eval_on} rows", file=sys.stderr)
-    ev = np.ones(len(meta), bool) if eval_on == "all" else test
+    ev, eval_on = _evaluated_rows(meta, test, split_info, eval_on)
     set_name = name or "features"
-    sets = {set_name: x}
-    if tvn:
-        with timer("tvn"):
-            sets[f"{set_name}+tvn"] = tvn_fn(x, meta)
-    sets.update(corrected_sets(x, meta, corrections, seed=seed, timer=timer, name=set_name))
+    sets = _feature_sets(x, meta, set_name, tvn, corrections, seed, timer)
     results_sets = {
         set_: evaluate_features(
             xs,
@@ -266,7 +268,66 @@ def _score_table(
     if should_calibrate(calibrate, meta, ev):
         with timer("calibration"):
             calibrate_sets(results_sets, set_name, x, meta, ev, seed=seed)
-    source = {
+    results = base_results(
+        "features",
+        source=_table_source(features_file, meta, names, eval_on, columns, corrections, notes),
+        protocol=protocol_with(corrections),
+        split=split_info,
+        design=design_facts(meta, train, test, ev),
+        feature_sets=results_sets,
+    )
+    if columns.batch_col:
+        results["design"]["judged_by"] = columns.batch_col
+    results["warnings"] = announce(results)
+    if before_write is not None:
+        before_write(results)
+    return _plot_and_write(results, Path(out), sets, meta, timer, umap, plot_sample, seed)
+
+
+def _evaluated_rows(
+    meta: pd.DataFrame, test: np.ndarray, split_info: dict[str, Any], eval_on: str | None
+) -> tuple[np.ndarray, str]:
+    """The rows the metrics run on and their name (``all`` / ``test``), said on stderr.
+
+    By default the test rows of a ``Metadata_Split`` column, else all rows; ``split_info``
+    records the choice.
+    """
+    if eval_on is None:
+        eval_on = "test" if split_info.get("from_column") else "all"
+    split_info["eval_on"] = eval_on
+    print(f"note: held out: {split_info['how']}; metrics on {eval_on} rows", file=sys.stderr)
+    return (np.ones(len(meta), bool) if eval_on == "all" else test), eval_on
+
+
+def _feature_sets(
+    x: np.ndarray,
+    meta: pd.DataFrame,
+    set_name: str,
+    tvn: bool,
+    corrections: tuple[str, ...],
+    seed: int,
+    timer: Timer,
+) -> dict[str, np.ndarray]:
+    """The table's profiles, their TVN variant (if asked) and each post-hoc correction."""
+    sets = {set_name: x}
+    if tvn:
+        with timer("tvn"):
+            sets[f"{set_name}+tvn"] = tvn_fn(x, meta)
+    sets.update(corrected_sets(x, meta, corrections, seed=seed, timer=timer, name=set_name))
+    return sets
+
+
+def _table_source(
+    features_file: str | Path | pd.DataFrame,
+    meta: pd.DataFrame,
+    names: list[str],
+    eval_on: str,
+    columns: ColumnSpec,
+    corrections: tuple[str, ...],
+    notes: list[str],
+) -> dict[str, Any]:
+    """The results' ``source``: the table's origin, size, columns read, corrections and notes."""
+    return {
         **_origin(features_file),
         "n_profiles": len(meta),
         "n_features": len(names),
@@ -283,20 +344,19 @@ def _score_table(
         "corrections": list(corrections),
         "notes": notes,
     }
-    results = base_results(
-        "features",
-        source=source,
-        protocol=protocol_with(corrections),
-        split=split_info,
-        design=design_facts(meta, train, test, ev),
-        feature_sets=results_sets,
-    )
-    if columns.batch_col:
-        results["design"]["judged_by"] = columns.batch_col
-    results["warnings"] = announce(results)
-    if before_write is not None:
-        before_write(results)
-    out = Path(out)
+
+
+def _plot_and_write(
+    results: dict[str, Any],
+    out: Path,
+    sets: dict[str, np.ndarray],
+    meta: pd.DataFrame,
+    timer: Timer,
+    umap: bool,
+    plot_sample: int | None,
+    seed: int,
+) -> Path:
+    """UMAPs of every feature set (if ``umap``), then results.json and the report in ``out``."""
     if umap:
         rows = stratified_plot_rows(meta, plot_sample, seed)
         results["plots"] = plot_sample_info(len(meta), rows, plot_sample, seed)
