@@ -186,6 +186,38 @@ def test_evaluate_images_with_random_backbone(tmp_path: Path) -> None:
     assert profiles["intensity"][0].shape == (15, 50)
 
 
+def test_a_screen_without_controls_skips_the_control_fitted_sets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cdcl.data.dataset_dir import open_dataset
+    from cdcl.data.splits import assign_split
+    from cdcl.embed.baselines import IntensityFeatures
+
+    data = write_random_dataset(tmp_path / "ds", size=16)
+    samples = pd.read_parquet(data / "samples.parquet")
+    # no negative controls at all: the DMSO wells become a fifth treatment
+    ctrl = samples["is_control"].to_numpy(bool)
+    samples.loc[ctrl, ["treatment", "compound", "moa"]] = ["t4", "t4", "m1"]
+    samples["is_control"] = False
+    samples.to_parquet(data / "samples.parquet")
+    ds = open_dataset(data)
+    split = assign_split(ds.samples, ds.info.source, 1)
+    results, _ = evaluate_images(
+        ds,
+        split,
+        {"intensity": IntensityFeatures()},
+        tvn_on=("intensity",),
+        corrections=("sphering", "harmony"),
+        null_size=50,
+        progress=False,
+    )
+    # TVN and sphering need controls; Harmony does not and still runs
+    assert set(results) == {"intensity", "intensity+harmony"}
+    err = capsys.readouterr().err
+    assert "intensity+tvn not computed" in err and "intensity+sphering not computed" in err
+    assert "hold 0 (at least 3 needed)" in err
+
+
 @pytest.mark.slow
 def test_cli_evaluate_bbbc021_profiles(tmp_path: Path) -> None:
     out = tmp_path / "bbbc"

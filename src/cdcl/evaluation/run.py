@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,9 @@ from cdcl.report.plot_sample import (
 from cdcl.report.results import RESULTS_FILE, to_jsonable, write_results
 
 CELLPROFILER_NAME = "CellProfiler"  # the feature set's name in results and reports
+# Profile transforms fitted on the negative controls, and the fewest controls each needs
+# (TVN keeps n - 1 components of their covariance; sphering needs a spread to whiten by).
+CONTROL_FITTED = {"tvn": 3, "sphering": 2}
 
 
 def evaluate_images(
@@ -215,8 +219,21 @@ def _derived_profiles(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """``<name>+tvn`` (if asked), then each ``<name>+<correction>``, as they are fitted.
 
-    A generator, so that each set is scored before the next one is fitted.
+    A generator, so that each set is scored before the next one is fitted. TVN and sphering
+    are fitted on the negative controls: with too few of them (a screen without DMSO wells)
+    they are left out with a note, and the uncontrolled corrections still run.
     """
+    n_controls = int(wmeta["is_control"].sum())
+    skipped = [c for c, least in CONTROL_FITTED.items() if n_controls < least]
+    skipped = [c for c in skipped if (c == "tvn" and with_tvn) or c in corrections]
+    for c in skipped:
+        print(
+            f"note: {name}+{c} not computed: it is fitted on negative controls, and the "
+            f"evaluated profiles hold {n_controls} (at least {CONTROL_FITTED[c]} needed)",
+            file=sys.stderr,
+        )
+    with_tvn = with_tvn and "tvn" not in skipped
+    corrections = tuple(c for c in corrections if c not in skipped)
     if with_tvn:
         tname = f"{name}+tvn"
         with timer(f"{tname}.fit"):
