@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,13 @@ from cdcl.metrics.score import (
     EXACT_MAX,
     Timer,
     base_results,
-    corrected_sets,
     evaluate_features,
     online_probe_scores,
     protocol_with,
     split_masks,
 )
 from cdcl.profiles.columns import judged_by, tvn
+from cdcl.profiles.correction import apply_corrections
 from cdcl.profiles.table import image_meta, well_profiles
 from cdcl.report.html import announce, make_plots, render_report
 from cdcl.report.plot_sample import (
@@ -41,9 +42,6 @@ from cdcl.report.plot_sample import (
 from cdcl.report.results import RESULTS_FILE, to_jsonable, write_results
 
 CELLPROFILER_NAME = "CellProfiler"  # the feature set's name in results and reports
-# Profile transforms fitted on the negative controls, and the fewest controls each needs
-# (TVN keeps n - 1 components of their covariance; sphering needs a spread to whiten by).
-CONTROL_FITTED = {"tvn": 3, "sphering": 2}
 
 
 def evaluate_images(
@@ -219,27 +217,30 @@ def _derived_profiles(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """``<name>+tvn`` (if asked), then each ``<name>+<correction>``, as they are fitted.
 
-    A generator, so that each set is scored before the next one is fitted. TVN and sphering
-    are fitted on the negative controls: with too few of them (a screen without DMSO wells)
-    they are left out with a note, and the uncontrolled corrections still run.
+    A generator, so that each set is scored before the next one is fitted. A transform the
+    design cannot fit (TVN or sphering without negative controls, ComBat with a one-profile
+    batch) is left out with a note giving its own reason, and the others still run.
     """
-    n_controls = int(wmeta["is_control"].sum())
-    skipped = [c for c, least in CONTROL_FITTED.items() if n_controls < least]
-    skipped = [c for c in skipped if (c == "tvn" and with_tvn) or c in corrections]
-    for c in skipped:
-        print(
-            f"note: {name}+{c} not computed: it is fitted on negative controls, and the "
-            f"evaluated profiles hold {n_controls} (at least {CONTROL_FITTED[c]} needed)",
-            file=sys.stderr,
-        )
-    with_tvn = with_tvn and "tvn" not in skipped
-    corrections = tuple(c for c in corrections if c not in skipped)
+    fits: list[tuple[str, Callable[[], np.ndarray]]] = []
     if with_tvn:
-        tname = f"{name}+tvn"
-        with timer(f"{tname}.fit"):
-            tp = tvn(wp, wmeta)
-        yield tname, tp
-    yield from corrected_sets(wp, wmeta, corrections, seed=seed, timer=timer, name=name).items()
+        fits.append((f"{name}+tvn", lambda: tvn(wp, wmeta)))
+    for c in corrections:
+        fits.append((f"{name}+{c}", partial(_corrected, wp, wmeta, c, seed)))
+    for dname, fit in fits:
+        try:
+            with timer(f"{dname}.fit"):
+                fitted = fit()
+        except CdclError as e:
+            print(f"note: {dname} not computed: {e}", file=sys.stderr)
+            continue
+        yield dname, fitted
+
+
+def _corrected(wp: np.ndarray, wmeta: pd.DataFrame, correction: str, seed: int) -> np.ndarray:
+    """One post-hoc correction of a feature set's profiles."""
+    batch = wmeta["batch"].astype(str).to_numpy()
+    is_control = wmeta["is_control"].to_numpy(bool)
+    return apply_corrections(wp, batch, is_control, (correction,), seed=seed)[correction]
 
 
 def _group_masks(meta: pd.DataFrame, groups: dict[str, set[str]]) -> dict[str, np.ndarray]:
