@@ -296,3 +296,30 @@ def test_real_components_are_what_the_real_data_measure(screen: str) -> None:
     assert m["crop_px"] == want["crop_px"] and not m["not_converged"]
     for key in ("median_share_judged", "median_share"):
         assert m[key] == pytest.approx(want[key], abs=1e-3), key
+
+
+@pytest.mark.slow
+def test_simulated_components_see_the_batch_effect_and_the_real_designs() -> None:
+    # In its own layout (4 batches x 2 plates x 8 control wells) every component is fitted;
+    # the batch component of the texture statistics (sharpness: blur and focus differ by
+    # batch) is there at strength 1 and gone at strength 0.
+    sharp = [f"{c}_sharpness" for c in synthetic.CHANNELS]
+
+    def batch_share(strength: float) -> float:
+        cells = calibration.simulated_control_cells(0, None, strength)
+        m = calibration.measure_components(*cells, synthetic.CHANNELS, tuple(synthetic.CHANNELS))
+        assert all(d["fitted"] for d in m["design"].values()) and not m["not_converged"]
+        return float(np.median([m["per_feature"][f]["batch"] for f in sharp]))
+
+    assert batch_share(0.0) < 0.01 < 0.03 < batch_share(1.0)
+    # in the LINCS layout the fitted design is LINCS's, and the verdicts are the written ones
+    lay = calibration.LAYOUTS["lincs"]
+    cells = calibration.simulated_control_cells(0, lay)
+    m = calibration.measure_components(*cells, synthetic.CHANNELS, ("DNA",))
+    rows = calibration.compare_components(calibration.REAL_COMPONENTS["lincs"], [m])
+    assert rows["same_design"] and rows["batch"]["verdict"].startswith("not identifiable")
+    assert {rows[f]["verdict"] for f in ("plate", "well")} <= {
+        "matches",
+        "does not match",
+        "undecided",
+    }
