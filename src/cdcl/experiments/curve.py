@@ -39,6 +39,7 @@ from cdcl.experiments.study import (
     train_replicate,
 )
 from cdcl.report.html import _plt, _save
+from cdcl.report.markdown import markdown_table
 from cdcl.report.results import to_jsonable
 
 CURVE_REFERENCES = ("DINO", "DINO+harmony", "CellProfiler+harmony")
@@ -132,26 +133,14 @@ def curve_markdown(rows: list[dict[str, Any]], studies: dict[float, dict[str, An
     if df.empty:
         return "\n".join([*lines, "(no CDCL − reference differences: is CDCL among the methods?)"])
     strengths = sorted(studies)
+    header = ["metric", *(f"strength {s:g}" for s in strengths)]
     for ref in [r for r in CURVE_REFERENCES if r in set(df["reference"])]:
-        lines += [f"## {HEADLINE_METHOD} − {ref}", ""]
-        lines.append("| metric | " + " | ".join(f"strength {s:g}" for s in strengths) + " |")
-        lines.append("|---|" + "---|" * len(strengths))
         sub = df[df["reference"] == ref]
-        for metric in dict.fromkeys(sub["metric"]):
-            cells = []
-            for s in strengths:
-                hit = sub[(sub["metric"] == metric) & (sub["batch_strength"] == s)]
-                if hit.empty:
-                    cells.append("–")
-                    continue
-                r = hit.iloc[0]
-                cells.append(
-                    f"{_fmt(r['mean_diff'], True)} [{_fmt(r['ci_low'], True)}, "
-                    f"{_fmt(r['ci_high'], True)}] p {_fmt(r['p_holm'])} {r['verdict']} "
-                    f"(n {int(r['n']) if r['n'] == r['n'] else 0})"
-                )
-            lines.append(f"| {metric} | " + " | ".join(cells) + " |")
-        lines.append("")
+        metric_rows = [
+            [f"{metric}", *(_strength_cell(sub, metric, s) for s in strengths)]
+            for metric in dict.fromkeys(sub["metric"])
+        ]
+        lines += [f"## {HEADLINE_METHOD} − {ref}", "", markdown_table(header, metric_rows), ""]
     lines.append("Overall verdict per strength (the study's rule, Holm-adjusted):")
     lines.append("")
     for s in strengths:
@@ -160,6 +149,19 @@ def curve_markdown(rows: list[dict[str, Any]], studies: dict[float, dict[str, An
         )
         lines.append(f"- strength {s:g}: {verdicts or '–'}")
     return "\n".join(lines) + "\n"
+
+
+def _strength_cell(sub: pd.DataFrame, metric: str, strength: float) -> str:
+    """One cell of curve.md: difference [95% CI], Holm p, verdict and n at one strength."""
+    hit = sub[(sub["metric"] == metric) & (sub["batch_strength"] == strength)]
+    if hit.empty:
+        return "–"
+    r = hit.iloc[0]
+    return (
+        f"{_fmt(r['mean_diff'], True)} [{_fmt(r['ci_low'], True)}, "
+        f"{_fmt(r['ci_high'], True)}] p {_fmt(r['p_holm'])} {r['verdict']} "
+        f"(n {int(r['n']) if r['n'] == r['n'] else 0})"
+    )
 
 
 def curve_figure(rows: list[dict[str, Any]], path: Path) -> Path | None:

@@ -45,7 +45,6 @@ from cdcl.report.design import design_banner, design_lines
 from cdcl.report.html import (
     BASELINE_SETS,
     _calibration_html,
-    _img,
     _plt,
     _save,
     draw_umap_panels,
@@ -55,8 +54,9 @@ from cdcl.report.html import (
     summary_html,
     table_html,
     umap_frame,
-    write_html,
 )
+from cdcl.report.markdown import frame_markdown, markdown_table
+from cdcl.report.page import img_html, write_html
 from cdcl.report.results import to_jsonable, write_results_text
 from cdcl.schema import get_path
 from cdcl.train.checkpoint import load_for_eval
@@ -390,30 +390,22 @@ def evaluate_runs(
 
     ds = open_dataset(data)
     split = assign_split(ds.samples, ds.info.source, spec.split)
-    null_size = 500 if spec.quick else 2000
-    # BBBC021 fields are single-cell crops: score cells, not the few wells per plate.
-    level = profile_level(spec)
+    # What every evaluate_images call shares: null size, seed, profile level, compound groups.
+    scoring: dict[str, Any] = {
+        "null_size": 500 if spec.quick else 2000,
+        "seed": spec.seed,
+        "progress": spec.progress,
+        # BBBC021 fields are single-cell crops: score cells, not the few wells per plate.
+        "level": profile_level(spec),
+        "compound_groups": compound_groups(spec, ds.samples),
+    }
     results: dict[str, Any] = {}
     profiles: dict[str, tuple[np.ndarray, pd.DataFrame]] = {}
     reference = None
-    groups = compound_groups(spec, ds.samples)
     for label, run in runs.items():
         em = load_for_eval(run, "last")
         reference = reference or em
-        res, prof = evaluate_images(
-            ds,
-            split,
-            {label: em.method.embed},
-            make_view_fn(em.views_cfg),
-            tvn_on=(label,) if label == "DINO" else (),
-            corrections=CORRECTIONS if label in CORRECTED_SETS else (),
-            online_probe={"set": label, "probe": em.probe, "label_of": em.label_of},
-            null_size=null_size,
-            seed=spec.seed,
-            progress=spec.progress,
-            level=level,
-            compound_groups=groups,
-        )
+        res, prof = _evaluate_run(ds, split, label, em, scoring)
         results.update(res)
         profiles.update(prof)
     if spec.calibrate and runs:
@@ -423,30 +415,14 @@ def evaluate_runs(
             wp, wmeta, eval_mask=(wmeta["split"] == "test").to_numpy(), seed=spec.seed, name=label
         )
     if reference is not None:
-        baselines: dict[str, Callable[[Any], Any]] = {
-            "intensity stats": IntensityFeatures(),
-            "random network": random_like_run(reference, ds, seed=spec.seed),
-        }
-        if spec.cellprofiler:
-            from cdcl.embed.cellprofiler import CellProfilerSource
-            from cdcl.embed.cellprofiler_features import CellProfilerOptions
-
-            # The segmentation a user would run (Otsu + watershed on the rendered DNA channel),
-            # not the simulator's own masks, which are drawn before blur and noise.
-            options = CellProfilerOptions(segmentation="otsu")
-            baselines[CELLPROFILER_NAME] = CellProfilerSource(options)
         res, prof = evaluate_images(
             ds,
             split,
-            baselines,
+            _baseline_sources(spec, reference, ds),
             make_view_fn(reference.views_cfg),
             corrections=CORRECTIONS,
             correct_on=(*CORRECTED_SETS, CELLPROFILER_NAME),
-            null_size=null_size,
-            seed=spec.seed,
-            progress=spec.progress,
-            level=level,
-            compound_groups=groups,
+            **scoring,
         )
         results.update(res)
         profiles.update(prof)
@@ -454,6 +430,40 @@ def evaluate_runs(
         if isinstance(res, dict) and res.get("calibration"):
             apply_calibration(results, res["calibration"])  # every set shares the design
     return results, profiles
+
+
+def _evaluate_run(
+    ds: Any, split: Any, label: str, em: Any, scoring: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, pd.DataFrame]]]:
+    """One trained run's figures and profiles (its online probe, TVN for DINO, corrections)."""
+    return evaluate_images(
+        ds,
+        split,
+        {label: em.method.embed},
+        make_view_fn(em.views_cfg),
+        tvn_on=(label,) if label == "DINO" else (),
+        corrections=CORRECTIONS if label in CORRECTED_SETS else (),
+        online_probe={"set": label, "probe": em.probe, "label_of": em.label_of},
+        **scoring,
+    )
+
+
+def _baseline_sources(spec: DemoSpec, reference: Any, ds: Any) -> dict[str, Callable[[Any], Any]]:
+    """The baselines scored next to the runs: intensity statistics, a random network shaped
+    like ``reference`` (a loaded run), and with ``spec.cellprofiler`` CellProfiler features."""
+    baselines: dict[str, Callable[[Any], Any]] = {
+        "intensity stats": IntensityFeatures(),
+        "random network": random_like_run(reference, ds, seed=spec.seed),
+    }
+    if spec.cellprofiler:
+        from cdcl.embed.cellprofiler import CellProfilerSource
+        from cdcl.embed.cellprofiler_features import CellProfilerOptions
+
+        # The segmentation a user would run (Otsu + watershed on the rendered DNA channel),
+        # not the simulator's own masks, which are drawn before blur and noise.
+        options = CellProfilerOptions(segmentation="otsu")
+        baselines[CELLPROFILER_NAME] = CellProfilerSource(options)
+    return baselines
 
 
 def compound_groups(spec: DemoSpec, samples: pd.DataFrame) -> dict[str, set[str]] | None:
@@ -502,14 +512,12 @@ def comparison_table(feature_sets: dict[str, Any], variant: str) -> pd.DataFrame
 
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table with 3 decimals (– for missing)."""
+    return frame_markdown(df, _three_decimals)
 
-    def fmt(v: Any) -> str:
-        return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
-    head = "| " + " | ".join([df.index.name or "", *df.columns]) + " |"
-    sep = "|" + "---|" * (len(df.columns) + 1)
-    body = ["| " + " | ".join([str(i), *(fmt(v) for v in r)]) + " |" for i, r in df.iterrows()]
-    return "\n".join([head, sep, *body])
+def _three_decimals(v: Any) -> str:
+    """A table figure with 3 decimals, – when it is missing."""
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
 
 def to_text(df: pd.DataFrame) -> str:
@@ -611,24 +619,14 @@ def write_outputs(
     results = {
         "kind": "demo",
         "dataset": {"path": str(data.resolve()), "name": ds.info.name, "n_images": len(ds)},
-        "spec": {
-            "dataset": spec.dataset,
-            "quick": spec.quick,
-            "seed": spec.seed,
-            # Only set by studies: a demo's results.json stays as it was.
-            **({"split": spec.split} if spec.split is not None else {}),
-            **({"methods": list(spec.methods)} if spec.methods is not None else {}),
-        },
+        "spec": _spec_record(spec),
         "budget": budget_overrides(spec),
         "training": training,
         "timings_s": spec.timings,
-        "tables": {v: t.reset_index().to_dict(orient="records") for v, t in tables.items()},
+        "tables": _table_records(tables),
         **(
             {
-                "tables_by_compounds": {
-                    g: {v: t.reset_index().to_dict(orient="records") for v, t in ts.items()}
-                    for g, ts in by_group.items()
-                },
+                "tables_by_compounds": {g: _table_records(ts) for g, ts in by_group.items()},
                 "compound_groups": {g: sorted(n) for g, n in groups.items()},
             }
             if by_group and groups
@@ -641,24 +639,62 @@ def write_outputs(
     }
     out = spec.out
     write_results_text(out / "results.json", json.dumps(to_jsonable(results), indent=2))
-    md = [
-        f"# {title}",
-        "",
-        f"Dataset `{ds.info.name}` ({len(ds)} images); metrics on held-out batches, {unit}.",
-        "",
-        *([note, ""] if note else []),
-        single_replicate_note(spec),
-        "",
+    intro = f"Dataset `{ds.info.name}` ({len(ds)} images); metrics on held-out batches, {unit}."
+    md = [f"# {title}", "", intro, "", *([note, ""] if note else []), single_replicate_note(spec)]
+    md += ["", *_calibration_markdown(calib), *_tables_markdown(tables, training, spec.timings)]
+    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
+    sections = [
+        ("One replicate", f"<p>{html.escape(single_replicate_note(spec))}</p>"),
+        *_calibration_sections(calib),
+        *_table_sections(tables, results, list(training), note),
         *(
-            [
-                "## Batch effect of this screen against real references",
-                "",
-                *calib_lines(calib, fenced=True),
-                "",
-            ]
-            if calib
-            else []
+            (f"Calibration of {name}", _calibration_html(res["calibration"]))
+            for name, res in feature_sets.items()
+            if isinstance(res, dict) and res.get("calibration")
         ),
+        *_picture_sections(pictures, unit),
+        ("Timings", _timings_html(spec.timings, training)),
+    ]
+    write_html(out / "report.html", title, sections)
+    return {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+
+
+def _spec_record(spec: DemoSpec) -> dict[str, Any]:
+    """The options results.json records (split and methods only when a study set them)."""
+    return {
+        "dataset": spec.dataset,
+        "quick": spec.quick,
+        "seed": spec.seed,
+        # Only set by studies: a demo's results.json stays as it was.
+        **({"split": spec.split} if spec.split is not None else {}),
+        **({"methods": list(spec.methods)} if spec.methods is not None else {}),
+    }
+
+
+def _table_records(tables: dict[str, pd.DataFrame]) -> dict[str, list[dict[str, Any]]]:
+    """Each variant's comparison table as JSON records, one per feature set."""
+    return {v: t.reset_index().to_dict(orient="records") for v, t in tables.items()}
+
+
+def _calibration_markdown(calib: dict[str, Any] | None) -> list[str]:
+    """results.md's section on the simulated screen's batch effect (none for real data)."""
+    if not calib:
+        return []
+    return [
+        "## Batch effect of this screen against real references",
+        "",
+        *calib_lines(calib, fenced=True),
+        "",
+    ]
+
+
+def _tables_markdown(
+    tables: dict[str, pd.DataFrame], training: dict[str, Any], timings: dict[str, float]
+) -> list[str]:
+    """results.md's comparison tables (plate-normalised, raw), training table and stage times."""
+    keys = ("epoch", "step", "images_per_s", "wall_s")
+    runs = [[m, *(f"{t.get(k)}" for k in keys)] for m, t in training.items()]
+    return [
         "## Profiles standardised per plate against its controls",
         "",
         to_markdown(tables["plate_normalized"]),
@@ -669,64 +705,59 @@ def write_outputs(
         "",
         "## Training",
         "",
-        "| method | epochs | steps | images/s | wall s |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {m} | {t.get('epoch')} | {t.get('step')} | {t.get('images_per_s')} | "
-            f"{t.get('wall_s')} |"
-            for m, t in training.items()
-        ),
+        markdown_table(["method", "epochs", "steps", "images/s", "wall s"], runs),
         "",
-        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in spec.timings.items()),
+        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
     ]
-    atomic_write_text(out / "results.md", "\n".join(md) + "\n")
 
-    def html_table(df: pd.DataFrame) -> str:
 
-        t = df.T
-        higher = {c: c not in LOWER_IS_BETTER for c in t.index}
-        return table_html(t, higher)
+def _metrics_html(df: pd.DataFrame) -> str:
+    """A comparison table as the report's metrics table (metrics as rows, best highlighted)."""
+    t = df.T
+    higher = {c: c not in LOWER_IS_BETTER for c in t.index}
+    return table_html(t, higher)
 
+
+def _calibration_sections(calib: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """report.html's section on the simulated screen's batch effect (none for real data)."""
+    if not calib:
+        return []
+    text = "<pre>" + html.escape("\n".join(calib_lines(calib))) + "</pre>"
+    return [("Batch effect of this screen against real references", text)]
+
+
+def _table_sections(
+    tables: dict[str, pd.DataFrame], results: dict[str, Any], learned: list[str], note: str
+) -> list[tuple[str, str]]:
+    """report.html's results figure with the plate-normalised metrics, then the raw metrics."""
     note_html = f'<p class="small">{note}</p>' if note else ""
-    sections = [
-        ("One replicate", f"<p>{html.escape(single_replicate_note(spec))}</p>"),
-        *(
-            [
-                (
-                    "Batch effect of this screen against real references",
-                    "<pre>" + html.escape("\n".join(calib_lines(calib))) + "</pre>",
-                )
-            ]
-            if calib
-            else []
-        ),
+    summary = _demo_summary(tables["plate_normalized"], results, learned, "plate_normalized")
+    return [
         (
             "Results: held-out batches, profiles standardised per plate against controls",
             note_html
-            + _demo_summary(tables["plate_normalized"], results, list(training), "plate_normalized")
+            + summary
             + "<h3>All metrics</h3>"
-            + html_table(tables["plate_normalized"]),
+            + _metrics_html(tables["plate_normalized"]),
         ),
-        ("Held-out batches, raw profiles", html_table(tables["raw"])),
-        *(
-            (f"Calibration of {name}", _calibration_html(res["calibration"]))
-            for name, res in feature_sets.items()
-            if isinstance(res, dict) and res.get("calibration")
-        ),
-        (f"Figure 1: UMAP of {unit}", _img(pictures.get("figure1"), "UMAP")),
-        ("Training curves", _img(pictures.get("curves"), "training curves")),
-        ("Dataset", _img(pictures.get("montage"), "montage")),
-        (
-            "Timings",
-            "<p>"
-            + ", ".join(f"{k}: {v:.1f} s" for k, v in spec.timings.items())
-            + "</p><p>"
-            + ", ".join(f"{m}: {t.get('images_per_s')} images/s" for m, t in training.items())
-            + "</p>",
-        ),
+        ("Held-out batches, raw profiles", _metrics_html(tables["raw"])),
     ]
-    write_html(out / "report.html", title, sections)
-    return {"json": out / "results.json", "md": out / "results.md", "html": out / "report.html"}
+
+
+def _picture_sections(pictures: dict[str, Path | None], unit: str) -> list[tuple[str, str]]:
+    """report.html's figures: the UMAPs, the training curves and the dataset montage."""
+    return [
+        (f"Figure 1: UMAP of {unit}", img_html(pictures.get("figure1"), "UMAP")),
+        ("Training curves", img_html(pictures.get("curves"), "training curves")),
+        ("Dataset", img_html(pictures.get("montage"), "montage")),
+    ]
+
+
+def _timings_html(timings: dict[str, float], training: dict[str, Any]) -> str:
+    """Stage times and each method's training throughput."""
+    stages = ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items())
+    speeds = ", ".join(f"{m}: {t.get('images_per_s')} images/s" for m, t in training.items())
+    return f"<p>{stages}</p><p>{speeds}</p>"
 
 
 def _demo_summary(

@@ -27,6 +27,7 @@ from typing import Any
 
 from cdcl.atomic import atomic_write_text
 from cdcl.experiments import statistics as st
+from cdcl.report.markdown import markdown_table
 
 PRIMARY_METRIC = "replicate mAP (other batch)"
 PRIMARY_VARIANT = "plate_normalized"
@@ -93,84 +94,87 @@ def default_endpoints(
     top = max(strengths) if strengths else None
     low = min(strengths) if strengths and len(strengths) > 1 else None
     group = "unseen" if train_treatments == "half" else "all"
-    where = f"{group} compounds{_strength_words(top)}"
-
-    def gain(metric: str, other: str, role: str, question: str) -> dict[str, Any]:
-        # Control wells belong to no compound group: their endpoints read every compound's run.
-        g = "all" if metric.startswith("control ") else group
-        return {
-            "role": role,
-            "label": f"{HEADLINE_METHOD} − {other}, {metric}, "
-            + (f"control wells{_strength_words(top)}" if metric.startswith("control ") else where),
-            "metric": metric,
-            "variant": PRIMARY_VARIANT,
-            "lower_is_better": metric in LOWER_IS_BETTER,
-            "terms": [_cell(1, HEADLINE_METHOD, g, top), _cell(-1, other, g, top)],
-            "question": question,
-        }
-
-    out = [
-        gain(
-            primary_metric,
-            ref,
-            "primary",
-            f"Does {HEADLINE_METHOD} retrieve a compound's replicates across batches better "
-            f"than {ref}?",
-        )
-    ]
+    question = (
+        f"Does {HEADLINE_METHOD} retrieve a compound's replicates across batches better than {ref}?"
+    )
+    out = [_gain(primary_metric, ref, "primary", question, group, top)]
     for other in references[1:]:
-        out.append(gain(primary_metric, other, "secondary", f"... and better than {other}?"))
+        out.append(
+            _gain(primary_metric, other, "secondary", f"... and better than {other}?", group, top)
+        )
     others = [m for m in (PRIMARY_METRIC, *SECONDARY_METRICS) if m != primary_metric]
     for metric in (*others, *BATCH_METRICS):
-        out.append(gain(metric, ref, "secondary", f"{metric}: {HEADLINE_METHOD} vs {ref}"))
+        question = f"{metric}: {HEADLINE_METHOD} vs {ref}"
+        out.append(_gain(metric, ref, "secondary", question, group, top))
     if low is not None:
-        out.append(
-            {
-                "role": "secondary",
-                "label": f"strength interaction: ({HEADLINE_METHOD} − {ref}) at {top:g} minus at "
-                f"{low:g}, {primary_metric}, {group} compounds",
-                "metric": primary_metric,
-                "variant": PRIMARY_VARIANT,
-                "lower_is_better": False,
-                "terms": [
-                    _cell(1, HEADLINE_METHOD, group, top),
-                    _cell(-1, ref, group, top),
-                    _cell(-1, HEADLINE_METHOD, group, low),
-                    _cell(1, ref, group, low),
-                ],
-                "question": "Does the gain grow with the batch effect (batch robustness)?",
-            }
-        )
+        out.append(_strength_interaction(primary_metric, ref, group, top, low))
     if train_treatments == "half":
-        out.append(
-            {
-                "role": "secondary",
-                "label": f"label use: ({HEADLINE_METHOD} − {ref}) on seen minus on unseen "
-                f"compounds, {primary_metric}{_strength_words(top)}",
-                "metric": primary_metric,
-                "variant": PRIMARY_VARIANT,
-                "lower_is_better": False,
-                "terms": [
-                    _cell(1, HEADLINE_METHOD, "seen", top),
-                    _cell(-1, ref, "seen", top),
-                    _cell(-1, HEADLINE_METHOD, "unseen", top),
-                    _cell(1, ref, "unseen", top),
-                ],
-                "question": "Is the gain larger on the compounds the methods paired on?",
-            }
-        )
+        out.append(_label_use(primary_metric, ref, top))
     if SAME_BATCH_CONTROL in methods:
-        out.append(
-            gain(
-                primary_metric,
-                SAME_BATCH_CONTROL,
-                "secondary",
-                "Does pairing across batches, rather than within a batch, make the gain?",
-            )
-        )
+        question = "Does pairing across batches, rather than within a batch, make the gain?"
+        out.append(_gain(primary_metric, SAME_BATCH_CONTROL, "secondary", question, group, top))
     for i, e in enumerate(out, 1):
         e["id"] = f"E{i}"
     return out
+
+
+def _gain(
+    metric: str, other: str, role: str, question: str, group: str, top: float | None
+) -> dict[str, Any]:
+    """The endpoint CDCL − ``other`` on ``metric``, on compound ``group`` at strength ``top``."""
+    # Control wells belong to no compound group: their endpoints read every compound's run.
+    control = metric.startswith("control ")
+    g = "all" if control else group
+    where = "control wells" if control else f"{group} compounds"
+    return {
+        "role": role,
+        "label": f"{HEADLINE_METHOD} − {other}, {metric}, {where}{_strength_words(top)}",
+        "metric": metric,
+        "variant": PRIMARY_VARIANT,
+        "lower_is_better": metric in LOWER_IS_BETTER,
+        "terms": [_cell(1, HEADLINE_METHOD, g, top), _cell(-1, other, g, top)],
+        "question": question,
+    }
+
+
+def _strength_interaction(
+    metric: str, ref: str, group: str, top: float, low: float
+) -> dict[str, Any]:
+    """The gain over ``ref`` at the strongest batch effect minus the gain at the weakest."""
+    return {
+        "role": "secondary",
+        "label": f"strength interaction: ({HEADLINE_METHOD} − {ref}) at {top:g} minus at "
+        f"{low:g}, {metric}, {group} compounds",
+        "metric": metric,
+        "variant": PRIMARY_VARIANT,
+        "lower_is_better": False,
+        "terms": [
+            _cell(1, HEADLINE_METHOD, group, top),
+            _cell(-1, ref, group, top),
+            _cell(-1, HEADLINE_METHOD, group, low),
+            _cell(1, ref, group, low),
+        ],
+        "question": "Does the gain grow with the batch effect (batch robustness)?",
+    }
+
+
+def _label_use(metric: str, ref: str, top: float | None) -> dict[str, Any]:
+    """The gain over ``ref`` on the compounds trained on minus the gain on the unseen ones."""
+    return {
+        "role": "secondary",
+        "label": f"label use: ({HEADLINE_METHOD} − {ref}) on seen minus on unseen "
+        f"compounds, {metric}{_strength_words(top)}",
+        "metric": metric,
+        "variant": PRIMARY_VARIANT,
+        "lower_is_better": False,
+        "terms": [
+            _cell(1, HEADLINE_METHOD, "seen", top),
+            _cell(-1, ref, "seen", top),
+            _cell(-1, HEADLINE_METHOD, "unseen", top),
+            _cell(1, ref, "unseen", top),
+        ],
+        "question": "Is the gain larger on the compounds the methods paired on?",
+    }
 
 
 def design_hash(design: dict[str, Any]) -> str:
@@ -294,32 +298,53 @@ def table_lookup(records: dict[float | None, list[dict[str, Any]]], names: Seque
     return lookup
 
 
+# The endpoint table's columns (study.md, curve.md).
+ENDPOINT_COLUMNS = (
+    "id",
+    "role",
+    "endpoint",
+    "n",
+    "mean [95% CI]",
+    "p (t)",
+    "p (sign-flip)",
+    "p (Holm)",
+    "smallest detectable",
+    "verdict",
+)
+
+
 def endpoint_markdown(rows: list[dict[str, Any]], design: dict[str, Any]) -> str:
     """The pre-registered endpoints as a Markdown section (every row, as measured)."""
-    lines = [
-        "## Pre-registered endpoints",
-        "",
-        f"Design `{design.get('hash', '')[:16]}` (design.json, fixed before training). "
-        + design.get("rule", ""),
-        "",
-        "| id | role | endpoint | n | mean [95% CI] | p (t) | p (sign-flip) | p (Holm) "
-        "| smallest detectable | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    intro = f"Design `{design.get('hash', '')[:16]}` (design.json, fixed before training). "
+    table = markdown_table(ENDPOINT_COLUMNS, [_endpoint_cells(r) for r in rows])
+    return (
+        "\n".join(["## Pre-registered endpoints", "", intro + design.get("rule", ""), "", table])
+        + "\n"
+    )
+
+
+def _endpoint_cells(r: dict[str, Any]) -> list[str]:
+    """One tested endpoint as the cells of the endpoint table."""
+    mean = f"{_num(r['mean_diff'], True)} [{_num(r['ci_low'], True)}, {_num(r['ci_high'], True)}]"
+    return [
+        f"{r['id']}",
+        f"{r['role']}",
+        f"{r['label']}",
+        f"{r['n']}",
+        mean,
+        _num(r["p"]),
+        _num(r["p_signflip"]),
+        _num(r.get("p_holm")),
+        _num(r["min_detectable_diff"]),
+        f"{r['verdict']}",
     ]
 
-    def num(v: Any, signed: bool = False) -> str:
-        if not isinstance(v, int | float) or not math.isfinite(v):
-            return "–"
-        return f"{v:+.3f}" if signed else (f"{v:.3g}" if v < 0.001 else f"{v:.3f}")
 
-    for r in rows:
-        lines.append(
-            f"| {r['id']} | {r['role']} | {r['label']} | {r['n']} | "
-            f"{num(r['mean_diff'], True)} [{num(r['ci_low'], True)}, {num(r['ci_high'], True)}]"
-            f" | {num(r['p'])} | {num(r['p_signflip'])} | {num(r.get('p_holm'))} | "
-            f"{num(r['min_detectable_diff'])} | {r['verdict']} |"
-        )
-    return "\n".join(lines) + "\n"
+def _num(v: Any, signed: bool = False) -> str:
+    """An endpoint-table figure: 3 decimals (3 significant digits below 0.001), – if missing."""
+    if not isinstance(v, int | float) or not math.isfinite(v):
+        return "–"
+    return f"{v:+.3f}" if signed else (f"{v:.3g}" if v < 0.001 else f"{v:.3f}")
 
 
 # ------------------------------------------------------------------------------ look ledger

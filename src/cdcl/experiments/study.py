@@ -61,8 +61,11 @@ from cdcl.experiments.preregistration import (
 from cdcl.experiments.preregistration import (
     PRIMARY_METRIC as PRIMARY_ENDPOINT_METRIC,
 )
-from cdcl.report.html import _img, _plt, _save, write_html
+from cdcl.report.html import _plt, _save
+from cdcl.report.markdown import frame_markdown, markdown_table
+from cdcl.report.page import img_html, write_html
 from cdcl.report.results import read_results, to_jsonable
+from cdcl.schema import get_path
 
 VARIANTS = ("plate_normalized", "raw")
 VARIANT_TITLES = {
@@ -416,9 +419,7 @@ def replicate_outcomes(
     for row, res in (results.get("feature_sets") or {}).items():
         for variant in VARIANTS:
             for metric, (path, kind) in OUTCOME_SOURCES.items():
-                node: Any = (res or {}).get(variant)
-                for key in path:
-                    node = node.get(key) if isinstance(node, dict) else None
+                node = get_path(res, (variant, *path))
                 if not isinstance(node, dict):
                     continue
                 if kind == "queries" and "compound" in node:
@@ -661,13 +662,6 @@ def difference_frame(
     return df.rename(columns=_metric_label)
 
 
-def _md_table(df: pd.DataFrame) -> str:
-    head = "| " + " | ".join([df.index.name or "", *map(str, df.columns)]) + " |"
-    sep = "|" + "---|" * (len(df.columns) + 1)
-    body = ["| " + " | ".join([str(i), *map(str, r)]) + " |" for i, r in df.iterrows()]
-    return "\n".join([head, sep, *body])
-
-
 def headline_rows(agg: dict[str, Any], reference: str, n_total: int) -> list[list[str]]:
     """Rows of the headline table: metric, CDCL, reference, difference, CI, n, p, verdict."""
     means = {
@@ -834,9 +828,29 @@ def _held_out_line(study: dict[str, Any]) -> str:
 def write_markdown(study: dict[str, Any], path: Path) -> Path:
     """study.md: what was run, the headline verdicts, means ± CI and differences per variant."""
     cfg, n_total = study["config"], n_units(study)
-    md = [
-        f"# cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}",
+    md = [f"# cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}", ""]
+    md += _intro_markdown(study)
+    if study.get("preregistered"):
+        md += [endpoint_markdown(study["preregistered"]["endpoints"], study["design"])]
+    md += compound_group_markdown(study)
+    for ref in study["references_present"]:
+        md += _headline_markdown(study, ref, n_total)
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
+        md += _variant_markdown(study, variant, n_total)
+    md += [
+        "## Time",
         "",
+        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study["timings_s"].items()),
+        "",
+    ]
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+def _intro_markdown(study: dict[str, Any]) -> list[str]:
+    """study.md's opening: the replicates and methods, held-out batches, the tests, the notes."""
+    cfg = study["config"]
+    return [
         f"{len(study['replicates'])} replicates "
         f"({', '.join(r['name'] for r in study['replicates'])}); "
         f"methods {', '.join(cfg['methods'])}; {study['replicate_definition']}",
@@ -850,58 +864,54 @@ def write_markdown(study: dict[str, Any], path: Path) -> Path:
         "",
         *(f"> {n}\n" for n in study["notes"]),
     ]
-    if study.get("preregistered"):
-        md += [endpoint_markdown(study["preregistered"]["endpoints"], study["design"])]
-    md += compound_group_markdown(study)
-    for ref in study["references_present"]:
-        rows = headline_rows(study, ref, n_total)
-        if not rows:
-            continue
-        h = next((x for x in study["headline"] if x["reference"] == ref), None)
-        md += [
-            f"## {HEADLINE_METHOD} vs {ref} on the pre-declared metrics "
-            f"({VARIANT_TITLES[PRIMARY_VARIANT]})",
-            "",
-            "| " + " | ".join(HEADLINE_COLUMNS).replace("reference", ref) + " |",
-            "|" + "---|" * len(HEADLINE_COLUMNS),
-            *("| " + " | ".join(r) + " |" for r in rows),
-            "",
-            f"Test: {headline_tests(study, ref)}. {HEADLINE_NOTE}",
-            "",
-            f"Overall (the rule of the Studies page, docs/studies.md): **{h['overall'] if h else '–'}**"
-            f"{_look_suffix(study)}.",
-            "",
-        ]
-    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
-        title = VARIANT_TITLES.get(variant, variant)
-        md += [
-            f"## Mean ± 95% CI half-width, {title}",
-            "",
-            _md_table(summary_frame(study["summary"], variant, n_total)),
-            "",
-        ]
-        for ref in study["references_present"]:
-            md += [
-                f"## Difference from {ref}, {title}",
-                "",
-                "Cell: mean paired difference (row − reference), ▲ better / ▼ worse / · no "
-                "detectable difference, paired t-test p († see the notes above).",
-                "",
-                _md_table(
-                    difference_frame(
-                        study["differences"], variant, ref, metric_order(study["summary"], variant)
-                    )
-                ),
-                "",
-            ]
-    md += [
-        "## Time",
+
+
+def _headline_markdown(study: dict[str, Any], ref: str, n_total: int) -> list[str]:
+    """study.md's headline table against ``ref`` and its overall verdict (none without rows)."""
+    rows = headline_rows(study, ref, n_total)
+    if not rows:
+        return []
+    h = next((x for x in study["headline"] if x["reference"] == ref), None)
+    return [
+        f"## {HEADLINE_METHOD} vs {ref} on the pre-declared metrics "
+        f"({VARIANT_TITLES[PRIMARY_VARIANT]})",
         "",
-        "Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in study["timings_s"].items()),
+        markdown_table(_headline_columns(ref), rows),
+        "",
+        f"Test: {headline_tests(study, ref)}. {HEADLINE_NOTE}",
+        "",
+        f"Overall (the rule of the Studies page, docs/studies.md): **{h['overall'] if h else '–'}**"
+        f"{_look_suffix(study)}.",
         "",
     ]
-    atomic_write_text(path, "\n".join(md))
-    return path
+
+
+def _headline_columns(ref: str) -> list[str]:
+    """The headline table's columns, the reference's named after it."""
+    return [c if c != "reference" else ref for c in HEADLINE_COLUMNS]
+
+
+def _variant_markdown(study: dict[str, Any], variant: str, n_total: int) -> list[str]:
+    """study.md's means ± CI on one profile variant, then the differences from each reference."""
+    title = VARIANT_TITLES.get(variant, variant)
+    md = [
+        f"## Mean ± 95% CI half-width, {title}",
+        "",
+        frame_markdown(summary_frame(study["summary"], variant, n_total)),
+        "",
+    ]
+    order = metric_order(study["summary"], variant)
+    for ref in study["references_present"]:
+        md += [
+            f"## Difference from {ref}, {title}",
+            "",
+            "Cell: mean paired difference (row − reference), ▲ better / ▼ worse / · no "
+            "detectable difference, paired t-test p († see the notes above).",
+            "",
+            frame_markdown(difference_frame(study["differences"], variant, ref, order)),
+            "",
+        ]
+    return md
 
 
 def compound_group_markdown(study: dict[str, Any]) -> list[str]:
@@ -931,11 +941,9 @@ def compound_group_markdown(study: dict[str, Any]) -> list[str]:
             "paired difference, verdict symbol (Holm-adjusted within each column's family) and "
             "the unadjusted paired-t p.",
             "",
-            "| metric | " + " | ".join(parts) + " |",
-            "|---|" + "---|" * len(parts),
-            *(
-                f"| {m} | " + " | ".join(row.get(p, "–") for p in parts) + " |"
-                for m, row in cells.items()
+            markdown_table(
+                ["metric", *parts],
+                [[m, *(row.get(p, "–") for p in parts)] for m, row in cells.items()],
             ),
             "",
         ]
@@ -991,81 +999,78 @@ def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Pat
     """The self-contained report.html: headline, forest plots, tables, replicates, times."""
 
     cfg, n_total = study["config"], n_units(study)
+    sections: list[tuple[str, str]] = [("Study", _intro_html(study))]
+    for ref in study["references_present"]:
+        sections += _headline_sections(study, ref, n_total)
+    for key, pic in pictures.items():
+        sections.append((f"Forest plot: {key}", img_html(pic, key)))
+    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
+        sections += _variant_sections(study, variant, n_total)
+    sections.append(("Replicates", _replicates_html(study)))
+    timings = ", ".join(f"{html.escape(k)}: {v:.1f} s" for k, v in study["timings_s"].items())
+    sections.append(("Timings", f"<p>{timings}</p>"))
+    title = f"cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}"
+    return write_html(path, title, sections)
 
-    def table(df: pd.DataFrame) -> str:
-        return df.to_html(escape=True, border=0)
 
-    intro = (
+def _frame_html(df: pd.DataFrame) -> str:
+    """A study table as HTML (pandas' layout, text escaped)."""
+    return df.to_html(escape=True, border=0)
+
+
+def _intro_html(study: dict[str, Any]) -> str:
+    """report.html's opening: the replicates, held-out batches, the tests, the notes."""
+    return (
         f"<p>{len(study['replicates'])} replicates "
         f"({html.escape(', '.join(r['name'] for r in study['replicates']))}"
         f"); {html.escape(study['replicate_definition'])}</p>"
         f"<p>{html.escape(_held_out_line(study))}</p><p>Intervals: "
         f"{html.escape(st.CI_METHOD)} (over units). Test: {html.escape(study['test']['paired'])}"
-        f"; α = {cfg['alpha']}; {html.escape(st.HOLM)}."
+        f"; α = {study['config']['alpha']}; {html.escape(st.HOLM)}."
         "</p>" + "".join(f"<p><b>Note.</b> {html.escape(n)}</p>" for n in study["notes"])
     )
-    sections: list[tuple[str, str]] = [("Study", intro)]
+
+
+def _headline_sections(study: dict[str, Any], ref: str, n_total: int) -> list[tuple[str, str]]:
+    """report.html's headline table against ``ref`` and its overall verdict (none without rows)."""
+    rows = headline_rows(study, ref, n_total)
+    if not rows:
+        return []
+    h = next((x for x in study["headline"] if x["reference"] == ref), None)
+    table = pd.DataFrame(rows, columns=_headline_columns(ref)).set_index("metric")
+    body = (
+        _frame_html(table)
+        + f"<p>Test: {html.escape(headline_tests(study, ref))}. {html.escape(HEADLINE_NOTE)}</p>"
+        + f"<p>Overall: <b>{html.escape(h['overall'] if h else '–')}</b>"
+        f"{html.escape(_look_suffix(study))}</p>"
+    )
+    return [(f"{HEADLINE_METHOD} vs {ref}: pre-declared metrics", body)]
+
+
+def _variant_sections(study: dict[str, Any], variant: str, n_total: int) -> list[tuple[str, str]]:
+    """report.html's means ± CI on one profile variant, then the differences from each reference."""
+    title = VARIANT_TITLES.get(variant, variant)
+    sections = [
+        (
+            f"Mean ± 95% CI half-width, {title}",
+            _frame_html(summary_frame(study["summary"], variant, n_total)),
+        )
+    ]
+    order = metric_order(study["summary"], variant)
     for ref in study["references_present"]:
-        rows = headline_rows(study, ref, n_total)
-        if rows:
-            h = next((x for x in study["headline"] if x["reference"] == ref), None)
-            cols = [c if c != "reference" else ref for c in HEADLINE_COLUMNS]
-            sections.append(
-                (
-                    f"{HEADLINE_METHOD} vs {ref}: pre-declared metrics",
-                    table(pd.DataFrame(rows, columns=cols).set_index("metric"))
-                    + f"<p>Test: {html.escape(headline_tests(study, ref))}. "
-                    f"{html.escape(HEADLINE_NOTE)}</p>"
-                    + f"<p>Overall: <b>{html.escape(h['overall'] if h else '–')}</b>"
-                    f"{html.escape(_look_suffix(study))}</p>",
-                )
-            )
-    for key, pic in pictures.items():
-        sections.append((f"Forest plot: {key}", _img(pic, key)))
-    for variant in [v for v in VARIANTS if any(r["variant"] == v for r in study["summary"])]:
-        title = VARIANT_TITLES.get(variant, variant)
-        sections.append(
-            (
-                f"Mean ± 95% CI half-width, {title}",
-                table(summary_frame(study["summary"], variant, n_total)),
-            )
-        )
-        for ref in study["references_present"]:
-            sections.append(
-                (
-                    f"Difference from {ref}, {title}",
-                    table(
-                        difference_frame(
-                            study["differences"],
-                            variant,
-                            ref,
-                            metric_order(study["summary"], variant),
-                        )
-                    ),
-                )
-            )
-    sections.append(
-        (
-            "Replicates",
-            "<ul>"
-            + "".join(
-                f'<li><a href="replicates/{html.escape(r["name"])}/report.html">'
-                f"{html.escape(r['name'])}</a>{' (reused)' if r.get('reused') else ''}</li>"
-                for r in study["replicates"]
-            )
-            + "</ul>",
-        )
+        diffs = difference_frame(study["differences"], variant, ref, order)
+        sections.append((f"Difference from {ref}, {title}", _frame_html(diffs)))
+    return sections
+
+
+def _replicates_html(study: dict[str, Any]) -> str:
+    """A link to each replicate's own report, marking the reused ones."""
+    items = "".join(
+        f'<li><a href="replicates/{html.escape(r["name"])}/report.html">'
+        f"{html.escape(r['name'])}</a>{' (reused)' if r.get('reused') else ''}</li>"
+        for r in study["replicates"]
     )
-    sections.append(
-        (
-            "Timings",
-            "<p>"
-            + ", ".join(f"{html.escape(k)}: {v:.1f} s" for k, v in study["timings_s"].items())
-            + "</p>",
-        )
-    )
-    title = f"cdcl study: {cfg['dataset']}{' (quick)' if cfg['quick'] else ''}"
-    return write_html(path, title, sections)
+    return f"<ul>{items}</ul>"
 
 
 # ---------------------------------------------------------------- the study
@@ -1367,94 +1372,116 @@ def finish_study(
         )
     looks = study_looks(spec.out, names, agg["headline"])
     first = _demo_spec(spec, reps[0])
+    shared = st.shares_units(units)
     study: dict[str, Any] = {
         "kind": "study",
-        "config": {
-            "dataset": spec.dataset,
-            **({"data": str(spec.data)} if spec.data is not None else {}),
-            **({"level": spec.level} if spec.level else {}),
-            "quick": spec.quick,
-            "methods": labels,
-            "seeds": list(spec.seeds),
-            "folds": list(spec.folds) if spec.folds else None,
-            "references": list(spec.references),
-            "epochs": spec.epochs,
-            "screen": screen_overrides(spec),
-            "cellprofiler": spec.cellprofiler,
-            "calibrate": spec.calibrate,
-            "train_treatments": spec.train_treatments,
-            "budget": budget_overrides(first),
-            "alpha": spec.alpha,
-        },
+        "config": _study_config(spec, labels, first),
         "replicate_definition": _replicate_definition(spec),
         "design": design,
         "looks": looks,
-        "n_units": len(set(units)) if st.shares_units(units) else len(reps),
-        "unit": "fold" if st.shares_units(units) else "replicate",
-        "test": {
-            "paired": st.UNIT_TEST if st.shares_units(units) else st.PAIRED_TEST,
-            "multiplicity": st.HOLM,
-            "power": st.MDD_METHOD,
-            "compound_interval": st.BOOTSTRAP_METHOD.format(n_boot=2000),
-            "ci": st.CI_METHOD,
-            "wilcoxon": st.WILCOXON_TEST,
-            "signflip": st.SIGNFLIP_TEST,
-            "alpha": spec.alpha,
-            "difference": "row − reference, per replicate, complete pairs only",
-            "lower_is_better": sorted(LOWER_IS_BETTER),
-            "primary_variant": PRIMARY_VARIANT,
-            "primary_metrics": sorted(
-                {d["metric"] for d in agg["differences"] if is_primary(d["metric"])}
-            ),
-        },
+        "n_units": len(set(units)) if shared else len(reps),
+        "unit": "fold" if shared else "replicate",
+        "test": _study_tests(spec, agg, shared),
         "replicates": records,
         **agg,
         "timings_s": spec.timings,
         "versions": versions(),
     }
-    groups = sorted({g for r in records for g in r.get("tables_by_compounds") or {}})
-    if groups:
-        study["by_compounds"] = {
-            g: aggregate_study(
-                [
-                    replicate_figures({"tables": r.get("tables_by_compounds", {}).get(g, {})})
-                    for r in records
-                ],
-                spec.references,
-                spec.alpha,
-                units=units,
-                fixed_compounds=spec.dataset != "synthetic",
-            )
-            for g in groups
-        }
+    by_compounds = _aggregate_by_compounds(spec, records, units)
+    if by_compounds:
+        study["by_compounds"] = by_compounds
     if "endpoints" in design:
         strength = spec.batch_strength if spec.dataset == "synthetic" else None
         study["preregistered"] = analyse_design(
-            design, spec.out, {strength: records}, units if st.shares_units(units) else None
+            design, spec.out, {strength: records}, units if shared else None
         )
     study["notes"] = _notes(study)
     with Stage(spec, "report", marker="==="):
-        pictures: dict[str, Path | None] = {}
-        ref = agg["references_present"][0] if agg["references_present"] else None
-        if ref is not None:
-            for variant in VARIANTS:
-                pictures[f"{VARIANT_TITLES[variant]} vs {ref}"] = forest_plot(
-                    agg["differences"], variant, ref, spec.out / f"forest_{variant}.png"
-                )
-        _write_json(study, spec.out / "study.json")
-        write_markdown(study, spec.out / "study.md")
-        write_html_report(study, spec.out / "report.html", pictures)
+        _write_reports(spec, study, agg)
     # Record the report stage's own time once it has ended.
     study["timings_s"] = dict(spec.timings)
     _write_json(study, spec.out / "study.json")
+    return {"study": study, "paths": _study_paths(spec.out)}
+
+
+def _study_paths(out: Path) -> dict[str, Path]:
+    """Where a study's outputs are: study.json, study.md and report.html in ``out``."""
+    return {"json": out / "study.json", "md": out / "study.md", "html": out / "report.html"}
+
+
+def _study_config(spec: StudySpec, labels: list[str], first: DemoSpec) -> dict[str, Any]:
+    """study.json's ``config``: the options every replicate ran with (``first``'s budget)."""
     return {
-        "study": study,
-        "paths": {
-            "json": spec.out / "study.json",
-            "md": spec.out / "study.md",
-            "html": spec.out / "report.html",
-        },
+        "dataset": spec.dataset,
+        **({"data": str(spec.data)} if spec.data is not None else {}),
+        **({"level": spec.level} if spec.level else {}),
+        "quick": spec.quick,
+        "methods": labels,
+        "seeds": list(spec.seeds),
+        "folds": list(spec.folds) if spec.folds else None,
+        "references": list(spec.references),
+        "epochs": spec.epochs,
+        "screen": screen_overrides(spec),
+        "cellprofiler": spec.cellprofiler,
+        "calibrate": spec.calibrate,
+        "train_treatments": spec.train_treatments,
+        "budget": budget_overrides(first),
+        "alpha": spec.alpha,
     }
+
+
+def _study_tests(spec: StudySpec, agg: dict[str, Any], shared_units: bool) -> dict[str, Any]:
+    """study.json's ``test``: every method behind the intervals, tests and verdicts."""
+    return {
+        "paired": st.UNIT_TEST if shared_units else st.PAIRED_TEST,
+        "multiplicity": st.HOLM,
+        "power": st.MDD_METHOD,
+        "compound_interval": st.BOOTSTRAP_METHOD.format(n_boot=2000),
+        "ci": st.CI_METHOD,
+        "wilcoxon": st.WILCOXON_TEST,
+        "signflip": st.SIGNFLIP_TEST,
+        "alpha": spec.alpha,
+        "difference": "row − reference, per replicate, complete pairs only",
+        "lower_is_better": sorted(LOWER_IS_BETTER),
+        "primary_variant": PRIMARY_VARIANT,
+        "primary_metrics": sorted(
+            {d["metric"] for d in agg["differences"] if is_primary(d["metric"])}
+        ),
+    }
+
+
+def _aggregate_by_compounds(
+    spec: StudySpec, records: list[dict[str, Any]], units: list[Any] | None
+) -> dict[str, Any]:
+    """The study aggregated on each compound group (seen, unseen) the replicates scored."""
+    groups = sorted({g for r in records for g in r.get("tables_by_compounds") or {}})
+    return {
+        g: aggregate_study(
+            [
+                replicate_figures({"tables": get_path(r, ("tables_by_compounds", g)) or {}})
+                for r in records
+            ],
+            spec.references,
+            spec.alpha,
+            units=units,
+            fixed_compounds=spec.dataset != "synthetic",
+        )
+        for g in groups
+    }
+
+
+def _write_reports(spec: StudySpec, study: dict[str, Any], agg: dict[str, Any]) -> None:
+    """The forest plots against the first reference, study.json, study.md and report.html."""
+    pictures: dict[str, Path | None] = {}
+    ref = agg["references_present"][0] if agg["references_present"] else None
+    if ref is not None:
+        for variant in VARIANTS:
+            pictures[f"{VARIANT_TITLES[variant]} vs {ref}"] = forest_plot(
+                agg["differences"], variant, ref, spec.out / f"forest_{variant}.png"
+            )
+    _write_json(study, spec.out / "study.json")
+    write_markdown(study, spec.out / "study.md")
+    write_html_report(study, spec.out / "report.html", pictures)
 
 
 def analyse_design(
@@ -1489,8 +1516,7 @@ def headline_text(study: dict[str, Any]) -> str:
         if not rows:
             continue
         h = next((x for x in study["headline"] if x["reference"] == ref), None)
-        cols = [c if c != "reference" else ref for c in HEADLINE_COLUMNS]
-        df = pd.DataFrame(rows, columns=cols).set_index("metric")
+        df = pd.DataFrame(rows, columns=_headline_columns(ref)).set_index("metric")
         parts.append(
             f"{HEADLINE_METHOD} vs {ref} ({VARIANT_TITLES[PRIMARY_VARIANT]}):\n"
             f"{df.to_string()}\ntest: {headline_tests(study, ref)}\n"

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import html
 import json
@@ -42,6 +41,7 @@ from cdcl.report.figure import (  # noqa: F401  (re-exported: the report's figur
     summary_html,
 )
 from cdcl.report.figure import fmt as _fmt
+from cdcl.report.page import img_html, write_html
 from cdcl.report.plot_sample import DEFAULT_PLOT_SAMPLE, stratified_plot_rows
 from cdcl.report.results import read_results
 from cdcl.schema import get_path
@@ -317,34 +317,6 @@ def plot_training_curves(
 # ---------------------------------------------------------------- HTML
 
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:12px;margin:8px 0}
-td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}
-.best{font-weight:bold;background:#e8f4e8}.meta td{text-align:left}
-img{max-width:100%;border:1px solid #eee;margin:4px 0}
-.err{color:#a00}.small{font-size:11px;color:#666}
-.scroll{max-width:100%;overflow-x:auto}pre{white-space:pre-wrap}
-.warn{background:#fff4e0;border-left:4px solid #e69500;padding:6px 10px;margin:8px 0}
-table.fig{table-layout:fixed;width:100%;max-width:1340px}
-table.fig th{font-size:11px;font-weight:normal;white-space:normal;vertical-align:bottom}
-table.fig th.grp{font-weight:bold;text-align:center}table.fig td{padding:2px 4px}
-table.fig td:first-child,table.fig th:first-child{width:150px;overflow-wrap:anywhere}
-.bar{position:relative;height:16px;background:#f3f3f3}
-.bar i{position:absolute;left:0;top:0;bottom:0;background:#9ecae1}
-.bar.agg i{background:#74c476}.bar span{position:relative;font-size:11px;padding-right:3px}
-table.gloss td,table.gloss th{text-align:left;vertical-align:top}
-.grey,.grey span{color:#999}.grey .bar i{background:#e0e0e0}
-.design{background:#f4f7fb;border-left:4px solid #6b8fb5;padding:6px 10px;margin:8px 0}
-"""
-
-
-def _png_data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
 TIE_TOL = 5e-4  # values equal to the 3 decimals shown are ties: no single best
 
 
@@ -404,25 +376,6 @@ def _kv_html(d: dict[str, Any]) -> str:
         for k, v in d.items()
     )
     return f'<table class="meta">{rows}</table>'
-
-
-def write_html(path: str | Path, title: str, sections: list[tuple[str, str]]) -> Path:
-    """Write a self-contained HTML page (inline CSS, images as data URIs) atomically."""
-    body = "".join(f"<h2>{html.escape(h)}</h2>{content}" for h, content in sections)
-    doc = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
-    )
-    path = Path(path)
-    atomic_write_text(path, doc)
-    return path
-
-
-def _img(path: Path | None, alt: str) -> str:
-    if path is None or not Path(path).is_file():
-        return ""
-    return f'<img alt="{html.escape(alt)}" src="{_png_data_uri(Path(path))}">'
 
 
 def make_plots(
@@ -485,11 +438,11 @@ def render_report(results: dict[str, Any], out_dir: str | Path, title: str | Non
             (
                 "UMAP of well profiles",
                 f'<p class="small">{html.escape(_plotted_rows_text(results))}; controls grey.</p>'
-                + "".join(_img(p, f"UMAP {n}") for n, p in umap_imgs),
+                + "".join(img_html(p, f"UMAP {n}") for n, p in umap_imgs),
             )
         )
     if curves.is_file():
-        sections.append(("Training curves", _img(curves, "training curves")))
+        sections.append(("Training curves", img_html(curves, "training curves")))
     for name, res in (results.get("feature_sets") or {}).items():
         if isinstance(res, dict) and res.get("calibration"):
             sections.append((f"Calibration of {name}", _calibration_html(res["calibration"])))
@@ -707,7 +660,7 @@ def compare(
             draw_umap_panels(row, df, title)
         fig.tight_layout()
         grid = _save(fig, out / "umap_grid.png")
-        sections.append(("UMAP of well profiles", _img(grid, "UMAP grid")))
+        sections.append(("UMAP of well profiles", img_html(grid, "UMAP grid")))
     srcs = {n: str(Path(d)) for n, d in zip(names, result_dirs)}
     sections.append(("Runs", _kv_html(srcs)))
     return write_html(out / "compare.html", "cdcl comparison", sections)
