@@ -78,6 +78,7 @@ def test_verdict_cases() -> None:
     assert st.verdict(0.1, 0.049, 5, alpha=0.01) == st.NO_DIFFERENCE
     assert st.verdict(0.1, math.nan, 5) == st.NO_DIFFERENCE
     assert st.verdict(0.1, 0.0, 1) == st.TOO_FEW
+    assert st.verdict(math.nan, math.nan, 0) == st.NOT_COMPUTABLE  # no unit holds it
 
 
 def test_missing_figures_pair_only_complete_replicates() -> None:

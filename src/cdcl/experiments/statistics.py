@@ -51,6 +51,9 @@ BETTER, WORSE, NO_DIFFERENCE, TOO_FEW = (
     "no detectable difference",
     "too few replicates",
 )
+# No unit holds the figure at all (e.g. it needs controls or two held-out batches per fold):
+# more replicates of the same design would not help, unlike "too few replicates".
+NOT_COMPUTABLE = "not computable on this design"
 
 
 def _finite(v: Any) -> bool:
@@ -159,11 +162,14 @@ def sign_flip_p(
 def verdict(
     mean_diff: float, p: float, n: int, lower_is_better: bool = False, alpha: float = ALPHA
 ) -> str:
-    """better / worse / no detectable difference (at ``alpha``), or too few replicates (n < 2).
+    """better / worse / no detectable difference (at ``alpha``); too few replicates (n = 1), or
+    not computable on this design (n = 0).
 
     Direction-aware: for a lower-is-better figure (batch-classifier accuracy) a negative
     difference is an improvement.
     """
+    if n < 1:
+        return NOT_COMPUTABLE
     if n < 2:
         return TOO_FEW
     if not (math.isfinite(p) and p < alpha) or mean_diff == 0.0:

@@ -90,7 +90,14 @@ ZERO_VARIANCE_NOTE = (
     "scipy's convention, which overstates the evidence; more replicates are needed."
 )
 NO_POWER = "no power in this design"  # the calibration's verdict (cdcl.report.calibration)
-SYMBOL = {st.BETTER: "▲", st.WORSE: "▼", st.NO_DIFFERENCE: "·", st.TOO_FEW: "?", NO_POWER: "∅"}
+SYMBOL = {
+    st.BETTER: "▲",
+    st.WORSE: "▼",
+    st.NO_DIFFERENCE: "·",
+    st.TOO_FEW: "?",
+    st.NOT_COMPUTABLE: "–",
+    NO_POWER: "∅",
+}
 
 
 def is_primary(metric: str) -> bool:
