@@ -517,6 +517,9 @@ import cdcl.report.results as results
 from cdcl.cli import main
 
 when, write = sys.argv[1], results.atomic_write_text
+# Ctrl-C's usual handler even when this process inherited SIGINT ignored (a job started in the
+# background by a script), where Python installs no KeyboardInterrupt handler of its own
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 def interrupt():
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
