@@ -103,6 +103,7 @@ def test_a_metric_without_power_is_flagged() -> None:
     assert cal["metrics"]["kBET acceptance"]["power"]
 
 
+@pytest.mark.slow
 def test_cli_calibrate_writes_results_and_report(tmp_path: Path) -> None:
     x, meta = simulated_design(wells=2, n_batches=3, n_treat=4)
     table = pd.DataFrame(x, columns=[f"f{i}" for i in range(x.shape[1])])

@@ -134,17 +134,20 @@ def test_build_table_and_info(root: Path, table: Path, capsys: pytest.CaptureFix
     assert proc.stderr == capsys.readouterr().err  # the same split warning, or none
 
 
+@pytest.mark.slow
 def test_embed(profiles: tuple[Path, pd.DataFrame]) -> None:
     file, frame = profiles
     pd.testing.assert_frame_equal(pd.read_parquet(file), frame)
 
 
+@pytest.mark.slow
 def test_evaluate_a_run(evaluations: dict[str, Path]) -> None:
     cli, api = results(evaluations["run_cli"]), results(evaluations["run_api"])
     assert set(cli["feature_sets"]) == {"cdcl", "cdcl+tvn", "intensity", "random"}
     assert cli == api
 
 
+@pytest.mark.slow
 def test_evaluate_a_table(
     evaluations: dict[str, Path], profiles: tuple[Path, pd.DataFrame]
 ) -> None:
@@ -157,6 +160,7 @@ def test_evaluate_a_table(
     assert frame["feature_sets"] == cli["feature_sets"] and frame["split"] == cli["split"]
 
 
+@pytest.mark.slow
 def test_compare(root: Path, evaluations: dict[str, Path]) -> None:
     runs = [evaluations["run_cli"], evaluations["table_cli"]]
     ok("compare", *runs, "--out", root / "compare_cli", "--names", "run,table")
@@ -165,6 +169,7 @@ def test_compare(root: Path, evaluations: dict[str, Path]) -> None:
     assert a.read_text() == b.read_text()
 
 
+@pytest.mark.slow
 def test_study_quick(root: Path) -> None:
     """`cdcl.study` runs the quick study; `cdcl study` with the same options on the same folder
     then reuses its replicate, which it does only when the replicate's key (every option its

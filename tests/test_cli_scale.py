@@ -122,6 +122,7 @@ def test_keep_alive_prints_while_a_step_is_silent(
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_cli_plots_a_stated_sample_and_scores_every_row(tmp_path: Path) -> None:
     _table().to_parquet(tmp_path / "t.parquet")
     common = [

@@ -160,6 +160,7 @@ def _evaluate_table(
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_results_json_on_a_full_disk_keeps_the_previous_results(tmp_path: Path) -> None:
     table, out = _profile_table(tmp_path / "profiles.csv"), tmp_path / "eval"
     first = _evaluate_table(table, out)
@@ -192,6 +193,7 @@ def tiny_tmpfs(tmp_path: Path) -> Path:
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_results_json_on_a_really_full_tmpfs(tmp_path: Path, tiny_tmpfs: Path) -> None:
     table, out = _profile_table(tmp_path / "profiles.csv"), tiny_tmpfs / "eval"
     first = _evaluate_table(table, out)

@@ -210,6 +210,7 @@ def test_inline_cdcl_spans_parse() -> None:
     assert checked >= 10
 
 
+@pytest.mark.slow
 def test_python_blocks_run(tmp_path: Path) -> None:
     """Every python block runs in a fresh interpreter (or is marked as needing GPU/real data)."""
     blocks = [b for b in all_blocks() if b.lang in {"python", "py"}]

@@ -157,6 +157,7 @@ def test_refused_tables_leave_earlier_results_untouched(tmp_path: Path) -> None:
         assert _files(out) == before
 
 
+@pytest.mark.slow
 def test_duplicated_rows_are_reported_and_dropped(tmp_path: Path) -> None:
     good = _profile_table()
     dup = pd.concat([good, good.iloc[[4, 9, 4]]], ignore_index=True)

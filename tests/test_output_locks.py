@@ -59,6 +59,7 @@ def holder(tmp_path: Path):
         p.wait()
 
 
+@pytest.mark.slow
 def test_evaluate_compare_study_and_demo_stop_on_a_held_output(holder, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

@@ -112,6 +112,7 @@ def test_lincs_fields_build_from_phenix_names(tmp_path: Path, monkeypatch) -> No
             np.testing.assert_array_equal(ds.read(i)[k], png)
 
 
+@pytest.mark.slow
 @needs_lincs
 def test_lincs_crops_equal_cells_npz(tmp_path: Path, monkeypatch) -> None:
     """Crops cut around the Nuclei.csv centres equal the 151 crops of cells.npz from fields/."""

@@ -118,6 +118,7 @@ def test_compare_rejects_missing_results(tmp_path: Path) -> None:
     assert r.stderr.strip().count("\n") == 0 and "results.json" in r.stderr
 
 
+@pytest.mark.slow
 def test_umap_leaves_torch_thread_count_alone() -> None:
     """UMAP (numba's OpenMP layer shares torch's libgomp) must not change torch's thread count."""
     import torch

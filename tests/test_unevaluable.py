@@ -138,6 +138,7 @@ def _figures(path: Path) -> dict:
     return {"feature_sets": r["feature_sets"], "split": r["split"], "level": r.get("level")}
 
 
+@pytest.mark.slow
 def test_evaluate_level_image_scores_every_image(trained: tuple, tmp_path: Path) -> None:
     _, run, _ = trained
     out = tmp_path / "ev"

@@ -51,13 +51,13 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits  # a direct dependency (pyproject.toml)
 
+from cdcl.profiles.variants import VARIANTS
 from cdcl.progress import working_on
 from cdcl.report.calibration import NO_POWER
 from cdcl.schema import get_path
 
 STRENGTHS = (0.25, 0.5, 1.0, 2.0, 4.0)
 NULL_DRAWS = 10
-VARIANTS = ("raw", "plate_normalized")
 INJECTIONS = ("shift", "power", "mixing", "rotation")
 NON_ADDITIVE = ("power", "mixing", "rotation")
 ROTATION_DIMS = 8

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cdcl.errors import CdclError
-from cdcl.metrics.score import VARIANTS
+from cdcl.profiles.variants import VARIANTS
 
 LEVELS = ("well", "image")
 EVAL_ON = ("all", "test")

@@ -67,7 +67,7 @@ from cdcl.report.page import img_html, write_html
 from cdcl.report.results import read_results, to_jsonable
 from cdcl.schema import get_path
 
-VARIANTS = ("plate_normalized", "raw")
+VARIANTS = ("plate_normalized", "raw")  # the profile variants in display order: the verdicts' first
 VARIANT_TITLES = {
     "plate_normalized": "profiles standardised per plate against controls",
     "raw": "raw profiles",

@@ -45,9 +45,9 @@ from cdcl.metrics.feasibility import classification_unavailable, unavailable
 from cdcl.profiles.arrays import label_isin
 from cdcl.profiles.columns import plate_normalize
 from cdcl.profiles.correction import TRANSDUCTIVE_NOTE, apply_corrections
+from cdcl.profiles.variants import VARIANTS
 from cdcl.schema import get_path
 
-VARIANTS = ("raw", "plate_normalized")
 # Every row is a query up to EXACT_MAX rows; above, QUERY_SAMPLE seeded query rows are scored
 # against all rows (kNN accuracy, kBET, iLISI, silhouettes, mAP), each reported with its
 # standard error.

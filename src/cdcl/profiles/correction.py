@@ -35,11 +35,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import anndata
-import harmonypy
 import numpy as np
 import pandas as pd
-import scanpy
 
 from cdcl.errors import CdclError
 from cdcl.profiles.columns import covariance_eigh
@@ -203,6 +200,8 @@ def harmony(
     clusters = default_nclust(n) if nclust is None else int(nclust)
     # Passed as k × n: harmonypy reads an array whose second axis has N entries as PCs × cells,
     # which is unambiguous even when n == k.
+    import harmonypy  # imported here: scanpy and harmonypy take seconds to load
+
     result = harmonypy.run_harmony(
         np.ascontiguousarray(pcs.T),
         pd.DataFrame({"batch": b}),
@@ -243,6 +242,9 @@ def combat(features: np.ndarray, batch: np.ndarray) -> np.ndarray:
     each plate against its controls afterwards gives back the uncorrected plate-normalised
     profiles.
     """
+    import anndata
+    import scanpy
+
     x = np.asarray(features, dtype=np.float64)
     n, d = x.shape
     b = _check_batches(batch, n, "ComBat", 2)

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -26,6 +25,9 @@ from cdcl.atomic import atomic_path
 from cdcl.errors import CdclError
 from cdcl.parquet import read_parquet, write_parquet
 from cdcl.profiles.checks import check_column_names, check_feature_values, sniff_csv
+
+if TYPE_CHECKING:  # anndata takes a second to import; only .h5ad files need it
+    import anndata as ad
 
 # Metadata carried from samples.parquet into profiles, in export order.
 META_COLUMNS = (
@@ -225,6 +227,8 @@ def _anndata(
     x: np.ndarray, meta: pd.DataFrame, names: list[str], provenance: dict[str, Any] | None
 ) -> ad.AnnData:
     """AnnData with ``X`` = features, ``obs`` = ``Metadata_*`` metadata, ``var`` = names."""
+    import anndata as ad
+
     obs = to_metadata_frame(meta).copy()
     for c in obs.columns:  # h5ad wants plain strings/numbers; mixed object columns become str
         if obs[c].dtype == object:
@@ -342,6 +346,8 @@ def read_profile_table(path: str | Path) -> pd.DataFrame:
         elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
             table = _read_delimited(path, "," if name.endswith((".csv", ".csv.gz")) else "\t")
         elif name.endswith(".h5ad"):
+            import anndata as ad
+
             table = anndata_to_frame(ad.read_h5ad(path))
         else:
             raise CdclError(f"{path}: unknown format; use .parquet, .csv, .csv.gz, .tsv or .h5ad")

@@ -22,10 +22,10 @@ from cdcl.data.dataset_dir import atomic_write_text
 from cdcl.data.query import check_stored_query
 from cdcl.errors import CdclError
 from cdcl.metrics.info import METRIC_INFO
+from cdcl.profiles.variants import VARIANTS
 
 RESULTS_FILE = "results.json"
 RESULTS_VERSIONS = (1,)  # the results_version values this cdcl reads (metrics.score writes 1)
-VARIANTS = ("raw", "plate_normalized")
 
 
 def to_jsonable(obj: Any) -> Any:
