@@ -63,7 +63,7 @@ from cdcl.experiments.preregistration import (
 )
 from cdcl.report.html import _plt, _save
 from cdcl.report.markdown import frame_markdown, markdown_table
-from cdcl.report.page import img_html, write_html
+from cdcl.report.page import frame_html, img_html, write_html
 from cdcl.report.results import read_results, to_jsonable
 from cdcl.schema import get_path
 
@@ -1020,11 +1020,6 @@ def write_html_report(study: dict[str, Any], path: Path, pictures: dict[str, Pat
     return write_html(path, title, sections)
 
 
-def _frame_html(df: pd.DataFrame) -> str:
-    """A study table as HTML (pandas' layout, text escaped)."""
-    return df.to_html(escape=True, border=0)
-
-
 def _intro_html(study: dict[str, Any]) -> str:
     """report.html's opening: the replicates, held-out batches, the tests, the notes."""
     return (
@@ -1046,7 +1041,7 @@ def _headline_sections(study: dict[str, Any], ref: str, n_total: int) -> list[tu
     h = next((x for x in study["headline"] if x["reference"] == ref), None)
     table = pd.DataFrame(rows, columns=_headline_columns(ref)).set_index("metric")
     body = (
-        _frame_html(table)
+        frame_html(table)
         + f"<p>Test: {html.escape(headline_tests(study, ref))}. {html.escape(HEADLINE_NOTE)}</p>"
         + f"<p>Overall: <b>{html.escape(h['overall'] if h else '–')}</b>"
         f"{html.escape(_look_suffix(study))}</p>"
@@ -1060,13 +1055,13 @@ def _variant_sections(study: dict[str, Any], variant: str, n_total: int) -> list
     sections = [
         (
             f"Mean ± 95% CI half-width, {title}",
-            _frame_html(summary_frame(study["summary"], variant, n_total)),
+            frame_html(summary_frame(study["summary"], variant, n_total)),
         )
     ]
     order = metric_order(study["summary"], variant)
     for ref in study["references_present"]:
         diffs = difference_frame(study["differences"], variant, ref, order)
-        sections.append((f"Difference from {ref}, {title}", _frame_html(diffs)))
+        sections.append((f"Difference from {ref}, {title}", frame_html(diffs)))
     return sections
 
 

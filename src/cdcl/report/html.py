@@ -41,7 +41,7 @@ from cdcl.report.figure import (  # noqa: F401  (re-exported: the report's figur
     summary_html,
 )
 from cdcl.report.figure import fmt as _fmt
-from cdcl.report.page import img_html, write_html
+from cdcl.report.page import frame_html, img_html, write_html
 from cdcl.report.plot_sample import DEFAULT_PLOT_SAMPLE, stratified_plot_rows
 from cdcl.report.results import read_results
 from cdcl.schema import get_path
@@ -564,7 +564,7 @@ def _calibration_html(cal: dict[str, Any]) -> str:
         table = calibration_table(cal, variant).set_index("metric")
         if len(by_variant) > 1 or "variants" in cal:
             parts.append(f"<h4>{html.escape(VARIANT_TEXT.get(variant, variant))}</h4>")
-        parts.append(table.to_html(float_format=lambda v: f"{v:.3f}", na_rep="-", escape=True))
+        parts.append(frame_html(table, decimals=3))
         reasons = "".join(
             f"<li>{html.escape(label)}: {html.escape(body['metrics'][label]['reason'])}</li>"
             for label in body.get("no_power", [])

@@ -10,8 +10,12 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cdcl.data.dataset_dir import atomic_write_text
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PAGE_CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222}
@@ -47,6 +51,12 @@ def img_html(path: Path | None, alt: str) -> str:
     if path is None or not Path(path).is_file():
         return ""
     return f'<img alt="{html.escape(alt)}" src="{png_data_uri(Path(path))}">'
+
+
+def frame_html(frame: pd.DataFrame, decimals: int | None = None) -> str:
+    """A data table as HTML, text escaped, missing values as "-" (metric tables: `table_html`)."""
+    fmt = None if decimals is None else (lambda v: f"{v:.{decimals}f}")
+    return frame.to_html(escape=True, border=0, na_rep="-", float_format=fmt)
 
 
 def page_html(title: str, sections: list[tuple[str, str]]) -> str:
